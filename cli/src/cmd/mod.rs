@@ -1,0 +1,9 @@
+//! One module per subcommand family.
+pub mod bundle;
+pub mod bundles;
+pub mod compile;
+pub mod demo;
+pub mod devices;
+pub mod keygen;
+pub mod rollouts;
+pub mod serve;

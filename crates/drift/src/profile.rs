@@ -1,0 +1,449 @@
+//! Reference profiles and how they are built from calibration data.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::extract::{
+    default_selectors, extract, feature_name, FeatureSelector, DEFAULT_MAX_VALUES_PER_SAMPLE,
+};
+use crate::Error;
+
+/// The only [`ReferenceProfile::format_version`] this crate reads and writes.
+pub const PROFILE_FORMAT_VERSION: u32 = 1;
+
+/// Probabilities at which [`FeatureProfile::quantiles`] are recorded.
+pub const PROFILE_QUANTILES: [f64; 7] = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99];
+
+/// Reference distribution of one feature (one selector applied to one tensor).
+///
+/// Binning convention (`k = edges.len() >= 1`, `counts.len() == k + 1`):
+/// bin 0 holds `x < edges[0]`; bin `i` for `1 <= i < k` holds
+/// `edges[i-1] <= x < edges[i]`; bin `k` holds `x >= edges[k-1]`. The first
+/// and last bins are open-ended, so every finite value falls in some bin.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FeatureProfile {
+    /// Unique name: `"input:{tensor}"`, `"input:{tensor}:ch{c}"` (channel
+    /// along axis 1), `"input:{tensor}:axis{a}:{i}"`, or the same with
+    /// `output:`.
+    pub name: String,
+    /// Name of the model tensor the feature is taken from.
+    pub tensor: String,
+    /// How values are taken from the tensor (see [`extract`]).
+    pub selector: FeatureSelector,
+    /// Interior bin edges, finite and strictly increasing, at least one
+    /// (units of the tensor's values). See the type docs for the convention.
+    pub edges: Vec<f64>,
+    /// Reference value counts per bin; `counts.len() == edges.len() + 1`.
+    pub counts: Vec<u64>,
+    /// `(p, value)` pairs for `p` in [`PROFILE_QUANTILES`] (linear
+    /// interpolation between order statistics, Hyndman & Fan type 7).
+    pub quantiles: Vec<(f64, f64)>,
+    /// Number of finite values profiled; equals `counts.iter().sum()`.
+    pub count: u64,
+    /// Number of calibration samples (tensors) the values came from.
+    pub samples: u64,
+    /// Mean of the values.
+    pub mean: f64,
+    /// Population standard deviation (divisor `count`) of the values.
+    pub std: f64,
+}
+
+/// Reference distribution of the model's predicted class.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ClassProfile {
+    /// Label per class id (index = class id). Same length as `counts`.
+    pub labels: Vec<String>,
+    /// Number of calibration samples predicted as each class id.
+    pub counts: Vec<u64>,
+}
+
+/// Reference profile of a model: per-feature histograms of its inputs and
+/// outputs on calibration data, plus the predicted-class distribution.
+/// Serialised as JSON ([`ReferenceProfile::to_json`]) into bundles.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ReferenceProfile {
+    /// Format version; always [`PROFILE_FORMAT_VERSION`] (1).
+    pub format_version: u32,
+    /// Number of calibration samples (max of the per-feature `samples`, and
+    /// of the number of classes recorded).
+    pub sample_count: u64,
+    /// Profiles of input features.
+    pub inputs: Vec<FeatureProfile>,
+    /// Profiles of output features.
+    pub outputs: Vec<FeatureProfile>,
+    /// Predicted-class distribution, if the model is a classifier.
+    pub classes: Option<ClassProfile>,
+}
+
+fn finite(feature: &str, field: &'static str, v: f64) -> Result<(), Error> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::InvalidStatistic {
+            feature: feature.to_string(),
+            field,
+            reason: format!("{v} is not finite"),
+        })
+    }
+}
+
+impl FeatureProfile {
+    /// Checks this feature's invariants (see the type docs).
+    ///
+    /// # Errors
+    /// [`Error::InvalidEdges`] (empty, non-finite or not strictly
+    /// increasing edges), [`Error::CountsMismatch`] (`counts.len() !=
+    /// edges.len() + 1`), [`Error::InvalidStatistic`] (`count` differs from
+    /// the sum of counts, or a non-finite/negative mean, std or quantile),
+    /// each naming this feature.
+    pub fn validate(&self) -> Result<(), Error> {
+        let name = &self.name;
+        let bad_edges = |reason: String| Error::InvalidEdges {
+            feature: name.clone(),
+            reason,
+        };
+        if self.edges.is_empty() {
+            return Err(bad_edges("no edges".into()));
+        }
+        for (i, e) in self.edges.iter().enumerate() {
+            if !e.is_finite() {
+                return Err(bad_edges(format!("edges[{i}] = {e} is not finite")));
+            }
+            if i > 0 && *e <= self.edges[i - 1] {
+                return Err(bad_edges(format!(
+                    "edges[{i}] = {e} is not greater than edges[{}] = {}",
+                    i - 1,
+                    self.edges[i - 1]
+                )));
+            }
+        }
+        if self.counts.len() != self.edges.len() + 1 {
+            return Err(Error::CountsMismatch {
+                feature: name.clone(),
+                expected: self.edges.len() + 1,
+                found: self.counts.len(),
+            });
+        }
+        let sum = self.counts.iter().try_fold(0u64, |a, &c| a.checked_add(c));
+        if sum != Some(self.count) {
+            return Err(Error::InvalidStatistic {
+                feature: name.clone(),
+                field: "count",
+                reason: format!(
+                    "count {} differs from the sum of counts {sum:?}",
+                    self.count
+                ),
+            });
+        }
+        finite(name, "mean", self.mean)?;
+        finite(name, "std", self.std)?;
+        if self.std < 0.0 {
+            return Err(Error::InvalidStatistic {
+                feature: name.clone(),
+                field: "std",
+                reason: format!("{} is negative", self.std),
+            });
+        }
+        for &(p, v) in &self.quantiles {
+            finite(name, "quantiles", v)?;
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::InvalidStatistic {
+                    feature: name.clone(),
+                    field: "quantiles",
+                    reason: format!("probability {p} outside [0, 1]"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bin index of `x` under this profile's edges (see the type docs).
+    /// NaN maps to the last bin; callers skip non-finite values.
+    pub fn bin_of(&self, x: f64) -> usize {
+        bin_of(&self.edges, x)
+    }
+}
+
+/// Number of edges `<= x`, i.e. the bin index under the documented convention.
+pub(crate) fn bin_of(edges: &[f64], x: f64) -> usize {
+    edges.partition_point(|&e| e <= x)
+}
+
+impl ReferenceProfile {
+    /// Parses and validates a profile from JSON bytes.
+    ///
+    /// # Errors
+    /// [`Error::Json`] if the bytes are not a JSON profile; otherwise any
+    /// error of [`ReferenceProfile::validate`].
+    pub fn from_json(bytes: &[u8]) -> Result<Self, Error> {
+        let p: Self = serde_json::from_slice(bytes).map_err(Error::Json)?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Serialises the profile as pretty-printed UTF-8 JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain structs with string keys cannot fail; the only
+        // failure mode (non-finite floats) serialises as `null` instead.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks all invariants.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedVersion`] if `format_version != 1`; any
+    /// [`FeatureProfile::validate`] error; [`Error::DuplicateFeature`] if two
+    /// features (inputs and outputs together) share a name;
+    /// [`Error::ClassMismatch`] if `labels.len() != counts.len()`.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.format_version != PROFILE_FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                found: self.format_version,
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in self.inputs.iter().chain(&self.outputs) {
+            f.validate()?;
+            if !seen.insert(f.name.as_str()) {
+                return Err(Error::DuplicateFeature {
+                    feature: f.name.clone(),
+                });
+            }
+        }
+        if let Some(c) = &self.classes {
+            if c.labels.len() != c.counts.len() {
+                return Err(Error::ClassMismatch {
+                    labels: c.labels.len(),
+                    counts: c.counts.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// All features, inputs first then outputs.
+    pub fn features(&self) -> impl Iterator<Item = &FeatureProfile> {
+        self.inputs.iter().chain(&self.outputs)
+    }
+}
+
+struct FeatureAcc {
+    name: String,
+    tensor: String,
+    selector: FeatureSelector,
+    values: Vec<f64>,
+    samples: u64,
+}
+
+/// Builds a [`ReferenceProfile`] from calibration samples.
+///
+/// Keeps every extracted value per feature in memory (at most
+/// `max_values` per tensor per sample), then computes equal-frequency
+/// (quantile) bin edges in [`ProfileBuilder::finish`].
+pub struct ProfileBuilder {
+    bins: usize,
+    max_values: usize,
+    inputs: Vec<FeatureAcc>,
+    outputs: Vec<FeatureAcc>,
+    index: HashMap<String, (bool, usize)>,
+    class_counts: Vec<u64>,
+    class_labels: Option<Vec<String>>,
+}
+
+impl ProfileBuilder {
+    /// New builder targeting `bins` bins per feature (clamped to at least 2;
+    /// fewer result when quantile edges coincide), with
+    /// [`DEFAULT_MAX_VALUES_PER_SAMPLE`] values per tensor per sample.
+    pub fn new(bins: usize) -> Self {
+        Self {
+            bins: bins.max(2),
+            max_values: DEFAULT_MAX_VALUES_PER_SAMPLE,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            index: HashMap::new(),
+            class_counts: Vec::new(),
+            class_labels: None,
+        }
+    }
+
+    /// Sets the per-sample value cap passed to [`extract`] (0 is treated as 1).
+    pub fn with_max_values(mut self, max_values: usize) -> Self {
+        self.max_values = max_values.max(1);
+        self
+    }
+
+    fn add(&mut self, is_output: bool, tensor: &str, shape: &[usize], data: &[f32]) {
+        let prefix = if is_output { "output" } else { "input" };
+        for sel in default_selectors(shape) {
+            let name = feature_name(prefix, tensor, &sel);
+            let list_len = if is_output {
+                self.outputs.len()
+            } else {
+                self.inputs.len()
+            };
+            let &mut (_, i) = self
+                .index
+                .entry(name.clone())
+                .or_insert((is_output, list_len));
+            let list = if is_output {
+                &mut self.outputs
+            } else {
+                &mut self.inputs
+            };
+            if i == list.len() {
+                list.push(FeatureAcc {
+                    name,
+                    tensor: tensor.to_string(),
+                    selector: sel.clone(),
+                    values: Vec::new(),
+                    samples: 0,
+                });
+            }
+            let acc = &mut list[i];
+            acc.values
+                .extend(extract(shape, data, &sel, self.max_values));
+            acc.samples += 1;
+        }
+    }
+
+    /// Adds one calibration sample of input tensor `tensor`: `data` is the
+    /// row-major `f32` buffer of `shape`. Features come from
+    /// [`default_selectors`]`(shape)`; NaN/inf values are skipped and a
+    /// `data` whose length does not match `shape` contributes no values
+    /// (but still counts as a sample).
+    pub fn add_input(&mut self, tensor: &str, shape: &[usize], data: &[f32]) {
+        self.add(false, tensor, shape, data);
+    }
+
+    /// Adds one calibration sample of output tensor `tensor`; as
+    /// [`ProfileBuilder::add_input`].
+    pub fn add_output(&mut self, tensor: &str, shape: &[usize], data: &[f32]) {
+        self.add(true, tensor, shape, data);
+    }
+
+    /// Records the predicted class id of one calibration sample.
+    pub fn add_class(&mut self, class: usize) {
+        if self.class_counts.len() <= class {
+            self.class_counts.resize(class + 1, 0);
+        }
+        self.class_counts[class] += 1;
+    }
+
+    /// Sets class labels (index = class id). Classes without a label get
+    /// their id as label; labels without recorded classes get count 0.
+    pub fn set_class_labels(&mut self, labels: Vec<String>) {
+        self.class_labels = Some(labels);
+    }
+
+    /// Computes the profile.
+    ///
+    /// Edges are the distinct values of the `i / bins` quantiles
+    /// (`i = 1..bins`, type-7 interpolation), so bins hold roughly equal
+    /// numbers of reference values. If only one distinct edge `e` results
+    /// (constant feature or a dominant atom), a second edge is added:
+    /// halfway between `e` and the next larger value, or `e + max(|e|·1e-9,
+    /// 1e-12)` if no larger value exists, so that shifts in either direction
+    /// land in bins with zero reference mass.
+    ///
+    /// Classes are included if any class was added or labels were set.
+    ///
+    /// # Errors
+    /// [`Error::NoData`] naming a feature that has no finite values;
+    /// [`Error::Empty`] if nothing was added at all.
+    pub fn finish(self) -> Result<ReferenceProfile, Error> {
+        let bins = self.bins;
+        let build = |accs: Vec<FeatureAcc>| -> Result<Vec<FeatureProfile>, Error> {
+            accs.into_iter().map(|a| build_feature(a, bins)).collect()
+        };
+        let inputs = build(self.inputs)?;
+        let outputs = build(self.outputs)?;
+        let classes = if self.class_labels.is_some() || !self.class_counts.is_empty() {
+            let mut labels = self.class_labels.unwrap_or_default();
+            let mut counts = self.class_counts;
+            let n = labels.len().max(counts.len());
+            counts.resize(n, 0);
+            for i in labels.len()..n {
+                labels.push(i.to_string());
+            }
+            Some(ClassProfile { labels, counts })
+        } else {
+            None
+        };
+        let class_total: u64 = classes.as_ref().map_or(0, |c| c.counts.iter().sum());
+        let sample_count = inputs
+            .iter()
+            .chain(&outputs)
+            .map(|f| f.samples)
+            .max()
+            .unwrap_or(0)
+            .max(class_total);
+        if inputs.is_empty() && outputs.is_empty() && classes.is_none() {
+            return Err(Error::Empty);
+        }
+        let p = ReferenceProfile {
+            format_version: PROFILE_FORMAT_VERSION,
+            sample_count,
+            inputs,
+            outputs,
+            classes,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// Type-7 quantile of sorted, non-empty `v`.
+fn quantile(v: &[f64], p: f64) -> f64 {
+    let h = (v.len() - 1) as f64 * p;
+    let lo = h.floor() as usize;
+    let hi = (lo + 1).min(v.len() - 1);
+    v[lo] + (h - lo as f64) * (v[hi] - v[lo])
+}
+
+fn build_feature(acc: FeatureAcc, bins: usize) -> Result<FeatureProfile, Error> {
+    let mut v = acc.values;
+    if v.is_empty() {
+        return Err(Error::NoData { feature: acc.name });
+    }
+    v.sort_by(f64::total_cmp);
+    let mut edges: Vec<f64> = Vec::with_capacity(bins);
+    for i in 1..bins {
+        let q = quantile(&v, i as f64 / bins as f64);
+        if edges.last().is_none_or(|&l| q > l) {
+            edges.push(q);
+        }
+    }
+    if edges.len() == 1 {
+        let e = edges[0];
+        let next = v[v.partition_point(|&x| x <= e)..].first().copied();
+        let extra = match next {
+            Some(n) if e + (n - e) / 2.0 > e => e + (n - e) / 2.0,
+            Some(n) => n,
+            None => e + (e.abs() * 1e-9).max(1e-12),
+        };
+        edges.push(extra);
+    }
+    let mut counts = vec![0u64; edges.len() + 1];
+    for &x in &v {
+        counts[bin_of(&edges, x)] += 1;
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+    Ok(FeatureProfile {
+        name: acc.name,
+        tensor: acc.tensor,
+        selector: acc.selector,
+        edges,
+        counts,
+        quantiles: PROFILE_QUANTILES
+            .iter()
+            .map(|&p| (p, quantile(&v, p)))
+            .collect(),
+        count: v.len() as u64,
+        samples: acc.samples,
+        mean,
+        std: var.sqrt(),
+    })
+}

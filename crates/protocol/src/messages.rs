@@ -1,0 +1,359 @@
+//! JSON control messages (docs/specs/mqtt.md, "Messages").
+//!
+//! Every message is a JSON object `{"v": 1, "type": "...", ...fields}`.
+//! Decoding checks, in order: size <= [`MAX_MESSAGE_BYTES`], `v` equals
+//! [`PROTOCOL_VERSION`], then the schema of the topic's kind. Unknown fields
+//! are ignored within a version (forward-compatible additions); a change that
+//! is not additive bumps `v`.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::telemetry::TelemetryRecord;
+use crate::{DeviceId, Error, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+
+/// A model release as devices and the server refer to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReleaseRef {
+    /// Model name (manifest `model`).
+    pub model: String,
+    /// Release counter (manifest `release`).
+    pub release: u64,
+    /// Semantic version (manifest `version`).
+    pub version: String,
+}
+
+/// Device -> server messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Up {
+    /// After every (re)connect.
+    Hello(Hello),
+    /// Retained online/offline; the MQTT last will carries `online: false`.
+    Status(Status),
+    /// Periodic liveness.
+    Heartbeat(Heartbeat),
+    /// A batch of telemetry records, oldest first.
+    Telemetry(TelemetryBatch),
+    /// A drift report for the active release.
+    Drift(DriftMessage),
+    /// An update or rollback event.
+    Event(UpdateEvent),
+    /// A request for bundle chunks.
+    ChunkRequest(ChunkRequest),
+}
+
+/// Server -> device commands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Down {
+    /// Install this release.
+    UpdateOffer(UpdateOffer),
+    /// Abandon the named rollout's download/trial if not yet committed.
+    Cancel {
+        /// The rollout.
+        rollout_id: String,
+    },
+    /// Roll back to the previous slot now.
+    Rollback {
+        /// Operator's reason, reported back in the rollback event.
+        reason: String,
+    },
+    /// Change runtime settings.
+    Config(ConfigUpdate),
+}
+
+/// Sent after every connect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal the device id in the topic.
+    pub device_id: DeviceId,
+    /// Agent semantic version.
+    pub agent_version: String,
+    /// Target profile id.
+    pub target: String,
+    /// Release in the active slot.
+    pub active: Option<ReleaseRef>,
+    /// Release in the previous slot.
+    pub previous: Option<ReleaseRef>,
+    /// Current update state (`idle`, `downloading`, `trial`, ...).
+    pub update_state: String,
+    /// Operator-assigned tags from the agent config.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Random id of this agent process run (distinguishes restarts).
+    pub boot_id: String,
+}
+
+/// Online/offline (retained).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Must equal the device id in the topic.
+    pub device_id: DeviceId,
+    /// True when connected.
+    pub online: bool,
+}
+
+/// Periodic liveness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Must equal the device id in the topic.
+    pub device_id: DeviceId,
+    /// Agent uptime (s).
+    pub uptime_s: u64,
+    /// Release in the active slot.
+    pub active: Option<ReleaseRef>,
+    /// Current update state.
+    pub update_state: String,
+}
+
+/// Telemetry records in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    /// Must equal the device id in the topic.
+    pub device_id: DeviceId,
+    /// Records, ascending `seq`.
+    pub records: Vec<TelemetryRecord>,
+}
+
+/// A drift report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftMessage {
+    /// Must equal the device id in the topic.
+    pub device_id: DeviceId,
+    /// Release whose reference profile was used.
+    pub release: ReleaseRef,
+    /// Device-local sequence number of this report.
+    pub seq: u64,
+    /// True when sent because a statistic crossed its alarm threshold.
+    pub alarm: bool,
+    /// The statistics with their sample counts.
+    pub report: edgefleet_drift::DriftReport,
+}
+
+/// What happened in the update state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Offer accepted; chunks are being fetched.
+    Downloading,
+    /// Offer refused before download (signature, target, downgrade, refused release...).
+    Rejected,
+    /// Bundle verified.
+    Verified,
+    /// Written to the inactive slot.
+    Staged,
+    /// Trial started.
+    TrialStarted,
+    /// Trial passed; the new slot is active and the release floor raised.
+    Committed,
+    /// The previous slot is active again.
+    RolledBack,
+    /// The download or install failed; the active slot is unchanged.
+    Failed,
+}
+
+/// An update or rollback event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateEvent {
+    /// Must equal the device id in the topic.
+    pub device_id: DeviceId,
+    /// Rollout that caused it, if any.
+    pub rollout_id: Option<String>,
+    /// Release the event is about.
+    pub release: ReleaseRef,
+    /// What happened.
+    pub kind: EventKind,
+    /// Machine-readable reason for `rejected`, `failed`, `rolled_back`
+    /// (e.g. `golden_mismatch`, `nan_output`, `latency_budget`, `crash_loop`,
+    /// `error_rate`, `server_command`, or a bundle error code such as `bad_signature`).
+    pub reason: Option<String>,
+    /// Human-readable detail.
+    pub detail: Option<String>,
+    /// Device-local sequence number (events are also stored and forwarded).
+    pub seq: u64,
+}
+
+/// Ask for chunks `first .. first + count` of the body with this hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    /// Must equal the device id in the topic.
+    pub device_id: DeviceId,
+    /// Body SHA-256 (hex) from the offered manifest.
+    pub body_sha256: String,
+    /// First chunk index.
+    pub first: u32,
+    /// Number of chunks (1..=[`MAX_CHUNKS_PER_REQUEST`]).
+    pub count: u32,
+}
+
+/// Most chunks one request may ask for (flow control: a device never has more
+/// than this many chunk messages in flight).
+pub const MAX_CHUNKS_PER_REQUEST: u32 = 16;
+
+/// How the device should run the trial of an offered release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrialPolicy {
+    /// Trial window length (s).
+    pub window_s: u64,
+    /// Minimum requests observed in the window before it may commit.
+    pub min_requests: u64,
+    /// Maximum error rate (0..1).
+    pub max_error_rate: f64,
+    /// Maximum ratio of new p99 latency to the previous model's.
+    pub max_p99_ratio: f64,
+    /// Shadow (old model serves, new one runs alongside) or serve (new model serves).
+    pub mode: TrialMode,
+}
+
+/// Trial mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialMode {
+    /// The active model answers; the candidate runs on the same inputs.
+    Shadow,
+    /// The candidate answers.
+    Serve,
+}
+
+impl Default for TrialPolicy {
+    fn default() -> Self {
+        TrialPolicy { window_s: 10, min_requests: 20, max_error_rate: 0.01, max_p99_ratio: 3.0, mode: TrialMode::Shadow }
+    }
+}
+
+/// Install offer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateOffer {
+    /// Rollout id.
+    pub rollout_id: String,
+    /// Release offered.
+    pub release: ReleaseRef,
+    /// The bundle's `manifest.json`, standard base64 (exact signed bytes).
+    pub manifest_b64: String,
+    /// The 64-byte `manifest.sig`, standard base64.
+    pub signature_b64: String,
+    /// Trial policy.
+    pub trial: TrialPolicy,
+}
+
+impl UpdateOffer {
+    /// Decodes the manifest bytes and signature.
+    ///
+    /// # Errors
+    /// [`Error::Malformed`] naming the field.
+    pub fn manifest_and_signature(&self) -> Result<(Vec<u8>, Vec<u8>), Error> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let m = b64
+            .decode(&self.manifest_b64)
+            .map_err(|e| Error::Malformed { kind: "update_offer", reason: format!("manifest_b64: {e}") })?;
+        let s = b64
+            .decode(&self.signature_b64)
+            .map_err(|e| Error::Malformed { kind: "update_offer", reason: format!("signature_b64: {e}") })?;
+        Ok((m, s))
+    }
+    /// Encodes manifest bytes and signature into an offer.
+    pub fn new(rollout_id: String, release: ReleaseRef, manifest: &[u8], sig: &[u8], trial: TrialPolicy) -> Self {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        UpdateOffer { rollout_id, release, manifest_b64: b64.encode(manifest), signature_b64: b64.encode(sig), trial }
+    }
+}
+
+/// Runtime settings the server may change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ConfigUpdate {
+    /// Telemetry interval (s).
+    pub telemetry_interval_s: Option<u64>,
+    /// Drift report interval (s).
+    pub drift_interval_s: Option<u64>,
+    /// Drift thresholds.
+    pub drift_thresholds: Option<edgefleet_drift::DriftThresholds>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, T> {
+    v: u32,
+    #[serde(flatten)]
+    msg: &'a T,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: Option<u64>,
+}
+
+fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
+    let bytes = serde_json::to_vec(&EnvelopeOut { v: PROTOCOL_VERSION, msg })
+        .map_err(|e| Error::Malformed { kind: "outgoing", reason: e.to_string() })?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(Error::TooLarge { what: "message", size: bytes.len(), limit: MAX_MESSAGE_BYTES });
+    }
+    Ok(bytes)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], kind: &'static str) -> Result<T, Error> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(Error::TooLarge { what: "message", size: bytes.len(), limit: MAX_MESSAGE_BYTES });
+    }
+    let probe: VersionProbe =
+        serde_json::from_slice(bytes).map_err(|e| Error::Malformed { kind, reason: e.to_string() })?;
+    match probe.v {
+        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+        Some(v) => return Err(Error::UnsupportedVersion { found: v, supported: PROTOCOL_VERSION }),
+        None => return Err(Error::Malformed { kind, reason: "missing field `v`".into() }),
+    }
+    serde_json::from_slice(bytes).map_err(|e| Error::Malformed { kind, reason: e.to_string() })
+}
+
+impl Up {
+    /// JSON bytes with the version envelope.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] when the encoding exceeds [`MAX_MESSAGE_BYTES`].
+    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+        encode(self)
+    }
+    /// Decodes a device message and checks that it came on the topic of the
+    /// device it names (a device cannot speak for another).
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`], [`Error::UnsupportedVersion`], [`Error::Malformed`],
+    /// [`Error::Impersonation`].
+    pub fn decode(bytes: &[u8], topic_device: &DeviceId) -> Result<Self, Error> {
+        let msg: Up = decode(bytes, "device")?;
+        let claimed = msg.device_id();
+        if claimed != topic_device {
+            return Err(Error::Impersonation { topic_device: topic_device.to_string(), claimed: claimed.to_string() });
+        }
+        Ok(msg)
+    }
+    /// The device id the message claims.
+    pub fn device_id(&self) -> &DeviceId {
+        match self {
+            Up::Hello(m) => &m.device_id,
+            Up::Status(m) => &m.device_id,
+            Up::Heartbeat(m) => &m.device_id,
+            Up::Telemetry(m) => &m.device_id,
+            Up::Drift(m) => &m.device_id,
+            Up::Event(m) => &m.device_id,
+            Up::ChunkRequest(m) => &m.device_id,
+        }
+    }
+}
+
+impl Down {
+    /// JSON bytes with the version envelope.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] when the encoding exceeds [`MAX_MESSAGE_BYTES`].
+    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+        encode(self)
+    }
+    /// Decodes a server command.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`], [`Error::UnsupportedVersion`], [`Error::Malformed`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        decode(bytes, "command")
+    }
+}
