@@ -145,8 +145,9 @@ impl SigningKey {
     /// # Errors
     /// [`Error::Io`] naming the file.
     pub fn write_pem_files(&self, private: &Path, public: &Path) -> Result<(), Error> {
-        let pem = self
-            .0
+        // PKCS#8 v1 (RFC 8410 section 7, no embedded public key): OpenSSL 3.0
+        // refuses the v2 form that ed25519-dalek writes by default.
+        let pem = ed25519_dalek::pkcs8::KeypairBytes { secret_key: self.0.to_bytes(), public_key: None }
             .to_pkcs8_pem(LineEnding::LF)
             .map_err(|e| Error::Key { path: private.into(), reason: e.to_string() })?;
         fsio::write_atomic_mode(private, pem.as_bytes(), 0o600)?;
