@@ -1,10 +1,132 @@
-//! `edgefleet compile` (not implemented yet).
+//! `edgefleet compile`: specialise, prune and quantize an ONNX model for a
+//! target profile, gate its accuracy, and write a signed bundle.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context};
+use edgefleet_compiler::CompileOptions;
+use edgefleet_targets::{PruneScope, Quantize};
 
 /// Arguments of `edgefleet compile`.
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(after_help = "Examples:\n  \
+    scripts/fetch-models   # real models into ./.cache/models\n  \
+    edgefleet compile --model .cache/models/silero_vad.onnx --target targets/rpi4.toml \\\n    \
+      --version 1.0.0 --release 1 --key keys/release.pem --out out/\n  \
+    edgefleet compile --model .cache/models/ch_PP-OCRv4_det_infer.onnx --target targets/rpi5.toml \\\n    \
+      --input x=1,3,320,320 --prune 0.5 --quantize int8-weights --version 1.1.0 --release 2 --key k.pem --out out/\n  \
+    edgefleet compile --model vad.onnx --target targets/imx8mp.toml --const sr=16000 \\\n    \
+      --calibration calib/ --quantize auto --version 2.0.0 --release 3 --key k.pem --out out/\n\n\
+    Calibration DIR: *.npy (little-endian float32, C order, the input's exact shape) or *.f32 (raw\n\
+    little-endian f32); one file per case for single-input models, <case>.<input>.npy otherwise.\n\
+    Without it, inputs are generated (speech-like audio, rendered text pages): see docs/compiler.md.\n\
+    A failing accuracy gate exits non-zero naming the metric, and writes nothing.")]
+pub struct Args {
+    /// The ONNX model to compile.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Target profile (targets/*.toml).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Fix an input shape: NAME=D0,D1,... (repeatable; overrides the profile).
+    #[arg(long = "input", value_name = "NAME=SHAPE")]
+    pub inputs: Vec<String>,
+    /// Fold a scalar input into a constant: NAME=VALUE (repeatable; e.g. sr=16000).
+    #[arg(long = "const", value_name = "NAME=VALUE")]
+    pub consts: Vec<String>,
+    /// Folder of calibration inputs (.npy / raw .f32); generated when absent.
+    #[arg(long, value_name = "DIR")]
+    pub calibration: Option<PathBuf>,
+    /// Unstructured magnitude pruning sparsity in 0..1 (e.g. 0.5).
+    #[arg(long, value_name = "SPARSITY")]
+    pub prune: Option<f32>,
+    /// Prune each layer to the same sparsity instead of one global threshold.
+    #[arg(long)]
+    pub prune_per_layer: bool,
+    /// none | int8-weights | int8 | f16 | auto (default: the profile's policy).
+    #[arg(long)]
+    pub quantize: Option<Quantize>,
+    /// Model name in the bundle (default: the file stem).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Bundle version (semver).
+    #[arg(long)]
+    pub version: semver::Version,
+    /// Release counter (monotonic per model; anti-rollback).
+    #[arg(long)]
+    pub release: u64,
+    /// Oldest agent version allowed to install the bundle.
+    #[arg(long)]
+    pub min_agent_version: Option<semver::Version>,
+    /// Signing key (PKCS#8 PEM, from `edgefleet keygen`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Output folder for the bundle.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Ship the specialised ONNX even when NNEF round-trips.
+    #[arg(long)]
+    pub no_nnef: bool,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn split_kv(s: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!("`{s}`: expected NAME=VALUE"))?;
+    Ok((k.trim().to_string(), v.trim().to_string()))
+}
 
 /// Runs `edgefleet compile`.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("edgefleet compile is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let target = edgefleet_targets::load(&args.target)?;
+    let key = edgefleet_bundle::SigningKey::from_pkcs8_pem_file(&args.key)?;
+    let mut inputs = BTreeMap::new();
+    for s in &args.inputs {
+        let (k, v) = split_kv(s)?;
+        let shape = v
+            .split([',', 'x'])
+            .map(|d| {
+                d.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("--input {s}: `{d}` is not a dimension"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        inputs.insert(k, shape);
+    }
+    let mut consts = BTreeMap::new();
+    for s in &args.consts {
+        let (k, v) = split_kv(s)?;
+        consts.insert(
+            k,
+            v.parse::<f64>()
+                .with_context(|| format!("--const {s}: `{v}` is not a number"))?,
+        );
+    }
+    let mut opts = CompileOptions::new(&args.model, args.version, args.release);
+    opts.name = args.name;
+    opts.inputs = inputs;
+    opts.consts = consts;
+    opts.calibration = args.calibration;
+    opts.prune = args.prune;
+    opts.prune_scope = args.prune_per_layer.then_some(PruneScope::PerLayer);
+    opts.quantize = args.quantize;
+    opts.min_agent_version = args.min_agent_version;
+    opts.try_nnef = !args.no_nnef;
+    opts.progress = !args.quiet;
+    let out = edgefleet_compiler::compile(&opts, &target, &key, &args.out)?;
+    print!(
+        "{}",
+        edgefleet_compiler::emit::report_txt(&out.compiled.report)
+    );
+    println!(
+        "bundle            {} ({} bytes, {:.3} of the original ONNX)",
+        out.bundle_path.display(),
+        out.bundle_bytes,
+        out.bundle_bytes as f64 / out.compiled.report.original_bytes as f64
+    );
+    Ok(())
 }

@@ -1,0 +1,155 @@
+//! Compile benchmark: per model and target, bundle size / original ONNX size,
+//! tract latency of the compiled artifact / the original (same process), the
+//! accuracy figures and the compile time.
+//!
+//! ```text
+//! scripts/fetch-models
+//! cargo run --release -p edgefleet-compiler --example bench_compile -- [--models DIR] [--model SUBSTR] [--target ID[,ID]] [--prune 0.5]
+//! ```
+//! Without `--prune` every pair is compiled twice: int8 weights, and 50% global
+//! magnitude pruning + int8 weights.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use edgefleet_compiler::{runtime::Runner, CompileOptions};
+use edgefleet_targets::Quantize;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let models_dir = PathBuf::from(
+        get("--models")
+            .or_else(|| std::env::var("EDGEFLEET_MODELS").ok())
+            .unwrap_or_else(|| ".cache/models".into()),
+    );
+    let filter = get("--model").unwrap_or_default();
+    let target_filter: Vec<String> = get("--target")
+        .map(|s| s.split(',').map(String::from).collect())
+        .unwrap_or_default();
+    let prunes: Vec<f32> = match get("--prune") {
+        Some(p) => vec![p.parse()?],
+        None => vec![0.0, 0.5],
+    };
+    let mut models: Vec<PathBuf> = std::fs::read_dir(&models_dir)
+        .map_err(|e| format!("{}: {e} (run scripts/fetch-models)", models_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "onnx") && p.to_string_lossy().contains(&filter)
+        })
+        .collect();
+    models.sort();
+    let targets: Vec<_> = edgefleet_targets::load_dir(edgefleet_targets::builtin_dir())?
+        .into_iter()
+        .filter(|t| target_filter.is_empty() || target_filter.contains(&t.id))
+        .collect();
+    let key = edgefleet_bundle::SigningKey::from_seed([7; 32]);
+    println!(
+        "{:<34} {:<17} {:>5} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>9} {:>9} {:>5} {:>5} {:>8}",
+        "model",
+        "target",
+        "prune",
+        "orig B",
+        "bundle B",
+        "ratio",
+        "comp ms",
+        "orig ms",
+        "lat x",
+        "max_abs",
+        "cosine",
+        "top1",
+        "fmt",
+        "build s"
+    );
+    for m in &models {
+        let original = std::fs::read(m)?;
+        for t in &targets {
+            for &prune in &prunes {
+                let mut o = CompileOptions::new(m, semver::Version::new(1, 0, 0), 1);
+                o.quantize = Some(Quantize::Int8Weights);
+                o.prune = Some(prune);
+                let t0 = Instant::now();
+                let c = match edgefleet_compiler::build(&o, t) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        println!("{:<34} {:<17} {:>5.2} FAILED: {e}", file(m), t.id, prune);
+                        continue;
+                    }
+                };
+                let bundle = edgefleet_compiler::emit::pack(&c, &o, t, &key)?;
+                let build_s = t0.elapsed().as_secs_f64();
+                let r = &c.report;
+                let cand = &r.candidates[r.chosen];
+                // Original under tract in this process, on the same first calibration input.
+                let golden = edgefleet_bundle::payload::GoldenVectors::from_json(
+                    &c.files
+                        .iter()
+                        .find(|f| f.0 == "golden.json")
+                        .ok_or("golden")?
+                        .1,
+                )?;
+                let inputs: Vec<_> = golden.cases[0]
+                    .inputs
+                    .iter()
+                    .map(|t| t.data.clone())
+                    .collect();
+                let orig_ms = Runner::onnx_with_inputs(&original, &c.spec.inputs, "original")
+                    .ok()
+                    .and_then(|r| r.median_latency(&inputs, 10).ok())
+                    .map(|d| d.as_secs_f64() * 1e3);
+                let shipped = match c.spec.format {
+                    edgefleet_bundle::payload::ModelFormat::Nnef => {
+                        Runner::nnef(&c.model_bytes, "compiled")?
+                    }
+                    edgefleet_bundle::payload::ModelFormat::Onnx => {
+                        Runner::onnx(&c.model_bytes, "compiled")?
+                    }
+                };
+                let comp_ms = shipped.median_latency(&inputs, 10)?.as_secs_f64() * 1e3;
+                let (orig_s, ratio_s) = match orig_ms {
+                    Some(om) => (format!("{om:.3}"), format!("{:.2}", comp_ms / om)),
+                    None => (
+                        "no-load".into(),
+                        format!("{:.2}*", comp_ms / r.reference_latency_ms),
+                    ),
+                };
+                println!(
+                    "{:<34} {:<17} {:>5.2} {:>10} {:>10} {:>6.3} {:>9.3} {:>9} {:>6} {:>9.5} {:>9.6} {:>5} {:>5} {:>8.1}",
+                    file(m),
+                    t.id,
+                    prune,
+                    original.len(),
+                    bundle.len(),
+                    bundle.len() as f64 / original.len() as f64,
+                    comp_ms,
+                    orig_s,
+                    ratio_s,
+                    cand.accuracy.max_abs_error,
+                    cand.accuracy.mean_cosine,
+                    cand.accuracy.top1_agreement.map_or("-".into(), |x| format!("{x:.2}")),
+                    match c.spec.format {
+                        edgefleet_bundle::payload::ModelFormat::Nnef => "nnef",
+                        edgefleet_bundle::payload::ModelFormat::Onnx => "onnx",
+                    },
+                    build_s
+                );
+                if cand.gate != "pass" {
+                    println!("    gate: {}", cand.gate);
+                }
+            }
+        }
+    }
+    println!("lat x = compiled / original under tract (same input); `*` = original does not load in tract, ratio vs the specialised fp32 graph");
+    Ok(())
+}
+
+fn file(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,490 @@
+//! Calibration inputs: read from a directory (`--calibration DIR`) or generated.
+//!
+//! Generated inputs are meant to look like what the device sees, not noise:
+//! - audio inputs (rank 2, last dim 512 + 64 context, e.g. Silero `input` [1, 576]):
+//!   a deterministic 16 kHz speech-like signal: voiced syllables (glottal pulse
+//!   train at a gliding 90-220 Hz pitch, shaped by three formant resonators that
+//!   move between vowel targets), fricative noise bursts, and pauses of room noise;
+//!   cut into consecutive 512-sample windows with the previous 64 samples as context;
+//! - image inputs ([N, 3, H, W]): a page of dark text lines rendered with a 5x7 bitmap
+//!   font on uneven, slightly noisy paper; 48-pixel-high inputs (text-line recognisers
+//!   and classifiers) get one line, and every other case is rotated 180 degrees;
+//!   224x224 (document orientation) gets the page rotated 0/90/180/270 degrees;
+//!   normalised as the model's own preprocessing does (ImageNet mean/std for detection
+//!   and orientation, (x/255 - 0.5)/0.5 for 48-pixel text lines);
+//! - recurrent state inputs: threaded from the reference model's own state output;
+//! - anything else: a deterministic standard-normal tensor.
+//!
+//! Directory format: for a single-input model every `*.npy` or `*.f32` file is one
+//! case; for several inputs name them `<case>.<input>.npy|f32` (state inputs may be
+//! omitted: they are threaded). `.npy` must be little-endian float32 (`<f4`), C order,
+//! with exactly the input's fixed shape; `.f32` is raw little-endian f32 whose length
+//! must equal the shape's element count. Cases are taken in file-name order.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rand::{Rng as _, SeedableRng as _};
+
+use edgefleet_bundle::payload::TensorSpec;
+
+use crate::Error;
+
+/// One calibration case: per non-state input, its f32 data (in spec order).
+pub type Case = BTreeMap<String, Vec<f32>>;
+
+/// Reads calibration cases for `inputs` from `dir`.
+///
+/// # Errors
+/// [`Error::Calibration`] naming the file for an unreadable file or a wrong shape.
+pub fn load_dir(dir: &Path, inputs: &[&TensorSpec]) -> Result<Vec<Case>, Error> {
+    let err = |file: &Path, reason: String| Error::Calibration {
+        file: file.to_owned(),
+        reason,
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| err(dir, e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "npy" || e == "f32"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(err(dir, "no .npy or .f32 files".into()));
+    }
+    let mut cases: BTreeMap<String, Case> = BTreeMap::new();
+    for f in &files {
+        let stem = f
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let (case, spec) = if inputs.len() == 1 {
+            (stem.clone(), inputs[0])
+        } else {
+            let Some((case, name)) = stem.rsplit_once('.') else {
+                return Err(err(
+                    f,
+                    "with several model inputs, name files <case>.<input>.npy".into(),
+                ));
+            };
+            let Some(spec) = inputs.iter().find(|s| s.name == name) else {
+                return Err(err(f, format!("`{name}` is not a model input")));
+            };
+            (case.to_string(), *spec)
+        };
+        let bytes = std::fs::read(f).map_err(|e| err(f, e.to_string()))?;
+        let data = if f.extension().is_some_and(|e| e == "npy") {
+            let (shape, data) = parse_npy(&bytes).map_err(|r| err(f, r))?;
+            if shape != spec.shape {
+                return Err(err(
+                    f,
+                    format!(
+                        "shape {shape:?} does not match input `{}` shape {:?}",
+                        spec.name, spec.shape
+                    ),
+                ));
+            }
+            data
+        } else {
+            if bytes.len() != spec.len() * 4 {
+                return Err(err(
+                    f,
+                    format!(
+                        "{} bytes, input `{}` {:?} needs {} (raw little-endian f32)",
+                        bytes.len(),
+                        spec.name,
+                        spec.shape,
+                        spec.len() * 4
+                    ),
+                ));
+            }
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            return Err(err(f, format!("element {i} is not finite")));
+        }
+        cases
+            .entry(case)
+            .or_default()
+            .insert(spec.name.clone(), data);
+    }
+    for (case, c) in &cases {
+        for s in inputs {
+            if !c.contains_key(&s.name) {
+                return Err(err(
+                    dir,
+                    format!("case `{case}` has no file for input `{}`", s.name),
+                ));
+            }
+        }
+    }
+    Ok(cases.into_values().collect())
+}
+
+/// Parses a little-endian float32 C-order `.npy` file.
+fn parse_npy(b: &[u8]) -> Result<(Vec<usize>, Vec<f32>), String> {
+    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
+        return Err("not a .npy file".into());
+    }
+    let (hlen, start) = match b[6] {
+        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
+        2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
+        v => return Err(format!("unsupported .npy version {v}")),
+    };
+    let header = std::str::from_utf8(b.get(start..start + hlen).ok_or("truncated header")?)
+        .map_err(|e| e.to_string())?;
+    if !header.contains("'descr': '<f4'") {
+        return Err(format!(
+            "dtype must be '<f4' (little-endian float32), header: {}",
+            header.trim()
+        ));
+    }
+    if header.contains("'fortran_order': True") {
+        return Err("fortran_order arrays are not supported".into());
+    }
+    let sh = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(')').next())
+        .ok_or("no shape in header")?;
+    let shape: Vec<usize> = sh
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let body = &b[start + hlen..];
+    let n: usize = shape.iter().product();
+    if body.len() != n * 4 {
+        return Err(format!(
+            "data has {} bytes, shape {shape:?} needs {}",
+            body.len(),
+            n * 4
+        ));
+    }
+    Ok((
+        shape,
+        body.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    ))
+}
+
+/// Writes a float32 `.npy` (used by tests and by `--calibration` users' tooling).
+pub fn write_npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_s = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((h.len() as u16).to_le_bytes());
+    out.extend(h.as_bytes());
+    out.extend(data.iter().flat_map(|x| x.to_le_bytes()));
+    out
+}
+
+/// Kind of generated data for an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    /// 16 kHz speech-like audio windows.
+    Audio,
+    /// Rendered text page / text line image.
+    TextImage,
+    /// Deterministic standard normal.
+    Normal,
+}
+
+/// Chooses how to generate an input from its shape.
+pub fn kind_of(spec: &TensorSpec) -> InputKind {
+    match spec.shape.as_slice() {
+        [_, n] if *n >= 256 && *n <= 4096 => InputKind::Audio,
+        [_, 3, h, w] if *h >= 32 && *w >= 32 => InputKind::TextImage,
+        _ => InputKind::Normal,
+    }
+}
+
+/// Generates `n` cases for `inputs` (state inputs excluded by the caller).
+pub fn generate(inputs: &[&TensorSpec], n: usize) -> Vec<Case> {
+    let mut cases = vec![Case::new(); n];
+    for spec in inputs {
+        let data: Vec<Vec<f32>> = match kind_of(spec) {
+            InputKind::Audio => audio_windows(spec, n),
+            InputKind::TextImage => (0..n).map(|i| text_image(spec, i)).collect(),
+            InputKind::Normal => {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+                (0..n)
+                    .map(|_| (0..spec.len()).map(|_| normal(&mut rng)).collect())
+                    .collect()
+            }
+        };
+        for (c, d) in cases.iter_mut().zip(data) {
+            c.insert(spec.name.clone(), d);
+        }
+    }
+    cases
+}
+
+fn normal(rng: &mut rand::rngs::StdRng) -> f32 {
+    let u1: f32 = rng.gen_range(1e-7..1.0);
+    let u2: f32 = rng.gen_range(0.0..1.0);
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+/// The synthetic utterance: 16 kHz mono in [-1, 1].
+pub fn speech_like(samples: usize) -> Vec<f32> {
+    let sr = 16000.0f32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16000);
+    // Vowel formant targets (F1, F2, F3) in Hz: a, i, u, e, o.
+    let vowels = [
+        (730.0, 1090.0, 2440.0),
+        (270.0, 2290.0, 3010.0),
+        (300.0, 870.0, 2240.0),
+        (530.0, 1840.0, 2480.0),
+        (570.0, 840.0, 2410.0),
+    ];
+    let mut out = vec![0f32; samples];
+    let mut phase = 0f32;
+    // Resonator states per formant.
+    let mut st = [[0f32; 2]; 3];
+    // Segments: (length s, kind 0 = pause, 1 = voiced, 2 = fricative).
+    let mut t = 0usize;
+    let mut seg = 0usize;
+    while t < samples {
+        let kind = match seg % 7 {
+            0 | 6 => 0,
+            3 => 2,
+            _ => 1,
+        };
+        let len = ((match kind {
+            0 => 0.25,
+            1 => 0.18,
+            _ => 0.08,
+        } + rng.gen_range(0.0..0.12))
+            * sr) as usize;
+        let v0 = vowels[seg % vowels.len()];
+        let v1 = vowels[(seg + 2) % vowels.len()];
+        let f0a = rng.gen_range(90.0..220.0f32);
+        let f0b = f0a * rng.gen_range(0.8..1.2f32);
+        for k in 0..len.min(samples - t) {
+            let x = k as f32 / len as f32;
+            let env = (std::f32::consts::PI * x).sin().powf(0.6);
+            let noise = normal(&mut rng);
+            let s = match kind {
+                0 => 0.003 * noise,
+                2 => {
+                    0.05 * env
+                        * noise
+                        * (1.0 - 0.5 * (std::f32::consts::TAU * 4000.0 * k as f32 / sr).cos())
+                }
+                _ => {
+                    let f0 = f0a + (f0b - f0a) * x;
+                    phase += f0 / sr;
+                    let pulse = if phase >= 1.0 {
+                        phase -= 1.0;
+                        1.0
+                    } else {
+                        0.0
+                    };
+                    let formants = [
+                        v0.0 + (v1.0 - v0.0) * x,
+                        v0.1 + (v1.1 - v0.1) * x,
+                        v0.2 + (v1.2 - v0.2) * x,
+                    ];
+                    let mut y = 0.0;
+                    for (j, f) in formants.iter().enumerate() {
+                        // Two-pole resonator, bandwidth ~ 80-150 Hz.
+                        let bw = 80.0 + 35.0 * j as f32;
+                        let r = (-std::f32::consts::PI * bw / sr).exp();
+                        let a1 = 2.0 * r * (std::f32::consts::TAU * f / sr).cos();
+                        let a2 = -r * r;
+                        let o = pulse + a1 * st[j][0] + a2 * st[j][1];
+                        st[j][1] = st[j][0];
+                        st[j][0] = o;
+                        y += o / (1.0 + j as f32);
+                    }
+                    0.02 * env * y + 0.003 * noise
+                }
+            };
+            out[t + k] = s;
+        }
+        t += len;
+        seg += 1;
+    }
+    let peak = out.iter().fold(0f32, |a, x| a.max(x.abs())).max(1e-6);
+    out.iter().map(|x| 0.6 * x / peak).collect()
+}
+
+fn audio_windows(spec: &TensorSpec, n: usize) -> Vec<Vec<f32>> {
+    let (rows, width) = (spec.shape[0], spec.shape[1]);
+    let hop = if width > 512 { 512 } else { width };
+    let context = width - hop;
+    let total = context + hop * rows * n + 1;
+    // Design: start a little into the utterance so the first windows hold speech.
+    let offset = 4000;
+    let audio = speech_like(total + offset);
+    (0..n)
+        .map(|c| {
+            (0..rows)
+                .flat_map(|r| {
+                    let start = offset + (c * rows + r) * hop;
+                    audio[start..start + width].to_vec()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+const FONT: [(char, [u8; 7]); 36] = [
+    ('A', [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11]),
+    ('B', [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E]),
+    ('C', [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E]),
+    ('D', [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E]),
+    ('E', [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F]),
+    ('F', [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10]),
+    ('G', [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F]),
+    ('H', [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11]),
+    ('I', [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E]),
+    ('J', [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C]),
+    ('K', [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11]),
+    ('L', [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F]),
+    ('M', [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11]),
+    ('N', [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11]),
+    ('O', [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E]),
+    ('P', [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10]),
+    ('Q', [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D]),
+    ('R', [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11]),
+    ('S', [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E]),
+    ('T', [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04]),
+    ('U', [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E]),
+    ('V', [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04]),
+    ('W', [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A]),
+    ('X', [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11]),
+    ('Y', [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04]),
+    ('Z', [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F]),
+    ('0', [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E]),
+    ('1', [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E]),
+    ('2', [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F]),
+    ('3', [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E]),
+    ('4', [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02]),
+    ('5', [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E]),
+    ('6', [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E]),
+    ('7', [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08]),
+    ('8', [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E]),
+    ('9', [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C]),
+];
+
+const TEXT: &str =
+    "INVOICE NO 20240117 TOTAL DUE 1458 EUR PAYMENT WITHIN 30 DAYS THANK YOU FOR YOUR ORDER \
+SHIP TO WAREHOUSE 7 DOCK B QUANTITY 250 UNIT PRICE 5 83 REFERENCE ZX9 QUALITY CHECKED BY JK";
+
+/// Renders text lines into a grey image (0 = black, 255 = white), `h` x `w`.
+fn render_page(h: usize, w: usize, scale: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut img: Vec<f32> = (0..h * w)
+        .map(|i| {
+            let (y, x) = ((i / w) as f32 / h as f32, (i % w) as f32 / w as f32);
+            // Uneven lighting, as on a photographed page.
+            225.0 + 20.0 * (1.0 - 0.6 * x - 0.4 * y) + 3.0 * normal(&mut rng)
+        })
+        .collect();
+    let words: Vec<&str> = TEXT.split(' ').collect();
+    let line_h = 9 * scale;
+    let margin = 2 * scale + (seed as usize % 3) * scale;
+    let mut y = margin;
+    let mut wi = seed as usize * 5;
+    let ink = 30.0 + 30.0 * ((seed % 3) as f32);
+    while y + 7 * scale <= h.saturating_sub(margin / 2) {
+        let mut x = margin + (wi % 4) * scale * 2;
+        loop {
+            let word = words[wi % words.len()];
+            let ww = word.len() * 6 * scale;
+            if x + ww > w.saturating_sub(margin / 2) {
+                break;
+            }
+            for ch in word.chars() {
+                if let Some((_, rows)) = FONT.iter().find(|(c, _)| *c == ch) {
+                    for (ry, bits) in rows.iter().enumerate() {
+                        for rx in 0..5 {
+                            if bits & (0x10 >> rx) != 0 {
+                                for dy in 0..scale {
+                                    for dx in 0..scale {
+                                        let (py, px) = (y + ry * scale + dy, x + rx * scale + dx);
+                                        if py < h && px < w {
+                                            img[py * w + px] = ink + 10.0 * normal(&mut rng);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                x += 6 * scale;
+            }
+            x += 4 * scale;
+            wi += 1;
+        }
+        wi += 1;
+        y += line_h + scale * (seed as usize % 2);
+    }
+    img
+}
+
+fn rotate(img: &[f32], n: usize, quarter_turns: usize) -> Vec<f32> {
+    let mut out = img.to_vec();
+    for _ in 0..quarter_turns % 4 {
+        let src = out.clone();
+        for y in 0..n {
+            for x in 0..n {
+                out[x * n + (n - 1 - y)] = src[y * n + x];
+            }
+        }
+    }
+    out
+}
+
+/// A normalised [N, 3, H, W] text image for case `i`.
+pub fn text_image(spec: &TensorSpec, i: usize) -> Vec<f32> {
+    let (n, h, w) = (spec.shape[0], spec.shape[2], spec.shape[3]);
+    let line = h <= 64;
+    let mut out = Vec::with_capacity(spec.len());
+    for b in 0..n {
+        let seed = (i * n + b) as u64;
+        let mut img = if line {
+            let scale = (h / 12).max(1);
+            render_page(h, w, scale, seed)
+        } else {
+            render_page(h, w, ((h.min(w)) / 110).max(1), seed)
+        };
+        if line && i % 2 == 1 {
+            img.reverse();
+        }
+        if !line && h == w && h == 224 {
+            img = rotate(&img, h, i % 4);
+        }
+        let (mean, std) = if line {
+            ([0.5; 3], [0.5; 3])
+        } else {
+            ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        };
+        for c in 0..3 {
+            let tint = [1.0, 0.98, 0.95][c];
+            out.extend(
+                img.iter()
+                    .map(|p| ((p * tint).clamp(0.0, 255.0) / 255.0 - mean[c]) / std[c]),
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,286 @@
+//! Emission: choose the artifact format (tract NNEF when it round-trips
+//! bit-exactly and is not larger, else the specialised ONNX), golden vectors,
+//! drift reference, readable report, and the signed bundle.
+
+use std::path::Path;
+use std::time::Instant;
+
+use edgefleet_bundle::payload::{
+    GoldenCase, GoldenVectors, ModelFormat, ModelSpec, Tensor, TensorData,
+};
+use serde::Serialize;
+
+use crate::runtime::{self, Outputs, Runner};
+use crate::{CompileOptions, Compiled, Error, Report};
+
+/// The artifact format and the measurements behind the choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct FormatChoice {
+    /// Shipped format.
+    pub format: ModelFormat,
+    /// Why.
+    pub reason: String,
+    /// ONNX artifact size (zstd -19), bytes.
+    pub onnx_zstd_bytes: usize,
+    /// NNEF artifact size (zstd -19), bytes, when written.
+    pub nnef_zstd_bytes: Option<usize>,
+    /// Time to load + optimise the ONNX artifact under tract, ms.
+    pub onnx_load_ms: f64,
+    /// Time to load + optimise the NNEF artifact under tract, ms.
+    pub nnef_load_ms: Option<f64>,
+}
+
+fn zlen(b: &[u8]) -> usize {
+    zstd::bulk::compress(b, 19).map_or(b.len(), |v| v.len())
+}
+
+/// Writes the compiled ONNX as NNEF, reloads it and compares outputs bit for bit.
+///
+/// # Errors
+/// [`Error::Runtime`] when the ONNX artifact itself does not load.
+pub fn choose_format(
+    onnx: &[u8],
+    cases: &[Vec<TensorData>],
+    expected: &[Outputs],
+    try_nnef: bool,
+    path: &Path,
+) -> Result<(FormatChoice, String, Vec<u8>), Error> {
+    let t = Instant::now();
+    let onnx_runner = Runner::onnx(onnx, &format!("{} (compiled)", path.display()))?;
+    let onnx_load_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(onnx_runner);
+    let onnx_z = zlen(onnx);
+    let mut choice = FormatChoice {
+        format: ModelFormat::Onnx,
+        reason: "NNEF not tried".into(),
+        onnx_zstd_bytes: onnx_z,
+        nnef_zstd_bytes: None,
+        onnx_load_ms,
+        nnef_load_ms: None,
+    };
+    if !try_nnef {
+        return Ok((choice, "model.onnx".into(), onnx.to_vec()));
+    }
+    let nnef: Result<Vec<u8>, String> = runtime::onnx_typed(onnx, "nnef export")
+        .map_err(|e| e.to_string())
+        .and_then(|typed| {
+            runtime::nnef_framework()
+                .write_to_tar_with_config(&typed, Vec::new(), false, true)
+                .map_err(|e| format!("tract-nnef cannot serialise it: {e}"))
+        });
+    let nnef = match nnef {
+        Ok(b) => b,
+        Err(e) => {
+            choice.reason = e.chars().take(300).collect();
+            return Ok((choice, "model.onnx".into(), onnx.to_vec()));
+        }
+    };
+    let t = Instant::now();
+    let reloaded = match Runner::nnef(&nnef, "nnef reload") {
+        Ok(r) => r,
+        Err(e) => {
+            choice.reason = format!(
+                "NNEF does not reload: {}",
+                e.to_string().chars().take(300).collect::<String>()
+            );
+            return Ok((choice, "model.onnx".into(), onnx.to_vec()));
+        }
+    };
+    choice.nnef_load_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+    let nz = zlen(&nnef);
+    choice.nnef_zstd_bytes = Some(nz);
+    for (c, want) in cases.iter().zip(expected) {
+        let same = reloaded.run(c).map(|got| {
+            got.len() == want.len()
+                && got.iter().zip(want).all(|(a, b)| {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                })
+        });
+        if !matches!(same, Ok(true)) {
+            choice.reason = "NNEF reload is not bit-identical to the ONNX artifact".into();
+            return Ok((choice, "model.onnx".into(), onnx.to_vec()));
+        }
+    }
+    if nz > onnx_z {
+        choice.reason = format!(
+            "NNEF round-trips bit-exactly but is larger ({nz} vs {onnx_z} bytes zstd: tract folds int8/f16 weight storage into f32 constants)"
+        );
+        return Ok((choice, "model.onnx".into(), onnx.to_vec()));
+    }
+    choice.format = ModelFormat::Nnef;
+    choice.reason = "NNEF round-trips bit-exactly and is not larger than the ONNX".into();
+    Ok((choice, "model.nnef.tar".into(), nnef))
+}
+
+/// Golden vectors: the first cases (one for large outputs) with the compiled model's outputs.
+pub fn golden(spec: &ModelSpec, cases: &[Vec<TensorData>], outs: &[Outputs]) -> GoldenVectors {
+    let out_elems: usize = spec.outputs.iter().map(|o| o.len()).sum();
+    let n = if out_elems > 50_000 { 1 } else { 3 }.min(cases.len());
+    let cases = cases
+        .iter()
+        .zip(outs)
+        .take(n)
+        .map(|(c, o)| GoldenCase {
+            inputs: spec
+                .inputs
+                .iter()
+                .zip(c)
+                .map(|(s, d)| Tensor {
+                    name: s.name.clone(),
+                    shape: s.shape.clone(),
+                    data: d.clone(),
+                })
+                .collect(),
+            outputs: spec
+                .outputs
+                .iter()
+                .zip(o)
+                .map(|(s, d)| Tensor::f32(s.name.clone(), s.shape.clone(), d.clone()))
+                .collect(),
+        })
+        .collect();
+    // Design: the device runs other SIMD kernels than the build machine, so the
+    // self-test tolerates float reassociation, not a different model.
+    GoldenVectors {
+        max_abs_error: 1e-3,
+        rel_error: 1e-3,
+        cases,
+    }
+}
+
+/// Drift reference from the calibration inputs and the compiled outputs.
+///
+/// # Errors
+/// [`Error::Drift`].
+pub fn drift(
+    spec: &ModelSpec,
+    cases: &[Vec<TensorData>],
+    outs: &[Outputs],
+    classes: Option<usize>,
+    labels: &[String],
+) -> Result<Vec<u8>, Error> {
+    let state: Vec<&str> = spec.state.iter().map(|s| s.input.as_str()).collect();
+    let state_out: Vec<&str> = spec.state.iter().map(|s| s.output.as_str()).collect();
+    let mut b = edgefleet_drift::ProfileBuilder::new(16);
+    for (c, o) in cases.iter().zip(outs) {
+        for (s, d) in spec.inputs.iter().zip(c) {
+            if state.contains(&s.name.as_str()) {
+                continue;
+            }
+            if let TensorData::F32(v) = d {
+                b.add_input(&s.name, &s.shape, v);
+            }
+        }
+        for (s, d) in spec.outputs.iter().zip(o) {
+            if !state_out.contains(&s.name.as_str()) {
+                b.add_output(&s.name, &s.shape, d);
+            }
+        }
+        if let (Some(k), Some(o0)) = (classes, o.first()) {
+            for row in o0.chunks(k) {
+                b.add_class(crate::gate::argmax(row));
+            }
+        }
+    }
+    if classes.is_some() {
+        b.set_class_labels(labels.to_vec());
+    }
+    let p = b.finish().map_err(|e| Error::Drift(e.to_string()))?;
+    Ok(p.to_json())
+}
+
+/// The readable report table.
+pub fn report_txt(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "edgefleet compile report: {} for target {}",
+        r.model, r.target
+    );
+    let _ = writeln!(s, "source            {}", r.source);
+    let _ = writeln!(s, "original ONNX     {} bytes", r.original_bytes);
+    let _ = writeln!(s, "specialised fp32  {} bytes", r.specialised_bytes);
+    let _ = writeln!(s, "inputs            {:?}", r.specialise.inputs);
+    let _ = writeln!(s, "folded constants  {:?}", r.specialise.folded_consts);
+    let _ = writeln!(s, "resolved If       {}", r.specialise.resolved_ifs.len());
+    let _ = writeln!(s, "calibration       {}", r.calibration);
+    let _ = writeln!(
+        s,
+        "gate              max_abs_error <= {}, mean_cosine >= {}, top1 >= {}",
+        r.gate.max_abs_error, r.gate.min_cosine, r.gate.min_top1_agreement
+    );
+    let _ = writeln!(
+        s,
+        "reference (tract, specialised fp32) {:.3} ms; original under tract: {}",
+        r.reference_latency_ms, r.original_tract
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "{:<3} {:<13} {:>6} {:>11} {:>11} {:>12} {:>10} {:>7} {:>10}  gate",
+        "", "quantize", "prune", "onnx B", "zstd B", "max_abs", "cosine", "top1", "ms"
+    );
+    for (i, c) in r.candidates.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "{:<3} {:<13} {:>6.2} {:>11} {:>11} {:>12.6} {:>10.6} {:>7} {:>10.3}  {}",
+            if i == r.chosen { "*" } else { "" },
+            c.quantize.as_str(),
+            c.prune,
+            c.onnx_bytes,
+            c.onnx_zstd_bytes,
+            c.accuracy.max_abs_error,
+            c.accuracy.mean_cosine,
+            c.accuracy
+                .top1_agreement
+                .map_or("-".into(), |t| format!("{t:.3}")),
+            c.latency_ms,
+            if c.gate == "pass" { "pass" } else { "FAIL" }
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "format            {:?}: {}",
+        r.format.format, r.format.reason
+    );
+    let _ = writeln!(
+        s,
+        "load time         onnx {:.1} ms{}",
+        r.format.onnx_load_ms,
+        r.format
+            .nnef_load_ms
+            .map_or(String::new(), |n| format!(", nnef {n:.1} ms"))
+    );
+    if let Some(c) = r.candidates.get(r.chosen) {
+        for p in &c.passes {
+            let _ = writeln!(s, "pass {:<28} {}", p.pass, p.detail);
+        }
+    }
+    let _ = writeln!(s, "timings (ms)      {:?}", r.timings_ms);
+    s
+}
+
+/// Packs the payload into a signed bundle.
+///
+/// # Errors
+/// [`Error::Bundle`].
+pub fn pack(
+    c: &Compiled,
+    opts: &CompileOptions,
+    target: &edgefleet_targets::TargetProfile,
+    key: &edgefleet_bundle::SigningKey,
+) -> Result<Vec<u8>, Error> {
+    let mut b =
+        edgefleet_bundle::BundleBuilder::new(c.name.clone(), opts.version.clone(), opts.release)
+            .target(target.id.clone())
+            .zstd_level(19);
+    if let Some(v) = &opts.min_agent_version {
+        b = b.min_agent_version(v.clone());
+    }
+    for (name, bytes) in &c.files {
+        b = b.file(name.clone(), bytes.clone());
+    }
+    Ok(b.build(key)?)
+}

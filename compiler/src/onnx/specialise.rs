@@ -1,0 +1,470 @@
+//! Specialisation for one target: after it the graph has fixed input shapes,
+//! no constant inputs, no constant-condition `If`, no `Constant` nodes and no
+//! metadata, so tract loads it and later passes see every weight as an initializer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use super::{
+    attr, check_ops, fixed_value_info, graph, graph_mut, node_name, real_inputs, scalar_tensor,
+    value_type,
+};
+use crate::Error;
+
+/// What specialisation did, for the compile report.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SpecialiseReport {
+    /// Input name -> fixed shape.
+    pub inputs: BTreeMap<String, Vec<usize>>,
+    /// Inputs folded into constants.
+    pub folded_consts: BTreeMap<String, f64>,
+    /// `If` nodes resolved (node name -> branch taken).
+    pub resolved_ifs: Vec<(String, String)>,
+    /// Constant nodes turned into initializers.
+    pub constants_to_initializers: usize,
+    /// Nodes removed because no output depends on them.
+    pub dead_nodes_removed: usize,
+    /// Metadata entries and doc strings dropped.
+    pub metadata_dropped: usize,
+}
+
+/// Specialises `m` in place.
+///
+/// `shapes` and `consts` are the resolved user flags merged over the profile
+/// (flags win); every symbolic input dimension must be fixed by them.
+///
+/// # Errors
+/// [`Error::Shape`] for an unresolved dimension or a flag naming no input,
+/// [`Error::UnsupportedOp`] when an op the runtime lacks remains.
+pub fn specialise(
+    m: &mut pb::ModelProto,
+    path: &Path,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    consts: &BTreeMap<String, f64>,
+    strict_names: &HashSet<String>,
+) -> Result<SpecialiseReport, Error> {
+    let mut rep = SpecialiseReport {
+        metadata_dropped: strip_metadata(m),
+        ..Default::default()
+    };
+    fold_consts(m, path, consts, strict_names, &mut rep)?;
+    fix_shapes(m, path, shapes, strict_names, &mut rep)?;
+    rep.constants_to_initializers += constants_to_initializers(graph_mut(m));
+    // Design: resolve one `If` at a time in graph order; inlining a branch can
+    // expose nested `If`s whose conditions become constant in turn.
+    let mut unresolvable: HashSet<String> = HashSet::new();
+    loop {
+        let g = graph(m);
+        let Some(idx) = g
+            .node
+            .iter()
+            .position(|n| n.op_type == "If" && !unresolvable.contains(&node_name(n)))
+        else {
+            break;
+        };
+        let node = g.node[idx].clone();
+        match probe_const_bool(m, &node.input[0]) {
+            Some(cond) => {
+                inline_if(graph_mut(m), idx, cond, path)?;
+                rep.resolved_ifs.push((
+                    node_name(&node),
+                    if cond { "then_branch" } else { "else_branch" }.into(),
+                ));
+                rep.constants_to_initializers += constants_to_initializers(graph_mut(m));
+            }
+            None => {
+                unresolvable.insert(node_name(&node));
+            }
+        }
+    }
+    rep.dead_nodes_removed = remove_dead(graph_mut(m));
+    check_ops(m, path)?;
+    Ok(rep)
+}
+
+/// Drops doc strings, metadata_props and value_info (tract re-infers shapes;
+/// stale value_info on symbolic dims and huge metadata strings broke loading).
+fn strip_metadata(m: &mut pb::ModelProto) -> usize {
+    fn strip_graph(g: &mut pb::GraphProto) -> usize {
+        let mut n = g.value_info.len() + usize::from(!g.doc_string.is_empty());
+        g.value_info.clear();
+        g.doc_string.clear();
+        for node in &mut g.node {
+            n += usize::from(!node.doc_string.is_empty());
+            node.doc_string.clear();
+            for a in &mut node.attribute {
+                if let Some(sg) = a.g.as_mut() {
+                    n += strip_graph(sg);
+                }
+                for sg in &mut a.graphs {
+                    n += strip_graph(sg);
+                }
+            }
+        }
+        n
+    }
+    let mut n =
+        m.metadata_props.len() + usize::from(!m.doc_string.is_empty()) + m.training_info.len();
+    m.metadata_props.clear();
+    m.doc_string.clear();
+    m.training_info.clear();
+    if let Some(g) = m.graph.as_mut() {
+        n += strip_graph(g);
+    }
+    n
+}
+
+fn fold_consts(
+    m: &mut pb::ModelProto,
+    path: &Path,
+    consts: &BTreeMap<String, f64>,
+    strict: &HashSet<String>,
+    rep: &mut SpecialiseReport,
+) -> Result<(), Error> {
+    let g = graph_mut(m);
+    for (name, &value) in consts {
+        let Some(pos) = g.input.iter().position(|i| &i.name == name) else {
+            if strict.contains(name) {
+                return Err(Error::Shape {
+                    path: path.into(),
+                    input: name.clone(),
+                    reason: "--const names no model input".into(),
+                });
+            }
+            continue;
+        };
+        let (elem, dims) = value_type(&g.input[pos]);
+        if dims.iter().any(|d| d.is_some_and(|d| d != 1)) {
+            return Err(Error::Shape {
+                path: path.into(),
+                input: name.clone(),
+                reason: format!(
+                    "only scalar inputs can be folded into constants, this one has dims {dims:?}"
+                ),
+            });
+        }
+        let dims: Vec<i64> = dims.iter().map(|_| 1).collect();
+        let t = scalar_tensor(name, elem, &dims, value).ok_or_else(|| Error::Shape {
+            path: path.into(),
+            input: name.clone(),
+            reason: format!("cannot fold a constant of ONNX element type {elem}"),
+        })?;
+        g.input.remove(pos);
+        g.initializer.retain(|i| &i.name != name);
+        g.initializer.push(t);
+        rep.folded_consts.insert(name.clone(), value);
+    }
+    Ok(())
+}
+
+fn fix_shapes(
+    m: &mut pb::ModelProto,
+    path: &Path,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    strict: &HashSet<String>,
+    rep: &mut SpecialiseReport,
+) -> Result<(), Error> {
+    let g = graph_mut(m);
+    let names: HashSet<String> = real_inputs(g).iter().map(|i| i.name.clone()).collect();
+    for n in shapes.keys() {
+        if strict.contains(n) && !names.contains(n) {
+            return Err(Error::Shape {
+                path: path.into(),
+                input: n.clone(),
+                reason: format!(
+                    "--input names no model input (inputs: {})",
+                    names.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+    }
+    for vi in g.input.iter_mut().filter(|i| names.contains(&i.name)) {
+        let (elem, dims) = value_type(vi);
+        let fixed: Vec<usize> = match shapes.get(&vi.name) {
+            Some(s) => {
+                if !dims.is_empty() && s.len() != dims.len() {
+                    return Err(Error::Shape {
+                        path: path.into(),
+                        input: vi.name.clone(),
+                        reason: format!(
+                            "shape {s:?} has rank {}, the model declares rank {}",
+                            s.len(),
+                            dims.len()
+                        ),
+                    });
+                }
+                for (i, (want, have)) in s.iter().zip(&dims).enumerate() {
+                    if let Some(h) = have {
+                        if *h as usize != *want {
+                            return Err(Error::Shape {
+                                path: path.into(),
+                                input: vi.name.clone(),
+                                reason: format!(
+                                    "dimension {i} is fixed to {h} by the model, {want} was asked"
+                                ),
+                            });
+                        }
+                    }
+                }
+                s.clone()
+            }
+            None => {
+                if let Some(i) = dims.iter().position(Option::is_none) {
+                    return Err(Error::Shape {
+                        path: path.into(),
+                        input: vi.name.clone(),
+                        reason: format!(
+                            "dimension {i} is symbolic and neither --input nor the target profile fixes it (pass --input {}=D0,D1,...)",
+                            vi.name
+                        ),
+                    });
+                }
+                dims.iter().map(|d| d.unwrap_or(1) as usize).collect()
+            }
+        };
+        *vi = fixed_value_info(&vi.name, elem, &fixed);
+        rep.inputs.insert(vi.name.clone(), fixed);
+    }
+    Ok(())
+}
+
+/// Turns top-level `Constant` nodes into initializers. Returns how many.
+pub fn constants_to_initializers(g: &mut pb::GraphProto) -> usize {
+    let mut n = 0;
+    let mut keep = Vec::with_capacity(g.node.len());
+    for node in std::mem::take(&mut g.node) {
+        if node.op_type == "Constant" && node.output.len() == 1 {
+            if let Some(t) = constant_value(&node) {
+                let mut t = t;
+                t.name = node.output[0].clone();
+                g.initializer.push(t);
+                n += 1;
+                continue;
+            }
+        }
+        keep.push(node);
+    }
+    g.node = keep;
+    n
+}
+
+fn constant_value(node: &pb::NodeProto) -> Option<pb::TensorProto> {
+    use pb::tensor_proto::DataType;
+    let a = node.attribute.first()?;
+    if node.attribute.len() != 1 {
+        return None;
+    }
+    let t = |dt: DataType, dims: Vec<i64>, raw: Vec<u8>| pb::TensorProto {
+        dims,
+        data_type: dt as i32,
+        raw_data: raw,
+        ..Default::default()
+    };
+    match a.name.as_str() {
+        "value" => a.t.clone(),
+        "value_float" => Some(t(DataType::Float, vec![], a.f.to_le_bytes().to_vec())),
+        "value_int" => Some(t(DataType::Int64, vec![], a.i.to_le_bytes().to_vec())),
+        "value_floats" => Some(t(
+            DataType::Float,
+            vec![a.floats.len() as i64],
+            a.floats.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )),
+        "value_ints" => Some(t(
+            DataType::Int64,
+            vec![a.ints.len() as i64],
+            a.ints.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )),
+        _ => None,
+    }
+}
+
+/// Evaluates `name` at compile time if it depends only on initializers and
+/// on the (now fixed) shapes of inputs: tract types and declutters the
+/// sub-graph producing it and reports it constant or not.
+fn probe_const_bool(m: &pb::ModelProto, name: &str) -> Option<bool> {
+    let g = graph(m);
+    let producer: HashMap<&str, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut needed: HashSet<usize> = HashSet::new();
+    let mut stack = vec![name.to_string()];
+    let mut seen: HashSet<String> = HashSet::new();
+    while let Some(t) = stack.pop() {
+        if !seen.insert(t.clone()) {
+            continue;
+        }
+        if let Some(&i) = producer.get(t.as_str()) {
+            let n = &g.node[i];
+            if n.op_type == "If" || n.op_type == "Loop" || n.op_type == "Scan" {
+                return None;
+            }
+            needed.insert(i);
+            stack.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
+        }
+    }
+    let nodes: Vec<pb::NodeProto> = g
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| needed.contains(i))
+        .map(|(_, n)| n.clone())
+        .collect();
+    let inits = g
+        .initializer
+        .iter()
+        .filter(|t| seen.contains(&t.name))
+        .cloned()
+        .collect();
+    let inputs = g
+        .input
+        .iter()
+        .filter(|t| seen.contains(&t.name))
+        .cloned()
+        .collect();
+    let probe = pb::ModelProto {
+        graph: Some(pb::GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: inputs,
+            output: vec![pb::ValueInfoProto {
+                name: name.into(),
+                ..Default::default()
+            }],
+            name: "probe".into(),
+            ..Default::default()
+        }),
+        ..m.clone_without_graph()
+    };
+    let parsed = tract_onnx::onnx().parse(&probe, None).ok()?;
+    let typed = parsed.model.into_typed().ok()?.into_decluttered().ok()?;
+    let fact = typed.output_fact(0).ok()?;
+    let k = fact.konst.as_ref()?;
+    let k = k.cast_to::<bool>().ok()?;
+    k.to_plain_array_view::<bool>().ok()?.iter().next().copied()
+}
+
+trait CloneWithoutGraph {
+    fn clone_without_graph(&self) -> pb::ModelProto;
+}
+impl CloneWithoutGraph for pb::ModelProto {
+    fn clone_without_graph(&self) -> pb::ModelProto {
+        pb::ModelProto {
+            ir_version: self.ir_version,
+            opset_import: self.opset_import.clone(),
+            producer_name: self.producer_name.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+fn rename_in_graph(g: &mut pb::GraphProto, from: &str, to: &str) {
+    for n in &mut g.node {
+        for s in n.input.iter_mut().chain(n.output.iter_mut()) {
+            if s == from {
+                *s = to.into();
+            }
+        }
+        for a in &mut n.attribute {
+            for sg in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                rename_in_graph(sg, from, to);
+            }
+        }
+    }
+    for o in &mut g.output {
+        if o.name == from {
+            o.name = to.into();
+        }
+    }
+}
+
+/// Replaces the `If` at `idx` by the nodes of the branch taken; the branch's
+/// outputs are renamed to the `If`'s outputs (an Identity is added where the
+/// branch output is not produced inside the branch).
+fn inline_if(g: &mut pb::GraphProto, idx: usize, cond: bool, path: &Path) -> Result<(), Error> {
+    let node = g.node[idx].clone();
+    let branch_name = if cond { "then_branch" } else { "else_branch" };
+    let mut branch = attr(&node, branch_name)
+        .and_then(|a| a.g.clone())
+        .ok_or_else(|| Error::Decode {
+            path: path.into(),
+            reason: format!("If node `{}` has no {branch_name}", node_name(&node)),
+        })?;
+    let existing: HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .chain(g.initializer.iter().map(|t| t.name.clone()))
+        .chain(g.input.iter().map(|t| t.name.clone()))
+        .collect();
+    // Design: names produced inside the branch must not shadow outer names once
+    // inlined; exporters keep them unique (SSA), but make sure.
+    let inner: Vec<String> = branch
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .chain(branch.initializer.iter().map(|t| t.name.clone()))
+        .filter(|s| !s.is_empty())
+        .collect();
+    let prefix = format!("{}/{branch_name}/", node_name(&node));
+    for s in inner.iter().filter(|s| existing.contains(*s)) {
+        let new = format!("{prefix}{s}");
+        rename_in_graph(&mut branch, s, &new);
+        for t in branch.initializer.iter_mut().filter(|t| &t.name == s) {
+            t.name = new.clone();
+        }
+    }
+    let produced: HashSet<String> = branch
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .collect();
+    let mut extra = Vec::new();
+    let outs: Vec<String> = branch.output.iter().map(|o| o.name.clone()).collect();
+    for (b_out, if_out) in outs.iter().zip(&node.output) {
+        if if_out.is_empty() {
+            continue;
+        }
+        if produced.contains(b_out) && !outs.iter().filter(|o| *o == b_out).nth(1).is_some() {
+            rename_in_graph(&mut branch, b_out, if_out);
+        } else {
+            extra.push(pb::NodeProto {
+                input: vec![b_out.clone()],
+                output: vec![if_out.clone()],
+                name: format!("{prefix}identity/{if_out}"),
+                op_type: "Identity".into(),
+                ..Default::default()
+            });
+        }
+    }
+    g.initializer.extend(branch.initializer);
+    let mut nodes = branch.node;
+    nodes.extend(extra);
+    g.node.splice(idx..=idx, nodes);
+    Ok(())
+}
+
+/// Removes nodes and initializers no graph output depends on.
+fn remove_dead(g: &mut pb::GraphProto) -> usize {
+    let mut live: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    let mut keep = vec![false; g.node.len()];
+    for (i, n) in g.node.iter().enumerate().rev() {
+        if n.output.iter().any(|o| live.contains(o)) {
+            keep[i] = true;
+            live.extend(n.input.iter().cloned());
+            let mut closure = Vec::new();
+            super::visit_nodes_in_attrs(n, &mut |sub| closure.extend(sub.input.iter().cloned()));
+            live.extend(closure);
+        }
+    }
+    let before = g.node.len();
+    let mut it = keep.iter();
+    g.node.retain(|_| *it.next().unwrap_or(&true));
+    g.initializer.retain(|t| live.contains(&t.name));
+    before - g.node.len()
+}

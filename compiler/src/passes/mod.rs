@@ -1,0 +1,124 @@
+//! Graph passes on the specialised ONNX protobuf. Each pass has a one-line
+//! contract ([`Pass::contract`]) that the compile report repeats.
+
+mod prune;
+mod quantize;
+
+pub use prune::MagnitudePrune;
+pub use quantize::{F16Weights, Int8Weights};
+
+use std::path::Path;
+
+use tract_onnx::pb;
+
+use crate::onnx::{attr_i, graph};
+use crate::Error;
+
+/// What a pass did, for the compile report.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PassStats {
+    /// Pass name.
+    pub pass: String,
+    /// The pass's contract.
+    pub contract: String,
+    /// Tensors changed.
+    pub tensors: usize,
+    /// Elements affected (zeroed, quantized).
+    pub elements: usize,
+    /// Free-form detail.
+    pub detail: String,
+}
+
+/// A transformation of the specialised graph.
+pub trait Pass {
+    /// Short name (`prune-magnitude`).
+    fn name(&self) -> String;
+    /// One line: what holds after the pass.
+    fn contract(&self) -> &'static str;
+    /// Applies the pass.
+    ///
+    /// # Errors
+    /// [`Error`] naming the tensor or node when the graph is not what the pass expects.
+    fn run(&self, m: &mut pb::ModelProto, path: &Path) -> Result<PassStats, Error>;
+}
+
+/// A weight initializer consumed by a compute op, and the axis of its output channels.
+#[derive(Debug, Clone)]
+pub(crate) struct Weight {
+    pub name: String,
+    pub channel_axis: usize,
+    #[allow(dead_code)]
+    pub op: String,
+}
+
+/// Float weight initializers of Conv, ConvTranspose, Gemm, MatMul and LSTM/GRU.
+pub(crate) fn weights(m: &pb::ModelProto, min_elems: usize) -> Vec<Weight> {
+    let g = graph(m);
+    let inits: std::collections::HashMap<&str, &pb::TensorProto> =
+        g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut out: Vec<Weight> = Vec::new();
+    for n in &g.node {
+        let cands: Vec<(usize, usize)> = match n.op_type.as_str() {
+            "Conv" => vec![(1, 0)],
+            "ConvTranspose" => vec![(1, 1)],
+            "Gemm" => vec![(1, if attr_i(n, "transB", 0) != 0 { 0 } else { 1 })],
+            "MatMul" => vec![(1, usize::MAX)],
+            "LSTM" | "GRU" | "RNN" => vec![(1, 1), (2, 1)],
+            _ => vec![],
+        };
+        for (ix, axis) in cands {
+            let Some(name) = n.input.get(ix) else {
+                continue;
+            };
+            let Some(t) = inits.get(name.as_str()) else {
+                continue;
+            };
+            if t.data_type != pb::tensor_proto::DataType::Float as i32
+                || t.dims.len() < 2
+                || crate::onnx::numel(t) < min_elems
+            {
+                continue;
+            }
+            let axis = if axis == usize::MAX {
+                t.dims.len() - 1
+            } else {
+                axis
+            };
+            if out.iter().any(|w| &w.name == name) {
+                continue;
+            }
+            out.push(Weight {
+                name: name.clone(),
+                channel_axis: axis,
+                op: n.op_type.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Refuses the pattern tract computes wrongly (all 1.0): Softmax -> QuantizeLinear -> DequantizeLinear.
+///
+/// # Errors
+/// [`Error::Unsupported`] naming the Softmax node.
+pub fn check_no_softmax_qdq(m: &pb::ModelProto) -> Result<(), Error> {
+    let g = graph(m);
+    for s in g.node.iter().filter(|n| n.op_type == "Softmax") {
+        for q in g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "QuantizeLinear" && n.input.first() == s.output.first())
+        {
+            if g.node
+                .iter()
+                .any(|d| d.op_type == "DequantizeLinear" && d.input.first() == q.output.first())
+            {
+                return Err(Error::Unsupported {
+                    what: format!("node `{}`", crate::onnx::node_name(s)),
+                    reason: "Softmax -> QuantizeLinear -> DequantizeLinear gives wrong results under tract 0.23; refusing to emit it".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}

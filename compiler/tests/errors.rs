@@ -1,0 +1,230 @@
+//! Refusals: unsupported ops name the node, broken files and data are clear errors,
+//! a failing gate names the metric and writes nothing.
+
+mod common;
+
+use edgefleet_compiler::{onnx::pb, CompileOptions, Error};
+
+fn opts(p: &std::path::Path) -> CompileOptions {
+    CompileOptions::new(p, semver::Version::new(1, 0, 0), 1)
+}
+
+#[test]
+fn contrib_op_is_refused_naming_the_node() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut m = common::tiny_matmul(|i| (i % 7) as f32 * 0.01);
+    let g = m.graph.as_mut().expect("graph");
+    g.node.push(pb::NodeProto {
+        input: vec![
+            "y".into(),
+            "s".into(),
+            "z".into(),
+            "y".into(),
+            "s".into(),
+            "z".into(),
+            "s".into(),
+            "z".into(),
+        ],
+        output: vec!["q".into()],
+        name: "my_qlinear_add".into(),
+        op_type: "QLinearAdd".into(),
+        domain: "com.microsoft".into(),
+        ..Default::default()
+    });
+    g.initializer
+        .push(edgefleet_compiler::onnx::f32_tensor("s", &[], &[0.1]));
+    g.initializer
+        .push(edgefleet_compiler::onnx::f32_tensor("z", &[], &[0.0]));
+    g.output[0].name = "q".into();
+    let p = common::write_model(dir.path(), "contrib.onnx", &m);
+    let e = edgefleet_compiler::build(&opts(&p), &common::profile("rpi4"))
+        .err()
+        .expect("refused");
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, Error::UnsupportedOp { node, .. } if node == "my_qlinear_add"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("my_qlinear_add") && msg.contains("com.microsoft::QLinearAdd"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn garbage_truncated_and_empty_onnx_are_errors() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let good = edgefleet_compiler::onnx::encode(&common::tiny_matmul(|i| i as f32 * 1e-3));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "garbage.onnx",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+        ("truncated.onnx", good[..good.len() / 2].to_vec()),
+        ("empty.onnx", vec![]),
+        ("text.onnx", b"this is not a model\n".to_vec()),
+    ];
+    for (name, bytes) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).expect("write");
+        let e = edgefleet_compiler::build(&opts(&p), &common::profile("rpi4"))
+            .err()
+            .expect(name);
+        let msg = e.to_string();
+        assert!(msg.contains(name), "{name}: {msg}");
+        assert!(
+            matches!(e, Error::Decode { .. } | Error::MissingTensor { .. }),
+            "{name}: {msg}"
+        );
+    }
+    let e = edgefleet_compiler::build(
+        &opts(&dir.path().join("absent.onnx")),
+        &common::profile("rpi4"),
+    )
+    .err()
+    .expect("absent");
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+}
+
+#[test]
+fn missing_initializer_and_nan_weights_are_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut m = common::tiny_matmul(|_| 0.1);
+    m.graph.as_mut().expect("g").initializer.clear();
+    let p = common::write_model(dir.path(), "noinit.onnx", &m);
+    let e = edgefleet_compiler::build(&opts(&p), &common::profile("rpi4"))
+        .err()
+        .expect("missing");
+    assert!(
+        matches!(&e, Error::MissingTensor { tensor, node, .. } if tensor == "W" && node == "mm"),
+        "{e}"
+    );
+
+    let m = common::tiny_matmul(|i| if i == 77 { f32::NAN } else { 0.1 });
+    let p = common::write_model(dir.path(), "nan.onnx", &m);
+    let e = edgefleet_compiler::build(&opts(&p), &common::profile("rpi4"))
+        .err()
+        .expect("nan");
+    assert!(
+        matches!(&e, Error::NonFinite { tensor, count: 1, .. } if tensor == "W"),
+        "{e}"
+    );
+}
+
+#[test]
+fn calibration_of_the_wrong_shape_names_the_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = common::write_model(
+        dir.path(),
+        "tiny.onnx",
+        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-3 - 0.05),
+    );
+    let cal = dir.path().join("cal");
+    std::fs::create_dir(&cal).expect("mkdir");
+    std::fs::write(
+        cal.join("000.npy"),
+        edgefleet_compiler::calib::write_npy(&[1, 32], &[0.5; 32]),
+    )
+    .expect("npy");
+    let mut o = opts(&p);
+    o.calibration = Some(cal.clone());
+    let e = edgefleet_compiler::build(&o, &common::profile("rpi4"))
+        .err()
+        .expect("wrong shape");
+    let msg = e.to_string();
+    assert!(
+        matches!(e, Error::Calibration { .. })
+            && msg.contains("000.npy")
+            && msg.contains("[1, 32]"),
+        "{msg}"
+    );
+
+    // The right shape is accepted.
+    std::fs::write(
+        cal.join("000.npy"),
+        edgefleet_compiler::calib::write_npy(&[1, 64], &[0.5; 64]),
+    )
+    .expect("npy");
+    edgefleet_compiler::build(&o, &common::profile("rpi4")).expect("right shape compiles");
+}
+
+#[test]
+fn failing_gate_names_the_metric_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = common::write_model(
+        dir.path(),
+        "tiny.onnx",
+        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
+    );
+    let mut t = common::profile("rpi4");
+    t.gate.max_abs_error = 1e-7;
+    let mut o = opts(&p);
+    o.prune = Some(0.9);
+    let out = dir.path().join("out");
+    let key = edgefleet_bundle::SigningKey::generate();
+    let e = edgefleet_compiler::compile(&o, &t, &key, &out)
+        .err()
+        .expect("gate fails");
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            &e,
+            Error::Gate {
+                metric: "max_abs_error",
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("max_abs_error"), "{msg}");
+    assert!(
+        !out.exists() || std::fs::read_dir(&out).expect("dir").next().is_none(),
+        "nothing written"
+    );
+
+    let mut t = common::profile("rpi4");
+    t.gate.max_abs_error = 1e9;
+    t.gate.min_cosine = 0.99999;
+    let e = edgefleet_compiler::compile(&o, &t, &key, &out)
+        .err()
+        .expect("cosine gate fails");
+    assert!(
+        matches!(
+            &e,
+            Error::Gate {
+                metric: "mean_cosine",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // And with a sane gate it compiles and writes one bundle.
+    o.prune = None;
+    let ok =
+        edgefleet_compiler::compile(&o, &common::profile("rpi4"), &key, &out).expect("compiles");
+    assert!(ok.bundle_path.exists());
+}
+
+#[test]
+fn int8_full_and_f16_on_f32_only_target_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = common::write_model(
+        dir.path(),
+        "tiny.onnx",
+        &common::tiny_matmul(|i| i as f32 * 1e-4),
+    );
+    let mut o = opts(&p);
+    o.quantize = Some(edgefleet_targets::Quantize::F16);
+    let e = edgefleet_compiler::build(&o, &common::profile("rpi4"))
+        .err()
+        .expect("f16 refused");
+    assert!(e.to_string().contains("f16"), "{e}");
+    o.quantize = Some(edgefleet_targets::Quantize::F16);
+    edgefleet_compiler::build(&o, &common::profile("rpi5")).expect("f16 on rpi5");
+    o.quantize = Some(edgefleet_targets::Quantize::Auto);
+    let c = edgefleet_compiler::build(&o, &common::profile("rpi5")).expect("auto");
+    assert!(c.report.candidates.len() >= 3);
+}
