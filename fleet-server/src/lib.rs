@@ -1,1 +1,211 @@
-//! placeholder
+//! edgefleet fleet server: device registry, bundle store, OTA over MQTT in
+//! chunks, staged rollouts that halt themselves, telemetry and drift
+//! ingestion, and the operator REST API (`docs/fleet-server.md`).
+//!
+//! Module map:
+//! - [`api`]: axum router under `/v1` ([`app`]), bearer auth, OpenAPI;
+//! - [`mqtt`]: the server's MQTT client and dispatcher, the embedded broker;
+//! - [`rollout`]: wave maths and gate ([`rollout::plan`], pure) and the engine;
+//! - [`store`]: sled trees; [`registry`], [`bundles`], [`telemetry`], [`drift`];
+//! - [`sim`]: simulated devices (test support, benchmark, demo).
+
+pub mod api;
+pub mod bundles;
+pub mod config;
+pub mod drift;
+mod error;
+pub mod mqtt;
+pub mod registry;
+pub mod rollout;
+pub mod sim;
+pub mod store;
+pub mod telemetry;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use api::app;
+pub use config::{BrokerConfig, Config, DriftRule};
+pub use error::{Error, Result};
+
+/// Counters (served at `GET /v1/stats`).
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    /// Device messages received.
+    pub messages: AtomicU64,
+    /// Rejected: claimed another device's id.
+    pub impersonations: AtomicU64,
+    /// Rejected: did not decode.
+    pub undecodable: AtomicU64,
+    /// Telemetry records stored.
+    pub telemetry_records: AtomicU64,
+    /// Telemetry records dropped as duplicates.
+    pub telemetry_duplicates: AtomicU64,
+    /// Chunk messages published.
+    pub chunks_sent: AtomicU64,
+    /// Update offers published.
+    pub offers_sent: AtomicU64,
+}
+
+/// Shared server state.
+pub struct State {
+    /// Configuration.
+    pub config: Config,
+    /// Store.
+    pub store: store::Store,
+    /// Registry.
+    pub registry: registry::Registry,
+    /// Bundles.
+    pub bundles: bundles::Bundles,
+    /// Rollouts in memory (every change is also written to the store).
+    pub rollouts: Mutex<BTreeMap<String, rollout::Rollout>>,
+    /// The MQTT client, once connected (absent in router-only tests).
+    pub mqtt: OnceLock<rumqttc::AsyncClient>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl State {
+    /// Opens the store and bundle directories and loads rollouts.
+    ///
+    /// # Errors
+    /// Store and I/O errors.
+    pub fn open(config: Config) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
+        let store = store::Store::open(&config.data_dir)?;
+        let bundles = bundles::Bundles::open(
+            store.clone(),
+            &config.data_dir,
+            config.trust.clone(),
+            config.signing_key.clone(),
+        )?;
+        let loaded: Vec<rollout::Rollout> = store::scan(&store.rollouts, b"")?;
+        let rollouts = loaded.into_iter().map(|r| (r.id.clone(), r)).collect();
+        Ok(Arc::new(State {
+            registry: registry::Registry::new(store.clone()),
+            bundles,
+            store,
+            rollouts: Mutex::new(rollouts),
+            mqtt: OnceLock::new(),
+            stats: Stats::default(),
+            config,
+        }))
+    }
+}
+
+/// A running server.
+pub struct Server {
+    state: Arc<State>,
+    api_addr: SocketAddr,
+    broker_port: u16,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts everything: store, broker (embedded or external), MQTT client,
+    /// rollout engine (resuming every active rollout) and the REST API.
+    ///
+    /// # Errors
+    /// Store, broker and listen errors.
+    pub async fn start(config: Config) -> Result<Server> {
+        let (host, port) = match &config.broker {
+            BrokerConfig::Embedded { port } => {
+                let p = *port;
+                (
+                    "127.0.0.1".to_string(),
+                    tokio::task::spawn_blocking(move || mqtt::broker::spawn_embedded(p))
+                        .await
+                        .map_err(|e| Error::Mqtt(e.to_string()))??,
+                )
+            }
+            BrokerConfig::External { host, port } => (host.clone(), *port),
+        };
+        let listen = config.listen;
+        let state = State::open(config)?;
+        let (tx, rx) = watch::channel(false);
+        let (client, mut tasks) = mqtt::start(state.clone(), &host, port, rx.clone());
+        let _ = state.mqtt.set(client);
+        tasks.push(rollout::engine::spawn(state.clone(), rx.clone()));
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| Error::io(listen.to_string(), e))?;
+        let api_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io(listen.to_string(), e))?;
+        let router = app(state.clone());
+        let mut srx = rx;
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                let _ = srx.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "api server failed");
+            }
+        }));
+        tracing::info!(api = %api_addr, broker = %format!("{host}:{port}"), "fleet server started");
+        Ok(Server {
+            state,
+            api_addr,
+            broker_port: port,
+            shutdown: tx,
+            tasks,
+        })
+    }
+
+    /// The REST API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+    /// The broker port in use.
+    pub fn broker_port(&self) -> u16 {
+        self.broker_port
+    }
+    /// The shared state.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Stops the API, the engine and the MQTT client, flushes the store.
+    ///
+    /// # Errors
+    /// Store errors while flushing.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        if let Some(c) = self.state.mqtt.get() {
+            let _ = c.try_disconnect();
+        }
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        self.state.store.flush()?;
+        tracing::info!("fleet server stopped");
+        Ok(())
+    }
+}
+
+/// Runs the server until Ctrl-C (used by `edgefleet serve`).
+///
+/// # Errors
+/// As [`Server::start`].
+pub fn serve_blocking(config: Config) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::io("tokio runtime", e))?;
+    rt.block_on(async move {
+        let server = Server::start(config).await?;
+        println!(
+            "edgefleet fleet server: API http://{} , MQTT port {}",
+            server.api_addr(),
+            server.broker_port()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down");
+        server.shutdown().await
+    })
+}

@@ -1,0 +1,287 @@
+//! The operator REST API under `/v1` (OpenAPI at `/v1/openapi.json`).
+//! Every route but `/v1/health` and `/v1/openapi.json` needs
+//! `Authorization: Bearer <token>`; errors are JSON `{"error": {code, message}}`.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State as AxState};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::Digest as _;
+
+use crate::registry::Selector;
+use crate::rollout::RolloutSpec;
+use crate::{Error, Result, State};
+
+/// The OpenAPI document.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+type S = AxState<Arc<State>>;
+
+/// The router (tests call it without a socket).
+pub fn app(state: Arc<State>) -> Router {
+    let protected = Router::new()
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}/tags", post(edit_tags))
+        .route("/v1/devices/{id}/groups", post(edit_groups))
+        .route("/v1/bundles", get(list_bundles).post(upload_bundle))
+        .route("/v1/bundles/{sha}", get(show_bundle))
+        .route("/v1/rollouts", get(list_rollouts).post(create_rollout))
+        .route("/v1/rollouts/{id}", get(show_rollout))
+        .route("/v1/rollouts/{id}/{action}", post(control_rollout))
+        .route("/v1/telemetry", get(telemetry))
+        .route("/v1/drift", get(drift))
+        .route("/v1/retraining", get(retraining))
+        .route("/v1/stats", get(stats))
+        .layer(DefaultBodyLimit::max(1 << 30))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/v1/health", get(|| async { Json(json!({"ok": true})) }))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .merge(protected)
+        .fallback(|| async {
+            Error::NotFound {
+                what: "route",
+                id: "see /v1/openapi.json".into(),
+            }
+        })
+        .with_state(state)
+}
+
+/// Constant-time comparison (of SHA-256 digests, so lengths do not leak either).
+pub fn token_eq(a: &str, b: &str) -> bool {
+    let (x, y) = (
+        sha2::Sha256::digest(a.as_bytes()),
+        sha2::Sha256::digest(b.as_bytes()),
+    );
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
+}
+
+async fn auth(AxState(state): S, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| !state.config.token.is_empty() && token_eq(t.trim(), &state.config.token));
+    if !ok {
+        return Error::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+async fn list_devices(AxState(s): S, Query(sel): Query<Selector>) -> Result<Json<Value>> {
+    let devices: Vec<_> = s
+        .registry
+        .list()?
+        .into_iter()
+        .filter(|d| sel.matches(d))
+        .collect();
+    Ok(Json(json!({ "devices": devices })))
+}
+
+async fn show_device(AxState(s): S, Path(id): Path<String>) -> Result<Json<Value>> {
+    let d = s.registry.get(&id)?.ok_or_else(|| Error::NotFound {
+        what: "device",
+        id: id.clone(),
+    })?;
+    let rollouts: Vec<Value> = s
+        .lock_rollouts()
+        .values()
+        .filter_map(|r| {
+            r.devices
+                .get(&id)
+                .map(|p| json!({"rollout": r.id, "state": r.state, "device": p}))
+        })
+        .collect();
+    Ok(Json(json!({ "device": d, "rollouts": rollouts })))
+}
+
+/// `{"add": [..], "remove": [..]}`.
+#[derive(Deserialize)]
+struct Edit {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+fn check_names(field: &'static str, v: &[String]) -> Result<()> {
+    for n in v {
+        if n.is_empty()
+            || n.len() > 64
+            || !n
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"._-:".contains(&c))
+        {
+            return Err(Error::bad(
+                field,
+                format!("`{n}` is not 1-64 characters of [A-Za-z0-9._:-]"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn edit(set: &mut BTreeSet<String>, e: &Edit) {
+    set.extend(e.add.iter().cloned());
+    for r in &e.remove {
+        set.remove(r);
+    }
+}
+
+async fn edit_tags(
+    AxState(s): S,
+    Path(id): Path<String>,
+    Json(e): Json<Edit>,
+) -> Result<Json<Value>> {
+    check_names("add", &e.add)?;
+    s.registry.get(&id)?.ok_or_else(|| Error::NotFound {
+        what: "device",
+        id: id.clone(),
+    })?;
+    let d = s.registry.update(&id, |d| edit(&mut d.operator_tags, &e))?;
+    Ok(Json(json!({ "device": d })))
+}
+
+async fn edit_groups(
+    AxState(s): S,
+    Path(id): Path<String>,
+    Json(e): Json<Edit>,
+) -> Result<Json<Value>> {
+    check_names("add", &e.add)?;
+    s.registry.get(&id)?.ok_or_else(|| Error::NotFound {
+        what: "device",
+        id: id.clone(),
+    })?;
+    let d = s.registry.update(&id, |d| edit(&mut d.groups, &e))?;
+    Ok(Json(json!({ "device": d })))
+}
+
+async fn upload_bundle(AxState(s): S, body: Bytes) -> Result<Json<Value>> {
+    if body.is_empty() {
+        return Err(Error::bad(
+            "body",
+            "empty: send the bundle file as the request body",
+        ));
+    }
+    let b = s.bundles.clone();
+    let info = tokio::task::spawn_blocking(move || b.upload(&body))
+        .await
+        .map_err(|e| Error::Mqtt(e.to_string()))??;
+    Ok(Json(json!({ "bundle": info })))
+}
+
+async fn list_bundles(AxState(s): S) -> Result<Json<Value>> {
+    Ok(Json(json!({ "bundles": s.bundles.list()? })))
+}
+
+async fn show_bundle(AxState(s): S, Path(sha): Path<String>) -> Result<Json<Value>> {
+    let b = s.bundles.get(&sha)?.ok_or_else(|| Error::NotFound {
+        what: "bundle",
+        id: sha,
+    })?;
+    Ok(Json(json!({ "bundle": b })))
+}
+
+fn rollout_json(r: &crate::rollout::Rollout, with_devices: bool) -> Value {
+    let waves: Vec<Value> = (0..r.wave_ends.len())
+        .map(|w| json!(r.wave_counts(w)))
+        .collect();
+    let mut v = json!({
+        "id": r.id, "state": r.state, "bundle": r.spec.bundle, "release": r.release,
+        "current_wave": r.current_wave, "waves": waves, "spec": r.spec,
+        "created_ms": r.created_ms, "updated_ms": r.updated_ms, "history": r.history,
+        "devices_total": r.order.len(),
+    });
+    if with_devices {
+        v["devices"] = json!(r.devices);
+    }
+    v
+}
+
+async fn create_rollout(AxState(s): S, body: Bytes) -> Result<Json<Value>> {
+    let spec: RolloutSpec =
+        serde_json::from_slice(&body).map_err(|e| Error::bad("body", e.to_string()))?;
+    let r = s.create_rollout(spec).await?;
+    Ok(Json(json!({ "rollout": rollout_json(&r, true) })))
+}
+
+async fn list_rollouts(AxState(s): S) -> Result<Json<Value>> {
+    let v: Vec<Value> = s
+        .lock_rollouts()
+        .values()
+        .map(|r| rollout_json(r, false))
+        .collect();
+    Ok(Json(json!({ "rollouts": v })))
+}
+
+async fn show_rollout(AxState(s): S, Path(id): Path<String>) -> Result<Json<Value>> {
+    let map = s.lock_rollouts();
+    let r = map.get(&id).ok_or_else(|| Error::NotFound {
+        what: "rollout",
+        id: id.clone(),
+    })?;
+    Ok(Json(json!({ "rollout": rollout_json(r, true) })))
+}
+
+async fn control_rollout(
+    AxState(s): S,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let r = s.control_rollout(&id, &action).await?;
+    Ok(Json(json!({ "rollout": rollout_json(&r, false) })))
+}
+
+async fn telemetry(AxState(s): S, Query(q): Query<crate::telemetry::Query>) -> Result<Json<Value>> {
+    Ok(Json(
+        json!({ "telemetry": crate::telemetry::query(&s.store, &s.registry, &q)? }),
+    ))
+}
+
+/// Drift query filters.
+#[derive(Deserialize)]
+struct DriftQuery {
+    device: Option<String>,
+    group: Option<String>,
+    model: Option<String>,
+}
+
+async fn drift(AxState(s): S, Query(q): Query<DriftQuery>) -> Result<Json<Value>> {
+    let v = crate::drift::query(
+        &s,
+        q.device.as_deref(),
+        q.group.as_deref(),
+        q.model.as_deref(),
+    )?;
+    Ok(Json(json!({ "drift": v })))
+}
+
+async fn retraining(AxState(s): S) -> Result<Json<Value>> {
+    Ok(Json(json!({ "requests": crate::drift::requests(&s)? })))
+}
+
+async fn stats(AxState(s): S) -> Json<Value> {
+    let st = &s.stats;
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    Json(json!({
+        "messages": l(&st.messages), "impersonations": l(&st.impersonations), "undecodable": l(&st.undecodable),
+        "telemetry_records": l(&st.telemetry_records), "telemetry_duplicates": l(&st.telemetry_duplicates),
+        "chunks_sent": l(&st.chunks_sent), "offers_sent": l(&st.offers_sent),
+    }))
+}

@@ -1,0 +1,325 @@
+//! Bundle storage: verified on upload with the server's trust store, stored
+//! content-addressed by body SHA-256 under `data/bundles/`, served to devices
+//! in chunks; deltas (made with the optional signing key) under `data/deltas/`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use edgefleet_bundle::{
+    Manifest, Policy, SigningKey, TrustStore, UnverifiedBundle, VerifiedBundle,
+};
+use edgefleet_protocol::messages::ReleaseRef;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{self, now_ms, Store};
+use crate::{Error, Result};
+
+/// Summary of a stored bundle (the API lists these).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleInfo {
+    /// Body SHA-256 (hex): the bundle's id.
+    pub sha256: String,
+    /// Model name.
+    pub model: String,
+    /// Semantic version.
+    pub version: String,
+    /// Release counter.
+    pub release: u64,
+    /// Target profile ids.
+    pub targets: Vec<String>,
+    /// Signing key id.
+    pub key_id: String,
+    /// Bundle file size (bytes).
+    pub size: u64,
+    /// Body size (bytes).
+    pub body_size: u64,
+    /// Chunks in the body.
+    pub chunks: usize,
+    /// Chunk size (bytes).
+    pub chunk_size: u32,
+    /// Minimum agent version.
+    pub min_agent_version: String,
+    /// Manifest creation time.
+    pub created_at: String,
+    /// Upload time (server clock, ms).
+    pub uploaded_ms: u64,
+}
+
+impl BundleInfo {
+    /// The release reference devices use.
+    pub fn release_ref(&self) -> ReleaseRef {
+        ReleaseRef {
+            model: self.model.clone(),
+            release: self.release,
+            version: self.version.clone(),
+        }
+    }
+}
+
+/// What the server holds in memory to offer and serve one body (full or delta).
+#[derive(Debug)]
+pub struct Served {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// Exact signed manifest bytes.
+    pub manifest_bytes: Vec<u8>,
+    /// Detached signature.
+    pub signature: Vec<u8>,
+    /// The body (what chunks are cut from).
+    pub body: Vec<u8>,
+}
+
+impl Served {
+    fn from_verified(b: &VerifiedBundle) -> Self {
+        Served {
+            manifest: b.manifest().clone(),
+            manifest_bytes: b.signed().manifest_bytes().to_vec(),
+            signature: b.signed().signature().to_vec(),
+            body: b.body().to_vec(),
+        }
+    }
+    /// Body SHA-256 (hex).
+    pub fn sha(&self) -> String {
+        self.manifest.body.sha256.to_hex()
+    }
+    /// Chunk `i`.
+    pub fn chunk(&self, i: usize) -> Option<&[u8]> {
+        self.manifest.chunk_range(i).ok().map(|r| &self.body[r])
+    }
+}
+
+/// (base sha, new sha) -> delta body sha (`None`: not worth it).
+type DeltaIndex = HashMap<(String, String), Option<String>>;
+
+/// The bundle store.
+#[derive(Clone)]
+pub struct Bundles {
+    store: Store,
+    dir: PathBuf,
+    delta_dir: PathBuf,
+    trust: Arc<TrustStore>,
+    signing_key: Option<Arc<SigningKey>>,
+    /// Body sha -> served body (full bundles and deltas).
+    cache: Arc<Mutex<HashMap<String, Arc<Served>>>>,
+    /// (base sha, new sha) -> delta body sha, or None when a delta is not worth it.
+    deltas: Arc<Mutex<DeltaIndex>>,
+}
+
+impl Bundles {
+    /// Opens the bundle directories under `data_dir`.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn open(
+        store: Store,
+        data_dir: &std::path::Path,
+        trust: Arc<TrustStore>,
+        signing_key: Option<Arc<SigningKey>>,
+    ) -> Result<Self> {
+        let dir = data_dir.join("bundles");
+        let delta_dir = data_dir.join("deltas");
+        for d in [&dir, &delta_dir] {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
+        Ok(Bundles {
+            store,
+            dir,
+            delta_dir,
+            trust,
+            signing_key,
+            cache: Arc::default(),
+            deltas: Arc::default(),
+        })
+    }
+
+    /// Verifies and stores an uploaded bundle (idempotent).
+    ///
+    /// # Errors
+    /// [`Error::Bundle`] when it does not verify; store and I/O errors.
+    pub fn upload(&self, bytes: &[u8]) -> Result<BundleInfo> {
+        let vb = UnverifiedBundle::parse(bytes)?.verify(&self.trust, &Policy::publisher())?;
+        let m = vb.manifest();
+        if m.is_delta() {
+            return Err(Error::bad(
+                "body",
+                "delta bundles are made by the server, upload the full bundle",
+            ));
+        }
+        let sha = m.body.sha256.to_hex();
+        if let Some(existing) = self.get(&sha)? {
+            return Ok(existing);
+        }
+        let path = self.dir.join(format!("{sha}.efb"));
+        edgefleet_bundle::write_atomic(&path, bytes)?;
+        let info = BundleInfo {
+            sha256: sha.clone(),
+            model: m.model.clone(),
+            version: m.version.to_string(),
+            release: m.release,
+            targets: m.targets.clone(),
+            key_id: m.key_id.to_string(),
+            size: bytes.len() as u64,
+            body_size: m.body.size,
+            chunks: m.body.chunks.len(),
+            chunk_size: m.body.chunk_size,
+            min_agent_version: m.min_agent_version.to_string(),
+            created_at: m.created_at.clone(),
+            uploaded_ms: now_ms(),
+        };
+        store::put(&self.store.bundles, sha.as_bytes(), &info)?;
+        self.lock_cache()
+            .insert(sha, Arc::new(Served::from_verified(&vb)));
+        tracing::info!(sha = %info.sha256, model = %info.model, release = info.release, "bundle stored");
+        Ok(info)
+    }
+
+    /// One bundle's summary.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn get(&self, sha: &str) -> Result<Option<BundleInfo>> {
+        store::get(&self.store.bundles, sha.as_bytes())
+    }
+
+    /// All bundles.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list(&self) -> Result<Vec<BundleInfo>> {
+        store::scan(&self.store.bundles, b"")
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Served>>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn load_verified(&self, path: &std::path::Path) -> Result<VerifiedBundle> {
+        Ok(UnverifiedBundle::read(path)?.verify(&self.trust, &Policy::publisher())?)
+    }
+
+    /// The served form of a body (full bundle or delta) by body sha, loading
+    /// it from disk on first use.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], bundle and I/O errors.
+    pub fn served(&self, sha: &str) -> Result<Arc<Served>> {
+        if let Some(s) = self.lock_cache().get(sha) {
+            return Ok(s.clone());
+        }
+        if sha.len() != 64 || !sha.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::NotFound {
+                what: "bundle",
+                id: sha.chars().take(80).collect(),
+            });
+        }
+        let full = self.dir.join(format!("{sha}.efb"));
+        let served = if full.exists() {
+            Served::from_verified(&self.load_verified(&full)?)
+        } else {
+            let delta = self.delta_dir.join(format!("{sha}.efb"));
+            if !delta.exists() {
+                return Err(Error::NotFound {
+                    what: "bundle",
+                    id: sha.to_string(),
+                });
+            }
+            // Design: a delta only verifies against its base, so serve what was
+            // signed without re-checking the body (the server made it itself).
+            let ub = UnverifiedBundle::read(&delta)?;
+            let vm = ub
+                .signed_manifest()
+                .clone()
+                .verify(&self.trust, &Policy::publisher())?;
+            let bytes = std::fs::read(&delta).map_err(|e| Error::io(&delta, e))?;
+            let body_len = vm.manifest().body.size as usize;
+            let body = bytes[bytes.len().saturating_sub(body_len)..].to_vec();
+            Served {
+                manifest: vm.manifest().clone(),
+                manifest_bytes: vm.manifest_bytes().to_vec(),
+                signature: vm.signature().to_vec(),
+                body,
+            }
+        };
+        let s = Arc::new(served);
+        self.lock_cache().insert(sha.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// What to offer a device whose active release is `active`: a delta
+    /// against the bundle it holds when the server can sign one and it is
+    /// smaller, else the full bundle. Blocking (may run zstd): call from
+    /// `spawn_blocking`.
+    ///
+    /// # Errors
+    /// As [`Bundles::served`].
+    pub fn offer_for(&self, sha: &str, active: Option<&ReleaseRef>) -> Result<Arc<Served>> {
+        let full = self.served(sha)?;
+        let (Some(key), Some(active)) = (&self.signing_key, active) else {
+            return Ok(full);
+        };
+        if active.model != full.manifest.model || active.release >= full.manifest.release {
+            return Ok(full);
+        }
+        let Some(base) = self
+            .list()?
+            .into_iter()
+            .find(|b| b.model == active.model && b.release == active.release)
+        else {
+            return Ok(full);
+        };
+        let k = (base.sha256.clone(), sha.to_string());
+        let known = self
+            .deltas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&k)
+            .cloned();
+        let delta_sha = match known {
+            Some(d) => d,
+            None => {
+                let made = self.make_delta(&base.sha256, sha, key);
+                let d = match made {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(base = %base.sha256, new = %sha, error = %e, "delta failed, offering the full bundle");
+                        None
+                    }
+                };
+                self.deltas
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(k, d.clone());
+                d
+            }
+        };
+        match delta_sha {
+            Some(d) => self.served(&d),
+            None => Ok(full),
+        }
+    }
+
+    fn make_delta(
+        &self,
+        base_sha: &str,
+        new_sha: &str,
+        key: &SigningKey,
+    ) -> Result<Option<String>> {
+        let base = self.load_verified(&self.dir.join(format!("{base_sha}.efb")))?;
+        let new = self.load_verified(&self.dir.join(format!("{new_sha}.efb")))?;
+        let bytes = edgefleet_bundle::delta::make_delta(&base, &new, key, 19)?;
+        let ub = UnverifiedBundle::parse(&bytes)?;
+        let vm = ub
+            .signed_manifest()
+            .clone()
+            .verify(&self.trust, &Policy::publisher())?;
+        let m = vm.manifest();
+        if m.body.size >= new.manifest().body.size {
+            return Ok(None);
+        }
+        let dsha = m.body.sha256.to_hex();
+        edgefleet_bundle::write_atomic(&self.delta_dir.join(format!("{dsha}.efb")), &bytes)?;
+        tracing::info!(base = base_sha, new = new_sha, delta = %dsha, size = m.body.size, "delta made");
+        Ok(Some(dsha))
+    }
+}

@@ -1,0 +1,139 @@
+//! Server configuration, built by `edgefleet serve` or by tests in code.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use edgefleet_bundle::{PublicKey, SigningKey, TrustStore};
+
+use crate::{Error, Result};
+
+/// Which MQTT broker the server uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerConfig {
+    /// Start rumqttd in-process on 127.0.0.1:`port` (0 picks a free port).
+    Embedded {
+        /// TCP port.
+        port: u16,
+    },
+    /// Connect to an external broker (Mosquitto, EMQX).
+    External {
+        /// Host name or address.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+}
+
+impl BrokerConfig {
+    /// Parses `mqtt://HOST:PORT`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the URL.
+    pub fn parse_url(url: &str) -> Result<Self> {
+        let bad = |r: &str| Error::Config(format!("broker URL `{url}`: {r}"));
+        let rest = url
+            .strip_prefix("mqtt://")
+            .ok_or_else(|| bad("must start with mqtt://"))?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("missing :PORT"))?;
+        let port = port
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|_| bad("port is not a number"))?;
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        Ok(BrokerConfig::External {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// The drift rule: open a retraining request when PSI is above `psi_threshold`
+/// on at least `min_fraction` of a group's devices and on at least `min_devices`.
+#[derive(Debug, Clone)]
+pub struct DriftRule {
+    /// PSI threshold (a device counts when its report's `max_psi` is above it).
+    pub psi_threshold: f64,
+    /// Fraction of the group's devices (0..1).
+    pub min_fraction: f64,
+    /// Minimum number of drifting devices.
+    pub min_devices: usize,
+    /// Only reports received in this window count (seconds).
+    pub window_s: u64,
+    /// HTTP POST target for the drift summary (JSON).
+    pub webhook: Option<String>,
+    /// Command run with the summary JSON on stdin (and in `EDGEFLEET_DRIFT_SUMMARY`).
+    pub command: Option<String>,
+}
+
+impl Default for DriftRule {
+    fn default() -> Self {
+        DriftRule {
+            psi_threshold: 0.25,
+            min_fraction: 0.3,
+            min_devices: 3,
+            window_s: 3600,
+            webhook: None,
+            command: None,
+        }
+    }
+}
+
+/// Everything the server needs.
+#[derive(Clone)]
+pub struct Config {
+    /// Data directory (sled store, bundles).
+    pub data_dir: PathBuf,
+    /// REST API listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Broker.
+    pub broker: BrokerConfig,
+    /// MQTT client id of the server (persistent session: events published
+    /// while the server is down are queued by the broker).
+    pub mqtt_client_id: String,
+    /// Username and password for an external broker.
+    pub mqtt_credentials: Option<(String, String)>,
+    /// Keys bundles must be signed with.
+    pub trust: Arc<TrustStore>,
+    /// Key for signing deltas; without it no deltas are offered.
+    pub signing_key: Option<Arc<SigningKey>>,
+    /// Operator bearer token.
+    pub token: String,
+    /// Rollout engine tick (ms).
+    pub tick_ms: u64,
+    /// Drift rule.
+    pub drift_rule: DriftRule,
+}
+
+impl Config {
+    /// A config with defaults for everything but the essentials.
+    pub fn new(data_dir: impl Into<PathBuf>, trust: TrustStore, token: impl Into<String>) -> Self {
+        Config {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            broker: BrokerConfig::Embedded { port: 1884 },
+            mqtt_client_id: "edgefleet-server".into(),
+            mqtt_credentials: None,
+            trust: Arc::new(trust),
+            signing_key: None,
+            token: token.into(),
+            tick_ms: 200,
+            drift_rule: DriftRule::default(),
+        }
+    }
+}
+
+/// Loads a trust store from a public key PEM or a trust store file.
+///
+/// # Errors
+/// [`Error::Config`] naming the file.
+pub fn load_trust(path: &Path) -> Result<TrustStore> {
+    if let Ok(k) = PublicKey::from_pem_file(path) {
+        let mut t = TrustStore::new();
+        t.add(k);
+        return Ok(t);
+    }
+    TrustStore::load(path).map_err(|e| Error::Config(format!("trust {}: {e}", path.display())))
+}

@@ -1,0 +1,733 @@
+//! Pure rollout logic: wave sizes, seeded device order, the per-wave gate.
+//!
+//! State chain of a device in a rollout:
+//! `pending -> offered -> committed | failed | rolled_back | timed_out`, or
+//! `pending -> cancelled` (halt/abort), `already_current` when it runs the release.
+//! A rollout: `running <-> paused`, `running -> completed | halted`, `* -> aborted`.
+
+use std::collections::BTreeMap;
+
+use edgefleet_protocol::messages::{EventKind, ReleaseRef, TrialPolicy};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::registry::Selector;
+
+/// One wave's size: an absolute count of devices or a percentage of the
+/// selection. Sizes are cumulative ("25%" means 25% of all devices are done
+/// after this wave).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaveSpec {
+    /// This many devices in total after the wave.
+    Count(usize),
+    /// This percentage of the selection in total after the wave.
+    Percent(f64),
+}
+
+impl WaveSpec {
+    /// Parses `"1"` or `"5%"`.
+    ///
+    /// # Errors
+    /// A message naming the text.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{s}` is not a percentage"))?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(format!("`{s}`: a percentage must be in (0, 100]"));
+            }
+            Ok(WaveSpec::Percent(v))
+        } else {
+            let v: usize = s
+                .parse()
+                .map_err(|_| format!("`{s}` is not a device count or percentage"))?;
+            if v == 0 {
+                return Err("a wave of 0 devices".into());
+            }
+            Ok(WaveSpec::Count(v))
+        }
+    }
+    /// Parses a comma-separated list (`"1,5%,25%,100%"`).
+    ///
+    /// # Errors
+    /// As [`WaveSpec::parse`].
+    pub fn parse_list(s: &str) -> Result<Vec<Self>, String> {
+        s.split(',').map(WaveSpec::parse).collect()
+    }
+}
+
+/// Cumulative device counts after each wave, for `total` devices. Each wave
+/// adds at least one device while any remain; waves that would add none are
+/// dropped; the result is strictly increasing and at most `total`.
+pub fn cumulative_sizes(total: usize, waves: &[WaveSpec]) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    for w in waves {
+        let want = match *w {
+            WaveSpec::Count(n) => n,
+            WaveSpec::Percent(p) => ((p / 100.0) * total as f64).ceil() as usize,
+        };
+        let prev = out.last().copied().unwrap_or(0);
+        let n = want.max(prev + 1).min(total);
+        if n > prev {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// Seeded deterministic order: by SHA-256(seed LE ++ device id), then id.
+pub fn order_devices(seed: u64, ids: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut v: Vec<([u8; 32], String)> = ids
+        .into_iter()
+        .map(|id| {
+            let mut h = sha2::Sha256::new();
+            h.update(seed.to_le_bytes());
+            h.update(id.as_bytes());
+            (h.finalize().into(), id)
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, id)| id).collect()
+}
+
+/// What an operator asks for (`POST /v1/rollouts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    /// Body SHA-256 of the uploaded bundle.
+    pub bundle: String,
+    /// Which devices.
+    #[serde(default)]
+    pub selector: Selector,
+    /// Waves, e.g. `["1", "5%", "25%", "100%"]`.
+    #[serde(default = "default_waves")]
+    pub waves: Vec<String>,
+    /// Seed of the device order.
+    #[serde(default)]
+    pub seed: u64,
+    /// A device that has not committed this long after its offer fails (s).
+    #[serde(default = "default_timeout")]
+    pub wave_timeout_s: u64,
+    /// Halt when (failed + rolled back + timed out) / wave size exceeds this.
+    #[serde(default = "default_rate")]
+    pub max_failure_rate: f64,
+    /// On halt, command `rollback` to the wave's committed devices.
+    #[serde(default)]
+    pub rollback_on_halt: bool,
+    /// Trial policy sent with the offer.
+    #[serde(default)]
+    pub trial: TrialPolicy,
+}
+
+fn default_waves() -> Vec<String> {
+    vec!["1".into(), "5%".into(), "25%".into(), "100%".into()]
+}
+fn default_timeout() -> u64 {
+    600
+}
+fn default_rate() -> f64 {
+    0.0
+}
+
+/// Rollout state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum RolloutState {
+    /// Waves are advancing.
+    Running,
+    /// Operator paused: no new offers, no wave advance.
+    Paused,
+    /// Every wave passed its gate.
+    Completed,
+    /// A gate failed.
+    Halted(String),
+    /// Operator aborted.
+    Aborted,
+}
+
+impl RolloutState {
+    /// Running or paused: its devices are taken.
+    pub fn is_active(&self) -> bool {
+        matches!(self, RolloutState::Running | RolloutState::Paused)
+    }
+}
+
+/// A device's state within a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Not offered yet.
+    Pending,
+    /// Offer sent at `at_ms`.
+    Offered,
+    /// Reported committed (or reports the release active).
+    Committed,
+    /// Already ran the release when the rollout was created.
+    AlreadyCurrent,
+    /// Reported failed or rejected.
+    Failed,
+    /// Reported rolled back.
+    RolledBack,
+    /// Did not commit within the wave timeout.
+    TimedOut,
+    /// Not offered (or offer cancelled) because the rollout stopped.
+    Cancelled,
+}
+
+impl DeviceState {
+    fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            DeviceState::Failed | DeviceState::RolledBack | DeviceState::TimedOut
+        )
+    }
+}
+
+/// One device's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceProgress {
+    /// Wave index.
+    pub wave: usize,
+    /// State.
+    pub state: DeviceState,
+    /// When the offer was (last) sent (server ms).
+    pub offered_ms: Option<u64>,
+    /// Reason reported or assigned.
+    pub reason: Option<String>,
+}
+
+/// A rollout and all its state (persisted as JSON on every transition).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Id.
+    pub id: String,
+    /// The spec it was created from.
+    pub spec: RolloutSpec,
+    /// Release offered.
+    pub release: ReleaseRef,
+    /// Devices in wave order.
+    pub order: Vec<String>,
+    /// Cumulative sizes per wave.
+    pub wave_ends: Vec<usize>,
+    /// Current wave (`None` before the first starts).
+    pub current_wave: Option<usize>,
+    /// State.
+    pub state: RolloutState,
+    /// Per device.
+    pub devices: BTreeMap<String, DeviceProgress>,
+    /// Created (server ms).
+    pub created_ms: u64,
+    /// Last transition (server ms).
+    pub updated_ms: u64,
+    /// Transitions, oldest first.
+    pub history: Vec<String>,
+}
+
+/// Side effects the engine performs for the pure logic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send the update offer.
+    Offer(String),
+    /// Send `cancel`.
+    Cancel(String),
+    /// Send `rollback`.
+    Rollback(String, String),
+}
+
+/// Per-wave counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct WaveCounts {
+    /// Devices in the wave.
+    pub size: usize,
+    /// Committed or already current.
+    pub committed: usize,
+    /// Failed, rolled back or timed out.
+    pub failed: usize,
+    /// Still offered or pending.
+    pub in_progress: usize,
+}
+
+impl Rollout {
+    /// Creates a rollout over `selected` devices; `current` are those
+    /// already running the release.
+    pub fn new(
+        id: String,
+        spec: RolloutSpec,
+        release: ReleaseRef,
+        waves: &[WaveSpec],
+        selected: Vec<String>,
+        current: &[String],
+        now: u64,
+    ) -> Self {
+        let order = order_devices(spec.seed, selected);
+        let wave_ends = cumulative_sizes(order.len(), waves);
+        let mut devices = BTreeMap::new();
+        let mut start = 0;
+        for (w, &end) in wave_ends.iter().enumerate() {
+            for id in &order[start..end] {
+                let state = if current.contains(id) {
+                    DeviceState::AlreadyCurrent
+                } else {
+                    DeviceState::Pending
+                };
+                devices.insert(
+                    id.clone(),
+                    DeviceProgress {
+                        wave: w,
+                        state,
+                        offered_ms: None,
+                        reason: None,
+                    },
+                );
+            }
+            start = end;
+        }
+        let history = vec![format!(
+            "{now} created: {} devices in {} waves",
+            order.len(),
+            wave_ends.len()
+        )];
+        Rollout {
+            id,
+            spec,
+            release,
+            order,
+            wave_ends,
+            current_wave: None,
+            state: RolloutState::Running,
+            devices,
+            created_ms: now,
+            updated_ms: now,
+            history,
+        }
+    }
+
+    /// Device ids of wave `w`.
+    pub fn wave_devices(&self, w: usize) -> &[String] {
+        let start = if w == 0 { 0 } else { self.wave_ends[w - 1] };
+        &self.order[start..self.wave_ends[w]]
+    }
+
+    /// Counts of wave `w`.
+    pub fn wave_counts(&self, w: usize) -> WaveCounts {
+        let mut c = WaveCounts::default();
+        for id in self.wave_devices(w) {
+            c.size += 1;
+            match self.devices.get(id).map(|d| &d.state) {
+                Some(DeviceState::Committed | DeviceState::AlreadyCurrent) => c.committed += 1,
+                Some(s) if s.is_failure() => c.failed += 1,
+                Some(DeviceState::Pending | DeviceState::Offered) => c.in_progress += 1,
+                _ => {}
+            }
+        }
+        c
+    }
+
+    fn log(&mut self, now: u64, what: String) {
+        self.updated_ms = now;
+        self.history.push(format!("{now} {what}"));
+    }
+
+    fn start_wave(&mut self, w: usize, now: u64, actions: &mut Vec<Action>) {
+        self.current_wave = Some(w);
+        self.log(
+            now,
+            format!("wave {w} started ({} devices)", self.wave_devices(w).len()),
+        );
+        let ids: Vec<String> = self.wave_devices(w).to_vec();
+        for id in ids {
+            if let Some(d) = self.devices.get_mut(&id) {
+                if d.state == DeviceState::Pending {
+                    d.state = DeviceState::Offered;
+                    d.offered_ms = Some(now);
+                    actions.push(Action::Offer(id));
+                }
+            }
+        }
+    }
+
+    /// Advances the rollout: starts waves, times devices out, applies the gate.
+    pub fn step(&mut self, now: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.state != RolloutState::Running {
+            return actions;
+        }
+        loop {
+            let w = match self.current_wave {
+                None if self.wave_ends.is_empty() => {
+                    self.state = RolloutState::Completed;
+                    self.log(now, "completed (no devices)".into());
+                    return actions;
+                }
+                None => {
+                    self.start_wave(0, now, &mut actions);
+                    0
+                }
+                Some(w) => w,
+            };
+            let timeout_ms = self.spec.wave_timeout_s.saturating_mul(1000);
+            let mut timed_out = 0;
+            for id in self.wave_devices(w).to_vec() {
+                if let Some(d) = self.devices.get_mut(&id) {
+                    if d.state == DeviceState::Offered
+                        && now >= d.offered_ms.unwrap_or(now) + timeout_ms
+                    {
+                        d.state = DeviceState::TimedOut;
+                        d.reason = Some(format!("no commit within {} s", self.spec.wave_timeout_s));
+                        timed_out += 1;
+                    }
+                }
+            }
+            if timed_out > 0 {
+                self.log(now, format!("wave {w}: {timed_out} devices timed out"));
+            }
+            let c = self.wave_counts(w);
+            let rate = c.failed as f64 / c.size.max(1) as f64;
+            if rate > self.spec.max_failure_rate {
+                self.halt(
+                    w,
+                    now,
+                    format!(
+                        "wave {w}: {} of {} devices failed ({:.1}% > {:.1}%)",
+                        c.failed,
+                        c.size,
+                        rate * 100.0,
+                        self.spec.max_failure_rate * 100.0
+                    ),
+                    &mut actions,
+                );
+                return actions;
+            }
+            if c.in_progress > 0 {
+                return actions;
+            }
+            self.log(
+                now,
+                format!(
+                    "wave {w} passed: {} committed, {} failed",
+                    c.committed, c.failed
+                ),
+            );
+            if w + 1 >= self.wave_ends.len() {
+                self.state = RolloutState::Completed;
+                self.log(now, "completed".into());
+                return actions;
+            }
+            self.start_wave(w + 1, now, &mut actions);
+        }
+    }
+
+    fn halt(&mut self, w: usize, now: u64, reason: String, actions: &mut Vec<Action>) {
+        self.state = RolloutState::Halted(reason.clone());
+        self.log(now, format!("halted: {reason}"));
+        self.stop_devices(actions);
+        if self.spec.rollback_on_halt {
+            for id in self.wave_devices(w).to_vec() {
+                if self
+                    .devices
+                    .get(&id)
+                    .is_some_and(|d| d.state == DeviceState::Committed)
+                {
+                    actions.push(Action::Rollback(id, format!("rollout {} halted", self.id)));
+                }
+            }
+        }
+    }
+
+    fn stop_devices(&mut self, actions: &mut Vec<Action>) {
+        for (id, d) in self.devices.iter_mut() {
+            match d.state {
+                DeviceState::Offered => {
+                    d.state = DeviceState::Cancelled;
+                    actions.push(Action::Cancel(id.clone()));
+                }
+                DeviceState::Pending => d.state = DeviceState::Cancelled,
+                _ => {}
+            }
+        }
+    }
+
+    /// Applies an update event from a device. Returns true when state changed.
+    pub fn apply_event(
+        &mut self,
+        device: &str,
+        kind: EventKind,
+        reason: Option<String>,
+        now: u64,
+    ) -> bool {
+        let Some(d) = self.devices.get_mut(device) else {
+            return false;
+        };
+        if d.state != DeviceState::Offered {
+            return false;
+        }
+        let new = match kind {
+            EventKind::Committed => DeviceState::Committed,
+            EventKind::RolledBack => DeviceState::RolledBack,
+            EventKind::Failed | EventKind::Rejected => DeviceState::Failed,
+            _ => return false,
+        };
+        d.state = new.clone();
+        d.reason = reason;
+        self.updated_ms = now;
+        true
+    }
+
+    /// A device reports (hello/heartbeat) `active`: if it is this rollout's
+    /// release and the device was offered it, that is a commit (covers events
+    /// lost while the server was down).
+    pub fn apply_active(&mut self, device: &str, active: Option<&ReleaseRef>, now: u64) -> bool {
+        let Some(d) = self.devices.get_mut(device) else {
+            return false;
+        };
+        let same = active
+            .is_some_and(|a| a.model == self.release.model && a.release == self.release.release);
+        if d.state == DeviceState::Offered && same {
+            d.state = DeviceState::Committed;
+            d.reason = Some("reported the release active".into());
+            self.updated_ms = now;
+            return true;
+        }
+        false
+    }
+
+    /// Operator pause.
+    pub fn pause(&mut self, now: u64) -> Result<(), String> {
+        if self.state != RolloutState::Running {
+            return Err(format!(
+                "rollout is {:?}, only a running rollout can be paused",
+                self.state
+            ));
+        }
+        self.state = RolloutState::Paused;
+        self.log(now, "paused".into());
+        Ok(())
+    }
+
+    /// Operator resume.
+    pub fn resume(&mut self, now: u64) -> Result<(), String> {
+        if self.state != RolloutState::Paused {
+            return Err(format!(
+                "rollout is {:?}, only a paused rollout can be resumed",
+                self.state
+            ));
+        }
+        self.state = RolloutState::Running;
+        self.log(now, "resumed".into());
+        Ok(())
+    }
+
+    /// Operator abort: cancels outstanding offers.
+    pub fn abort(&mut self, now: u64) -> Result<Vec<Action>, String> {
+        if !self.state.is_active() {
+            return Err(format!("rollout is {:?}, already finished", self.state));
+        }
+        self.state = RolloutState::Aborted;
+        self.log(now, "aborted".into());
+        let mut actions = Vec::new();
+        self.stop_devices(&mut actions);
+        Ok(actions)
+    }
+
+    /// After a server restart: re-send outstanding offers and restart their
+    /// timeouts (the device may never have received the first).
+    pub fn resume_after_restart(&mut self, now: u64) -> Vec<Action> {
+        if !self.state.is_active() {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        for (id, d) in self.devices.iter_mut() {
+            if d.state == DeviceState::Offered {
+                d.offered_ms = Some(now);
+                if self.state == RolloutState::Running {
+                    actions.push(Action::Offer(id.clone()));
+                }
+            }
+        }
+        self.log(
+            now,
+            format!(
+                "resumed after server restart ({} offers re-sent)",
+                actions.len()
+            ),
+        );
+        actions
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn spec(waves: &[&str], rate: f64, rollback: bool) -> RolloutSpec {
+        RolloutSpec {
+            bundle: "x".into(),
+            selector: Selector::default(),
+            waves: waves.iter().map(|s| s.to_string()).collect(),
+            seed: 7,
+            wave_timeout_s: 10,
+            max_failure_rate: rate,
+            rollback_on_halt: rollback,
+            trial: TrialPolicy::default(),
+        }
+    }
+    fn rel() -> ReleaseRef {
+        ReleaseRef {
+            model: "m".into(),
+            release: 2,
+            version: "1.0.0".into(),
+        }
+    }
+    fn rollout(n: usize, waves: &[&str], rate: f64, rollback: bool) -> Rollout {
+        let ws: Vec<WaveSpec> = waves.iter().map(|w| WaveSpec::parse(w).unwrap()).collect();
+        let ids = (0..n).map(|i| format!("d{i}")).collect();
+        Rollout::new(
+            "r".into(),
+            spec(waves, rate, rollback),
+            rel(),
+            &ws,
+            ids,
+            &[],
+            0,
+        )
+    }
+    fn offered(a: &[Action]) -> Vec<String> {
+        a.iter()
+            .filter_map(|a| {
+                if let Action::Offer(d) = a {
+                    Some(d.clone())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn wave_sizes_are_cumulative_and_grow() {
+        let w = WaveSpec::parse_list("1,5%,25%,100%").unwrap();
+        assert_eq!(cumulative_sizes(50, &w), vec![1, 3, 13, 50]);
+        assert_eq!(cumulative_sizes(1000, &w), vec![1, 50, 250, 1000]);
+        assert_eq!(cumulative_sizes(2, &w), vec![1, 2]);
+        assert_eq!(cumulative_sizes(0, &w), Vec::<usize>::new());
+        assert_eq!(
+            cumulative_sizes(10, &WaveSpec::parse_list("50%").unwrap()),
+            vec![5]
+        );
+        assert!(
+            WaveSpec::parse("0").is_err()
+                && WaveSpec::parse("150%").is_err()
+                && WaveSpec::parse("x").is_err()
+        );
+    }
+
+    #[test]
+    fn order_is_seeded_and_deterministic() {
+        let ids: Vec<String> = (0..20).map(|i| format!("d{i}")).collect();
+        let a = order_devices(1, ids.clone());
+        assert_eq!(a, order_devices(1, ids.iter().rev().cloned()));
+        assert_ne!(a, order_devices(2, ids.clone()));
+        let mut s = a.clone();
+        s.sort();
+        let mut t = ids;
+        t.sort();
+        assert_eq!(s, t);
+    }
+
+    #[test]
+    fn waves_advance_when_all_commit() {
+        let mut r = rollout(10, &["1", "50%", "100%"], 0.0, false);
+        let a = r.step(0);
+        assert_eq!(offered(&a).len(), 1);
+        assert!(r.step(1).is_empty());
+        assert!(r.apply_event(&offered(&a)[0], EventKind::Committed, None, 2));
+        let a = r.step(2);
+        assert_eq!(offered(&a).len(), 4);
+        for d in offered(&a) {
+            r.apply_event(&d, EventKind::Committed, None, 3);
+        }
+        let a = r.step(3);
+        assert_eq!(offered(&a).len(), 5);
+        for d in offered(&a) {
+            r.apply_active(&d, Some(&rel()), 4);
+        }
+        r.step(4);
+        assert_eq!(r.state, RolloutState::Completed);
+    }
+
+    #[test]
+    fn canary_failure_halts_and_leaves_others_untouched() {
+        let mut r = rollout(10, &["1", "100%"], 0.0, true);
+        let a = r.step(0);
+        r.apply_event(
+            &offered(&a)[0],
+            EventKind::RolledBack,
+            Some("golden_mismatch".into()),
+            1,
+        );
+        let a = r.step(1);
+        assert!(matches!(r.state, RolloutState::Halted(_)));
+        assert!(offered(&a).is_empty());
+        assert_eq!(
+            r.devices
+                .values()
+                .filter(|d| d.state == DeviceState::Cancelled)
+                .count(),
+            9
+        );
+    }
+
+    #[test]
+    fn silent_device_times_out_and_fails_the_wave() {
+        let mut r = rollout(4, &["100%"], 0.3, false);
+        let a = r.step(0);
+        let ids = offered(&a);
+        for d in &ids[..3] {
+            r.apply_event(d, EventKind::Committed, None, 1);
+        }
+        r.step(5_000);
+        assert_eq!(r.state, RolloutState::Running);
+        r.step(10_000);
+        assert_eq!(r.devices[&ids[3]].state, DeviceState::TimedOut);
+        // 1 of 4 = 25% <= 30%: passes.
+        assert_eq!(r.state, RolloutState::Completed);
+        let mut r = rollout(4, &["100%"], 0.0, false);
+        r.step(0);
+        r.step(10_000);
+        assert!(matches!(r.state, RolloutState::Halted(_)));
+    }
+
+    #[test]
+    fn rollback_on_halt_targets_committed_wave_devices() {
+        let mut r = rollout(4, &["100%"], 0.4, true);
+        let ids = offered(&r.step(0));
+        r.apply_event(&ids[0], EventKind::Committed, None, 1);
+        r.apply_event(&ids[1], EventKind::Failed, None, 1);
+        r.apply_event(&ids[2], EventKind::Failed, None, 1);
+        let a = r.step(2);
+        assert!(a.contains(&Action::Rollback(ids[0].clone(), "rollout r halted".into())));
+        assert!(a.contains(&Action::Cancel(ids[3].clone())));
+    }
+
+    #[test]
+    fn pause_resume_abort_and_restart() {
+        let mut r = rollout(3, &["1", "100%"], 0.0, false);
+        let ids = offered(&r.step(0));
+        r.pause(1).unwrap();
+        r.apply_event(&ids[0], EventKind::Committed, None, 2);
+        assert!(r.step(3).is_empty());
+        assert!(r.pause(3).is_err());
+        r.resume(4).unwrap();
+        let next = offered(&r.step(4));
+        assert_eq!(next.len(), 2);
+        let again = r.resume_after_restart(100);
+        assert_eq!(offered(&again).len(), 2);
+        let a = r.abort(101).unwrap();
+        assert_eq!(a.len(), 2);
+        assert!(r.abort(102).is_err());
+    }
+}

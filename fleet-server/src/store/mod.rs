@@ -1,0 +1,133 @@
+//! Persistence: one sled database, one tree per record kind, JSON values.
+//!
+//! Trees: `devices` (id -> [`crate::registry::Device`]), `bundles` (body sha
+//! -> [`crate::bundles::BundleInfo`]), `rollouts` (id -> [`crate::rollout::Rollout`]),
+//! `telemetry` and `drift` (`device \0 seq_be` -> record), `retraining`.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// The store.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    /// Devices.
+    pub devices: sled::Tree,
+    /// Bundle metadata.
+    pub bundles: sled::Tree,
+    /// Rollouts.
+    pub rollouts: sled::Tree,
+    /// Telemetry records.
+    pub telemetry: sled::Tree,
+    /// Drift reports.
+    pub drift: sled::Tree,
+    /// Retraining requests.
+    pub retraining: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir/db`.
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(Some(200))
+            .open()?;
+        Ok(Store {
+            devices: db.open_tree("devices")?,
+            bundles: db.open_tree("bundles")?,
+            rollouts: db.open_tree("rollouts")?,
+            telemetry: db.open_tree("telemetry")?,
+            drift: db.open_tree("drift")?,
+            retraining: db.open_tree("retraining")?,
+            db,
+        })
+    }
+    /// Flushes everything to disk.
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// Reads a JSON value.
+///
+/// # Errors
+/// [`Error::Store`], [`Error::Corrupt`].
+pub fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>> {
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(v) => decode(key, &v).map(Some),
+    }
+}
+
+/// Writes a JSON value.
+///
+/// # Errors
+/// [`Error::Store`].
+pub fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<()> {
+    let v = serde_json::to_vec(value).map_err(|e| corrupt(key, e))?;
+    tree.insert(key, v)?;
+    Ok(())
+}
+
+/// Decodes a JSON value.
+///
+/// # Errors
+/// [`Error::Corrupt`] naming the key.
+pub fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| corrupt(key, e))
+}
+
+fn corrupt(key: &[u8], e: serde_json::Error) -> Error {
+    Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    }
+}
+
+/// All values of a tree (or of a key prefix).
+///
+/// # Errors
+/// [`Error::Store`], [`Error::Corrupt`].
+pub fn scan<T: DeserializeOwned>(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for kv in tree.scan_prefix(prefix) {
+        let (k, v) = kv?;
+        out.push(decode(&k, &v)?);
+    }
+    Ok(out)
+}
+
+/// Key `device \0 seq` (big-endian, so a prefix scan is in seq order).
+pub fn seq_key(device: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device.len() + 9);
+    k.extend_from_slice(device.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Prefix of [`seq_key`] for one device.
+pub fn device_prefix(device: &str) -> Vec<u8> {
+    let mut k = device.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// Milliseconds since the Unix epoch on the server clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,209 @@
+//! REST API: auth, JSON errors, impersonation rejection, telemetry dedup, drift rule.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgefleet_fleet_server::sim::{self, Behavior};
+use edgefleet_fleet_server::{BrokerConfig, Server};
+use edgefleet_protocol::messages::{DriftMessage, Hello, ReleaseRef};
+use edgefleet_protocol::topics::{self, UpKind};
+use edgefleet_protocol::Up;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_a_valid_token_get_401_json() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let state = edgefleet_fleet_server::State::open(config(
+        dir.path(),
+        &k,
+        BrokerConfig::Embedded { port: 0 },
+    ))
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, edgefleet_fleet_server::app(state)).await });
+    let http = reqwest::Client::new();
+    for path in [
+        "/v1/devices",
+        "/v1/bundles",
+        "/v1/rollouts",
+        "/v1/telemetry",
+        "/v1/stats",
+    ] {
+        let url = format!("http://{addr}{path}");
+        let r = http.get(&url).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{path} without a token");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "unauthorized");
+        let r = http.get(&url).bearer_auth("wrong").send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{path} with a wrong token");
+        let r = http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path} with the token");
+    }
+    let r = http
+        .get(format!("http://{addr}/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["paths"]["/v1/rollouts"].is_object());
+    // JSON errors name what is wrong.
+    let r = http
+        .post(format!("http://{addr}/v1/bundles"))
+        .bearer_auth(TOKEN)
+        .body(b"not a bundle".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let r = http
+        .get(format!("http://{addr}/v1/rollouts/r-nope"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("r-nope"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn impersonation_is_rejected_and_telemetry_deduplicated_and_drift_rule_fires() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &k, BrokerConfig::Embedded { port: 0 });
+    cfg.drift_rule.min_devices = 2;
+    cfg.drift_rule.min_fraction = 0.5;
+    cfg.drift_rule.command = Some(format!(
+        "cat > {}",
+        dir.path().join("summary.json").display()
+    ));
+    let server = Server::start(cfg).await.unwrap();
+    let api = Api::new(&server);
+    let devs = fleet(
+        "imp",
+        3,
+        &sim_config(&k, server.broker_port(), "imp"),
+        sim::always(Behavior::Commit),
+    )
+    .await;
+    api.wait_registered("imp", 3).await;
+
+    // imp-0 claims to be imp-9 on its own topic.
+    let fake = Up::Hello(Hello {
+        device_id: "imp-9".parse().unwrap(),
+        agent_version: "0.1.0".into(),
+        target: TARGET.into(),
+        active: None,
+        previous: None,
+        update_state: "idle".into(),
+        tags: vec![],
+        boot_id: "x".into(),
+    });
+    devs[0]
+        .publish_raw(
+            topics::up(&devs[0].id, UpKind::Hello),
+            fake.encode().unwrap(),
+            false,
+        )
+        .await
+        .unwrap();
+    devs[0]
+        .publish_raw(
+            topics::up(&devs[0].id, UpKind::Event),
+            b"{garbage".to_vec(),
+            false,
+        )
+        .await
+        .unwrap();
+
+    // Telemetry: the same seq twice counts once.
+    devs[1].send_telemetry(5, 4.0, 1).await.unwrap();
+    let dup = Up::Telemetry(edgefleet_protocol::messages::TelemetryBatch {
+        device_id: devs[1].id.clone(),
+        records: vec![edgefleet_protocol::telemetry::TelemetryRecord {
+            seq: 1,
+            ts_ms: 0,
+            release: None,
+            interval_s: 10.0,
+            requests: 100,
+            errors: 1,
+            rejected: 0,
+            latency: Default::default(),
+            queue_depth: 0,
+            rss_bytes: 0,
+            cpu_percent: 0.0,
+            uptime_s: 0,
+            outbox_dropped: 0,
+        }],
+    });
+    devs[1].publish(UpKind::Telemetry, &dup).await.unwrap();
+
+    // Drift: group the three, two report PSI above the threshold.
+    for d in &devs {
+        let (st, _) = api
+            .post(
+                &format!("/v1/devices/{}/groups", d.id),
+                json!({"add": ["lobby"]}),
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    for (i, d) in devs.iter().enumerate().take(2) {
+        let m = Up::Drift(DriftMessage {
+            device_id: d.id.clone(),
+            release: ReleaseRef {
+                model: "detector".into(),
+                release: 1,
+                version: "1.1.0".into(),
+            },
+            seq: i as u64,
+            alarm: true,
+            report: edgefleet_drift::DriftReport {
+                features: vec![],
+                classes: None,
+                status: edgefleet_drift::DriftStatus::Alarm,
+                max_psi: 0.6,
+            },
+        });
+        d.publish(UpKind::Drift, &m).await.unwrap();
+    }
+
+    let t0 = Instant::now();
+    loop {
+        let (_, s) = api.get("/v1/stats").await;
+        let (_, r) = api.get("/v1/retraining").await;
+        let done = s["impersonations"] == 1
+            && s["undecodable"] == 1
+            && s["telemetry_records"] == 5
+            && s["telemetry_duplicates"] == 1
+            && r["requests"]
+                .as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["action"].is_string());
+        if done {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "stats {s} retraining {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, _) = api.get("/v1/devices/imp-9").await;
+    assert_eq!(st, 404, "the impersonated device was not registered");
+    let (_, t) = api.get("/v1/telemetry?group=lobby").await;
+    assert_eq!(t["telemetry"]["records"], 5);
+    assert_eq!(t["telemetry"]["error_rate"], 0.01);
+    assert_eq!(t["telemetry"]["p50_ms"], 4.0);
+    assert_eq!(t["telemetry"]["p99_ms"], 12.0);
+    let (_, d) = api.get("/v1/drift?group=lobby").await;
+    assert_eq!(d["drift"].as_array().unwrap().len(), 2);
+    let summary = std::fs::read_to_string(dir.path().join("summary.json")).unwrap();
+    assert!(summary.contains("drift_retraining_request") && summary.contains("lobby"));
+    server.shutdown().await.unwrap();
+}

@@ -1,0 +1,175 @@
+//! Shared test harness: servers, bundles, simulated fleets, API calls.
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgefleet_bundle::{BundleBuilder, SigningKey, TrustStore};
+use edgefleet_fleet_server::rollout::{Rollout, RolloutState};
+use edgefleet_fleet_server::sim::{self, Script, SimConfig, SimDevice};
+use edgefleet_fleet_server::{BrokerConfig, Config, Server};
+use serde_json::Value;
+
+pub const TOKEN: &str = "test-token";
+pub const TARGET: &str = "rpi4";
+
+pub struct Keys {
+    pub key: Arc<SigningKey>,
+    pub trust: TrustStore,
+}
+
+pub fn keys() -> Keys {
+    let key = SigningKey::from_seed([7; 32]);
+    let mut trust = TrustStore::new();
+    trust.add(key.public_key());
+    Keys {
+        key: Arc::new(key),
+        trust,
+    }
+}
+
+/// A bundle with `size` bytes of incompressible model data.
+pub fn bundle(k: &Keys, release: u64, size: usize) -> Vec<u8> {
+    let data: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
+    BundleBuilder::new("detector", semver::Version::new(1, release, 0), release)
+        .target(TARGET)
+        .file("model.bin", data)
+        .build(&k.key)
+        .unwrap()
+}
+
+pub fn config(dir: &std::path::Path, k: &Keys, broker: BrokerConfig) -> Config {
+    let mut c = Config::new(dir, k.trust.clone(), TOKEN);
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.broker = broker;
+    c.mqtt_client_id = format!(
+        "edgefleet-server-test-{}",
+        hex::encode(rand::random::<[u8; 4]>())
+    );
+    c.tick_ms = 100;
+    c.signing_key = Some(k.key.clone());
+    c
+}
+
+pub fn sim_config(k: &Keys, port: u16, tag: &str) -> SimConfig {
+    SimConfig {
+        host: "127.0.0.1".into(),
+        port,
+        trust: Arc::new(k.trust.clone()),
+        target: TARGET.into(),
+        tags: vec![tag.to_string()],
+        heartbeat: Duration::from_millis(500),
+        keep_payload: true,
+        initial: None,
+    }
+}
+
+pub async fn fleet(prefix: &str, n: usize, cfg: &SimConfig, script: Script) -> Vec<SimDevice> {
+    let devs = sim::spawn_fleet(prefix, n, 200, cfg, script).await.unwrap();
+    assert_eq!(
+        sim::wait_connected(&devs, Duration::from_secs(20)).await,
+        n,
+        "all simulated devices connect"
+    );
+    devs
+}
+
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(s: &Server) -> Self {
+        Api {
+            base: format!("http://{}", s.api_addr()),
+            http: reqwest::Client::new(),
+        }
+    }
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+    pub async fn upload(&self, bytes: Vec<u8>) -> String {
+        let r = self
+            .http
+            .post(format!("{}/v1/bundles", self.base))
+            .bearer_auth(TOKEN)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let v: Value = r.json().await.unwrap();
+        v["bundle"]["sha256"].as_str().unwrap().to_string()
+    }
+    /// Waits until all `n` devices tagged `tag` are registered.
+    pub async fn wait_registered(&self, tag: &str, n: usize) {
+        let t0 = Instant::now();
+        loop {
+            let (_, v) = self.get(&format!("/v1/devices?tag={tag}")).await;
+            let have = v["devices"].as_array().map_or(0, |a| a.len());
+            if have >= n {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "only {have} of {n} devices registered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    pub async fn create_rollout(&self, body: Value) -> String {
+        let (st, v) = self.post("/v1/rollouts", body).await;
+        assert_eq!(st, 200, "{v}");
+        v["rollout"]["id"].as_str().unwrap().to_string()
+    }
+}
+
+/// Polls the server's rollout until `pred` holds.
+pub async fn wait_rollout(
+    s: &Server,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&Rollout) -> bool,
+) -> Rollout {
+    let t0 = Instant::now();
+    loop {
+        let r = s.state().rollouts.lock().unwrap().get(id).cloned().unwrap();
+        if pred(&r) {
+            return r;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "rollout did not reach the expected state: {:?}\n{:#?}",
+            r.state,
+            r.history
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn finished(r: &Rollout) -> bool {
+    !r.state.is_active()
+}
+
+pub fn is_completed(r: &Rollout) -> bool {
+    r.state == RolloutState::Completed
+}
