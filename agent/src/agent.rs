@@ -1,0 +1,189 @@
+//! Wiring: store, slots, engine, updater thread, MQTT session, local API.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use edgefleet_bundle::{Policy, UnverifiedBundle};
+
+use crate::api::{ApiState, StatusInfo};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::runtime::Model;
+use crate::slots::{SlotName, Slots};
+use crate::store::Store;
+use crate::update::{Input, Updater, UpdaterConfig};
+
+/// Runs the agent until `shutdown` turns true; then finishes in-flight work and flushes.
+///
+/// # Errors
+/// Startup failures (config, store, bind) naming what failed.
+pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("data_dir {}", cfg.data_dir.display()))?;
+    let opened = Store::open(&cfg.data_dir.join("store"))?;
+    if let Some(q) = &opened.quarantined {
+        tracing::error!(quarantine = %q.display(), "store was corrupt: quarantined and rebuilt from slot.json");
+    }
+    let store = opened.store;
+    let mut slots = Slots::load(&cfg.data_dir, &store)?;
+    let trust = cfg.trust_store().context("trusted_keys")?;
+    let budget = cfg
+        .latency_budget_ms()
+        .map_err(anyhow::Error::msg)
+        .context("target_profile")?;
+    let engine = Engine::start(cfg.api.workers, cfg.api.queue_len, cfg.api.max_batch);
+    let status = Arc::new(Mutex::new(StatusInfo {
+        update_state: "idle".into(),
+        ..Default::default()
+    }));
+
+    if slots.meta().active.is_none() {
+        if let Some(p) = &cfg.initial_bundle {
+            install_initial(&cfg, &store, &mut slots, &trust, p)?;
+        }
+    }
+    load_active(&cfg, &store, &mut slots, &trust, &engine);
+    {
+        let mut s = status.lock().map_err(|_| anyhow::anyhow!("status lock"))?;
+        let meta = slots.meta();
+        s.active = engine.active().map(|m| m.release.clone());
+        s.previous = meta.previous.and_then(|x| slots.info(x)).map(|i| i.release);
+        s.ready = engine.active().is_some();
+    }
+
+    let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (in_tx, in_rx) = std::sync::mpsc::channel();
+    let publish_tx = up_tx.clone();
+    let updater = Updater::new(
+        UpdaterConfig {
+            device_id: cfg.device_id.clone(),
+            target: cfg.target.clone(),
+            data_dir: cfg.data_dir.clone(),
+            latency_budget_ms: budget,
+        },
+        store.clone(),
+        slots,
+        trust,
+        engine.clone(),
+        status.clone(),
+        Arc::new(move |up| {
+            let _ = publish_tx.send(up);
+        }),
+    );
+    let upd = std::thread::Builder::new()
+        .name("updater".into())
+        .spawn(move || updater.run(in_rx))?;
+
+    let (host, port) = cfg.broker.host_port().map_err(anyhow::Error::msg)?;
+    let settings = crate::mqtt::MqttSettings {
+        device_id: cfg.device_id.clone(),
+        host,
+        port,
+        credentials: cfg
+            .broker
+            .username
+            .clone()
+            .map(|u| (u, cfg.broker.password.clone().unwrap_or_default())),
+        target: cfg.target.clone(),
+        tags: cfg.tags.clone(),
+    };
+    let mqtt = tokio::spawn(crate::mqtt::run(
+        settings,
+        status.clone(),
+        in_tx.clone(),
+        up_tx,
+        up_rx,
+        shutdown.clone(),
+    ));
+
+    let api_state = ApiState {
+        engine: engine.clone(),
+        status,
+        timeout: Duration::from_millis(cfg.api.request_timeout_ms),
+    };
+    let addr = crate::api::serve(
+        api_state,
+        cfg.api.listen,
+        cfg.api.unix_socket.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(%addr, "local API listening");
+
+    let mut sd = shutdown;
+    let _ = sd.wait_for(|v| *v).await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = in_tx.send(Input::Shutdown);
+    let _ = tokio::task::spawn_blocking(move || upd.join()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), mqtt).await;
+    // Requests already queued finish on their worker threads.
+    let t = std::time::Instant::now();
+    while engine.queue_depth() > 0 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.flush()?;
+    Ok(())
+}
+
+fn install_initial(
+    cfg: &Config,
+    store: &Store,
+    slots: &mut Slots,
+    trust: &edgefleet_bundle::TrustStore,
+    p: &std::path::Path,
+) -> anyhow::Result<()> {
+    let floor = store.floor()?;
+    let policy = Policy::device(cfg.target.clone(), floor, crate::agent_version());
+    let vb = UnverifiedBundle::read(p)
+        .and_then(|b| b.verify(trust, &policy))
+        .with_context(|| format!("initial_bundle {}", p.display()))?;
+    let slot = SlotName::A;
+    slots.install(slot, &vb, true)?;
+    let mut meta = slots.edit();
+    meta.active = Some(slot);
+    slots.commit(store, meta)?;
+    slots.mark_activated(slot, true)?;
+    store.raise_floor(vb.manifest().release)?;
+    tracing::info!(release = vb.manifest().release, "initial bundle installed");
+    Ok(())
+}
+
+/// Loads the active slot (re-verified and self-tested); falls back to the previous slot.
+fn load_active(
+    cfg: &Config,
+    store: &Store,
+    slots: &mut Slots,
+    trust: &edgefleet_bundle::TrustStore,
+    engine: &Engine,
+) {
+    let meta = slots.meta();
+    for (role, slot) in [("active", meta.active), ("previous", meta.previous)] {
+        let Some(slot) = slot else { continue };
+        let r = slots
+            .check(slot, trust, &cfg.target)
+            .map_err(|e| e.to_string())
+            .and_then(|c| Model::load(&c.files_dir, c.info.release).map_err(|e| e.to_string()))
+            .and_then(|m| m.self_test().map(|_| m).map_err(|e| e.detail().to_string()));
+        match r {
+            Ok(m) => {
+                tracing::info!(
+                    role,
+                    slot = slot.as_str(),
+                    release = m.release.release,
+                    "model loaded"
+                );
+                if role == "previous" {
+                    let mut next = meta;
+                    next.active = Some(slot);
+                    next.previous = None;
+                    let _ = slots.commit(store, next);
+                }
+                engine.set_active(Some(Arc::new(m)));
+                return;
+            }
+            Err(e) => tracing::error!(role, slot = slot.as_str(), error = %e, "slot does not load"),
+        }
+    }
+    tracing::warn!("no model loaded: waiting for an update");
+}

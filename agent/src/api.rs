@@ -1,0 +1,408 @@
+//! The local inference API (axum 0.8). `app(state)` builds the router so
+//! tests call it without a socket; `serve` binds 127.0.0.1 TCP and an
+//! optional Unix socket.
+//!
+//! | route | |
+//! |---|---|
+//! | `POST /v1/infer` | JSON `{"inputs":[Tensor...], "stream":"id"?}` -> `{"release":{..},"outputs":[Tensor...]}`; or binary (below) |
+//! | `GET /v1/model` | active release, its `model.json`, trial and update state |
+//! | `GET /healthz` | 200 when a verified model is loaded, else 503 |
+//! | `GET /metrics` | Prometheus text; names from `edgefleet_protocol::telemetry::names` only |
+//!
+//! Binary form (`Content-Type: application/octet-stream`): the body is every
+//! model input in `model.json` order, each as its raw little-endian elements
+//! (f32 or i64, row-major, exactly `product(shape)` elements; no header);
+//! an optional `x-edgefleet-stream` header names the stream. The reply is
+//! every output in order, raw little-endian f32/i64, with the answering
+//! release in the `x-edgefleet-release` header (`model@release`).
+//!
+//! A full queue answers 503 with `Retry-After: 1`; a request not answered
+//! within the configured timeout answers 504.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use edgefleet_bundle::payload::{DType, Tensor, TensorData};
+use edgefleet_protocol::messages::ReleaseRef;
+use edgefleet_protocol::telemetry::names;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{label, Engine, SubmitError};
+
+/// What the agent reports about itself (shared with the updater and MQTT).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatusInfo {
+    /// Active release.
+    pub active: Option<ReleaseRef>,
+    /// Previous release.
+    pub previous: Option<ReleaseRef>,
+    /// Update state name.
+    pub update_state: String,
+    /// Model passed its self-test and serves.
+    pub ready: bool,
+}
+
+/// Router state.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    /// Engine.
+    pub engine: Arc<Engine>,
+    /// Status.
+    pub status: Arc<Mutex<StatusInfo>>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// The API error type.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400.
+    BadRequest(String),
+    /// 503 + Retry-After.
+    Saturated,
+    /// 503, no model.
+    NoModel,
+    /// 504.
+    Timeout,
+    /// 500.
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, msg) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Saturated => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    Json(serde_json::json!({"error": "queue full"})),
+                )
+                    .into_response()
+            }
+            ApiError::NoModel => (StatusCode::SERVICE_UNAVAILABLE, "no model loaded".into()),
+            ApiError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "inference timed out".into()),
+            ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
+        };
+        (code, Json(serde_json::json!({"error": msg}))).into_response()
+    }
+}
+
+/// JSON infer request.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct InferRequest {
+    /// Inputs.
+    pub inputs: Vec<Tensor>,
+    /// Optional stream id for stateful models.
+    #[serde(default)]
+    pub stream: Option<String>,
+}
+
+/// JSON infer response.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct InferResponse {
+    /// Release that answered.
+    pub release: ReleaseRef,
+    /// Outputs.
+    pub outputs: Vec<Tensor>,
+}
+
+/// The router.
+pub fn app(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/infer", post(infer))
+        .route("/v1/model", get(model))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn run(
+    st: &ApiState,
+    inputs: Vec<Tensor>,
+    stream: Option<String>,
+) -> Result<crate::engine::Reply, ApiError> {
+    let rx = st
+        .engine
+        .submit(inputs, stream, st.timeout)
+        .map_err(|e| match e {
+            SubmitError::Saturated => ApiError::Saturated,
+            SubmitError::NoModel => ApiError::NoModel,
+        })?;
+    match tokio::time::timeout(st.timeout, rx).await {
+        Err(_) => Err(ApiError::Timeout),
+        Ok(Err(_)) => Err(ApiError::Internal("worker dropped the request".into())),
+        Ok(Ok(Err(crate::runtime::RunError::BadInput(m)))) => Err(ApiError::BadRequest(m)),
+        Ok(Ok(Err(e))) => Err(ApiError::Internal(e.to_string())),
+        Ok(Ok(Ok(r))) => Ok(r),
+    }
+}
+
+async fn infer(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let binary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    if !binary {
+        let req: InferRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("request JSON: {e}")))?;
+        let r = run(&st, req.inputs, req.stream).await?;
+        return Ok(Json(InferResponse {
+            release: r.release,
+            outputs: r.outputs,
+        })
+        .into_response());
+    }
+    let model = st.engine.active().ok_or(ApiError::NoModel)?;
+    let stream = headers
+        .get("x-edgefleet-stream")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut off = 0usize;
+    let mut inputs = Vec::new();
+    for spec in &model.spec.inputs {
+        if stream.is_some() && model.spec.state.iter().any(|b| b.input == spec.name) {
+            continue;
+        }
+        let n = spec.len();
+        let w = match spec.dtype {
+            DType::F32 => 4,
+            DType::I64 => 8,
+        };
+        let bytes = body.get(off..off + n * w).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "body too short for input `{}` ({} bytes)",
+                spec.name,
+                n * w
+            ))
+        })?;
+        off += n * w;
+        let data = match spec.dtype {
+            DType::F32 => TensorData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            DType::I64 => TensorData::I64(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
+            ),
+        };
+        inputs.push(Tensor {
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+            data,
+        });
+    }
+    if off != body.len() {
+        return Err(ApiError::BadRequest(format!(
+            "body has {} bytes, the inputs take {off}",
+            body.len()
+        )));
+    }
+    let r = run(&st, inputs, stream).await?;
+    let mut out = Vec::new();
+    for t in &r.outputs {
+        match &t.data {
+            TensorData::F32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::I64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        }
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::HeaderName::from_static("x-edgefleet-release"),
+                label(&r.release),
+            ),
+        ],
+        out,
+    )
+        .into_response())
+}
+
+async fn model(State(st): State<ApiState>) -> Response {
+    let status = st.status.lock().map(|s| s.clone()).unwrap_or_default();
+    let m = st.engine.active();
+    let trial = st.engine.trial().map(|t| {
+        serde_json::json!({"release": t.model.release, "mode": t.mode, "elapsed_s": t.started.elapsed().as_secs_f64()})
+    });
+    Json(serde_json::json!({
+        "release": m.as_ref().map(|m| m.release.clone()),
+        "spec": m.as_ref().map(|m| m.spec.clone()),
+        "previous": status.previous,
+        "update_state": status.update_state,
+        "trial": trial,
+    }))
+    .into_response()
+}
+
+async fn healthz(State(st): State<ApiState>) -> Response {
+    let ready = st.status.lock().map(|s| s.ready).unwrap_or(false) && st.engine.active().is_some();
+    let state = st
+        .status
+        .lock()
+        .map(|s| s.update_state.clone())
+        .unwrap_or_default();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(serde_json::json!({"ready": ready, "release": st.engine.active().map(|m| m.release.clone()), "update_state": state})))
+        .into_response()
+}
+
+/// Prometheus text of the engine counters.
+pub fn render_metrics(engine: &Engine, ready: bool) -> String {
+    let mut s = String::new();
+    let c = &engine.counters;
+    let _ = writeln!(s, "# TYPE {} counter", names::REQUESTS_TOTAL);
+    let rel = c
+        .releases
+        .lock()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.requests,
+                        v.errors,
+                        [0.5, 0.95, 0.99].map(|q| v.quantile_ms(q) / 1e3),
+                        v.latency_us.len(),
+                        v.latency_us.mean() * v.latency_us.len() as f64 / 1e6,
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    for (k, n, _, _, _, _) in &rel {
+        let _ = writeln!(s, "{}{{release=\"{k}\"}} {n}", names::REQUESTS_TOTAL);
+    }
+    let _ = writeln!(s, "# TYPE {} counter", names::REQUEST_ERRORS_TOTAL);
+    for (k, _, e, _, _, _) in &rel {
+        let _ = writeln!(s, "{}{{release=\"{k}\"}} {e}", names::REQUEST_ERRORS_TOTAL);
+    }
+    let _ = writeln!(s, "# TYPE {} counter", names::REQUESTS_REJECTED_TOTAL);
+    let _ = writeln!(
+        s,
+        "{} {}",
+        names::REQUESTS_REJECTED_TOTAL,
+        c.rejected.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(s, "# TYPE {} summary", names::INFERENCE_LATENCY_SECONDS);
+    for (k, _, _, qs, cnt, sum) in &rel {
+        for (q, v) in [0.5, 0.95, 0.99].iter().zip(qs) {
+            let _ = writeln!(
+                s,
+                "{}{{release=\"{k}\",quantile=\"{q}\"}} {v}",
+                names::INFERENCE_LATENCY_SECONDS
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{}_count{{release=\"{k}\"}} {cnt}",
+            names::INFERENCE_LATENCY_SECONDS
+        );
+        let _ = writeln!(
+            s,
+            "{}_sum{{release=\"{k}\"}} {sum}",
+            names::INFERENCE_LATENCY_SECONDS
+        );
+    }
+    let _ = writeln!(s, "# TYPE {} gauge", names::QUEUE_DEPTH);
+    let _ = writeln!(s, "{} {}", names::QUEUE_DEPTH, engine.queue_depth());
+    let _ = writeln!(s, "# TYPE {} gauge", names::RSS_BYTES);
+    let _ = writeln!(s, "{} {}", names::RSS_BYTES, rss_bytes());
+    let _ = writeln!(s, "# TYPE {} gauge", names::UPTIME_SECONDS);
+    let _ = writeln!(s, "{} {}", names::UPTIME_SECONDS, engine.uptime().as_secs());
+    let _ = writeln!(s, "# TYPE {} counter", names::ROLLBACKS_TOTAL);
+    if let Ok(m) = c.rollbacks.lock() {
+        for (r, n) in m.iter() {
+            let _ = writeln!(s, "{}{{reason=\"{r}\"}} {n}", names::ROLLBACKS_TOTAL);
+        }
+    }
+    let _ = writeln!(s, "# TYPE {} gauge", names::MODEL_READY);
+    let _ = writeln!(s, "{} {}", names::MODEL_READY, u8::from(ready));
+    s
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    let ready = st.status.lock().map(|s| s.ready).unwrap_or(false);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&st.engine, ready),
+    )
+        .into_response()
+}
+
+/// Resident set size from /proc/self/statm (0 where unavailable).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Serves the router on TCP (and a Unix socket when given) until `shutdown` resolves.
+///
+/// # Errors
+/// Bind errors naming the address or path.
+pub async fn serve(
+    state: ApiState,
+    listen: std::net::SocketAddr,
+    unix: Option<std::path::PathBuf>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use anyhow::Context as _;
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("api.listen {listen}"))?;
+    let addr = tcp.local_addr()?;
+    let router = app(state);
+    let mut sd = shutdown.clone();
+    let r = router.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(tcp, r)
+            .with_graceful_shutdown(async move {
+                let _ = sd.wait_for(|v| *v).await;
+            })
+            .await;
+    });
+    if let Some(path) = unix {
+        let _ = std::fs::remove_file(&path);
+        let ul = tokio::net::UnixListener::bind(&path)
+            .with_context(|| format!("api.unix_socket {}", path.display()))?;
+        let mut sd = shutdown;
+        tokio::spawn(async move {
+            let _ = axum::serve(ul, router)
+                .with_graceful_shutdown(async move {
+                    let _ = sd.wait_for(|v| *v).await;
+                })
+                .await;
+        });
+    }
+    Ok(addr)
+}

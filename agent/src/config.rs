@@ -1,0 +1,325 @@
+//! Agent configuration (`agent.toml`). Unknown keys are rejected; every error
+//! names the file and, where toml knows it, the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edgefleet_bundle::TrustStore;
+use edgefleet_drift::DriftThresholds;
+use edgefleet_protocol::DeviceId;
+use serde::Deserialize;
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema (toml names the key).
+    #[error("config {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with the key and line.
+        reason: String,
+    },
+    /// A key has a value the agent cannot use.
+    #[error("config {path}: key `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// MQTT broker settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `mqtt://host:port` (no TLS in this build, see docs/agent.md).
+    pub url: String,
+    /// Optional username.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Optional password.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl BrokerConfig {
+    /// Host and port from `url`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong with the URL.
+    pub fn host_port(&self) -> Result<(String, u16), String> {
+        let rest = self.url.strip_prefix("mqtt://").ok_or_else(|| {
+            format!(
+                "`{}` must start with mqtt:// (TLS is not built in)",
+                self.url
+            )
+        })?;
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{}` has no :port", self.url))?;
+        let port: u16 = port
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| format!("port in `{}`: {e}", self.url))?;
+        if host.is_empty() {
+            return Err(format!("`{}` has no host", self.url));
+        }
+        Ok((host.to_string(), port))
+    }
+}
+
+/// Local inference API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP listen address; must be a loopback address (`127.0.0.1:port`). Port 0 picks one.
+    pub listen: SocketAddr,
+    /// Optional Unix socket path.
+    #[serde(default)]
+    pub unix_socket: Option<PathBuf>,
+    /// Inference worker threads (default 2).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Bounded queue length; beyond it requests get 503 + Retry-After (default 256).
+    #[serde(default = "default_queue")]
+    pub queue_len: usize,
+    /// Per-request timeout in milliseconds (default 2000).
+    #[serde(default = "default_timeout")]
+    pub request_timeout_ms: u64,
+    /// Largest micro-batch for models with a batch axis (default 8).
+    #[serde(default = "default_batch")]
+    pub max_batch: usize,
+}
+
+fn default_workers() -> usize {
+    2
+}
+fn default_queue() -> usize {
+    256
+}
+fn default_timeout() -> u64 {
+    2000
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_telemetry() -> u64 {
+    30
+}
+fn default_drift() -> u64 {
+    300
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This device's id (also its MQTT client id).
+    pub device_id: DeviceId,
+    /// Directory for the store, slots and downloads.
+    pub data_dir: PathBuf,
+    /// Target profile id (must be in a bundle's `targets`).
+    pub target: String,
+    /// Optional target profile TOML (for `latency_budget_ms`).
+    #[serde(default)]
+    pub target_profile: Option<PathBuf>,
+    /// Latency budget for a trial's p99 (ms); overrides the target profile's. Default 100.
+    #[serde(default)]
+    pub latency_budget_ms: Option<f64>,
+    /// MQTT broker.
+    pub broker: BrokerConfig,
+    /// Trusted keys: SPKI PEM files or trust-store JSON files.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Local API.
+    pub api: ApiConfig,
+    /// Telemetry interval (s).
+    #[serde(default = "default_telemetry")]
+    pub telemetry_interval_s: u64,
+    /// Drift report interval (s).
+    #[serde(default = "default_drift")]
+    pub drift_interval_s: u64,
+    /// Drift thresholds.
+    #[serde(default)]
+    pub drift_thresholds: Option<DriftThresholds>,
+    /// Operator tags reported in Hello.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// A bundle to install at first boot (verified like any other).
+    #[serde(default)]
+    pub initial_bundle: Option<PathBuf>,
+    /// Input sources, passed as-is to the inputs module.
+    #[serde(default)]
+    pub inputs: Vec<toml::Value>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file and key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.into(),
+            source: e,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `path` is used in messages and to resolve relative paths.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file and key.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.into(),
+            key: key.into(),
+            reason,
+        };
+        c.broker.host_port().map_err(|r| invalid("broker.url", r))?;
+        if !c.api.listen.ip().is_loopback() {
+            return Err(invalid(
+                "api.listen",
+                format!("{} is not a loopback address", c.api.listen),
+            ));
+        }
+        if c.api.workers == 0 || c.api.queue_len == 0 || c.api.max_batch == 0 {
+            return Err(invalid(
+                "api",
+                "workers, queue_len and max_batch must be at least 1".into(),
+            ));
+        }
+        if c.trusted_keys.is_empty() {
+            return Err(invalid(
+                "trusted_keys",
+                "at least one trusted key is required".into(),
+            ));
+        }
+        if c.telemetry_interval_s == 0 {
+            return Err(invalid("telemetry_interval_s", "must be at least 1".into()));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        rel(&mut c.data_dir);
+        c.trusted_keys.iter_mut().for_each(rel);
+        if let Some(p) = c.initial_bundle.as_mut() {
+            rel(p);
+        }
+        if let Some(p) = c.target_profile.as_mut() {
+            rel(p);
+        }
+        if let Some(p) = c.api.unix_socket.as_mut() {
+            rel(p);
+        }
+        Ok(c)
+    }
+
+    /// Loads every trusted key file into one trust store.
+    ///
+    /// # Errors
+    /// The bundle crate's error naming the key file.
+    pub fn trust_store(&self) -> Result<TrustStore, edgefleet_bundle::Error> {
+        let mut t = TrustStore::new();
+        for p in &self.trusted_keys {
+            t.merge(TrustStore::load(p)?);
+        }
+        Ok(t)
+    }
+
+    /// The trial latency budget (ms): the config's, else the target profile's, else 100.
+    ///
+    /// # Errors
+    /// The target profile's load error as text.
+    pub fn latency_budget_ms(&self) -> Result<f64, String> {
+        if let Some(b) = self.latency_budget_ms {
+            return Ok(b);
+        }
+        if let Some(p) = &self.target_profile {
+            let t = edgefleet_targets::load(p).map_err(|e| e.to_string())?;
+            return Ok(f64::from(t.latency_budget_ms));
+        }
+        Ok(100.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+device_id = "dev-1"
+data_dir = "data"
+target = "x86-avx2-gateway"
+trusted_keys = ["keys/release.pub.pem"]
+tags = ["line-3"]
+[broker]
+url = "mqtt://127.0.0.1:1883"
+[api]
+listen = "127.0.0.1:0"
+[[inputs]]
+kind = "replay"
+path = "x.bin"
+"#;
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let c = Config::parse(GOOD, Path::new("/etc/edgefleet/agent.toml")).expect("parses");
+        assert_eq!(c.data_dir, PathBuf::from("/etc/edgefleet/data"));
+        assert_eq!(
+            c.trusted_keys[0],
+            PathBuf::from("/etc/edgefleet/keys/release.pub.pem")
+        );
+        assert_eq!(
+            c.broker.host_port().expect("url"),
+            ("127.0.0.1".to_string(), 1883)
+        );
+        assert_eq!(c.inputs.len(), 1);
+        assert_eq!(c.api.workers, 2);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_file() {
+        let e = Config::parse(&format!("bogus = 1\n{GOOD}"), Path::new("/x/agent.toml"))
+            .expect_err("unknown key");
+        let s = e.to_string();
+        assert!(s.contains("/x/agent.toml") && s.contains("bogus"), "{s}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::parse(
+            &GOOD.replace("mqtt://127.0.0.1:1883", "http://h:1"),
+            Path::new("a.toml"),
+        )
+        .expect_err("bad url");
+        assert!(e.to_string().contains("broker.url"), "{e}");
+        let e = Config::parse(
+            &GOOD.replace("127.0.0.1:0", "0.0.0.0:8080"),
+            Path::new("a.toml"),
+        )
+        .expect_err("not loopback");
+        assert!(e.to_string().contains("api.listen"), "{e}");
+        let e = Config::parse(&GOOD.replace("dev-1", "dev/1"), Path::new("a.toml"))
+            .expect_err("bad id");
+        assert!(e.to_string().contains("device_id"), "{e}");
+    }
+}

@@ -1,0 +1,413 @@
+//! The inference engine: a bounded queue served by dedicated worker threads
+//! (inference is blocking and never runs on the tokio runtime), the active
+//! model behind an `Arc` that is swapped atomically (in-flight calls finish on
+//! the model they started with), an optional trial candidate (shadow or
+//! serve), micro-batching for models with a batch axis, and the counters
+//! `/metrics` and the trial read.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use edgefleet_bundle::payload::Tensor;
+use edgefleet_protocol::messages::{ReleaseRef, TrialMode};
+
+use crate::runtime::{check_finite, Model, RunError};
+
+/// A completed inference.
+#[derive(Debug)]
+pub struct Reply {
+    /// Outputs in model order.
+    pub outputs: Vec<Tensor>,
+    /// Release that answered.
+    pub release: ReleaseRef,
+}
+
+/// Why a request was not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full (503 + Retry-After).
+    #[error("queue full")]
+    Saturated,
+    /// No model is loaded.
+    #[error("no model loaded")]
+    NoModel,
+}
+
+type ReplyTx = tokio::sync::oneshot::Sender<Result<Reply, RunError>>;
+
+struct Job {
+    inputs: Vec<Tensor>,
+    stream: Option<String>,
+    reply: ReplyTx,
+    deadline: Instant,
+}
+
+/// Latency and counters of one release.
+#[derive(Debug)]
+pub struct ReleaseStats {
+    /// Completed requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Latency in microseconds.
+    pub latency_us: hdrhistogram::Histogram<u64>,
+}
+
+impl ReleaseStats {
+    fn new() -> Self {
+        ReleaseStats {
+            requests: 0,
+            errors: 0,
+            latency_us: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2).unwrap_or_else(
+                |_| hdrhistogram::Histogram::new(2).unwrap_or_else(|_| unreachable_hist()),
+            ),
+        }
+    }
+    fn record(&mut self, d: Duration, ok: bool) {
+        self.requests += 1;
+        if !ok {
+            self.errors += 1;
+        }
+        let _ = self
+            .latency_us
+            .record((d.as_micros() as u64).clamp(1, 60_000_000));
+    }
+    /// A quantile in milliseconds.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1e3
+    }
+}
+
+fn unreachable_hist() -> hdrhistogram::Histogram<u64> {
+    // hdrhistogram::Histogram::new(2) only fails for sigfig > 5.
+    hdrhistogram::Histogram::new_with_max(1 << 40, 1).unwrap_or_else(|_| std::process::abort())
+}
+
+/// Trial candidate and what was observed of it.
+#[derive(Debug)]
+pub struct Trial {
+    /// The candidate.
+    pub model: Arc<Model>,
+    /// Shadow or serve.
+    pub mode: TrialMode,
+    /// When the trial started.
+    pub started: Instant,
+    /// Observations.
+    pub stats: Mutex<TrialStats>,
+}
+
+/// What a trial observed.
+#[derive(Debug)]
+pub struct TrialStats {
+    /// Candidate calls and latency.
+    pub candidate: ReleaseStats,
+    /// The previous model's latency on the same inputs (shadow) or before the trial (serve).
+    pub baseline: ReleaseStats,
+    /// First NaN/Inf output seen.
+    pub non_finite: Option<String>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests refused with 503.
+    pub rejected: AtomicU64,
+    /// Per-release stats.
+    pub releases: Mutex<BTreeMap<String, ReleaseStats>>,
+    /// Rollbacks by reason.
+    pub rollbacks: Mutex<BTreeMap<String, u64>>,
+}
+
+/// The engine (shared as `Arc<Engine>`).
+pub struct Engine {
+    active: RwLock<Option<Arc<Model>>>,
+    trial: RwLock<Option<Arc<Trial>>>,
+    tx: SyncSender<Job>,
+    depth: Arc<AtomicUsize>,
+    /// Counters.
+    pub counters: Counters,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("depth", &self.depth)
+            .finish()
+    }
+}
+
+/// Release label used in metrics.
+pub fn label(r: &ReleaseRef) -> String {
+    format!("{}@{}", r.model, r.release)
+}
+
+impl Engine {
+    /// Starts `workers` inference threads over a queue of `queue_len`.
+    pub fn start(workers: usize, queue_len: usize, max_batch: usize) -> Arc<Self> {
+        let (tx, rx) = sync_channel::<Job>(queue_len);
+        let e = Arc::new(Engine {
+            active: RwLock::new(None),
+            trial: RwLock::new(None),
+            tx,
+            depth: Arc::new(AtomicUsize::new(0)),
+            counters: Counters::default(),
+            started: Instant::now(),
+        });
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers {
+            let weak = Arc::downgrade(&e);
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("infer-{i}"))
+                .spawn(move || worker(weak, rx, max_batch.max(1)));
+        }
+        e
+    }
+
+    /// Seconds since start.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Requests waiting.
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    /// The active model.
+    pub fn active(&self) -> Option<Arc<Model>> {
+        self.active.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Swaps the active model; calls in flight finish on the old one.
+    pub fn set_active(&self, m: Option<Arc<Model>>) {
+        if let Ok(mut g) = self.active.write() {
+            *g = m;
+        }
+    }
+
+    /// The trial, if one runs.
+    pub fn trial(&self) -> Option<Arc<Trial>> {
+        self.trial.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Starts a trial of `model`.
+    pub fn start_trial(&self, model: Arc<Model>, mode: TrialMode) {
+        let t = Trial {
+            model,
+            mode,
+            started: Instant::now(),
+            stats: Mutex::new(TrialStats {
+                candidate: ReleaseStats::new(),
+                baseline: ReleaseStats::new(),
+                non_finite: None,
+            }),
+        };
+        if let Ok(mut g) = self.trial.write() {
+            *g = Some(Arc::new(t));
+        }
+    }
+
+    /// Ends the trial; returns the candidate.
+    pub fn end_trial(&self) -> Option<Arc<Model>> {
+        self.trial
+            .write()
+            .ok()
+            .and_then(|mut g| g.take())
+            .map(|t| t.model.clone())
+    }
+
+    /// Counts a rollback.
+    pub fn count_rollback(&self, reason: &str) {
+        if let Ok(mut m) = self.counters.rollbacks.lock() {
+            *m.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Queues a request; the receiver yields the reply.
+    ///
+    /// # Errors
+    /// [`SubmitError::Saturated`] when the queue is full, [`SubmitError::NoModel`].
+    pub fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        stream: Option<String>,
+        timeout: Duration,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Reply, RunError>>, SubmitError> {
+        if self.active().is_none() {
+            return Err(SubmitError::NoModel);
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Job {
+            inputs,
+            stream,
+            reply,
+            deadline: Instant::now() + timeout,
+        }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                Err(SubmitError::Saturated)
+            }
+        }
+    }
+
+    /// Runs a request synchronously on the calling thread (benchmarks, inputs module).
+    ///
+    /// # Errors
+    /// As [`Model::run`], or no model.
+    pub fn run_now(&self, inputs: &[Tensor], stream: Option<&str>) -> Result<Reply, RunError> {
+        let m = self
+            .active()
+            .ok_or_else(|| RunError::Inference("no model loaded".into()))?;
+        self.run_one(&m, inputs, stream)
+    }
+
+    fn record(&self, r: &ReleaseRef, d: Duration, ok: bool) {
+        if let Ok(mut m) = self.counters.releases.lock() {
+            m.entry(label(r))
+                .or_insert_with(ReleaseStats::new)
+                .record(d, ok);
+        }
+    }
+
+    fn run_one(
+        &self,
+        active: &Arc<Model>,
+        inputs: &[Tensor],
+        stream: Option<&str>,
+    ) -> Result<Reply, RunError> {
+        let trial = self.trial();
+        let serving = match &trial {
+            Some(t) if t.mode == TrialMode::Serve => t.model.clone(),
+            _ => active.clone(),
+        };
+        let t0 = Instant::now();
+        let res = serving.run(inputs, stream);
+        let d = t0.elapsed();
+        self.record(&serving.release, d, res.is_ok());
+        if let Some(t) = trial {
+            // Design: shadow runs use their own stream key so the candidate's
+            // recurrent state never leaks into the serving model's.
+            let (cand_res, cand_d) = if t.mode == TrialMode::Shadow {
+                let key = stream.map(|s| format!("shadow:{s}"));
+                let t1 = Instant::now();
+                let r = t.model.run(inputs, key.as_deref());
+                (r, t1.elapsed())
+            } else {
+                (
+                    res.as_ref()
+                        .map(|r| r.clone())
+                        .map_err(|e| RunError::Inference(e.to_string())),
+                    d,
+                )
+            };
+            if let Ok(mut s) = t.stats.lock() {
+                s.candidate.record(cand_d, cand_res.is_ok());
+                if t.mode == TrialMode::Shadow {
+                    s.baseline.record(d, res.is_ok());
+                }
+                if let Ok(out) = &cand_res {
+                    if let Err(e) = check_finite(out) {
+                        s.non_finite.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        res.map(|outputs| Reply {
+            outputs,
+            release: serving.release.clone(),
+        })
+    }
+}
+
+fn worker(engine: std::sync::Weak<Engine>, rx: Arc<Mutex<Receiver<Job>>>, max_batch: usize) {
+    loop {
+        let mut jobs = Vec::new();
+        {
+            let Ok(rx) = rx.lock() else { return };
+            match rx.recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => return,
+            }
+            let batchable = |e: &Engine| {
+                e.active().is_some_and(|m| m.spec.batch_axis.is_some()) && e.trial().is_none()
+            };
+            if let Some(e) = engine.upgrade() {
+                if batchable(&e) && jobs[0].stream.is_none() {
+                    while jobs.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(j) if j.stream.is_none() => jobs.push(j),
+                            Ok(j) => {
+                                jobs.push(j);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        }
+        let Some(e) = engine.upgrade() else { return };
+        e.depth.fetch_sub(jobs.len(), Ordering::Relaxed);
+        let now = Instant::now();
+        let mut live = Vec::new();
+        for j in jobs {
+            if j.deadline <= now {
+                let _ = j
+                    .reply
+                    .send(Err(RunError::Inference("timed out in the queue".into())));
+            } else {
+                live.push(j);
+            }
+        }
+        let Some(active) = e.active() else {
+            for j in live {
+                let _ = j
+                    .reply
+                    .send(Err(RunError::Inference("no model loaded".into())));
+            }
+            continue;
+        };
+        let batch_limit = active
+            .spec
+            .batch_axis
+            .and_then(|a| {
+                active
+                    .spec
+                    .inputs
+                    .first()
+                    .and_then(|s| s.shape.get(a).copied())
+            })
+            .unwrap_or(1);
+        if live.len() > 1 && batch_limit > 1 && live.iter().all(|j| j.stream.is_none()) {
+            let mut live = live.into_iter().peekable();
+            while live.peek().is_some() {
+                let chunk: Vec<Job> = live.by_ref().take(batch_limit).collect();
+                let (reqs, replies): (Vec<Vec<Tensor>>, Vec<ReplyTx>) =
+                    chunk.into_iter().map(|j| (j.inputs, j.reply)).unzip();
+                let t0 = Instant::now();
+                let outs = active.run_batch(&reqs);
+                let d = t0.elapsed();
+                for (reply, o) in replies.into_iter().zip(outs) {
+                    e.record(&active.release, d, o.is_ok());
+                    let _ = reply.send(o.map(|outputs| Reply {
+                        outputs,
+                        release: active.release.clone(),
+                    }));
+                }
+            }
+            continue;
+        }
+        for j in live {
+            let r = e.run_one(&active, &j.inputs, j.stream.as_deref());
+            let _ = j.reply.send(r);
+        }
+    }
+}

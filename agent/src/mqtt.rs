@@ -1,0 +1,227 @@
+//! MQTT session (rumqttc 0.25, plain TCP: the workspace builds rumqttc
+//! without TLS features, see docs/agent.md).
+//!
+//! - TCP_NODELAY on (QoS 1 throughput collapses without it);
+//! - max packet size [`MQTT_MAX_PACKET_BYTES`] both ways, keep alive [`KEEP_ALIVE_S`];
+//! - last will: retained QoS 1 `Status{online:false}` on `up/status`;
+//! - after every ConnAck: subscribe to `down/#` when the broker kept no
+//!   session, then Hello and retained `Status{online:true}`;
+//! - reconnect with full-jitter exponential backoff (base 0.5 s, cap 30 s) so
+//!   a fleet reconnecting at once spreads out;
+//! - a message that fails to decode is logged with its topic and dropped;
+//!   it never tears the session down.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgefleet_protocol::chunk::ChunkData;
+use edgefleet_protocol::messages::{Hello, Status};
+use edgefleet_protocol::topics::{self, DownKind, Topic, UpKind};
+use edgefleet_protocol::{DeviceId, Down, Up, KEEP_ALIVE_S, MQTT_MAX_PACKET_BYTES};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
+
+use crate::api::StatusInfo;
+use crate::update::Input;
+
+/// Backoff base.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Backoff cap.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Full-jitter backoff: uniform in `[0, min(cap, base * 2^attempt)]`.
+pub fn backoff(attempt: u32) -> Duration {
+    let ceil = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_CAP);
+    ceil.mul_f64(rand::random::<f64>())
+}
+
+/// Where an up message goes, its QoS and retain flag.
+pub fn route(id: &DeviceId, up: &Up) -> (String, QoS, bool) {
+    let (kind, qos, retain) = match up {
+        Up::Hello(_) => (UpKind::Hello, QoS::AtLeastOnce, false),
+        Up::Status(_) => (UpKind::Status, QoS::AtLeastOnce, true),
+        Up::Heartbeat(_) => (UpKind::Heartbeat, QoS::AtMostOnce, false),
+        Up::Telemetry(_) => (UpKind::Telemetry, QoS::AtLeastOnce, false),
+        Up::Drift(_) => (UpKind::Drift, QoS::AtLeastOnce, false),
+        Up::Event(_) => (UpKind::Event, QoS::AtLeastOnce, false),
+        Up::ChunkRequest(_) => (UpKind::ChunkRequest, QoS::AtLeastOnce, false),
+    };
+    (topics::up(id, kind), qos, retain)
+}
+
+/// Session settings.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    /// Device id (client id).
+    pub device_id: DeviceId,
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Credentials.
+    pub credentials: Option<(String, String)>,
+    /// Target id (Hello).
+    pub target: String,
+    /// Tags (Hello).
+    pub tags: Vec<String>,
+}
+
+/// Outgoing queue handle.
+pub type UpSender = tokio::sync::mpsc::UnboundedSender<Up>;
+
+/// Runs the session until `shutdown` turns true; then publishes offline and disconnects.
+pub async fn run(
+    s: MqttSettings,
+    status: Arc<Mutex<StatusInfo>>,
+    inbound: std::sync::mpsc::Sender<Input>,
+    up_tx: UpSender,
+    mut up_rx: tokio::sync::mpsc::UnboundedReceiver<Up>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let id = s.device_id.clone();
+    let mut opts = MqttOptions::new(id.as_str(), s.host.clone(), s.port);
+    opts.set_keep_alive(Duration::from_secs(KEEP_ALIVE_S));
+    opts.set_max_packet_size(MQTT_MAX_PACKET_BYTES, MQTT_MAX_PACKET_BYTES);
+    opts.set_clean_session(false);
+    if let Some((u, p)) = &s.credentials {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    let offline = Up::Status(Status {
+        device_id: id.clone(),
+        online: false,
+    })
+    .encode()
+    .unwrap_or_default();
+    opts.set_last_will(LastWill::new(
+        topics::up(&id, UpKind::Status),
+        offline,
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (client, mut el) = AsyncClient::new(opts, 1024);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
+    el.set_network_options(net);
+    let boot_id = format!("{:016x}", rand::random::<u64>());
+
+    let pub_client = client.clone();
+    let pub_id = id.clone();
+    let publisher = tokio::spawn(async move {
+        while let Some(up) = up_rx.recv().await {
+            let (topic, qos, retain) = route(&pub_id, &up);
+            match up.encode() {
+                Ok(b) => {
+                    if pub_client.publish(topic, qos, retain, b).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode an up message"),
+            }
+        }
+    });
+
+    let mut attempt = 0u32;
+    loop {
+        let mut sd = shutdown.clone();
+        tokio::select! {
+            _ = stopped(&mut sd) => break,
+            ev = el.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ca))) => {
+                    attempt = 0;
+                    tracing::info!(session_present = ca.session_present, "mqtt connected");
+                    if !ca.session_present {
+                        if let Err(e) = client.try_subscribe(topics::down_filter(&id), QoS::AtLeastOnce) {
+                            tracing::error!(error = %e, "subscribe failed");
+                        }
+                    }
+                    let st = status.lock().map(|x| x.clone()).unwrap_or_default();
+                    let _ = up_tx.send(Up::Hello(Hello {
+                        device_id: id.clone(),
+                        agent_version: env!("CARGO_PKG_VERSION").into(),
+                        target: s.target.clone(),
+                        active: st.active,
+                        previous: st.previous,
+                        update_state: st.update_state,
+                        tags: s.tags.clone(),
+                        boot_id: boot_id.clone(),
+                    }));
+                    let _ = up_tx.send(Up::Status(Status { device_id: id.clone(), online: true }));
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => handle(&id, &p.topic, &p.payload, &inbound),
+                Ok(_) => {}
+                Err(e) => {
+                    let d = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "mqtt connection lost");
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = stopped(&mut shutdown) => break,
+                    }
+                }
+            }
+        }
+    }
+    // Graceful: say offline (retained), then disconnect; give the loop a moment to flush.
+    let offline = Up::Status(Status {
+        device_id: id.clone(),
+        online: false,
+    });
+    let (t, q, r) = route(&id, &offline);
+    let _ = client.try_publish(t, q, r, offline.encode().unwrap_or_default());
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(ev) = el.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    publisher.abort();
+}
+
+/// Resolves when shutdown is signalled (a `Send` wrapper around `wait_for`).
+pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+fn handle(id: &DeviceId, topic: &str, payload: &[u8], inbound: &std::sync::mpsc::Sender<Input>) {
+    let input = match topics::parse(topic) {
+        Ok(Topic::Down(d, DownKind::Command)) if &d == id => Down::decode(payload)
+            .map(Input::Down)
+            .map_err(|e| e.to_string()),
+        Ok(Topic::Down(d, DownKind::Chunk)) if &d == id => ChunkData::decode(payload)
+            .map(Input::Chunk)
+            .map_err(|e| e.to_string()),
+        Ok(_) => Err("not a down topic of this device".into()),
+        Err(e) => Err(e.to_string()),
+    };
+    match input {
+        Ok(i) => {
+            let _ = inbound.send(i);
+        }
+        Err(e) => tracing::warn!(topic, error = %e, "dropping an undecodable message"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_and_capped() {
+        for a in 0..40 {
+            let d = backoff(a);
+            let ceil = BACKOFF_BASE
+                .saturating_mul(1u32 << a.min(16))
+                .min(BACKOFF_CAP);
+            assert!(d <= ceil, "attempt {a}: {d:?} > {ceil:?}");
+        }
+        assert!(backoff(30) <= BACKOFF_CAP);
+        let spread: std::collections::BTreeSet<u128> =
+            (0..50).map(|_| backoff(10).as_millis()).collect();
+        assert!(spread.len() > 10, "jitter spreads reconnects");
+    }
+}

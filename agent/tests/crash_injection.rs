@@ -1,0 +1,186 @@
+//! The crash-injection table (the firmware-tests suite; it lives here because
+//! only this package's tests get `CARGO_BIN_EXE_edgefleet-agent`).
+//!
+//! For every update state the agent runs with `EDGEFLEET_FAULT_PAUSE_IN=<state>`,
+//! which makes it sleep right after persisting that state and before its side
+//! effects; the test SIGKILLs it there (`kill -9`, not a flag), restarts it
+//! without the hook, and asserts that it serves a verified model, reaches the
+//! expected outcome and ends Idle with no download left behind.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgefleet_agent::testkit::{self, Kind};
+use edgefleet_protocol::messages::EventKind;
+
+const T: Duration = Duration::from_secs(60);
+
+struct Row {
+    state: &'static str,
+    bundle: Kind,
+    outcome: EventKind,
+    serving: u64,
+}
+
+#[test]
+fn sigkill_in_every_update_state() {
+    let table = [
+        Row {
+            state: "downloading",
+            bundle: Kind::Good,
+            outcome: EventKind::Committed,
+            serving: 2,
+        },
+        Row {
+            state: "verifying",
+            bundle: Kind::Good,
+            outcome: EventKind::Committed,
+            serving: 2,
+        },
+        Row {
+            state: "staging",
+            bundle: Kind::Good,
+            outcome: EventKind::Committed,
+            serving: 2,
+        },
+        Row {
+            state: "trial",
+            bundle: Kind::Good,
+            outcome: EventKind::Committed,
+            serving: 2,
+        },
+        Row {
+            state: "committed",
+            bundle: Kind::Good,
+            outcome: EventKind::Committed,
+            serving: 2,
+        },
+        Row {
+            state: "rolled_back",
+            bundle: Kind::GoldenMismatch,
+            outcome: EventKind::RolledBack,
+            serving: 1,
+        },
+        Row {
+            state: "idle",
+            bundle: Kind::Good,
+            outcome: EventKind::Committed,
+            serving: 2,
+        },
+    ];
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    for row in table {
+        let t0 = Instant::now();
+        let mut a = Agent::new(&format!("kill-{}", row.state), port, "");
+        a.extra_env
+            .push(("EDGEFLEET_FAULT_PAUSE_IN".into(), row.state.into()));
+        a.spawn();
+        a.wait_healthy(T);
+        let traffic = Traffic::start(a.http, [1.0, 2.0, 3.0, 4.0]);
+        let b = testkit::bundle(row.bundle, &a.key, MODEL, 2, TARGET, 2.0);
+        server.offer(&a.id, &b, &a.key, trial(1, 5));
+        let t = Instant::now();
+        while !a.log().contains(&format!("state=\"{}\"", row.state))
+            || !a.log().contains("pausing 60 s")
+        {
+            assert!(
+                t.elapsed() < T,
+                "{}: never paused; log:\n{}",
+                row.state,
+                a.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a.sigkill();
+        a.extra_env.clear();
+        a.spawn();
+        a.wait_healthy(T);
+        let e = server.wait_event(
+            &a.id,
+            2,
+            &[
+                EventKind::Committed,
+                EventKind::RolledBack,
+                EventKind::Failed,
+            ],
+            T,
+        );
+        assert_eq!(e.kind, row.outcome, "{}: {e:?}\n{}", row.state, a.log());
+        drop(traffic);
+        // Consistent end state: Idle, the expected verified release serving, no partial download.
+        let t = Instant::now();
+        while a.update_state() != "idle" {
+            assert!(
+                t.elapsed() < T,
+                "{}: not idle: {}",
+                row.state,
+                a.update_state()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (rel, y) = a.infer([1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert_eq!(rel, row.serving, "{}", row.state);
+        let k = if rel == 2 { 2.0 } else { 1.0 };
+        assert_eq!(y, vec![k, 2.0 * k, 3.0 * k, 4.0 * k], "{}", row.state);
+        assert_eq!(
+            a.model()["release"]["release"],
+            row.serving,
+            "{}",
+            row.state
+        );
+        assert!(
+            !a.path().join("data/download/body.part").exists(),
+            "{}: partial download left",
+            row.state
+        );
+        eprintln!(
+            "{:<12} killed, restarted -> {:?}, serving release {rel} ({:.1} s)",
+            row.state,
+            e.kind,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+}
+
+#[test]
+fn corrupt_store_is_quarantined_and_last_good_model_serves() {
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new("corrupt", port, "");
+    a.spawn();
+    a.wait_healthy(T);
+    let _traffic = Traffic::start(a.http, [1.0; 4]);
+    let b = testkit::bundle(Kind::Good, &a.key, MODEL, 2, TARGET, 2.0);
+    server.offer(&a.id, &b, &a.key, trial(1, 5));
+    assert_eq!(
+        server
+            .wait_event(&a.id, 2, &[EventKind::Committed, EventKind::RolledBack], T)
+            .kind,
+        EventKind::Committed
+    );
+    a.sigkill();
+    for e in std::fs::read_dir(a.path().join("data/store")).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::write(&p, vec![0x5Au8; 8192]).unwrap();
+        }
+    }
+    a.spawn();
+    a.wait_healthy(T);
+    assert_eq!(a.infer([1.0; 4]).unwrap(), (2, vec![2.0; 4]));
+    let quarantined = std::fs::read_dir(a.path().join("data")).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("quarantine-")
+    });
+    assert!(quarantined, "{}", a.log());
+    // The recovered floor still refuses a replay of release 2.
+    server.offer(&a.id, &b, &a.key, trial(1, 5));
+    let e = server.wait_event(&a.id, 2, &[EventKind::Rejected], T);
+    assert_eq!(e.reason.as_deref(), Some("downgrade"));
+}

@@ -1,0 +1,169 @@
+//! End-to-end update tests against real brokers: the agent binary, a fake
+//! fleet server built on the protocol crate, rumqttd in-process and the
+//! machine's Mosquitto at 127.0.0.1:1883.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use edgefleet_agent::testkit::{self, Kind};
+use edgefleet_protocol::messages::EventKind;
+use edgefleet_protocol::Down;
+
+const T: Duration = Duration::from_secs(60);
+
+fn install_trial_commit(port: u16, name: &str) {
+    let server = Server::start(port);
+    let mut a = Agent::new(name, port, "");
+    a.spawn();
+    a.wait_healthy(T);
+    assert_eq!(
+        a.infer([1.0, 2.0, 3.0, 4.0]).unwrap(),
+        (1, vec![1.0, 2.0, 3.0, 4.0])
+    );
+    let _traffic = Traffic::start(a.http, [1.0, 2.0, 3.0, 4.0]);
+    let b = testkit::bundle(Kind::Good, &a.key, MODEL, 2, TARGET, 2.0);
+    server.offer(&a.id, &b, &a.key, trial(1, 5));
+    let e = server.wait_event(
+        &a.id,
+        2,
+        &[
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+            EventKind::Rejected,
+        ],
+        T,
+    );
+    assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
+    assert_eq!(
+        server.kinds(&a.id, 2),
+        vec![
+            EventKind::Downloading,
+            EventKind::Verified,
+            EventKind::Staged,
+            EventKind::TrialStarted,
+            EventKind::Committed
+        ]
+    );
+    assert_eq!(
+        a.infer([1.0, 2.0, 3.0, 4.0]).unwrap(),
+        (2, vec![2.0, 4.0, 6.0, 8.0])
+    );
+    assert_eq!(a.model()["release"]["release"], 2);
+    // A replay of the committed release is below the raised floor.
+    server.offer(&a.id, &b, &a.key, trial(1, 5));
+    let e = server.wait_event(&a.id, 2, &[EventKind::Rejected], T);
+    assert_eq!(e.reason.as_deref(), Some("downgrade"));
+    // Graceful shutdown and restart keep release 2.
+    assert!(a.sigterm().success());
+    a.spawn();
+    a.wait_healthy(T);
+    assert_eq!(a.infer([1.0, 1.0, 1.0, 1.0]).unwrap().0, 2);
+    // The server can order a rollback to the previous slot.
+    server.command(
+        &a.id,
+        &Down::Rollback {
+            reason: "operator".into(),
+        },
+    );
+    let e = server.wait_event(&a.id, 2, &[EventKind::RolledBack], T);
+    assert_eq!(e.reason.as_deref(), Some("server_command"));
+    assert_eq!(a.infer([1.0, 1.0, 1.0, 1.0]).unwrap().0, 1);
+}
+
+#[test]
+fn install_trial_commit_rumqttd() {
+    let port = start_rumqttd();
+    install_trial_commit(port, "commit-rumqttd");
+}
+
+#[test]
+fn install_trial_commit_mosquitto() {
+    if !mosquitto_available() {
+        eprintln!("SKIP: no Mosquitto on 127.0.0.1:1883");
+        return;
+    }
+    install_trial_commit(1883, "commit-mosq");
+}
+
+/// Offers a bad release 2 under traffic `x`; expects a rollback with `reason`
+/// and release 1 still serving; a re-offer is refused.
+fn rolls_back(kind: Kind, x: [f32; 4], reason: &str, extra_toml: &str) {
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new(reason, port, extra_toml);
+    a.spawn();
+    a.wait_healthy(T);
+    let _traffic = Traffic::start(a.http, x);
+    let b = testkit::bundle(kind, &a.key, MODEL, 2, TARGET, 2.0);
+    server.offer(&a.id, &b, &a.key, trial(3, 5));
+    let e = server.wait_event(
+        &a.id,
+        2,
+        &[
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+        ],
+        T,
+    );
+    assert_eq!(
+        (e.kind, e.reason.as_deref()),
+        (EventKind::RolledBack, Some(reason)),
+        "{e:?}\n{}",
+        a.log()
+    );
+    assert_eq!(
+        a.infer([1.0, 2.0, 3.0, 4.0]).unwrap(),
+        (1, vec![1.0, 2.0, 3.0, 4.0])
+    );
+    assert_eq!(a.update_state(), "idle");
+    server.offer(&a.id, &b, &a.key, trial(3, 5));
+    let e = server.wait_event(&a.id, 2, &[EventKind::Rejected], T);
+    assert_eq!(e.reason.as_deref(), Some("refused_release"));
+}
+
+#[test]
+fn golden_mismatch_rolls_back() {
+    rolls_back(Kind::GoldenMismatch, [1.0; 4], "golden_mismatch", "");
+}
+
+#[test]
+fn nan_output_rolls_back() {
+    rolls_back(Kind::Nan, [-1.0, 2.0, 3.0, 4.0], "nan_output", "");
+}
+
+#[test]
+fn latency_budget_rolls_back() {
+    rolls_back(
+        Kind::Slow,
+        [1.0; 4],
+        "latency_budget",
+        "latency_budget_ms = 8.0",
+    );
+}
+
+#[test]
+fn crash_loop_rolls_back() {
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new("crashloop", port, "");
+    a.spawn();
+    a.wait_healthy(T);
+    let b = testkit::bundle(Kind::Good, &a.key, MODEL, 2, TARGET, 2.0);
+    // A long window: the trial cannot finish before the crashes.
+    server.offer(&a.id, &b, &a.key, trial(600, 5));
+    server.wait_event(&a.id, 2, &[EventKind::TrialStarted], T);
+    for _ in 0..2 {
+        a.sigkill();
+        a.spawn();
+        a.wait_healthy(T);
+    }
+    let e = server.wait_event(&a.id, 2, &[EventKind::RolledBack], T);
+    assert_eq!(e.reason.as_deref(), Some("crash_loop"), "{e:?}");
+    assert_eq!(a.infer([1.0; 4]).unwrap().0, 1);
+    assert_eq!(a.update_state(), "idle");
+}
