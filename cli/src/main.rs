@@ -38,6 +38,8 @@ enum Command {
     Rollouts(cmd::rollouts::Command),
     /// Run a whole fleet on real models: compile, serve, 20+ agents, rollouts, drift.
     Demo(cmd::demo::Args),
+    /// Run the device agent (same code as the `edgefleet-agent` binary).
+    Agent(cmd::agent::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Bundles(c) => cmd::bundles::run(c),
         Command::Rollouts(c) => cmd::rollouts::run(c),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Agent(a) => cmd::agent::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,4 +1,5 @@
 //! One module per subcommand family.
+pub mod agent;
 pub mod bundle;
 pub mod bundles;
 pub mod compile;

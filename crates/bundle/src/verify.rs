@@ -260,6 +260,13 @@ impl UnverifiedBundle {
         &self.signed
     }
 
+    /// The body bytes as found after the head, NOT verified. Lets a relay
+    /// serve chunks without holding keys; every receiver checks each chunk
+    /// against its verified manifest.
+    pub fn body_unverified(&self) -> &[u8] {
+        &self.body
+    }
+
     /// Verifies a full bundle: signature, policy, body, payload.
     ///
     /// # Errors
