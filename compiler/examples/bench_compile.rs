@@ -66,6 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fmt",
         "build s"
     );
+    let mut formats = Vec::new();
     for m in &models {
         let original = std::fs::read(m)?;
         for t in &targets {
@@ -138,11 +139,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     },
                     build_s
                 );
+                formats.push(format!(
+                    "{:<34} {:<17} {:>5.2} onnx {:>9} B zstd, load {:>7.1} ms | nnef {} | {:?}: {}",
+                    file(m),
+                    t.id,
+                    prune,
+                    r.format.onnx_zstd_bytes,
+                    r.format.onnx_load_ms,
+                    match (r.format.nnef_zstd_bytes, r.format.nnef_load_ms) {
+                        (Some(b), Some(l)) => format!("{b:>9} B zstd, load {l:>7.1} ms"),
+                        _ => "-".into(),
+                    },
+                    c.spec.format,
+                    r.format.reason.chars().take(90).collect::<String>()
+                ));
+                for p in &cand.passes {
+                    println!(
+                        "    pass {}: {}",
+                        p.pass,
+                        p.detail.chars().take(120).collect::<String>()
+                    );
+                }
                 if cand.gate != "pass" {
                     println!("    gate: {}", cand.gate);
                 }
             }
         }
+    }
+    println!("\nartifact format (tract load = parse + optimise):");
+    for f in formats {
+        println!("{f}");
     }
     println!("lat x = compiled / original under tract (same input); `*` = original does not load in tract, ratio vs the specialised fp32 graph");
     Ok(())

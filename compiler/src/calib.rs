@@ -482,7 +482,7 @@ pub fn text_image(spec: &TensorSpec, i: usize) -> Vec<f32> {
             let tint = [1.0, 0.98, 0.95][c];
             out.extend(
                 img.iter()
-                    .map(|p| ((p * tint).clamp(0.0, 255.0) / 255.0 - mean[c]) / std[c]),
+                    .map(|p| ((p * tint).clamp(0.0, 255.0).round() / 255.0 - mean[c]) / std[c]),
             );
         }
     }

@@ -114,8 +114,15 @@ pub fn choose_format(
 
 /// Golden vectors: the first cases (one for large outputs) with the compiled model's outputs.
 pub fn golden(spec: &ModelSpec, cases: &[Vec<TensorData>], outs: &[Outputs]) -> GoldenVectors {
-    let out_elems: usize = spec.outputs.iter().map(|o| o.len()).sum();
-    let n = if out_elems > 50_000 { 1 } else { 3 }.min(cases.len());
+    // Design: golden vectors travel in every bundle as JSON; beyond ~20k
+    // values one case is enough for a self-test and keeps small models' bundles small.
+    let elems: usize = spec
+        .outputs
+        .iter()
+        .chain(&spec.inputs)
+        .map(|o| o.len())
+        .sum();
+    let n = if elems > 20_000 { 1 } else { 3 }.min(cases.len());
     let cases = cases
         .iter()
         .zip(outs)

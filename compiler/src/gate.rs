@@ -103,6 +103,8 @@ pub fn measure(
 ///
 /// # Errors
 /// [`Error::Gate`] naming the first failing metric.
+// Design: negated comparisons so that a NaN metric fails the gate.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn check(a: &Accuracy, gate: &Gate, target: &str, detail: &str) -> Result<(), Error> {
     let fail = |metric, value, threshold: f32| Error::Gate {
         target: target.into(),

@@ -102,7 +102,7 @@ pub struct Candidate {
     pub onnx_zstd_bytes: usize,
     /// Accuracy vs the reference.
     pub accuracy: Accuracy,
-    /// Median tract latency, ms.
+    /// Median tract latency, ms; NaN (null in JSON) for a candidate outside the gate (never timed).
     pub latency_ms: f64,
     /// Gate verdict (`pass` or the error).
     pub gate: String,
@@ -435,7 +435,13 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
     );
     let mut candidates = Vec::new();
     let mut built: Vec<(Vec<u8>, Vec<Outputs>, Option<Error>)> = Vec::new();
-    for mode in &modes {
+    // Builds, runs and gates one candidate.
+    let evaluate = |mode: Quantize,
+                    keep: &std::collections::BTreeSet<String>,
+                    restore_f16: bool,
+                    candidates: &mut Vec<Candidate>,
+                    built: &mut Vec<(Vec<u8>, Vec<Outputs>, Option<Error>)>|
+     -> Result<bool, Error> {
         let mut cm = m.clone();
         let mut ps: Vec<Box<dyn Pass>> = Vec::new();
         if prune > 0.0 {
@@ -445,8 +451,13 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
             }));
         }
         match mode {
-            Quantize::Int8Weights => ps.push(Box::new(passes::Int8Weights)),
-            Quantize::F16 => ps.push(Box::new(passes::F16Weights)),
+            Quantize::Int8Weights => ps.push(Box::new(passes::Int8Weights {
+                keep_f32: keep.clone(),
+                restore_f16,
+            })),
+            Quantize::F16 => ps.push(Box::new(passes::F16Weights {
+                keep_f32: keep.clone(),
+            })),
             _ => {}
         }
         let mut stats = Vec::new();
@@ -458,26 +469,110 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         let runner = Runner::onnx(&bytes, &format!("{} ({mode})", path.display()))?;
         let outs = run_cases(&runner, &full, &pb)?;
         let acc = gate::measure(&ref_out, &outs, classes, &gated);
-        let lat = runner.median_latency(&full[0], 5)?;
         let verdict = gate::check(
             &acc,
             &target.gate,
             &target.id,
-            &format!("candidate quantize={mode} prune={prune}"),
+            &format!(
+                "candidate quantize={mode} prune={prune}{}",
+                if keep.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " restored_to_{}={}",
+                        if restore_f16 { "f16" } else { "fp32" },
+                        keep.len()
+                    )
+                }
+            ),
         );
+        let pass = verdict.is_ok();
+        // A candidate outside the gate never ships: its latency is not measured (NaN).
+        let lat_ms = if pass {
+            runner.median_latency(&full[0], 5)?.as_secs_f64() * 1e3
+        } else {
+            f64::NAN
+        };
         candidates.push(Candidate {
-            quantize: *mode,
+            quantize: mode,
             prune,
             onnx_bytes: bytes.len(),
             onnx_zstd_bytes: zstd_len(&bytes),
             accuracy: acc,
-            latency_ms: lat.as_secs_f64() * 1e3,
+            latency_ms: lat_ms,
             gate: verdict
                 .as_ref()
                 .map_or_else(|e| e.to_string(), |_| "pass".into()),
             passes: stats,
         });
         built.push((bytes, outs, verdict.err()));
+        Ok(pass)
+    };
+    for mode in &modes {
+        let none = std::collections::BTreeSet::new();
+        if evaluate(*mode, &none, false, &mut candidates, &mut built)?
+            || !matches!(mode, Quantize::Int8Weights | Quantize::F16)
+        {
+            continue;
+        }
+        // Design: accuracy fallback. The gate failed with every weight stored
+        // small: restore the weights with the largest relative int8 error to
+        // higher precision, doubling their number until the gate holds, then
+        // bisect (3 steps) between the last failing and the first passing
+        // count. For int8 the restored weights are first stored as f16 (still
+        // fp32 compute, ~30x smaller error than int8, half of fp32's size),
+        // and only if even all-f16 fails as fp32. Bounded: at most
+        // 2 * (log2(weights) + 4) extra candidates; if every level fails
+        // (e.g. pruning broke the model) the first failure is reported.
+        let ranking = passes::int8_sensitivity(&m, path)?;
+        let n = ranking.len();
+        let keep_top = |k: usize| -> std::collections::BTreeSet<String> {
+            ranking.iter().take(k).map(|r| r.0.clone()).collect()
+        };
+        let levels: &[bool] = if *mode == Quantize::Int8Weights {
+            &[true, false]
+        } else {
+            &[false]
+        };
+        for &restore_f16 in levels {
+            let (mut lo, mut hi) = (0usize, None::<usize>);
+            let mut k = 1usize;
+            while k <= n {
+                if evaluate(
+                    *mode,
+                    &keep_top(k),
+                    restore_f16,
+                    &mut candidates,
+                    &mut built,
+                )? {
+                    hi = Some(k);
+                    break;
+                }
+                lo = k;
+                if k == n {
+                    break;
+                }
+                k = (k * 2).min(n);
+            }
+            let Some(mut h) = hi else { continue };
+            let mut tries = 0;
+            while h - lo > 1 && tries < 3 {
+                let mid = lo + (h - lo) / 2;
+                if evaluate(
+                    *mode,
+                    &keep_top(mid),
+                    restore_f16,
+                    &mut candidates,
+                    &mut built,
+                )? {
+                    h = mid;
+                } else {
+                    lo = mid;
+                }
+                tries += 1;
+            }
+            break;
+        }
     }
     pb.finish_and_clear();
     timings.insert("candidates".into(), ms(t));

@@ -228,3 +228,34 @@ fn int8_full_and_f16_on_f32_only_target_are_refused() {
     let c = edgefleet_compiler::build(&o, &common::profile("rpi5")).expect("auto");
     assert!(c.report.candidates.len() >= 3);
 }
+
+#[test]
+fn failing_int8_falls_back_to_f16_storage_for_sensitive_weights() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = common::write_model(
+        dir.path(),
+        "tiny.onnx",
+        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
+    );
+    let mut t = common::profile("rpi4");
+    // Between the all-int8 error (~1e-2) and the f16 error (~1e-3).
+    t.gate.max_abs_error = 0.005;
+    let c = edgefleet_compiler::build(&opts(&p), &t).expect("fallback passes");
+    let r = &c.report;
+    assert!(
+        r.candidates[0].gate.contains("max_abs_error"),
+        "{}",
+        r.candidates[0].gate
+    );
+    let chosen = &r.candidates[r.chosen];
+    assert_eq!(chosen.gate, "pass");
+    assert!(
+        chosen
+            .passes
+            .iter()
+            .any(|p| p.detail.contains("restored to f16")),
+        "{:?}",
+        chosen.passes
+    );
+    assert!(chosen.accuracy.max_abs_error <= 0.005);
+}

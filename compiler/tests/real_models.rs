@@ -92,20 +92,29 @@ fn every_model_compiles_for_every_target_and_matches_onnxruntime() {
         eprintln!("NOTE: python3 onnxruntime/numpy missing (pip install onnxruntime numpy): onnxruntime comparison skipped");
     }
     let mut summary = Vec::new();
+    // EDGEFLEET_TEST_MODEL=substring restricts the run (for debugging one model).
+    let only = std::env::var("EDGEFLEET_TEST_MODEL").unwrap_or_default();
+    let t_all = std::time::Instant::now();
     for model in MODELS {
         let path = dir.join(model);
         let stem = model.trim_end_matches(".onnx");
-        // Design: targets whose specialisation and policy agree share one compile;
-        // their gates differ only in thresholds and are all checked on it.
+        if !only.is_empty() && !model.contains(&only) {
+            continue;
+        }
+        // Design: targets whose specialisation, policy and gate agree compile to
+        // the same artifact (the compiler reads nothing else of the profile), so
+        // each distinct (shapes, consts, policy, gate) is compiled once and its
+        // result checked for every target in the group.
         let mut groups: Vec<(String, Vec<&edgefleet_targets::TargetProfile>)> = Vec::new();
         for t in &targets {
-            let key = format!("{:?}|{:?}", t.overrides_for(stem), t.policy);
+            let key = format!("{:?}|{:?}|{:?}", t.overrides_for(stem), t.policy, t.gate);
             match groups.iter_mut().find(|g| g.0 == key) {
                 Some(g) => g.1.push(t),
                 None => groups.push((key, vec![t])),
             }
         }
         for (_, group) in groups {
+            let t_group = std::time::Instant::now();
             let first = group[0];
             let opts = CompileOptions::new(&path, semver::Version::new(1, 0, 0), 1);
             let c = edgefleet_compiler::build(&opts, first)
@@ -194,8 +203,17 @@ fn every_model_compiles_for_every_target_and_matches_onnxruntime() {
                     .unwrap_or_else(|e| panic!("{model} vs onnxruntime: {e}"));
                 }
             }
+            eprintln!(
+                "{model} [{}]: {:.1}s",
+                group
+                    .iter()
+                    .map(|t| t.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                t_group.elapsed().as_secs_f64()
+            );
             summary.push(format!(
-                "{model:<38} {:<40} {:?} {:>9} B  max_abs {:.5} cos {:.6}  vs ORT: {}",
+                "{model:<38} {:<40} {:?} {:>9} B  restored {:<9} max_abs {:.5} cos {:.6}  vs ORT: {}",
                 group
                     .iter()
                     .map(|t| t.id.as_str())
@@ -203,6 +221,10 @@ fn every_model_compiles_for_every_target_and_matches_onnxruntime() {
                     .join(","),
                 c.spec.format,
                 c.model_bytes.len(),
+                cand.passes
+                    .iter()
+                    .find_map(|p| p.pass.split("keep ").nth(1).map(|k| k.trim_end_matches(" fp32)").to_string()))
+                    .unwrap_or_else(|| "0".into()),
                 cand.accuracy.max_abs_error,
                 cand.accuracy.mean_cosine,
                 ort_acc.map_or("skipped".into(), |a| format!(
@@ -215,4 +237,5 @@ fn every_model_compiles_for_every_target_and_matches_onnxruntime() {
     for s in summary {
         eprintln!("{s}");
     }
+    eprintln!("total {:.1}s", t_all.elapsed().as_secs_f64());
 }

@@ -430,7 +430,7 @@ fn inline_if(g: &mut pb::GraphProto, idx: usize, cond: bool, path: &Path) -> Res
         if if_out.is_empty() {
             continue;
         }
-        if produced.contains(b_out) && !outs.iter().filter(|o| *o == b_out).nth(1).is_some() {
+        if produced.contains(b_out) && outs.iter().filter(|o| *o == b_out).nth(1).is_none() {
             rename_in_graph(&mut branch, b_out, if_out);
         } else {
             extra.push(pb::NodeProto {

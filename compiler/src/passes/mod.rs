@@ -5,7 +5,7 @@ mod prune;
 mod quantize;
 
 pub use prune::MagnitudePrune;
-pub use quantize::{F16Weights, Int8Weights};
+pub use quantize::{int8_sensitivity, F16Weights, Int8Weights};
 
 use std::path::Path;
 
@@ -51,12 +51,57 @@ pub(crate) struct Weight {
     pub op: String,
 }
 
+/// Ops that only move weight values around (slice, stack, reshape); a weight
+/// read through them (Silero's LSTM weights: Slice -> Concat -> Unsqueeze -> LSTM)
+/// can still be stored small, dequantized before the first of them.
+const LAYOUT_OPS: [&str; 9] = [
+    "Slice",
+    "Concat",
+    "Unsqueeze",
+    "Squeeze",
+    "Reshape",
+    "Transpose",
+    "Split",
+    "Gather",
+    "Identity",
+];
+
 /// Float weight initializers of Conv, ConvTranspose, Gemm, MatMul and LSTM/GRU.
-pub(crate) fn weights(m: &pb::ModelProto, min_elems: usize) -> Vec<Weight> {
+/// With `through_layout`, also rank >= 2 float initializers whose every consumer
+/// is a [`LAYOUT_OPS`] op reading them as its data input (channel axis 0: the rows).
+pub(crate) fn weights(m: &pb::ModelProto, min_elems: usize, through_layout: bool) -> Vec<Weight> {
     let g = graph(m);
     let inits: std::collections::HashMap<&str, &pb::TensorProto> =
         g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut out: Vec<Weight> = Vec::new();
+    if through_layout {
+        let mut consumers: std::collections::HashMap<&str, Vec<(&pb::NodeProto, usize)>> =
+            std::collections::HashMap::new();
+        for n in &g.node {
+            for (i, x) in n.input.iter().enumerate() {
+                consumers.entry(x.as_str()).or_default().push((n, i));
+            }
+        }
+        for t in &g.initializer {
+            let Some(cs) = consumers.get(t.name.as_str()) else {
+                continue;
+            };
+            let layout_only = cs.iter().all(|(n, i)| {
+                LAYOUT_OPS.contains(&n.op_type.as_str()) && (*i == 0 || n.op_type == "Concat")
+            });
+            if layout_only
+                && t.data_type == pb::tensor_proto::DataType::Float as i32
+                && t.dims.len() >= 2
+                && crate::onnx::numel(t) >= min_elems
+            {
+                out.push(Weight {
+                    name: t.name.clone(),
+                    channel_axis: 0,
+                    op: cs[0].0.op_type.clone(),
+                });
+            }
+        }
+    }
     for n in &g.node {
         let cands: Vec<(usize, usize)> = match n.op_type.as_str() {
             "Conv" => vec![(1, 0)],

@@ -37,7 +37,7 @@ impl Pass for MagnitudePrune {
         "weights of Conv/Gemm/MatMul/LSTM with >= 1024 elements: the `sparsity` fraction of smallest |w| (globally or per layer) is exactly 0; shapes unchanged"
     }
     fn run(&self, m: &mut pb::ModelProto, path: &Path) -> Result<PassStats, Error> {
-        let ws = weights(m, MIN_ELEMS);
+        let ws = weights(m, MIN_ELEMS, false);
         let g = graph_mut(m);
         let mut data: Vec<(usize, Vec<f32>)> = Vec::new();
         for w in &ws {

@@ -1,7 +1,15 @@
 //! Weight storage quantization: weights are stored small and expanded to f32
 //! when the runtime loads the model (tract folds the constant subgraph), so
 //! compute stays fp32 and as fast as the original.
+//!
+//! Design: int8 weights are read through `Cast(to=float) -> Mul(scale)`, not
+//! `DequantizeLinear(axis)`: per-axis DequantizeLinear needs opset 13, and
+//! bumping an opset-12 model to 13 silently changes other ops (Squeeze and
+//! Unsqueeze take `axes` as an input from 13 on; tract then squeezes every
+//! unit axis: PP-OCRv4 rec failed typing that way). Cast and Mul mean the same
+//! in every opset the models use, and tract folds both at load.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use tract_onnx::pb;
@@ -11,25 +19,96 @@ use super::{check_no_softmax_qdq, weights, Pass, PassStats};
 use crate::onnx::{graph_mut, i8_tensor, tensor_f32};
 use crate::Error;
 
-/// Weights smaller than this stay f32 (the DequantizeLinear would cost more than it saves).
-const MIN_ELEMS: usize = 256;
+/// Weights smaller than this stay f32 (the Cast/Mul pair would cost more than it saves).
+pub const MIN_ELEMS: usize = 128;
 
-/// int8 per-channel symmetric weight storage + DequantizeLinear(axis).
-pub struct Int8Weights;
+/// int8 per-channel symmetric weight storage, read through Cast + Mul(scale).
+#[derive(Debug, Clone, Default)]
+pub struct Int8Weights {
+    /// Weights the accuracy fallback restores to higher precision (the most sensitive ones).
+    pub keep_f32: BTreeSet<String>,
+    /// Store the restored weights as f16 (read through Cast, fp32 compute) instead of fp32.
+    pub restore_f16: bool,
+}
+
+/// Per-channel symmetric int8 quantization of `v` (dims `dims`, channels on `axis`):
+/// (q, per-channel scales).
+fn quantize_i8(v: &[f32], dims: &[usize], axis: usize) -> (Vec<i8>, Vec<f32>) {
+    let channels = dims[axis];
+    let inner: usize = dims[axis + 1..].iter().product();
+    let mut maxabs = vec![0f32; channels];
+    for (k, x) in v.iter().enumerate() {
+        let c = (k / inner) % channels;
+        maxabs[c] = maxabs[c].max(x.abs());
+    }
+    let scales: Vec<f32> = maxabs
+        .iter()
+        .map(|&a| if a > 0.0 { a / 127.0 } else { 1.0 })
+        .collect();
+    let q = v
+        .iter()
+        .enumerate()
+        .map(|(k, x)| {
+            (x / scales[(k / inner) % channels])
+                .round()
+                .clamp(-127.0, 127.0) as i8
+        })
+        .collect();
+    (q, scales)
+}
+
+/// Quantizable weights with their relative int8 error `||w - dq(q(w))|| / ||w||`,
+/// most damaged first: the order in which the accuracy fallback restores fp32.
+///
+/// # Errors
+/// [`Error::Tensor`] for unreadable weight data.
+pub fn int8_sensitivity(m: &pb::ModelProto, path: &Path) -> Result<Vec<(String, f64)>, Error> {
+    let g = crate::onnx::graph(m);
+    let mut out = Vec::new();
+    for w in weights(m, MIN_ELEMS, true) {
+        let Some(t) = g.initializer.iter().find(|t| t.name == w.name) else {
+            continue;
+        };
+        let Some(v) = tensor_f32(t, path)? else {
+            continue;
+        };
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let (q, s) = quantize_i8(&v, &dims, w.channel_axis);
+        let inner: usize = dims[w.channel_axis + 1..].iter().product();
+        let (mut num, mut den) = (0f64, 0f64);
+        for (k, (x, qi)) in v.iter().zip(&q).enumerate() {
+            let d = f64::from(*x) - f64::from(*qi) * f64::from(s[(k / inner) % s.len()]);
+            num += d * d;
+            den += f64::from(*x) * f64::from(*x);
+        }
+        let rel = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
+        out.push((w.name, rel));
+    }
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(out)
+}
 
 impl Pass for Int8Weights {
     fn name(&self) -> String {
-        "int8-weights".into()
+        if self.keep_f32.is_empty() {
+            "int8-weights".into()
+        } else {
+            format!(
+                "int8-weights(keep {} {})",
+                self.keep_f32.len(),
+                if self.restore_f16 { "f16" } else { "fp32" }
+            )
+        }
     }
     fn contract(&self) -> &'static str {
-        "each Conv/Gemm/MatMul/LSTM weight with >= 256 elements becomes int8 q = round(w / s_c), s_c = max|w_c| / 127 per output channel, zero point 0, read through DequantizeLinear(axis = channel); no activation is quantized"
+        "each Conv/Gemm/MatMul/LSTM weight (also when read through Slice/Concat/Reshape-like ops) with >= 128 elements, except those the accuracy fallback restores (to f16 storage, else fp32), becomes int8 q = round(w / s_c), s_c = max|w_c| / 127 per output channel, read through Cast(to=float) -> Mul(s_c); no activation is quantized"
     }
     fn run(&self, m: &mut pb::ModelProto, path: &Path) -> Result<PassStats, Error> {
-        let ws = weights(m, MIN_ELEMS);
+        let ws = weights(m, MIN_ELEMS, true);
         let g = graph_mut(m);
         let mut dq_nodes = Vec::new();
         let (mut tensors, mut elements) = (0, 0);
-        for w in &ws {
+        for w in ws.iter().filter(|w| !self.keep_f32.contains(&w.name)) {
             let Some(i) = g.initializer.iter().position(|t| t.name == w.name) else {
                 continue;
             };
@@ -38,49 +117,38 @@ impl Pass for Int8Weights {
             };
             let dims: Vec<usize> = g.initializer[i].dims.iter().map(|&d| d as usize).collect();
             let axis = w.channel_axis;
-            let channels = dims[axis];
-            let inner: usize = dims[axis + 1..].iter().product();
-            let mut maxabs = vec![0f32; channels];
-            for (k, x) in v.iter().enumerate() {
-                let c = (k / inner) % channels;
-                maxabs[c] = maxabs[c].max(x.abs());
-            }
-            let scales: Vec<f32> = maxabs
-                .iter()
-                .map(|&a| if a > 0.0 { a / 127.0 } else { 1.0 })
-                .collect();
-            let q: Vec<i8> = v
-                .iter()
-                .enumerate()
-                .map(|(k, x)| {
-                    (x / scales[(k / inner) % channels])
-                        .round()
-                        .clamp(-127.0, 127.0) as i8
-                })
-                .collect();
+            let (q, scales) = quantize_i8(&v, &dims, axis);
             let base = w.name.clone();
-            let (qn, sn, zn) = (
+            let (qn, cn, sn) = (
                 format!("{base}::q8"),
+                format!("{base}::q8f"),
                 format!("{base}::scale"),
-                format!("{base}::zero"),
             );
             let idims = g.initializer[i].dims.clone();
             g.initializer[i] = i8_tensor(&qn, &idims, &q);
+            // Scale shaped [C, 1, ..., 1] so that it broadcasts along `axis`.
+            let mut sdims = vec![dims[axis] as i64];
+            sdims.extend(std::iter::repeat_n(1, dims.len() - axis - 1));
             g.initializer
-                .push(crate::onnx::f32_tensor(&sn, &[channels as i64], &scales));
-            g.initializer
-                .push(i8_tensor(&zn, &[channels as i64], &vec![0; channels]));
+                .push(crate::onnx::f32_tensor(&sn, &sdims, &scales));
             dq_nodes.push(pb::NodeProto {
-                input: vec![qn, sn, zn],
-                output: vec![base.clone()],
-                name: format!("{base}::dequantize"),
-                op_type: "DequantizeLinear".into(),
+                input: vec![qn],
+                output: vec![cn.clone()],
+                name: format!("{base}::cast"),
+                op_type: "Cast".into(),
                 attribute: vec![pb::AttributeProto {
-                    name: "axis".into(),
+                    name: "to".into(),
                     r#type: pb::attribute_proto::AttributeType::Int as i32,
-                    i: axis as i64,
+                    i: pb::tensor_proto::DataType::Float as i64,
                     ..Default::default()
                 }],
+                ..Default::default()
+            });
+            dq_nodes.push(pb::NodeProto {
+                input: vec![cn, sn],
+                output: vec![base.clone()],
+                name: format!("{base}::dequantize"),
+                op_type: "Mul".into(),
                 ..Default::default()
             });
             tensors += 1;
@@ -88,13 +156,10 @@ impl Pass for Int8Weights {
         }
         dq_nodes.append(&mut g.node);
         g.node = dq_nodes;
-        // DequantizeLinear with a per-axis scale needs opset >= 13.
-        for o in m
-            .opset_import
-            .iter_mut()
-            .filter(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-        {
-            o.version = o.version.max(13);
+        if self.restore_f16 && !self.keep_f32.is_empty() {
+            let mut keep: BTreeSet<String> = ws.iter().map(|w| w.name.clone()).collect();
+            keep.retain(|n| !self.keep_f32.contains(n));
+            F16Weights { keep_f32: keep }.run(m, path)?;
         }
         check_no_softmax_qdq(m)?;
         Ok(PassStats {
@@ -102,27 +167,43 @@ impl Pass for Int8Weights {
             contract: self.contract().into(),
             tensors,
             elements,
-            detail: format!("{tensors} weight tensors ({elements} values) stored as int8"),
+            detail: if self.keep_f32.is_empty() {
+                format!("{tensors} weight tensors ({elements} values) stored as int8")
+            } else {
+                format!(
+                    "{tensors} weight tensors ({elements} values) stored as int8; restored to {} by the accuracy fallback: {}",
+                    if self.restore_f16 { "f16" } else { "fp32" },
+                    self.keep_f32.iter().cloned().collect::<Vec<_>>().join(", ")
+                )
+            },
         })
     }
 }
 
 /// f16 weight storage + Cast(to = float): only for targets that list f16.
-pub struct F16Weights;
+#[derive(Debug, Clone, Default)]
+pub struct F16Weights {
+    /// Weights kept in fp32 (the accuracy fallback).
+    pub keep_f32: BTreeSet<String>,
+}
 
 impl Pass for F16Weights {
     fn name(&self) -> String {
-        "f16-weights".into()
+        if self.keep_f32.is_empty() {
+            "f16-weights".into()
+        } else {
+            format!("f16-weights(keep {} fp32)", self.keep_f32.len())
+        }
     }
     fn contract(&self) -> &'static str {
-        "each Conv/Gemm/MatMul/LSTM weight with >= 256 elements is stored as IEEE f16 and read through Cast(to = float); compute stays f32"
+        "each Conv/Gemm/MatMul/LSTM weight with >= 128 elements, except those the accuracy fallback keeps fp32, is stored as IEEE f16 and read through Cast(to = float); compute stays f32"
     }
     fn run(&self, m: &mut pb::ModelProto, path: &Path) -> Result<PassStats, Error> {
-        let ws = weights(m, MIN_ELEMS);
+        let ws = weights(m, MIN_ELEMS, true);
         let g = graph_mut(m);
         let mut casts = Vec::new();
         let (mut tensors, mut elements) = (0, 0);
-        for w in &ws {
+        for w in ws.iter().filter(|w| !self.keep_f32.contains(&w.name)) {
             let Some(i) = g.initializer.iter().position(|t| t.name == w.name) else {
                 continue;
             };
