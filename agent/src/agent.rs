@@ -1,5 +1,7 @@
-//! Wiring: store, slots, engine, updater thread, MQTT session, local API.
+//! Wiring: store, slots, engine, updater thread, MQTT session, local API,
+//! input sources, telemetry (outbox + publisher) and drift (`crate::pipeline`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,9 +11,11 @@ use edgefleet_bundle::{Policy, UnverifiedBundle};
 use crate::api::{ApiState, StatusInfo};
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::pipeline;
 use crate::runtime::Model;
 use crate::slots::{SlotName, Slots};
 use crate::store::Store;
+use crate::telemetry::{Outbox, OutboxConfig};
 use crate::update::{Input, Updater, UpdaterConfig};
 
 /// Runs the agent until `shutdown` turns true; then finishes in-flight work and flushes.
@@ -55,6 +59,10 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
     let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel();
     let (in_tx, in_rx) = std::sync::mpsc::channel();
     let publish_tx = up_tx.clone();
+    let drift_tx = up_tx.clone();
+    let outbox =
+        Arc::new(Outbox::open(store.db(), OutboxConfig::default()).context("telemetry outbox")?);
+    engine.set_outbox(outbox.clone());
     let updater = Updater::new(
         UpdaterConfig {
             device_id: cfg.device_id.clone(),
@@ -76,15 +84,16 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         .spawn(move || updater.run(in_rx))?;
 
     let (host, port) = cfg.broker.host_port().map_err(anyhow::Error::msg)?;
+    let credentials = cfg
+        .broker
+        .username
+        .clone()
+        .map(|u| (u, cfg.broker.password.clone().unwrap_or_default()));
     let settings = crate::mqtt::MqttSettings {
         device_id: cfg.device_id.clone(),
-        host,
+        host: host.clone(),
         port,
-        credentials: cfg
-            .broker
-            .username
-            .clone()
-            .map(|u| (u, cfg.broker.password.clone().unwrap_or_default())),
+        credentials: credentials.clone(),
         target: cfg.target.clone(),
         tags: cfg.tags.clone(),
     };
@@ -96,6 +105,39 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         up_rx,
         shutdown.clone(),
     ));
+
+    let telemetry = pipeline::spawn_telemetry(
+        engine.clone(),
+        outbox.clone(),
+        pipeline::TelemetryLink {
+            device_id: cfg.device_id.clone(),
+            host,
+            port,
+            credentials,
+        },
+        Duration::from_secs(cfg.telemetry_interval_s),
+        shutdown.clone(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let drift = pipeline::spawn_drift(
+        engine.clone(),
+        store.db().clone(),
+        cfg.device_id.clone(),
+        pipeline::DriftSettings {
+            thresholds: cfg.drift_thresholds.unwrap_or_default(),
+            interval: Duration::from_secs(cfg.drift_interval_s),
+        },
+        Arc::new(move |up| {
+            let _ = drift_tx.send(up);
+        }),
+        stop.clone(),
+    );
+    let sources = pipeline::spawn_sources(
+        &engine,
+        &cfg.inputs,
+        Duration::from_millis(cfg.api.request_timeout_ms),
+        &stop,
+    );
 
     let api_state = ApiState {
         engine: engine.clone(),
@@ -114,9 +156,26 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
     let mut sd = shutdown;
     let _ = sd.wait_for(|v| *v).await;
     tracing::info!("shutting down: finishing in-flight requests");
+    stop.store(true, Ordering::Relaxed);
     let _ = in_tx.send(Input::Shutdown);
     let _ = tokio::task::spawn_blocking(move || upd.join()).await;
     let _ = tokio::time::timeout(Duration::from_secs(3), mqtt).await;
+    for t in telemetry {
+        let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+    }
+    // Input threads notice `stop` within one window (or one request timeout).
+    let _ = tokio::task::spawn_blocking(move || {
+        let t = std::time::Instant::now();
+        for h in sources.into_iter().chain(drift) {
+            while !h.is_finished() && t.elapsed() < Duration::from_secs(3) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    })
+    .await;
     // Requests already queued finish on their worker threads.
     let t = std::time::Instant::now();
     while engine.queue_depth() > 0 && t.elapsed() < Duration::from_secs(5) {

@@ -7,7 +7,7 @@
 //! | `POST /v1/infer` | JSON `{"inputs":[Tensor...], "stream":"id"?}` -> `{"release":{..},"outputs":[Tensor...]}`; or binary (below) |
 //! | `GET /v1/model` | active release, its `model.json`, trial and update state |
 //! | `GET /healthz` | 200 when a verified model is loaded, else 503 |
-//! | `GET /metrics` | Prometheus text; names from `edgefleet_protocol::telemetry::names` only |
+//! | `GET /metrics` | Prometheus text (docs/specs/telemetry.md); names from `edgefleet_protocol::telemetry::names` only |
 //!
 //! Binary form (`Content-Type: application/octet-stream`): the body is every
 //! model input in `model.json` order, each as its raw little-endian elements
@@ -19,7 +19,6 @@
 //! A full queue answers 503 with `Retry-After: 1`; a request not answered
 //! within the configured timeout answers 504.
 
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +30,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use edgefleet_bundle::payload::{DType, Tensor, TensorData};
 use edgefleet_protocol::messages::ReleaseRef;
-use edgefleet_protocol::telemetry::names;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{label, Engine, SubmitError};
@@ -271,78 +269,10 @@ async fn healthz(State(st): State<ApiState>) -> Response {
         .into_response()
 }
 
-/// Prometheus text of the engine counters.
+/// Prometheus text of every metric in `edgefleet_protocol::telemetry::names`
+/// (telemetry stats, outbox, rollbacks, drift PSI; see docs/specs/telemetry.md).
 pub fn render_metrics(engine: &Engine, ready: bool) -> String {
-    let mut s = String::new();
-    let c = &engine.counters;
-    let _ = writeln!(s, "# TYPE {} counter", names::REQUESTS_TOTAL);
-    let rel = c
-        .releases
-        .lock()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.requests,
-                        v.errors,
-                        [0.5, 0.95, 0.99].map(|q| v.quantile_ms(q) / 1e3),
-                        v.latency_us.len(),
-                        v.latency_us.mean() * v.latency_us.len() as f64 / 1e6,
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    for (k, n, _, _, _, _) in &rel {
-        let _ = writeln!(s, "{}{{release=\"{k}\"}} {n}", names::REQUESTS_TOTAL);
-    }
-    let _ = writeln!(s, "# TYPE {} counter", names::REQUEST_ERRORS_TOTAL);
-    for (k, _, e, _, _, _) in &rel {
-        let _ = writeln!(s, "{}{{release=\"{k}\"}} {e}", names::REQUEST_ERRORS_TOTAL);
-    }
-    let _ = writeln!(s, "# TYPE {} counter", names::REQUESTS_REJECTED_TOTAL);
-    let _ = writeln!(
-        s,
-        "{} {}",
-        names::REQUESTS_REJECTED_TOTAL,
-        c.rejected.load(std::sync::atomic::Ordering::Relaxed)
-    );
-    let _ = writeln!(s, "# TYPE {} summary", names::INFERENCE_LATENCY_SECONDS);
-    for (k, _, _, qs, cnt, sum) in &rel {
-        for (q, v) in [0.5, 0.95, 0.99].iter().zip(qs) {
-            let _ = writeln!(
-                s,
-                "{}{{release=\"{k}\",quantile=\"{q}\"}} {v}",
-                names::INFERENCE_LATENCY_SECONDS
-            );
-        }
-        let _ = writeln!(
-            s,
-            "{}_count{{release=\"{k}\"}} {cnt}",
-            names::INFERENCE_LATENCY_SECONDS
-        );
-        let _ = writeln!(
-            s,
-            "{}_sum{{release=\"{k}\"}} {sum}",
-            names::INFERENCE_LATENCY_SECONDS
-        );
-    }
-    let _ = writeln!(s, "# TYPE {} gauge", names::QUEUE_DEPTH);
-    let _ = writeln!(s, "{} {}", names::QUEUE_DEPTH, engine.queue_depth());
-    let _ = writeln!(s, "# TYPE {} gauge", names::RSS_BYTES);
-    let _ = writeln!(s, "{} {}", names::RSS_BYTES, rss_bytes());
-    let _ = writeln!(s, "# TYPE {} gauge", names::UPTIME_SECONDS);
-    let _ = writeln!(s, "{} {}", names::UPTIME_SECONDS, engine.uptime().as_secs());
-    let _ = writeln!(s, "# TYPE {} counter", names::ROLLBACKS_TOTAL);
-    if let Ok(m) = c.rollbacks.lock() {
-        for (r, n) in m.iter() {
-            let _ = writeln!(s, "{}{{reason=\"{r}\"}} {n}", names::ROLLBACKS_TOTAL);
-        }
-    }
-    let _ = writeln!(s, "# TYPE {} gauge", names::MODEL_READY);
-    let _ = writeln!(s, "{} {}", names::MODEL_READY, u8::from(ready));
-    s
+    engine.render_metrics(ready)
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {

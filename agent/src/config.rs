@@ -230,6 +230,15 @@ impl Config {
         if let Some(p) = c.api.unix_socket.as_mut() {
             rel(p);
         }
+        // Input tables are opaque to the config, except that a relative
+        // `dir` (replay sources) is resolved like every other path.
+        for t in &mut c.inputs {
+            if let Some(toml::Value::String(d)) = t.get_mut("dir") {
+                let mut p = PathBuf::from(&*d);
+                rel(&mut p);
+                *d = p.display().to_string();
+            }
+        }
         Ok(c)
     }
 
@@ -294,6 +303,12 @@ path = "x.bin"
         );
         assert_eq!(c.inputs.len(), 1);
         assert_eq!(c.api.workers, 2);
+        let c = Config::parse(
+            &format!("{GOOD}dir = \"replay\"\n"),
+            Path::new("/etc/edgefleet/agent.toml"),
+        )
+        .expect("parses");
+        assert_eq!(c.inputs[0]["dir"].as_str(), Some("/etc/edgefleet/replay"));
     }
 
     #[test]

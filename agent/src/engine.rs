@@ -4,17 +4,25 @@
 //! the model they started with), an optional trial candidate (shadow or
 //! serve), micro-batching for models with a batch axis, and the counters
 //! `/metrics` and the trial read.
+//!
+//! Every request that reaches a worker (local API or an input source) ends in
+//! one place, `finish`: its latency as the caller saw it (queue wait
+//! included) goes into the telemetry [`Stats`] of the release that answered;
+//! a successful one is handed to the drift thread through a bounded channel
+//! ([`DriftTap`]) *after* the reply was sent, and dropped (counted) when that
+//! channel is full, so drift never adds latency to a request.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use edgefleet_bundle::payload::Tensor;
 use edgefleet_protocol::messages::{ReleaseRef, TrialMode};
 
 use crate::runtime::{check_finite, Model, RunError};
+use crate::telemetry::{MetricsExtras, Outbox, Stats};
 
 /// A completed inference.
 #[derive(Debug)]
@@ -42,7 +50,59 @@ struct Job {
     inputs: Vec<Tensor>,
     stream: Option<String>,
     reply: ReplyTx,
+    enqueued: Instant,
     deadline: Instant,
+}
+
+/// A successful inference, handed to the drift thread.
+#[derive(Debug)]
+pub struct DriftSample {
+    /// Release that answered.
+    pub release: ReleaseRef,
+    /// The request's inputs (as given: state inputs filled by the runtime are absent).
+    pub inputs: Vec<Tensor>,
+    /// The outputs.
+    pub outputs: Vec<Tensor>,
+}
+
+/// Capacity of the drift channel (samples); beyond it samples are dropped.
+pub const DRIFT_CHANNEL_CAPACITY: usize = 256;
+
+/// The engine's side of the drift channel.
+#[derive(Debug, Default)]
+pub struct DriftTap {
+    tx: OnceLock<SyncSender<DriftSample>>,
+    /// Set by the drift thread while the active release has a reference
+    /// profile; when false no sample is copied.
+    pub enabled: AtomicBool,
+    /// Samples handed over.
+    pub sent: AtomicU64,
+    /// Samples dropped because the channel was full.
+    pub dropped: AtomicU64,
+    /// Last PSI per drift feature (for `/metrics`), written by the drift thread.
+    pub psi: Mutex<Vec<(String, f64)>>,
+}
+
+impl DriftTap {
+    /// Connects the channel (once); returns the receiver, or `None` if already connected.
+    pub fn connect(&self, capacity: usize) -> Option<Receiver<DriftSample>> {
+        let (tx, rx) = sync_channel(capacity.max(1));
+        self.tx.set(tx).ok().map(|()| rx)
+    }
+    fn wants(&self) -> bool {
+        self.tx.get().is_some() && self.enabled.load(Ordering::Relaxed)
+    }
+    fn offer(&self, s: DriftSample) {
+        let Some(tx) = self.tx.get() else { return };
+        match tx.try_send(s) {
+            Ok(()) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Latency and counters of one release.
@@ -110,13 +170,11 @@ pub struct TrialStats {
     pub non_finite: Option<String>,
 }
 
-/// Counters for `/metrics`.
+/// Counters for `/metrics` (request counters and latency are in [`Engine::stats`]).
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Requests refused with 503.
     pub rejected: AtomicU64,
-    /// Per-release stats.
-    pub releases: Mutex<BTreeMap<String, ReleaseStats>>,
     /// Rollbacks by reason.
     pub rollbacks: Mutex<BTreeMap<String, u64>>,
 }
@@ -129,6 +187,11 @@ pub struct Engine {
     depth: Arc<AtomicUsize>,
     /// Counters.
     pub counters: Counters,
+    /// Telemetry statistics per release (docs/specs/telemetry.md).
+    pub stats: Mutex<Stats>,
+    /// Drift channel.
+    pub drift: DriftTap,
+    outbox: OnceLock<Arc<Outbox>>,
     started: Instant,
 }
 
@@ -155,6 +218,9 @@ impl Engine {
             tx,
             depth: Arc::new(AtomicUsize::new(0)),
             counters: Counters::default(),
+            stats: Mutex::new(Stats::new()),
+            drift: DriftTap::default(),
+            outbox: OnceLock::new(),
             started: Instant::now(),
         });
         let rx = Arc::new(Mutex::new(rx));
@@ -183,11 +249,64 @@ impl Engine {
         self.active.read().ok().and_then(|g| g.clone())
     }
 
+    /// The model that answers requests: the active one, or on a first
+    /// install the trial candidate (which then serves).
+    pub fn serving(&self) -> Option<Arc<Model>> {
+        self.active()
+            .or_else(|| self.trial().map(|t| t.model.clone()))
+    }
+
     /// Swaps the active model; calls in flight finish on the old one.
     pub fn set_active(&self, m: Option<Arc<Model>>) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.set_active_release(m.as_ref().map(|m| m.release.clone()));
+        }
         if let Ok(mut g) = self.active.write() {
             *g = m;
         }
+    }
+
+    /// Attaches the telemetry outbox (for the `/metrics` outbox gauges).
+    pub fn set_outbox(&self, o: Arc<Outbox>) {
+        let _ = self.outbox.set(o);
+    }
+
+    /// The interval's telemetry records (one per release that served, the
+    /// active release first), resetting the interval counters.
+    pub fn snapshot_telemetry(&self) -> Vec<edgefleet_protocol::telemetry::TelemetryRecord> {
+        let depth = u32::try_from(self.queue_depth()).unwrap_or(u32::MAX);
+        self.stats
+            .lock()
+            .map(|mut s| {
+                s.set_queue_depth(depth);
+                s.snapshot_all_and_reset()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Prometheus text (format 0.0.4) of every metric in
+    /// `edgefleet_protocol::telemetry::names`.
+    pub fn render_metrics(&self, ready: bool) -> String {
+        let extras = MetricsExtras {
+            outbox_records: self.outbox.get().map_or(0, |o| o.len()),
+            outbox_dropped: self.outbox.get().map_or(0, |o| o.dropped()),
+            rollbacks: self
+                .counters
+                .rollbacks
+                .lock()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                .unwrap_or_default(),
+            drift_psi: self.drift.psi.lock().map(|p| p.clone()).unwrap_or_default(),
+            model_ready: ready && self.active().is_some(),
+        };
+        let depth = u32::try_from(self.queue_depth()).unwrap_or(u32::MAX);
+        self.stats
+            .lock()
+            .map(|mut s| {
+                s.set_queue_depth(depth);
+                s.render_prometheus(&extras)
+            })
+            .unwrap_or_default()
     }
 
     /// The trial, if one runs.
@@ -197,6 +316,14 @@ impl Engine {
 
     /// Starts a trial of `model`.
     pub fn start_trial(&self, model: Arc<Model>, mode: TrialMode) {
+        // Design: on a first install there is no active model to shadow, so
+        // the candidate serves; otherwise it would never see live inputs and
+        // the trial could not gather evidence.
+        let mode = if self.active().is_none() {
+            TrialMode::Serve
+        } else {
+            mode
+        };
         let t = Trial {
             model,
             mode,
@@ -238,21 +365,26 @@ impl Engine {
         stream: Option<String>,
         timeout: Duration,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<Reply, RunError>>, SubmitError> {
-        if self.active().is_none() {
+        if self.serving().is_none() {
             return Err(SubmitError::NoModel);
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.depth.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
         match self.tx.try_send(Job {
             inputs,
             stream,
             reply,
-            deadline: Instant::now() + timeout,
+            enqueued: now,
+            deadline: now + timeout,
         }) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.depth.fetch_sub(1, Ordering::Relaxed);
                 self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut s) = self.stats.lock() {
+                    s.record_rejected();
+                }
                 Err(SubmitError::Saturated)
             }
         }
@@ -264,25 +396,51 @@ impl Engine {
     /// As [`Model::run`], or no model.
     pub fn run_now(&self, inputs: &[Tensor], stream: Option<&str>) -> Result<Reply, RunError> {
         let m = self
-            .active()
+            .serving()
             .ok_or_else(|| RunError::Inference("no model loaded".into()))?;
-        self.run_one(&m, inputs, stream)
+        let (release, res) = self.run_one(&m, inputs, stream);
+        res.map(|outputs| Reply { outputs, release })
     }
 
-    fn record(&self, r: &ReleaseRef, d: Duration, ok: bool) {
-        if let Ok(mut m) = self.counters.releases.lock() {
-            m.entry(label(r))
-                .or_insert_with(ReleaseStats::new)
-                .record(d, ok);
+    /// Completes a job: reply, telemetry, drift (in that order, so the
+    /// bookkeeping is off the caller's latency).
+    fn finish(&self, job: Job, release: ReleaseRef, res: Result<Vec<Tensor>, RunError>) {
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(job.enqueued);
+        // A reply after the deadline is a 504 for an API caller: an error.
+        let ok = matches!(&res, Ok(out) if now <= job.deadline && check_finite(out).is_ok());
+        let drift_outputs = match &res {
+            Ok(out) if ok && self.drift.wants() => Some(out.clone()),
+            _ => None,
+        };
+        let _ = job.reply.send(res.map(|outputs| Reply {
+            outputs,
+            release: release.clone(),
+        }));
+        if let Ok(mut s) = self.stats.lock() {
+            if ok {
+                s.record_ok(Some(&release), latency);
+            } else {
+                s.record_error(Some(&release));
+            }
+        }
+        if let Some(outputs) = drift_outputs {
+            self.drift.offer(DriftSample {
+                release,
+                inputs: job.inputs,
+                outputs,
+            });
         }
     }
 
+    /// Runs one request on the serving model (and the shadow candidate);
+    /// returns the release that answered and its outputs.
     fn run_one(
         &self,
         active: &Arc<Model>,
         inputs: &[Tensor],
         stream: Option<&str>,
-    ) -> Result<Reply, RunError> {
+    ) -> (ReleaseRef, Result<Vec<Tensor>, RunError>) {
         let trial = self.trial();
         let serving = match &trial {
             Some(t) if t.mode == TrialMode::Serve => t.model.clone(),
@@ -291,7 +449,6 @@ impl Engine {
         let t0 = Instant::now();
         let res = serving.run(inputs, stream);
         let d = t0.elapsed();
-        self.record(&serving.release, d, res.is_ok());
         if let Some(t) = trial {
             // Design: shadow runs use their own stream key so the candidate's
             // recurrent state never leaks into the serving model's.
@@ -320,10 +477,7 @@ impl Engine {
                 }
             }
         }
-        res.map(|outputs| Reply {
-            outputs,
-            release: serving.release.clone(),
-        })
+        (serving.release.clone(), res)
     }
 }
 
@@ -358,23 +512,25 @@ fn worker(engine: std::sync::Weak<Engine>, rx: Arc<Mutex<Receiver<Job>>>, max_ba
         e.depth.fetch_sub(jobs.len(), Ordering::Relaxed);
         let now = Instant::now();
         let mut live = Vec::new();
-        for j in jobs {
-            if j.deadline <= now {
-                let _ = j
-                    .reply
-                    .send(Err(RunError::Inference("timed out in the queue".into())));
-            } else {
-                live.push(j);
-            }
-        }
-        let Some(active) = e.active() else {
-            for j in live {
+        let Some(active) = e.serving() else {
+            for j in jobs {
                 let _ = j
                     .reply
                     .send(Err(RunError::Inference("no model loaded".into())));
             }
             continue;
         };
+        for j in jobs {
+            if j.deadline <= now {
+                e.finish(
+                    j,
+                    active.release.clone(),
+                    Err(RunError::Inference("timed out in the queue".into())),
+                );
+            } else {
+                live.push(j);
+            }
+        }
         let batch_limit = active
             .spec
             .batch_axis
@@ -389,25 +545,22 @@ fn worker(engine: std::sync::Weak<Engine>, rx: Arc<Mutex<Receiver<Job>>>, max_ba
         if live.len() > 1 && batch_limit > 1 && live.iter().all(|j| j.stream.is_none()) {
             let mut live = live.into_iter().peekable();
             while live.peek().is_some() {
-                let chunk: Vec<Job> = live.by_ref().take(batch_limit).collect();
-                let (reqs, replies): (Vec<Vec<Tensor>>, Vec<ReplyTx>) =
-                    chunk.into_iter().map(|j| (j.inputs, j.reply)).unzip();
-                let t0 = Instant::now();
+                let mut chunk: Vec<Job> = live.by_ref().take(batch_limit).collect();
+                let reqs: Vec<Vec<Tensor>> = chunk
+                    .iter_mut()
+                    .map(|j| std::mem::take(&mut j.inputs))
+                    .collect();
                 let outs = active.run_batch(&reqs);
-                let d = t0.elapsed();
-                for (reply, o) in replies.into_iter().zip(outs) {
-                    e.record(&active.release, d, o.is_ok());
-                    let _ = reply.send(o.map(|outputs| Reply {
-                        outputs,
-                        release: active.release.clone(),
-                    }));
+                for ((mut j, inputs), o) in chunk.into_iter().zip(reqs).zip(outs) {
+                    j.inputs = inputs;
+                    e.finish(j, active.release.clone(), o);
                 }
             }
             continue;
         }
         for j in live {
-            let r = e.run_one(&active, &j.inputs, j.stream.as_deref());
-            let _ = j.reply.send(r);
+            let (release, r) = e.run_one(&active, &j.inputs, j.stream.as_deref());
+            e.finish(j, release, r);
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod drift;
 pub mod engine;
 pub mod inputs;
 pub mod mqtt;
+pub mod pipeline;
 pub mod runtime;
 pub mod slots;
 pub mod store;

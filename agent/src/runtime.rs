@@ -72,6 +72,9 @@ pub struct Model {
     pub release: ReleaseRef,
     /// `model.json`.
     pub spec: ModelSpec,
+    /// The directory the payload files were loaded from (a slot's `files/`):
+    /// where the drift monitor finds `drift_reference.json`.
+    pub dir: std::path::PathBuf,
     plan: Arc<tp::TypedRunnableModel>,
     golden: Option<GoldenVectors>,
     streams: Mutex<HashMap<String, Vec<TensorData>>>,
@@ -138,6 +141,7 @@ impl Model {
         Ok(Model {
             release,
             spec,
+            dir: dir.to_path_buf(),
             plan,
             golden,
             streams: Mutex::new(HashMap::new()),

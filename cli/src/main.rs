@@ -46,7 +46,8 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // rumqttd logs every client disconnect at ERROR: not news for an operator.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -66,7 +67,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Bundle rejections carry a stable code (tests and scripts match on it).
-            match e.chain().find_map(|c| c.downcast_ref::<edgefleet_bundle::Error>()) {
+            match e
+                .chain()
+                .find_map(|c| c.downcast_ref::<edgefleet_bundle::Error>())
+            {
                 Some(be) => eprintln!("error[{}]: {e:#}", be.code()),
                 None => eprintln!("error: {e:#}"),
             }

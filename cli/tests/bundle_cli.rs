@@ -5,11 +5,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn edgefleet(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgefleet")).args(args).current_dir(cwd).output().expect("run edgefleet")
+    Command::new(env!("CARGO_BIN_EXE_edgefleet"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run edgefleet")
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -18,7 +27,12 @@ fn fixtures() -> PathBuf {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 #[test]
@@ -31,60 +45,186 @@ fn readme_walkthrough_and_interop() {
     let out = ok(&edgefleet(&["keygen", "--out", "keys/release"], cwd));
     assert!(out.contains("key id"));
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(cwd.join("keys/release.pem")).expect("pem").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(cwd.join("keys/release.pem"))
+        .expect("pem")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "private key mode");
-    assert!(!edgefleet(&["keygen", "--out", "keys/release"], cwd).status.success(), "overwrote a key");
+    assert!(
+        !edgefleet(&["keygen", "--out", "keys/release"], cwd)
+            .status
+            .success(),
+        "overwrote a key"
+    );
     // 2. pack
     ok(&edgefleet(
         &[
-            "bundle", "pack", "--key", "keys/release.pem", "--model", "vad", "--version", "1.0.0", "--release", "1",
-            "--target", "rpi4", "--file", "model.onnx", "--file", "notes.txt=README.txt", "--out", "vad-1.efb",
+            "bundle",
+            "pack",
+            "--key",
+            "keys/release.pem",
+            "--model",
+            "vad",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--target",
+            "rpi4",
+            "--file",
+            "model.onnx",
+            "--file",
+            "notes.txt=README.txt",
+            "--out",
+            "vad-1.efb",
         ],
         cwd,
     ));
     // 3. verify
-    let out = ok(&edgefleet(&["bundle", "verify", "--trust", "keys/release.pub.pem", "vad-1.efb"], cwd));
+    let out = ok(&edgefleet(
+        &[
+            "bundle",
+            "verify",
+            "--trust",
+            "keys/release.pub.pem",
+            "vad-1.efb",
+        ],
+        cwd,
+    ));
     assert!(out.starts_with("OK vad 1.0.0 release 1"), "{out}");
-    ok(&edgefleet(&["bundle", "verify", "--trust", "keys/release.pub.pem", "--target", "rpi4", "--min-release", "0", "vad-1.efb"], cwd));
-    let o = edgefleet(&["bundle", "verify", "--trust", "keys/release.pub.pem", "--min-release", "1", "vad-1.efb"], cwd);
+    ok(&edgefleet(
+        &[
+            "bundle",
+            "verify",
+            "--trust",
+            "keys/release.pub.pem",
+            "--target",
+            "rpi4",
+            "--min-release",
+            "0",
+            "vad-1.efb",
+        ],
+        cwd,
+    ));
+    let o = edgefleet(
+        &[
+            "bundle",
+            "verify",
+            "--trust",
+            "keys/release.pub.pem",
+            "--min-release",
+            "1",
+            "vad-1.efb",
+        ],
+        cwd,
+    );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("error[downgrade]"));
     // inspect works without a key and says so
     assert!(ok(&edgefleet(&["bundle", "inspect", "vad-1.efb"], cwd)).contains("NOT VERIFIED"));
     // extract
-    ok(&edgefleet(&["bundle", "extract", "--trust", "keys/release.pub.pem", "vad-1.efb", "--out", "x"], cwd));
-    assert_eq!(std::fs::read(cwd.join("x/README.txt")).expect("extracted"), b"hello");
+    ok(&edgefleet(
+        &[
+            "bundle",
+            "extract",
+            "--trust",
+            "keys/release.pub.pem",
+            "vad-1.efb",
+            "--out",
+            "x",
+        ],
+        cwd,
+    ));
+    assert_eq!(
+        std::fs::read(cwd.join("x/README.txt")).expect("extracted"),
+        b"hello"
+    );
 
     // 4. tar lists it
     if have("zstd") {
-        let o = Command::new("tar").args(["--zstd", "-tf", "vad-1.efb"]).current_dir(cwd).output().expect("tar");
+        let o = Command::new("tar")
+            .args(["--zstd", "-tf", "vad-1.efb"])
+            .current_dir(cwd)
+            .output()
+            .expect("tar");
         let list = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "tar failed: {}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(list.lines().collect::<Vec<_>>(), ["manifest.json", "manifest.sig", "README.txt", "model.onnx"]);
+        assert!(
+            o.status.success(),
+            "tar failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            list.lines().collect::<Vec<_>>(),
+            ["manifest.json", "manifest.sig", "README.txt", "model.onnx"]
+        );
         // 5. OpenSSL verifies the detached signature with the PEM public key.
-        let o = Command::new("tar").args(["--zstd", "-xf", "vad-1.efb", "manifest.json", "manifest.sig"]).current_dir(cwd).output().expect("tar");
+        let o = Command::new("tar")
+            .args([
+                "--zstd",
+                "-xf",
+                "vad-1.efb",
+                "manifest.json",
+                "manifest.sig",
+            ])
+            .current_dir(cwd)
+            .output()
+            .expect("tar");
         assert!(o.status.success());
         if have("openssl") {
             let o = Command::new("openssl")
-                .args(["pkeyutl", "-verify", "-pubin", "-inkey", "keys/release.pub.pem", "-rawin", "-in", "manifest.json", "-sigfile", "manifest.sig"])
+                .args([
+                    "pkeyutl",
+                    "-verify",
+                    "-pubin",
+                    "-inkey",
+                    "keys/release.pub.pem",
+                    "-rawin",
+                    "-in",
+                    "manifest.json",
+                    "-sigfile",
+                    "manifest.sig",
+                ])
                 .current_dir(cwd)
                 .output()
                 .expect("openssl");
             let text = String::from_utf8_lossy(&o.stdout);
-            assert!(o.status.success() && text.contains("Signature Verified Successfully"), "openssl: {text}");
+            assert!(
+                o.status.success() && text.contains("Signature Verified Successfully"),
+                "openssl: {text}"
+            );
             // And OpenSSL rejects a tampered manifest.
             let mut m = std::fs::read(cwd.join("manifest.json")).expect("m");
             m[10] ^= 1;
             std::fs::write(cwd.join("manifest.json"), m).expect("w");
             let o = Command::new("openssl")
-                .args(["pkeyutl", "-verify", "-pubin", "-inkey", "keys/release.pub.pem", "-rawin", "-in", "manifest.json", "-sigfile", "manifest.sig"])
+                .args([
+                    "pkeyutl",
+                    "-verify",
+                    "-pubin",
+                    "-inkey",
+                    "keys/release.pub.pem",
+                    "-rawin",
+                    "-in",
+                    "manifest.json",
+                    "-sigfile",
+                    "manifest.sig",
+                ])
                 .current_dir(cwd)
                 .output()
                 .expect("openssl");
             assert!(!o.status.success());
             // OpenSSL reads the private key too.
-            let o = Command::new("openssl").args(["pkey", "-in", "keys/release.pem", "-noout"]).current_dir(cwd).output().expect("openssl");
-            assert!(o.status.success(), "openssl pkey: {}", String::from_utf8_lossy(&o.stderr));
+            let o = Command::new("openssl")
+                .args(["pkey", "-in", "keys/release.pem", "-noout"])
+                .current_dir(cwd)
+                .output()
+                .expect("openssl");
+            assert!(
+                o.status.success(),
+                "openssl pkey: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         } else {
             eprintln!("SKIP openssl interop: openssl not installed");
         }
@@ -98,20 +238,80 @@ fn readme_walkthrough_and_interop() {
     std::fs::write(cwd.join("model2.onnx"), m2).expect("write");
     ok(&edgefleet(
         &[
-            "bundle", "pack", "--key", "keys/release.pem", "--model", "vad", "--version", "1.1.0", "--release", "2",
-            "--target", "rpi4", "--file", "model2.onnx=model.onnx", "--file", "notes.txt=README.txt", "--out", "vad-2.efb",
+            "bundle",
+            "pack",
+            "--key",
+            "keys/release.pem",
+            "--model",
+            "vad",
+            "--version",
+            "1.1.0",
+            "--release",
+            "2",
+            "--target",
+            "rpi4",
+            "--file",
+            "model2.onnx=model.onnx",
+            "--file",
+            "notes.txt=README.txt",
+            "--out",
+            "vad-2.efb",
         ],
         cwd,
     ));
     let out = ok(&edgefleet(
-        &["bundle", "delta", "--trust", "keys/release.pub.pem", "--key", "keys/release.pem", "--base", "vad-1.efb", "--new", "vad-2.efb", "--out", "d.efb"],
+        &[
+            "bundle",
+            "delta",
+            "--trust",
+            "keys/release.pub.pem",
+            "--key",
+            "keys/release.pem",
+            "--base",
+            "vad-1.efb",
+            "--new",
+            "vad-2.efb",
+            "--out",
+            "d.efb",
+        ],
         cwd,
     ));
     assert!(out.contains("ratio"), "{out}");
-    let o = edgefleet(&["bundle", "verify", "--trust", "keys/release.pub.pem", "d.efb"], cwd);
+    let o = edgefleet(
+        &[
+            "bundle",
+            "verify",
+            "--trust",
+            "keys/release.pub.pem",
+            "d.efb",
+        ],
+        cwd,
+    );
     assert!(!o.status.success(), "delta verified without its base");
-    ok(&edgefleet(&["bundle", "verify", "--trust", "keys/release.pub.pem", "--base", "vad-1.efb", "d.efb"], cwd));
-    let o = edgefleet(&["bundle", "verify", "--trust", "keys/release.pub.pem", "--base", "vad-2.efb", "d.efb"], cwd);
+    ok(&edgefleet(
+        &[
+            "bundle",
+            "verify",
+            "--trust",
+            "keys/release.pub.pem",
+            "--base",
+            "vad-1.efb",
+            "d.efb",
+        ],
+        cwd,
+    ));
+    let o = edgefleet(
+        &[
+            "bundle",
+            "verify",
+            "--trust",
+            "keys/release.pub.pem",
+            "--base",
+            "vad-2.efb",
+            "d.efb",
+        ],
+        cwd,
+    );
     assert!(String::from_utf8_lossy(&o.stderr).contains("error[delta_base]"));
 }
 
@@ -121,12 +321,28 @@ fn every_hostile_fixture_fails_through_the_cli_with_its_own_error() {
     let expected = std::fs::read_to_string(dir.join("EXPECTED")).expect("EXPECTED");
     let revoked = std::fs::read_to_string(dir.join("revoked.keyid")).expect("keyid");
     let mut checked = 0;
-    for line in expected.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let (name, code) = line.split_once(' ').expect("line");
         let o = edgefleet(
             &[
-                "bundle", "verify", "--trust", "trusted.pub.pem", "--trust", "revoked.pub.pem", "--revoked", revoked.trim(),
-                "--target", "rpi4", "--min-release", "5", "--agent-version", "0.1.0", name,
+                "bundle",
+                "verify",
+                "--trust",
+                "trusted.pub.pem",
+                "--trust",
+                "revoked.pub.pem",
+                "--revoked",
+                revoked.trim(),
+                "--target",
+                "rpi4",
+                "--min-release",
+                "5",
+                "--agent-version",
+                "0.1.0",
+                name,
             ],
             &dir,
         );
@@ -135,8 +351,14 @@ fn every_hostile_fixture_fails_through_the_cli_with_its_own_error() {
             assert!(o.status.success(), "{name}: {err}");
         } else {
             assert!(!o.status.success(), "{name} accepted by the CLI");
-            assert!(err.contains(&format!("error[{code}]")), "{name}: expected error[{code}], got {err}");
-            assert!(err.contains(name), "{name}: the error should name the file: {err}");
+            assert!(
+                err.contains(&format!("error[{code}]")),
+                "{name}: expected error[{code}], got {err}"
+            );
+            assert!(
+                err.contains(name),
+                "{name}: the error should name the file: {err}"
+            );
         }
         checked += 1;
     }

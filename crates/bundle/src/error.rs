@@ -102,7 +102,9 @@ pub enum Error {
         agent: String,
     },
     /// The body's length differs from the manifest (truncated or padded).
-    #[error("bundle body is {actual} bytes, the manifest declares {expected} (truncated or padded)")]
+    #[error(
+        "bundle body is {actual} bytes, the manifest declares {expected} (truncated or padded)"
+    )]
     BodySize {
         /// Declared size in bytes.
         expected: u64,
@@ -257,10 +259,16 @@ impl Error {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn field(field: &str, reason: impl Into<String>) -> Self {
-        Error::ManifestField { field: field.into(), reason: reason.into() }
+        Error::ManifestField {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }

@@ -35,7 +35,10 @@ impl KeyId {
 impl TryFrom<String> for KeyId {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        if s.len() == 32 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+        if s.len() == 32
+            && s.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        {
             Ok(KeyId(s))
         } else {
             Err(format!("key id `{s}` is not 32 lowercase hex characters"))
@@ -76,15 +79,20 @@ impl PublicKey {
     pub fn from_pem(pem: &str, origin: &Path) -> Result<Self, Error> {
         ed25519_dalek::VerifyingKey::from_public_key_pem(pem)
             .map(PublicKey)
-            .map_err(|e| Error::Key { path: origin.into(), reason: format!("not an ed25519 SPKI PEM public key: {e}") })
+            .map_err(|e| Error::Key {
+                path: origin.into(),
+                reason: format!("not an ed25519 SPKI PEM public key: {e}"),
+            })
     }
     /// Reads an SPKI PEM file.
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Key`] naming the file.
     pub fn from_pem_file(path: &Path) -> Result<Self, Error> {
-        let text = String::from_utf8(fsio::read(path)?)
-            .map_err(|_| Error::Key { path: path.into(), reason: "not UTF-8 text".into() })?;
+        let text = String::from_utf8(fsio::read(path)?).map_err(|_| Error::Key {
+            path: path.into(),
+            reason: "not UTF-8 text".into(),
+        })?;
         Self::from_pem(&text, path)
     }
     /// SPKI PEM text.
@@ -128,15 +136,20 @@ impl SigningKey {
     pub fn from_pem(pem: &str, origin: &Path) -> Result<Self, Error> {
         ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
             .map(SigningKey)
-            .map_err(|e| Error::Key { path: origin.into(), reason: format!("not an ed25519 PKCS#8 PEM private key: {e}") })
+            .map_err(|e| Error::Key {
+                path: origin.into(),
+                reason: format!("not an ed25519 PKCS#8 PEM private key: {e}"),
+            })
     }
     /// Reads a PKCS#8 PEM private key file.
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Key`] naming the file.
     pub fn from_pkcs8_pem_file(path: &Path) -> Result<Self, Error> {
-        let text = String::from_utf8(fsio::read(path)?)
-            .map_err(|_| Error::Key { path: path.into(), reason: "not UTF-8 text".into() })?;
+        let text = String::from_utf8(fsio::read(path)?).map_err(|_| Error::Key {
+            path: path.into(),
+            reason: "not UTF-8 text".into(),
+        })?;
         Self::from_pem(&text, path)
     }
     /// Writes the private key (PKCS#8 PEM, mode 0600) and the public key (SPKI
@@ -147,9 +160,15 @@ impl SigningKey {
     pub fn write_pem_files(&self, private: &Path, public: &Path) -> Result<(), Error> {
         // PKCS#8 v1 (RFC 8410 section 7, no embedded public key): OpenSSL 3.0
         // refuses the v2 form that ed25519-dalek writes by default.
-        let pem = ed25519_dalek::pkcs8::KeypairBytes { secret_key: self.0.to_bytes(), public_key: None }
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| Error::Key { path: private.into(), reason: e.to_string() })?;
+        let pem = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.0.to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| Error::Key {
+            path: private.into(),
+            reason: e.to_string(),
+        })?;
         fsio::write_atomic_mode(private, pem.as_bytes(), 0o600)?;
         fsio::write_atomic(public, self.public_key().to_pem().as_bytes())
     }
@@ -238,7 +257,9 @@ impl TrustStore {
     /// Adds a root key directly (provisioning; not over the air).
     pub fn add(&mut self, key: PublicKey) -> KeyId {
         let id = key.key_id();
-        self.keys.entry(id.clone()).or_insert((key, KeyState::Trusted));
+        self.keys
+            .entry(id.clone())
+            .or_insert((key, KeyState::Trusted));
         id
     }
 
@@ -253,7 +274,9 @@ impl TrustStore {
                 e.1 = KeyState::Revoked;
                 Ok(())
             }
-            None => Err(Error::Trust { reason: format!("cannot revoke key {id}: not in the trust store") }),
+            None => Err(Error::Trust {
+                reason: format!("cannot revoke key {id}: not in the trust store"),
+            }),
         }
     }
 
@@ -264,21 +287,39 @@ impl TrustStore {
     /// unknown or revoked key, the signature fails, the new key's id does not
     /// match its PEM, or the new key was revoked before.
     pub fn apply_rotation(&mut self, statement: &[u8], sig: &[u8; 64]) -> Result<KeyId, Error> {
-        let st: RotationStatement = serde_json::from_slice(statement)
-            .map_err(|e| Error::Trust { reason: format!("rotation statement does not parse: {e}") })?;
+        let st: RotationStatement =
+            serde_json::from_slice(statement).map_err(|e| Error::Trust {
+                reason: format!("rotation statement does not parse: {e}"),
+            })?;
         if st.format_version != 1 {
-            return Err(Error::Trust { reason: format!("rotation statement format_version {} unsupported", st.format_version) });
+            return Err(Error::Trust {
+                reason: format!(
+                    "rotation statement format_version {} unsupported",
+                    st.format_version
+                ),
+            });
         }
-        let old = self.lookup(&st.old_key_id).map_err(|e| Error::Trust { reason: format!("rotation: {e}") })?;
+        let old = self.lookup(&st.old_key_id).map_err(|e| Error::Trust {
+            reason: format!("rotation: {e}"),
+        })?;
         if !old.verify(statement, sig) {
-            return Err(Error::Trust { reason: format!("rotation statement signature does not verify with key {}", st.old_key_id) });
+            return Err(Error::Trust {
+                reason: format!(
+                    "rotation statement signature does not verify with key {}",
+                    st.old_key_id
+                ),
+            });
         }
         let new = PublicKey::from_pem(&st.new_public_key_pem, Path::new("rotation statement"))?;
         if new.key_id() != st.new_key_id {
-            return Err(Error::Trust { reason: "rotation statement new_key_id does not match its PEM".into() });
+            return Err(Error::Trust {
+                reason: "rotation statement new_key_id does not match its PEM".into(),
+            });
         }
         if let Some((_, KeyState::Revoked)) = self.keys.get(&st.new_key_id) {
-            return Err(Error::Trust { reason: format!("rotation would re-add revoked key {}", st.new_key_id) });
+            return Err(Error::Trust {
+                reason: format!("rotation would re-add revoked key {}", st.new_key_id),
+            });
         }
         Ok(self.add(new))
     }
@@ -289,8 +330,12 @@ impl TrustStore {
     /// [`Error::UnknownKey`] or [`Error::RevokedKey`].
     pub fn lookup(&self, id: &KeyId) -> Result<PublicKey, Error> {
         match self.keys.get(id) {
-            None => Err(Error::UnknownKey { key_id: id.to_string() }),
-            Some((_, KeyState::Revoked)) => Err(Error::RevokedKey { key_id: id.to_string() }),
+            None => Err(Error::UnknownKey {
+                key_id: id.to_string(),
+            }),
+            Some((_, KeyState::Revoked)) => Err(Error::RevokedKey {
+                key_id: id.to_string(),
+            }),
             Some((k, KeyState::Trusted)) => Ok(*k),
         }
     }
@@ -313,15 +358,28 @@ impl TrustStore {
             ts.add(PublicKey::from_pem(&text, path)?);
             return Ok(ts);
         }
-        let st: StoredTrust = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Trust { reason: format!("{}: {e}", path.display()) })?;
+        let st: StoredTrust = serde_json::from_slice(&bytes).map_err(|e| Error::Trust {
+            reason: format!("{}: {e}", path.display()),
+        })?;
         if st.format_version != 1 {
-            return Err(Error::Trust { reason: format!("{}: format_version {} unsupported", path.display(), st.format_version) });
+            return Err(Error::Trust {
+                reason: format!(
+                    "{}: format_version {} unsupported",
+                    path.display(),
+                    st.format_version
+                ),
+            });
         }
         for k in st.keys {
             let key = PublicKey::from_pem(&k.public_key_pem, path)?;
             if key.key_id() != k.key_id {
-                return Err(Error::Trust { reason: format!("{}: key {} does not match its PEM", path.display(), k.key_id) });
+                return Err(Error::Trust {
+                    reason: format!(
+                        "{}: key {} does not match its PEM",
+                        path.display(),
+                        k.key_id
+                    ),
+                });
             }
             ts.keys.insert(k.key_id, (key, k.state));
         }
@@ -348,7 +406,11 @@ impl TrustStore {
             keys: self
                 .keys
                 .iter()
-                .map(|(id, (k, s))| StoredKey { key_id: id.clone(), public_key_pem: k.to_pem(), state: *s })
+                .map(|(id, (k, s))| StoredKey {
+                    key_id: id.clone(),
+                    public_key_pem: k.to_pem(),
+                    state: *s,
+                })
                 .collect(),
         };
         fsio::write_atomic(path, &serde_json::to_vec_pretty(&st).unwrap_or_default())

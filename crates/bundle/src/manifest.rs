@@ -7,7 +7,9 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::keys::KeyId;
-use crate::{Error, MAX_CHUNK_SIZE, MAX_FILES, MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES, MIN_CHUNK_SIZE};
+use crate::{
+    Error, MAX_CHUNK_SIZE, MAX_FILES, MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES, MIN_CHUNK_SIZE,
+};
 
 /// The manifest format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -27,7 +29,10 @@ impl Digest {
     /// A message saying what is wrong with the text.
     pub fn from_hex(s: &str) -> Result<Self, String> {
         if s.len() != 64 {
-            return Err(format!("a SHA-256 digest is 64 hex characters, got {}", s.len()));
+            return Err(format!(
+                "a SHA-256 digest is 64 hex characters, got {}",
+                s.len()
+            ));
         }
         let mut out = [0u8; 32];
         hex::decode_to_slice(s, &mut out).map_err(|e| format!("not hex: {e}"))?;
@@ -145,17 +150,28 @@ impl Manifest {
     /// [`Error::UnsupportedFormatVersion`], [`Error::ManifestField`].
     pub fn from_json(bytes: &[u8]) -> Result<Self, Error> {
         if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(Error::ManifestTooLarge { size: bytes.len(), limit: MAX_MANIFEST_BYTES });
+            return Err(Error::ManifestTooLarge {
+                size: bytes.len(),
+                limit: MAX_MANIFEST_BYTES,
+            });
         }
         let probe: VersionProbe =
-            serde_json::from_slice(bytes).map_err(|e| Error::ManifestJson { reason: e.to_string() })?;
+            serde_json::from_slice(bytes).map_err(|e| Error::ManifestJson {
+                reason: e.to_string(),
+            })?;
         match probe.format_version {
             Some(v) if v == u64::from(FORMAT_VERSION) => {}
-            Some(v) => return Err(Error::UnsupportedFormatVersion { found: v, supported: FORMAT_VERSION }),
+            Some(v) => {
+                return Err(Error::UnsupportedFormatVersion {
+                    found: v,
+                    supported: FORMAT_VERSION,
+                })
+            }
             None => return Err(Error::field("format_version", "missing")),
         }
-        let m: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| Error::ManifestJson { reason: e.to_string() })?;
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| Error::ManifestJson {
+            reason: e.to_string(),
+        })?;
         m.validate()?;
         Ok(m)
     }
@@ -180,41 +196,67 @@ impl Manifest {
         }
         check_name("model", &self.model)?;
         if self.targets.is_empty() {
-            return Err(Error::field("targets", "at least one target id is required"));
+            return Err(Error::field(
+                "targets",
+                "at least one target id is required",
+            ));
         }
         for t in &self.targets {
             check_name("targets", t)?;
         }
         if self.files.is_empty() || self.files.len() > MAX_FILES {
-            return Err(Error::field("files", format!("must list 1..={MAX_FILES} files, lists {}", self.files.len())));
+            return Err(Error::field(
+                "files",
+                format!(
+                    "must list 1..={MAX_FILES} files, lists {}",
+                    self.files.len()
+                ),
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         let mut total: u64 = 0;
         for f in &self.files {
-            check_path(&f.path).map_err(|r| Error::field("files.path", format!("`{}`: {r}", f.path)))?;
+            check_path(&f.path)
+                .map_err(|r| Error::field("files.path", format!("`{}`: {r}", f.path)))?;
             if !seen.insert(f.path.as_str()) {
-                return Err(Error::field("files.path", format!("`{}` is listed twice", f.path)));
+                return Err(Error::field(
+                    "files.path",
+                    format!("`{}` is listed twice", f.path),
+                ));
             }
             total = total.saturating_add(f.size);
         }
         if self.payload.size > MAX_PAYLOAD_BYTES || total > self.payload.size {
             return Err(Error::field(
                 "payload.size",
-                format!("{} bytes cannot hold {} bytes of files (limit {MAX_PAYLOAD_BYTES})", self.payload.size, total),
+                format!(
+                    "{} bytes cannot hold {} bytes of files (limit {MAX_PAYLOAD_BYTES})",
+                    self.payload.size, total
+                ),
             ));
         }
         let b = &self.body;
-        if !b.chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&b.chunk_size) {
+        if !b.chunk_size.is_power_of_two()
+            || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&b.chunk_size)
+        {
             return Err(Error::field(
                 "body.chunk_size",
-                format!("{} is not a power of two in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}", b.chunk_size),
+                format!(
+                    "{} is not a power of two in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+                    b.chunk_size
+                ),
             ));
         }
         let want = b.size.div_ceil(u64::from(b.chunk_size));
         if b.size == 0 || want != b.chunks.len() as u64 {
             return Err(Error::field(
                 "body.chunks",
-                format!("a {}-byte body in {}-byte chunks has {want} chunks, {} listed", b.size, b.chunk_size, b.chunks.len()),
+                format!(
+                    "a {}-byte body in {}-byte chunks has {want} chunks, {} listed",
+                    b.size,
+                    b.chunk_size,
+                    b.chunks.len()
+                ),
             ));
         }
         Ok(())
@@ -243,8 +285,16 @@ impl Manifest {
 
 /// Names (model, target ids): `[A-Za-z0-9._-]{1,64}`.
 fn check_name(field: &str, s: &str) -> Result<(), Error> {
-    if s.is_empty() || s.len() > 64 || !s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c)) {
-        return Err(Error::field(field, format!("`{s}` is not 1-64 characters of [A-Za-z0-9._-]")));
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+    {
+        return Err(Error::field(
+            field,
+            format!("`{s}` is not 1-64 characters of [A-Za-z0-9._-]"),
+        ));
     }
     Ok(())
 }
@@ -268,7 +318,10 @@ pub fn check_path(p: &str) -> Result<(), &'static str> {
         if seg == ".." {
             return Err("`..` path segment (path traversal)");
         }
-        if !seg.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c)) {
+        if !seg
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+        {
             return Err("characters outside [A-Za-z0-9._-]");
         }
     }

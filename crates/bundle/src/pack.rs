@@ -87,7 +87,9 @@ impl BundleBuilder {
     /// [`Error::ManifestField`] when a field breaks a manifest rule.
     pub fn build(mut self, key: &SigningKey) -> Result<Vec<u8>, Error> {
         for (p, _) in &self.files {
-            check_path(p).map_err(|r| Error::Pack { reason: format!("file path `{p}`: {r}") })?;
+            check_path(p).map_err(|r| Error::Pack {
+                reason: format!("file path `{p}`: {r}"),
+            })?;
         }
         self.files.sort_by(|a, b| a.0.cmp(&b.0));
         let tar = build_tar(&self.files)?;
@@ -98,17 +100,24 @@ impl BundleBuilder {
             version: self.version,
             release: self.release,
             targets: self.targets,
-            created_at: self
-                .created_at
-                .unwrap_or_else(|| humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()),
+            created_at: self.created_at.unwrap_or_else(|| {
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+            }),
             min_agent_version: self.min_agent_version,
             key_id: key.key_id(),
             files: self
                 .files
                 .iter()
-                .map(|(p, d)| FileEntry { path: p.clone(), size: d.len() as u64, sha256: sha256(d) })
+                .map(|(p, d)| FileEntry {
+                    path: p.clone(),
+                    size: d.len() as u64,
+                    sha256: sha256(d),
+                })
                 .collect(),
-            payload: PayloadInfo { size: tar.len() as u64, sha256: sha256(&tar) },
+            payload: PayloadInfo {
+                size: tar.len() as u64,
+                sha256: sha256(&tar),
+            },
             body: body_info(&body, self.chunk_size),
             delta_from: None,
         };
@@ -123,12 +132,19 @@ pub fn body_info(body: &[u8], chunk_size: u32) -> BodyInfo {
         size: body.len() as u64,
         sha256: sha256(body),
         chunk_size,
-        chunks: body.chunks(chunk_size.max(1) as usize).map(sha256).collect(),
+        chunks: body
+            .chunks(chunk_size.max(1) as usize)
+            .map(sha256)
+            .collect(),
     }
 }
 
 /// Validates, signs, and returns head + body.
-pub(crate) fn sign_and_assemble(m: &Manifest, key: &SigningKey, body: &[u8]) -> Result<Vec<u8>, Error> {
+pub(crate) fn sign_and_assemble(
+    m: &Manifest,
+    key: &SigningKey,
+    body: &[u8],
+) -> Result<Vec<u8>, Error> {
     m.validate()?;
     let bytes = m.to_json();
     if bytes.len() > crate::MAX_MANIFEST_BYTES {

@@ -156,7 +156,11 @@ pub struct Tensor {
 impl Tensor {
     /// An f32 tensor.
     pub fn f32(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Self {
-        Self { name: name.into(), shape, data: TensorData::F32(data) }
+        Self {
+            name: name.into(),
+            shape,
+            data: TensorData::F32(data),
+        }
     }
     /// Element count of the data (not of the shape).
     pub fn data_len(&self) -> usize {
@@ -174,7 +178,11 @@ impl Tensor {
         if want != self.data_len() {
             return Err(Error::Payload {
                 file: format!("tensor {}", self.name),
-                reason: format!("shape {:?} needs {want} elements, data has {}", self.shape, self.data_len()),
+                reason: format!(
+                    "shape {:?} needs {want} elements, data has {}",
+                    self.shape,
+                    self.data_len()
+                ),
             });
         }
         Ok(())
@@ -194,10 +202,20 @@ mod tensor_data_serde {
 
     pub fn serialize<S: Serializer>(d: &TensorData, s: S) -> Result<S::Ok, S::Error> {
         let (dtype, bytes) = match d {
-            TensorData::F32(v) => (DType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
-            TensorData::I64(v) => (DType::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
+            TensorData::F32(v) => (
+                DType::F32,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            ),
+            TensorData::I64(v) => (
+                DType::I64,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            ),
         };
-        Repr { dtype, data_b64: base64::engine::general_purpose::STANDARD.encode(bytes) }.serialize(s)
+        Repr {
+            dtype,
+            data_b64: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+        .serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TensorData, D::Error> {
@@ -209,20 +227,29 @@ mod tensor_data_serde {
         match r.dtype {
             DType::F32 => {
                 if bytes.len() % 4 != 0 {
-                    return Err(D::Error::custom("f32 data length is not a multiple of 4 bytes"));
+                    return Err(D::Error::custom(
+                        "f32 data length is not a multiple of 4 bytes",
+                    ));
                 }
                 Ok(TensorData::F32(
-                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
                 ))
             }
             DType::I64 => {
                 if bytes.len() % 8 != 0 {
-                    return Err(D::Error::custom("i64 data length is not a multiple of 8 bytes"));
+                    return Err(D::Error::custom(
+                        "i64 data length is not a multiple of 8 bytes",
+                    ));
                 }
                 Ok(TensorData::I64(
                     bytes
                         .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                        .map(|c| {
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
                         .collect(),
                 ))
             }

@@ -74,23 +74,36 @@ impl Policy {
     }
     /// A publisher's policy (fleet server upload, `edgefleet bundle verify` without flags).
     pub fn publisher() -> Self {
-        Policy { target: TargetCheck::AnyTarget, release: ReleaseFloor::NotApplicable, agent: AgentVersionCheck::NotAnAgent }
+        Policy {
+            target: TargetCheck::AnyTarget,
+            release: ReleaseFloor::NotApplicable,
+            agent: AgentVersionCheck::NotAnAgent,
+        }
     }
 
     fn check(&self, m: &Manifest) -> Result<(), Error> {
         if let TargetCheck::Device(t) = &self.target {
             if !m.targets.iter().any(|x| x == t) {
-                return Err(Error::WrongTarget { device: t.clone(), bundle: m.targets.clone() });
+                return Err(Error::WrongTarget {
+                    device: t.clone(),
+                    bundle: m.targets.clone(),
+                });
             }
         }
         if let ReleaseFloor::Above(floor) = self.release {
             if m.release <= floor {
-                return Err(Error::Downgrade { release: m.release, floor });
+                return Err(Error::Downgrade {
+                    release: m.release,
+                    floor,
+                });
             }
         }
         if let AgentVersionCheck::Agent(v) = &self.agent {
             if *v < m.min_agent_version {
-                return Err(Error::AgentTooOld { required: m.min_agent_version.to_string(), agent: v.to_string() });
+                return Err(Error::AgentTooOld {
+                    required: m.min_agent_version.to_string(),
+                    agent: v.to_string(),
+                });
             }
         }
         Ok(())
@@ -111,11 +124,15 @@ impl SignedManifest {
     /// # Errors
     /// [`Error::SignatureMalformed`] and the errors of [`Manifest::from_json`].
     pub fn parse(manifest_bytes: Vec<u8>, sig: &[u8]) -> Result<Self, Error> {
-        let sig: [u8; 64] = sig
-            .try_into()
-            .map_err(|_| Error::SignatureMalformed { reason: format!("{} bytes, an ed25519 signature is 64", sig.len()) })?;
+        let sig: [u8; 64] = sig.try_into().map_err(|_| Error::SignatureMalformed {
+            reason: format!("{} bytes, an ed25519 signature is 64", sig.len()),
+        })?;
         let manifest = Manifest::from_json(&manifest_bytes)?;
-        Ok(SignedManifest { manifest, bytes: manifest_bytes, sig })
+        Ok(SignedManifest {
+            manifest,
+            bytes: manifest_bytes,
+            sig,
+        })
     }
 
     /// The manifest as claimed, NOT verified: for display (`bundle inspect`) only.
@@ -139,7 +156,9 @@ impl SignedManifest {
     pub fn verify(self, trust: &TrustStore, policy: &Policy) -> Result<VerifiedManifest, Error> {
         let key = trust.lookup(&self.manifest.key_id)?;
         if !key.verify(&self.bytes, &self.sig) {
-            return Err(Error::BadSignature { key_id: self.manifest.key_id.to_string() });
+            return Err(Error::BadSignature {
+                key_id: self.manifest.key_id.to_string(),
+            });
         }
         policy.check(&self.manifest)?;
         Ok(VerifiedManifest { inner: self })
@@ -175,7 +194,10 @@ impl VerifiedManifest {
         let m = self.manifest();
         let r = m.chunk_range(index)?;
         if data.len() != r.len() {
-            return Err(Error::BodySize { expected: r.len() as u64, actual: data.len() as u64 });
+            return Err(Error::BodySize {
+                expected: r.len() as u64,
+                actual: data.len() as u64,
+            });
         }
         if sha256(data) != m.body.chunks[index] {
             return Err(Error::ChunkHash { index });
@@ -190,10 +212,17 @@ impl VerifiedManifest {
     /// [`Error::BodySize`], [`Error::ChunkHash`], [`Error::BodyHash`],
     /// [`Error::DeltaBase`], [`Error::Decompress`], [`Error::PayloadTooLarge`],
     /// and the archive errors of [`crate::archive::index_payload`].
-    pub fn verify_body(self, body: Vec<u8>, base_payload: Option<&[u8]>) -> Result<VerifiedBundle, Error> {
+    pub fn verify_body(
+        self,
+        body: Vec<u8>,
+        base_payload: Option<&[u8]>,
+    ) -> Result<VerifiedBundle, Error> {
         let m = &self.inner.manifest;
         if body.len() as u64 != m.body.size {
-            return Err(Error::BodySize { expected: m.body.size, actual: body.len() as u64 });
+            return Err(Error::BodySize {
+                expected: m.body.size,
+                actual: body.len() as u64,
+            });
         }
         for i in 0..m.body.chunks.len() {
             let r = m.chunk_range(i)?;
@@ -209,17 +238,28 @@ impl VerifiedManifest {
             (Some(want), Some(base)) => {
                 let have = sha256(base);
                 if have != *want {
-                    return Err(Error::DeltaBase { expected: *want, actual: format!("the device holds {have}") });
+                    return Err(Error::DeltaBase {
+                        expected: *want,
+                        actual: format!("the device holds {have}"),
+                    });
                 }
                 Some(base)
             }
             (Some(want), None) => {
-                return Err(Error::DeltaBase { expected: *want, actual: "no base payload was given".into() })
+                return Err(Error::DeltaBase {
+                    expected: *want,
+                    actual: "no base payload was given".into(),
+                })
             }
         };
         let payload = decompress_bounded(&body, m.payload.size, prefix)?;
         let files = index_payload(&payload, m)?;
-        Ok(VerifiedBundle { manifest: self, payload, files, body })
+        Ok(VerifiedBundle {
+            manifest: self,
+            payload,
+            files,
+            body,
+        })
     }
 }
 
@@ -239,7 +279,10 @@ impl UnverifiedBundle {
     pub fn parse(bytes: &[u8]) -> Result<Self, Error> {
         let (mbytes, sig, head_len) = split_head(bytes)?;
         let signed = SignedManifest::parse(mbytes, &sig)?;
-        Ok(UnverifiedBundle { signed, body: bytes[head_len..].to_vec() })
+        Ok(UnverifiedBundle {
+            signed,
+            body: bytes[head_len..].to_vec(),
+        })
     }
 
     /// Reads and parses a bundle file.
@@ -274,7 +317,9 @@ impl UnverifiedBundle {
     /// [`VerifiedManifest::verify_body`] return; a delta bundle without its
     /// base gives [`Error::DeltaBase`].
     pub fn verify(self, trust: &TrustStore, policy: &Policy) -> Result<VerifiedBundle, Error> {
-        self.signed.verify(trust, policy)?.verify_body(self.body, None)
+        self.signed
+            .verify(trust, policy)?
+            .verify_body(self.body, None)
     }
 
     /// Verifies a delta bundle against the base payload tar it was made from,
@@ -282,8 +327,15 @@ impl UnverifiedBundle {
     ///
     /// # Errors
     /// As [`UnverifiedBundle::verify`].
-    pub fn verify_delta(self, trust: &TrustStore, policy: &Policy, base_payload: &[u8]) -> Result<VerifiedBundle, Error> {
-        self.signed.verify(trust, policy)?.verify_body(self.body, Some(base_payload))
+    pub fn verify_delta(
+        self,
+        trust: &TrustStore,
+        policy: &Policy,
+        base_payload: &[u8],
+    ) -> Result<VerifiedBundle, Error> {
+        self.signed
+            .verify(trust, policy)?
+            .verify_body(self.body, Some(base_payload))
     }
 }
 
@@ -327,7 +379,8 @@ impl VerifiedBundle {
     /// # Errors
     /// [`Error::Pack`] if the head cannot be encoded.
     pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
-        let mut out = crate::pack::encode_head(self.manifest.manifest_bytes(), self.manifest.signature())?;
+        let mut out =
+            crate::pack::encode_head(self.manifest.manifest_bytes(), self.manifest.signature())?;
         out.extend_from_slice(&self.body);
         Ok(out)
     }

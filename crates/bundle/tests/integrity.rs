@@ -39,11 +39,17 @@ fn every_single_byte_flip_is_rejected() {
         for mask in [0x01u8, 0x80, 0xff] {
             let mut b = bundle.clone();
             b[i] ^= mask;
-            assert!(verify(&b).is_err(), "flip of byte {i} with mask {mask:#04x} was accepted");
+            assert!(
+                verify(&b).is_err(),
+                "flip of byte {i} with mask {mask:#04x} was accepted"
+            );
             rejected += 1;
         }
     }
-    eprintln!("{} bytes, {rejected} flipped copies, all rejected", bundle.len());
+    eprintln!(
+        "{} bytes, {rejected} flipped copies, all rejected",
+        bundle.len()
+    );
 }
 
 #[test]
@@ -59,7 +65,10 @@ fn truncation_at_every_chunk_boundary_is_rejected() {
         })
         .collect();
     let bundle = small_bundle(payload);
-    let m = UnverifiedBundle::parse(&bundle).expect("parse").manifest_unverified().clone();
+    let m = UnverifiedBundle::parse(&bundle)
+        .expect("parse")
+        .manifest_unverified()
+        .clone();
     let body_start = bundle.len() - m.body.size as usize;
     let chunks = m.body.chunks.len();
     assert!(chunks >= 10, "only {chunks} chunks");
@@ -70,7 +79,10 @@ fn truncation_at_every_chunk_boundary_is_rejected() {
     }
     // And anywhere inside the head.
     for cut in (0..body_start).step_by(7) {
-        assert!(verify(&bundle[..cut]).is_err(), "head cut at {cut} accepted");
+        assert!(
+            verify(&bundle[..cut]).is_err(),
+            "head cut at {cut} accepted"
+        );
     }
 }
 
@@ -79,14 +91,21 @@ fn chunks_verify_one_by_one_for_a_resumable_transfer() {
     let bundle = small_bundle((0..9000u32).map(|i| (i * 7 % 251) as u8).collect());
     let ub = UnverifiedBundle::parse(&bundle).expect("parse");
     let body_start = bundle.len() - ub.manifest_unverified().body.size as usize;
-    let vm = ub.signed_manifest().clone().verify(&trust(), &policy()).expect("verify manifest");
+    let vm = ub
+        .signed_manifest()
+        .clone()
+        .verify(&trust(), &policy())
+        .expect("verify manifest");
     let body = &bundle[body_start..];
     for i in 0..vm.manifest().body.chunks.len() {
         let r = vm.manifest().chunk_range(i).expect("range");
         vm.check_chunk(i, &body[r.clone()]).expect("chunk ok");
         let mut bad = body[r].to_vec();
         bad[0] ^= 1;
-        assert_eq!(vm.check_chunk(i, &bad).expect_err("bad chunk").code(), "chunk_hash");
+        assert_eq!(
+            vm.check_chunk(i, &bad).expect_err("bad chunk").code(),
+            "chunk_hash"
+        );
     }
     let vb = vm.verify_body(body.to_vec(), None).expect("body");
     assert_eq!(vb.file("model.bin").map(<[u8]>::len), Some(9000));
@@ -126,21 +145,34 @@ fn delta_rebuilds_and_verifies_as_the_full_bundle() {
     let v1 = verify(&b1).expect("v1");
     let v2 = verify(&b2).expect("v2");
     let d = make_delta(&v1, &v2, &k, 19).expect("delta");
-    assert!(d.len() * 4 < b2.len(), "delta {} vs full {}", d.len(), b2.len());
+    assert!(
+        d.len() * 4 < b2.len(),
+        "delta {} vs full {}",
+        d.len(),
+        b2.len()
+    );
     // Without the base: refused.
     assert_eq!(verify(&d).expect_err("no base").code(), "delta_base");
     // With the wrong base: refused.
-    let wrong = UnverifiedBundle::parse(&d).expect("p").verify_delta(&trust(), &policy(), v2.payload_tar());
+    let wrong =
+        UnverifiedBundle::parse(&d)
+            .expect("p")
+            .verify_delta(&trust(), &policy(), v2.payload_tar());
     assert_eq!(wrong.expect_err("wrong base").code(), "delta_base");
     // With the right base: identical payload to the full bundle.
-    let rebuilt = UnverifiedBundle::parse(&d).expect("p").verify_delta(&trust(), &policy(), v1.payload_tar()).expect("ok");
+    let rebuilt = UnverifiedBundle::parse(&d)
+        .expect("p")
+        .verify_delta(&trust(), &policy(), v1.payload_tar())
+        .expect("ok");
     assert_eq!(rebuilt.payload_tar(), v2.payload_tar());
     assert_eq!(rebuilt.file("model.bin"), v2.file("model.bin"));
     // A tampered delta is refused.
     let mut t = d.clone();
     let n = t.len() - 10;
     t[n] ^= 1;
-    assert!(UnverifiedBundle::parse(&t).and_then(|u| u.verify_delta(&trust(), &policy(), v1.payload_tar())).is_err());
+    assert!(UnverifiedBundle::parse(&t)
+        .and_then(|u| u.verify_delta(&trust(), &policy(), v1.payload_tar()))
+        .is_err());
 }
 
 #[test]
@@ -153,7 +185,11 @@ fn key_rotation_adds_a_key_and_revocation_removes_it() {
         .file("a", vec![1])
         .build(&new)
         .expect("b");
-    let check = |ts: &TrustStore| UnverifiedBundle::parse(&bundle_new).and_then(|u| u.verify(ts, &policy())).map(|_| ());
+    let check = |ts: &TrustStore| {
+        UnverifiedBundle::parse(&bundle_new)
+            .and_then(|u| u.verify(ts, &policy()))
+            .map(|_| ())
+    };
     assert_eq!(check(&ts).expect_err("unknown").code(), "unknown_key");
     // A statement signed by an untrusted key is refused.
     let (st, sig) = RotationStatement::sign(&new, &new.public_key());
@@ -169,16 +205,24 @@ fn key_rotation_adds_a_key_and_revocation_removes_it() {
     // Revoke the old key: its bundles are refused, and it cannot be rotated back in.
     ts.revoke(&old.key_id()).expect("revoke");
     let old_bundle = small_bundle(vec![1, 2, 3]);
-    let e = UnverifiedBundle::parse(&old_bundle).and_then(|u| u.verify(&ts, &policy())).expect_err("revoked");
+    let e = UnverifiedBundle::parse(&old_bundle)
+        .and_then(|u| u.verify(&ts, &policy()))
+        .expect_err("revoked");
     assert_eq!(e.code(), "revoked_key");
     let (st, sig) = RotationStatement::sign(&new, &old.public_key());
-    assert!(ts.apply_rotation(&st, &sig).is_err(), "revoked key re-added");
+    assert!(
+        ts.apply_rotation(&st, &sig).is_err(),
+        "revoked key re-added"
+    );
     // Round-trip through the on-disk format keeps the revocation.
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path().join("trust.json");
     ts.save(&p).expect("save");
     let ts2 = TrustStore::load(&p).expect("load");
-    assert_eq!(ts2.lookup(&old.key_id()).expect_err("revoked").code(), "revoked_key");
+    assert_eq!(
+        ts2.lookup(&old.key_id()).expect_err("revoked").code(),
+        "revoked_key"
+    );
     ts2.lookup(&new.key_id()).expect("new trusted");
 }
 
@@ -208,8 +252,18 @@ fn private_key_file_is_mode_0600_and_openssl_compatible_pem() {
     assert_eq!(mode, 0o600);
     let text = std::fs::read_to_string(&p).expect("read");
     assert!(text.starts_with("-----BEGIN PRIVATE KEY-----"));
-    assert_eq!(SigningKey::from_pkcs8_pem_file(&p).expect("reload").key_id(), k.key_id());
-    assert_eq!(edgefleet_bundle::PublicKey::from_pem_file(&q).expect("pub").key_id(), k.key_id());
+    assert_eq!(
+        SigningKey::from_pkcs8_pem_file(&p)
+            .expect("reload")
+            .key_id(),
+        k.key_id()
+    );
+    assert_eq!(
+        edgefleet_bundle::PublicKey::from_pem_file(&q)
+            .expect("pub")
+            .key_id(),
+        k.key_id()
+    );
 }
 
 fn arb_manifest() -> impl Strategy<Value = Manifest> {
@@ -218,40 +272,58 @@ fn arb_manifest() -> impl Strategy<Value = Manifest> {
         (0u64..100, 0u64..100, 0u64..100),
         any::<u64>(),
         prop::collection::vec("[a-z0-9-]{1,12}", 1..4),
-        prop::collection::vec(("[a-z]{1,8}(/[a-z0-9_-][a-z0-9._-]{0,7})?", 0u64..1_000_000, any::<[u8; 32]>()), 1..6),
+        prop::collection::vec(
+            (
+                "[a-z]{1,8}(/[a-z0-9_-][a-z0-9._-]{0,7})?",
+                0u64..1_000_000,
+                any::<[u8; 32]>(),
+            ),
+            1..6,
+        ),
         (1u64..2_000_000, 13u32..=17),
         any::<Option<[u8; 32]>>(),
     )
-        .prop_map(|(model, (ma, mi, pa), release, targets, files, (body_size, cs_log), delta)| {
-            let chunk_size = 1u32 << cs_log;
-            let n = body_size.div_ceil(u64::from(chunk_size)) as usize;
-            let mut seen = std::collections::BTreeSet::new();
-            let files: Vec<_> = files
-                .into_iter()
-                .filter(|(p, _, _)| seen.insert(p.clone()))
-                .map(|(path, size, h)| edgefleet_bundle::manifest::FileEntry { path, size, sha256: edgefleet_bundle::Digest(h) })
-                .collect();
-            let total: u64 = files.iter().map(|f| f.size).sum();
-            Manifest {
-                format_version: 1,
-                model,
-                version: semver::Version::new(ma, mi, pa),
-                release,
-                targets,
-                created_at: "2026-01-01T00:00:00Z".into(),
-                min_agent_version: semver::Version::new(0, 1, 0),
-                key_id: key().key_id(),
-                files,
-                payload: edgefleet_bundle::manifest::PayloadInfo { size: total + 1024, sha256: edgefleet_bundle::Digest([3; 32]) },
-                body: edgefleet_bundle::manifest::BodyInfo {
-                    size: body_size,
-                    sha256: edgefleet_bundle::Digest([4; 32]),
-                    chunk_size,
-                    chunks: (0..n).map(|i| edgefleet_bundle::Digest([i as u8; 32])).collect(),
-                },
-                delta_from: delta.map(edgefleet_bundle::Digest),
-            }
-        })
+        .prop_map(
+            |(model, (ma, mi, pa), release, targets, files, (body_size, cs_log), delta)| {
+                let chunk_size = 1u32 << cs_log;
+                let n = body_size.div_ceil(u64::from(chunk_size)) as usize;
+                let mut seen = std::collections::BTreeSet::new();
+                let files: Vec<_> = files
+                    .into_iter()
+                    .filter(|(p, _, _)| seen.insert(p.clone()))
+                    .map(|(path, size, h)| edgefleet_bundle::manifest::FileEntry {
+                        path,
+                        size,
+                        sha256: edgefleet_bundle::Digest(h),
+                    })
+                    .collect();
+                let total: u64 = files.iter().map(|f| f.size).sum();
+                Manifest {
+                    format_version: 1,
+                    model,
+                    version: semver::Version::new(ma, mi, pa),
+                    release,
+                    targets,
+                    created_at: "2026-01-01T00:00:00Z".into(),
+                    min_agent_version: semver::Version::new(0, 1, 0),
+                    key_id: key().key_id(),
+                    files,
+                    payload: edgefleet_bundle::manifest::PayloadInfo {
+                        size: total + 1024,
+                        sha256: edgefleet_bundle::Digest([3; 32]),
+                    },
+                    body: edgefleet_bundle::manifest::BodyInfo {
+                        size: body_size,
+                        sha256: edgefleet_bundle::Digest([4; 32]),
+                        chunk_size,
+                        chunks: (0..n)
+                            .map(|i| edgefleet_bundle::Digest([i as u8; 32]))
+                            .collect(),
+                    },
+                    delta_from: delta.map(edgefleet_bundle::Digest),
+                }
+            },
+        )
 }
 
 proptest! {

@@ -43,7 +43,11 @@ impl ChunkData {
     /// [`Error::TooLarge`] when `data` exceeds [`MAX_CHUNK_DATA`].
     pub fn encode(&self) -> Result<Vec<u8>, Error> {
         if self.data.len() > MAX_CHUNK_DATA {
-            return Err(Error::TooLarge { what: "chunk data", size: self.data.len(), limit: MAX_CHUNK_DATA });
+            return Err(Error::TooLarge {
+                what: "chunk data",
+                size: self.data.len(),
+                limit: MAX_CHUNK_DATA,
+            });
         }
         let mut out = Vec::with_capacity(HEADER_LEN + self.data.len());
         out.extend_from_slice(MAGIC);
@@ -63,31 +67,53 @@ impl ChunkData {
     /// [`Error::Malformed`] naming the field, [`Error::UnsupportedVersion`],
     /// [`Error::TooLarge`].
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        let bad = |reason: String| Error::Malformed { kind: "chunk", reason };
+        let bad = |reason: String| Error::Malformed {
+            kind: "chunk",
+            reason,
+        };
         if bytes.len() < HEADER_LEN {
-            return Err(bad(format!("{} bytes, the header alone is {HEADER_LEN}", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes, the header alone is {HEADER_LEN}",
+                bytes.len()
+            )));
         }
         if &bytes[0..4] != MAGIC {
             return Err(bad("magic is not EFCK".into()));
         }
         if bytes[4] != VERSION {
-            return Err(Error::UnsupportedVersion { found: bytes[4].into(), supported: VERSION.into() });
+            return Err(Error::UnsupportedVersion {
+                found: bytes[4].into(),
+                supported: VERSION.into(),
+            });
         }
-        let u32_at = |o: usize| u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let mut body_sha256 = [0u8; 32];
         body_sha256.copy_from_slice(&bytes[5..37]);
         let index = u32_at(37);
         let count = u32_at(41);
         let len = u32_at(45) as usize;
         if len > MAX_CHUNK_DATA {
-            return Err(Error::TooLarge { what: "chunk data", size: len, limit: MAX_CHUNK_DATA });
+            return Err(Error::TooLarge {
+                what: "chunk data",
+                size: len,
+                limit: MAX_CHUNK_DATA,
+            });
         }
         if bytes.len() - HEADER_LEN != len {
-            return Err(bad(format!("data length field says {len}, {} bytes follow", bytes.len() - HEADER_LEN)));
+            return Err(bad(format!(
+                "data length field says {len}, {} bytes follow",
+                bytes.len() - HEADER_LEN
+            )));
         }
         if index >= count {
             return Err(bad(format!("index {index} is not below count {count}")));
         }
-        Ok(ChunkData { body_sha256, index, count, data: bytes[HEADER_LEN..].to_vec() })
+        Ok(ChunkData {
+            body_sha256,
+            index,
+            count,
+            data: bytes[HEADER_LEN..].to_vec(),
+        })
     }
 }

@@ -218,7 +218,13 @@ pub enum TrialMode {
 
 impl Default for TrialPolicy {
     fn default() -> Self {
-        TrialPolicy { window_s: 10, min_requests: 20, max_error_rate: 0.01, max_p99_ratio: 3.0, mode: TrialMode::Shadow }
+        TrialPolicy {
+            window_s: 10,
+            min_requests: 20,
+            max_error_rate: 0.01,
+            max_p99_ratio: 3.0,
+            mode: TrialMode::Shadow,
+        }
     }
 }
 
@@ -246,16 +252,34 @@ impl UpdateOffer {
         let b64 = base64::engine::general_purpose::STANDARD;
         let m = b64
             .decode(&self.manifest_b64)
-            .map_err(|e| Error::Malformed { kind: "update_offer", reason: format!("manifest_b64: {e}") })?;
+            .map_err(|e| Error::Malformed {
+                kind: "update_offer",
+                reason: format!("manifest_b64: {e}"),
+            })?;
         let s = b64
             .decode(&self.signature_b64)
-            .map_err(|e| Error::Malformed { kind: "update_offer", reason: format!("signature_b64: {e}") })?;
+            .map_err(|e| Error::Malformed {
+                kind: "update_offer",
+                reason: format!("signature_b64: {e}"),
+            })?;
         Ok((m, s))
     }
     /// Encodes manifest bytes and signature into an offer.
-    pub fn new(rollout_id: String, release: ReleaseRef, manifest: &[u8], sig: &[u8], trial: TrialPolicy) -> Self {
+    pub fn new(
+        rollout_id: String,
+        release: ReleaseRef,
+        manifest: &[u8],
+        sig: &[u8],
+        trial: TrialPolicy,
+    ) -> Self {
         let b64 = base64::engine::general_purpose::STANDARD;
-        UpdateOffer { rollout_id, release, manifest_b64: b64.encode(manifest), signature_b64: b64.encode(sig), trial }
+        UpdateOffer {
+            rollout_id,
+            release,
+            manifest_b64: b64.encode(manifest),
+            signature_b64: b64.encode(sig),
+            trial,
+        }
     }
 }
 
@@ -283,26 +307,55 @@ struct VersionProbe {
 }
 
 fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
-    let bytes = serde_json::to_vec(&EnvelopeOut { v: PROTOCOL_VERSION, msg })
-        .map_err(|e| Error::Malformed { kind: "outgoing", reason: e.to_string() })?;
+    let bytes = serde_json::to_vec(&EnvelopeOut {
+        v: PROTOCOL_VERSION,
+        msg,
+    })
+    .map_err(|e| Error::Malformed {
+        kind: "outgoing",
+        reason: e.to_string(),
+    })?;
     if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(Error::TooLarge { what: "message", size: bytes.len(), limit: MAX_MESSAGE_BYTES });
+        return Err(Error::TooLarge {
+            what: "message",
+            size: bytes.len(),
+            limit: MAX_MESSAGE_BYTES,
+        });
     }
     Ok(bytes)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], kind: &'static str) -> Result<T, Error> {
     if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(Error::TooLarge { what: "message", size: bytes.len(), limit: MAX_MESSAGE_BYTES });
+        return Err(Error::TooLarge {
+            what: "message",
+            size: bytes.len(),
+            limit: MAX_MESSAGE_BYTES,
+        });
     }
-    let probe: VersionProbe =
-        serde_json::from_slice(bytes).map_err(|e| Error::Malformed { kind, reason: e.to_string() })?;
+    let probe: VersionProbe = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        kind,
+        reason: e.to_string(),
+    })?;
     match probe.v {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        Some(v) => return Err(Error::UnsupportedVersion { found: v, supported: PROTOCOL_VERSION }),
-        None => return Err(Error::Malformed { kind, reason: "missing field `v`".into() }),
+        Some(v) => {
+            return Err(Error::UnsupportedVersion {
+                found: v,
+                supported: PROTOCOL_VERSION,
+            })
+        }
+        None => {
+            return Err(Error::Malformed {
+                kind,
+                reason: "missing field `v`".into(),
+            })
+        }
     }
-    serde_json::from_slice(bytes).map_err(|e| Error::Malformed { kind, reason: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        kind,
+        reason: e.to_string(),
+    })
 }
 
 impl Up {
@@ -323,7 +376,10 @@ impl Up {
         let msg: Up = decode(bytes, "device")?;
         let claimed = msg.device_id();
         if claimed != topic_device {
-            return Err(Error::Impersonation { topic_device: topic_device.to_string(), claimed: claimed.to_string() });
+            return Err(Error::Impersonation {
+                topic_device: topic_device.to_string(),
+                claimed: claimed.to_string(),
+            });
         }
         Ok(msg)
     }

@@ -30,7 +30,10 @@ impl DeviceId {
     /// # Errors
     /// [`Error::DeviceId`] naming the id and the rule.
     pub fn new(s: &str) -> Result<Self, Error> {
-        let bad = |reason| Error::DeviceId { id: s.chars().take(80).collect(), reason };
+        let bad = |reason| Error::DeviceId {
+            id: s.chars().take(80).collect(),
+            reason,
+        };
         if s.is_empty() {
             return Err(bad("empty"));
         }
@@ -40,7 +43,10 @@ impl DeviceId {
         if s.starts_with('.') || s.starts_with('-') {
             return Err(bad("starts with `.` or `-`"));
         }
-        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c))) {
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
+        {
             return Err(match c {
                 '+' | '#' => bad("contains an MQTT wildcard (`+` or `#`)"),
                 '/' => bad("contains the MQTT level separator `/`"),
@@ -175,7 +181,10 @@ pub enum Topic {
 /// # Errors
 /// [`Error::Topic`] naming the topic, or [`Error::DeviceId`].
 pub fn parse(topic: &str) -> Result<Topic, Error> {
-    let bad = |reason: &str| Error::Topic { topic: topic.chars().take(200).collect(), reason: reason.into() };
+    let bad = |reason: &str| Error::Topic {
+        topic: topic.chars().take(200).collect(),
+        reason: reason.into(),
+    };
     let rest = topic
         .strip_prefix(TOPIC_PREFIX)
         .and_then(|r| r.strip_prefix("/devices/"))

@@ -13,7 +13,19 @@ fn dev(s: &str) -> DeviceId {
 
 #[test]
 fn device_ids_reject_wildcards_separators_and_long_ids() {
-    for bad in ["", "a+b", "a#", "a/b", "$SYS", "with space", ".hidden", "-x", "é", &"x".repeat(65), "nul\0"] {
+    for bad in [
+        "",
+        "a+b",
+        "a#",
+        "a/b",
+        "$SYS",
+        "with space",
+        ".hidden",
+        "-x",
+        "é",
+        &"x".repeat(65),
+        "nul\0",
+    ] {
         assert!(DeviceId::new(bad).is_err(), "{bad:?} accepted");
     }
     for good in ["cam-01", "gw_7.lab", &"x".repeat(64), "A1"] {
@@ -28,10 +40,16 @@ fn device_ids_reject_wildcards_separators_and_long_ids() {
 fn topics_round_trip_and_reject_foreign_layouts() {
     let d = dev("cam-01");
     for k in UpKind::ALL {
-        assert_eq!(topics::parse(&topics::up(&d, k)).expect("parse"), Topic::Up(d.clone(), k));
+        assert_eq!(
+            topics::parse(&topics::up(&d, k)).expect("parse"),
+            Topic::Up(d.clone(), k)
+        );
     }
     for k in [DownKind::Command, DownKind::Chunk] {
-        assert_eq!(topics::parse(&topics::down(&d, k)).expect("parse"), Topic::Down(d.clone(), k));
+        assert_eq!(
+            topics::parse(&topics::down(&d, k)).expect("parse"),
+            Topic::Down(d.clone(), k)
+        );
     }
     for bad in [
         "edgefleet/v2/devices/cam-01/up/hello",
@@ -49,7 +67,13 @@ fn topics_round_trip_and_reject_foreign_layouts() {
 #[test]
 fn unknown_versions_are_rejected_with_a_clear_error() {
     let json = br#"{"v":2,"type":"status","device_id":"a","online":true}"#;
-    assert_eq!(Up::decode(json, &dev("a")), Err(Error::UnsupportedVersion { found: 2, supported: 1 }));
+    assert_eq!(
+        Up::decode(json, &dev("a")),
+        Err(Error::UnsupportedVersion {
+            found: 2,
+            supported: 1
+        })
+    );
     let e = Down::decode(br#"{"v":99,"type":"rollback","reason":"x"}"#).expect_err("v99");
     assert!(e.to_string().contains("version 99"), "{e}");
     assert!(Down::decode(br#"{"type":"rollback","reason":"x"}"#).is_err());
@@ -65,69 +89,127 @@ fn oversized_messages_are_rejected_by_the_decoder_not_the_transport() {
     big.extend_from_slice(b"\"}");
     assert!(matches!(Down::decode(&big), Err(Error::TooLarge { .. })));
     // And the encoder refuses to produce one.
-    let msg = Down::Rollback { reason: "x".repeat(MAX_MESSAGE_BYTES) };
+    let msg = Down::Rollback {
+        reason: "x".repeat(MAX_MESSAGE_BYTES),
+    };
     assert!(matches!(msg.encode(), Err(Error::TooLarge { .. })));
 }
 
 #[test]
 fn a_device_cannot_speak_for_another() {
-    let msg = Up::Status(Status { device_id: dev("victim"), online: false });
+    let msg = Up::Status(Status {
+        device_id: dev("victim"),
+        online: false,
+    });
     let bytes = msg.encode().expect("encode");
     assert_eq!(
         Up::decode(&bytes, &dev("attacker")),
-        Err(Error::Impersonation { topic_device: "attacker".into(), claimed: "victim".into() })
+        Err(Error::Impersonation {
+            topic_device: "attacker".into(),
+            claimed: "victim".into()
+        })
     );
     assert_eq!(Up::decode(&bytes, &dev("victim")).expect("ok"), msg);
 }
 
 #[test]
 fn chunk_framing_is_checked() {
-    let c = ChunkData { body_sha256: [7; 32], index: 3, count: 10, data: vec![1, 2, 3] };
+    let c = ChunkData {
+        body_sha256: [7; 32],
+        index: 3,
+        count: 10,
+        data: vec![1, 2, 3],
+    };
     let bytes = c.encode().expect("encode");
     assert_eq!(bytes.len(), HEADER_LEN + 3);
     assert_eq!(ChunkData::decode(&bytes).expect("decode"), c);
-    assert!(ChunkData::decode(&bytes[..bytes.len() - 1]).is_err(), "short data");
+    assert!(
+        ChunkData::decode(&bytes[..bytes.len() - 1]).is_err(),
+        "short data"
+    );
     let mut b = bytes.clone();
     b[0] = b'X';
     assert!(ChunkData::decode(&b).is_err(), "magic");
     let mut b = bytes.clone();
     b[4] = 2;
-    assert!(matches!(ChunkData::decode(&b), Err(Error::UnsupportedVersion { .. })));
-    let bad = ChunkData { index: 10, ..c.clone() }.encode().expect("encode");
+    assert!(matches!(
+        ChunkData::decode(&b),
+        Err(Error::UnsupportedVersion { .. })
+    ));
+    let bad = ChunkData {
+        index: 10,
+        ..c.clone()
+    }
+    .encode()
+    .expect("encode");
     assert!(ChunkData::decode(&bad).is_err(), "index >= count");
-    assert!(ChunkData { data: vec![0; MAX_CHUNK_DATA + 1], ..c }.encode().is_err());
+    assert!(ChunkData {
+        data: vec![0; MAX_CHUNK_DATA + 1],
+        ..c
+    }
+    .encode()
+    .is_err());
 }
 
 fn arb_release() -> impl Strategy<Value = ReleaseRef> {
-    ("[a-z]{1,10}", any::<u64>(), "[0-9]{1,2}\\.[0-9]{1,2}\\.[0-9]{1,2}")
-        .prop_map(|(model, release, version)| ReleaseRef { model, release, version })
+    (
+        "[a-z]{1,10}",
+        any::<u64>(),
+        "[0-9]{1,2}\\.[0-9]{1,2}\\.[0-9]{1,2}",
+    )
+        .prop_map(|(model, release, version)| ReleaseRef {
+            model,
+            release,
+            version,
+        })
 }
 
 fn arb_record() -> impl Strategy<Value = TelemetryRecord> {
-    (any::<u64>(), any::<u64>(), prop::option::of(arb_release()), 0u64..1_000_000, 0u64..1000, 0.0f64..1e4)
-        .prop_map(|(seq, ts_ms, release, requests, errors, p)| TelemetryRecord {
-            seq,
-            ts_ms,
-            release,
-            interval_s: 10.0,
-            requests,
-            errors,
-            rejected: errors / 2,
-            latency: LatencySummary { count: requests, p50_ms: p, p95_ms: p * 2.0, p99_ms: p * 3.0, max_ms: p * 4.0 },
-            queue_depth: 3,
-            rss_bytes: 1 << 20,
-            cpu_percent: 12.5,
-            uptime_s: 100,
-            outbox_dropped: 0,
-        })
+    (
+        any::<u64>(),
+        any::<u64>(),
+        prop::option::of(arb_release()),
+        0u64..1_000_000,
+        0u64..1000,
+        0.0f64..1e4,
+    )
+        .prop_map(
+            |(seq, ts_ms, release, requests, errors, p)| TelemetryRecord {
+                seq,
+                ts_ms,
+                release,
+                interval_s: 10.0,
+                requests,
+                errors,
+                rejected: errors / 2,
+                latency: LatencySummary {
+                    count: requests,
+                    p50_ms: p,
+                    p95_ms: p * 2.0,
+                    p99_ms: p * 3.0,
+                    max_ms: p * 4.0,
+                },
+                queue_depth: 3,
+                rss_bytes: 1 << 20,
+                cpu_percent: 12.5,
+                uptime_s: 100,
+                outbox_dropped: 0,
+            },
+        )
 }
 
 fn arb_up() -> impl Strategy<Value = Up> {
     let id = Just(dev("dev-1"));
     prop_oneof![
-        (id.clone(), any::<bool>()).prop_map(|(device_id, online)| Up::Status(Status { device_id, online })),
-        (id.clone(), prop::option::of(arb_release()), "[a-z]{1,10}", prop::collection::vec("[a-z]{1,5}", 0..3)).prop_map(
-            |(device_id, active, update_state, tags)| Up::Hello(Hello {
+        (id.clone(), any::<bool>())
+            .prop_map(|(device_id, online)| Up::Status(Status { device_id, online })),
+        (
+            id.clone(),
+            prop::option::of(arb_release()),
+            "[a-z]{1,10}",
+            prop::collection::vec("[a-z]{1,5}", 0..3)
+        )
+            .prop_map(|(device_id, active, update_state, tags)| Up::Hello(Hello {
                 device_id,
                 agent_version: "0.1.0".into(),
                 target: "rpi4".into(),
@@ -136,23 +218,34 @@ fn arb_up() -> impl Strategy<Value = Up> {
                 update_state,
                 tags,
                 boot_id: "b".into()
-            })
-        ),
+            })),
         (id.clone(), prop::collection::vec(arb_record(), 0..20))
             .prop_map(|(device_id, records)| Up::Telemetry(TelemetryBatch { device_id, records })),
-        (id.clone(), arb_release(), any::<u64>(), prop::option::of("[a-z_]{1,20}")).prop_map(|(device_id, release, seq, reason)| {
-            Up::Event(UpdateEvent {
+        (
+            id.clone(),
+            arb_release(),
+            any::<u64>(),
+            prop::option::of("[a-z_]{1,20}")
+        )
+            .prop_map(|(device_id, release, seq, reason)| {
+                Up::Event(UpdateEvent {
+                    device_id,
+                    rollout_id: Some("r1".into()),
+                    release,
+                    kind: EventKind::RolledBack,
+                    reason,
+                    detail: None,
+                    seq,
+                })
+            }),
+        (id, "[0-9a-f]{64}", any::<u32>(), 1u32..16).prop_map(
+            |(device_id, body_sha256, first, count)| Up::ChunkRequest(ChunkRequest {
                 device_id,
-                rollout_id: Some("r1".into()),
-                release,
-                kind: EventKind::RolledBack,
-                reason,
-                detail: None,
-                seq,
+                body_sha256,
+                first,
+                count
             })
-        }),
-        (id, "[0-9a-f]{64}", any::<u32>(), 1u32..16)
-            .prop_map(|(device_id, body_sha256, first, count)| Up::ChunkRequest(ChunkRequest { device_id, body_sha256, first, count })),
+        ),
     ]
 }
 

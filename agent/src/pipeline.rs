@@ -1,0 +1,470 @@
+//! Wiring of the data path into the running agent (docs/agent.md, "Inputs,
+//! telemetry and drift"):
+//!
+//! - [`spawn_sources`]: one blocking thread per `[[inputs]]` table, feeding
+//!   windows into the engine's queue exactly like a local API request;
+//! - [`spawn_telemetry`]: every `telemetry_interval_s` the engine's
+//!   [`crate::telemetry::Stats`] are snapshotted into the sled outbox, and a
+//!   [`Publisher`] drains the outbox over its own MQTT connection;
+//! - [`spawn_drift`]: a thread that receives successful inferences from the
+//!   engine's bounded drift channel and runs [`AgentDrift`] for the active
+//!   release, publishing `up/drift` periodically and on alarm.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgefleet_bundle::payload::DRIFT_REFERENCE;
+use edgefleet_drift::DriftThresholds;
+use edgefleet_protocol::messages::{DriftMessage, ReleaseRef, Up};
+use edgefleet_protocol::{DeviceId, KEEP_ALIVE_S, MQTT_MAX_PACKET_BYTES};
+use rumqttc::MqttOptions;
+
+use crate::drift::{load_reference, AgentDrift, DriftConfig};
+use crate::engine::{Engine, SubmitError, DRIFT_CHANNEL_CAPACITY};
+use crate::inputs::{from_config, InputSource};
+use crate::telemetry::publisher::{spawn_connection, Backoff};
+use crate::telemetry::{Outbox, Publisher, PublisherConfig};
+
+/// Sleeps up to `d`, in slices, returning early once `stop` is set.
+fn nap(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(100)));
+    }
+}
+
+/// Full-jitter backoff for input sources: uniform in `[ceil/2, ceil]`,
+/// `ceil = min(10 s, 200 ms * 2^attempt)` (at least 100 ms: never spins).
+fn source_backoff(attempt: u32) -> Duration {
+    let ceil = Duration::from_millis(200)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(Duration::from_secs(10));
+    ceil.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+        .max(Duration::from_millis(100))
+}
+
+/// Logs at most once per `every`, counting what it suppressed.
+struct RateLimited {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn new(every: Duration) -> Self {
+        RateLimited {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+    /// `Some(suppressed since the last log)` when it is time to log.
+    fn tick(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < self.every) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Name of source `index`: its `name` field, else `inputs[index]`.
+pub fn source_name(index: usize, table: &toml::Value) -> String {
+    table
+        .get("name")
+        .and_then(toml::Value::as_str)
+        .map_or_else(|| format!("inputs[{index}]"), str::to_string)
+}
+
+/// Starts one thread per `[[inputs]]` table. Each builds its source with
+/// [`from_config`] (retried with backoff on failure), waits while no model is
+/// loaded, and submits every window to the engine's queue (same path as the
+/// local API: trial shadowing, stats, errors); for a stateful model the
+/// source is one stream, `input:<name>`. Threads end when `stop` is set.
+pub fn spawn_sources(
+    engine: &Arc<Engine>,
+    tables: &[toml::Value],
+    timeout: Duration,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut out = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let name = source_name(i, t);
+        let (engine, table, stop) = (engine.clone(), t.clone(), stop.clone());
+        let n = name.clone();
+        match std::thread::Builder::new()
+            .name(format!("input-{i}"))
+            .spawn(move || run_source(&n, &table, &engine, timeout, &stop))
+        {
+            Ok(h) => out.push(h),
+            Err(e) => tracing::error!(source = %name, error = %e, "cannot start input thread"),
+        }
+    }
+    out
+}
+
+fn run_source(
+    name: &str,
+    table: &toml::Value,
+    engine: &Engine,
+    timeout: Duration,
+    stop: &AtomicBool,
+) {
+    let stream_id = format!("input:{name}");
+    let mut source: Option<Box<dyn InputSource>> = None;
+    let mut attempt = 0u32;
+    let mut failures = RateLimited::new(Duration::from_secs(10));
+    let mut waiting_logged = false;
+    tracing::info!(source = name, "input source started");
+    while !stop.load(Ordering::Relaxed) {
+        let Some(model) = engine.serving() else {
+            if !waiting_logged {
+                tracing::info!(source = name, "no model loaded: input source waits");
+                waiting_logged = true;
+            }
+            nap(stop, Duration::from_millis(500));
+            continue;
+        };
+        waiting_logged = false;
+        let src = match &mut source {
+            Some(s) => s,
+            None => match from_config(table) {
+                Ok(s) => source.insert(s),
+                Err(e) => {
+                    let d = source_backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(source = name, error = %e, retry_in_ms = d.as_millis() as u64, "input source does not open");
+                    nap(stop, d);
+                    continue;
+                }
+            },
+        };
+        let window = match src.next_window() {
+            Ok(w) => w,
+            Err(e) => {
+                let d = source_backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(source = name, error = %e, retry_in_ms = d.as_millis() as u64, "input source failed");
+                nap(stop, d);
+                continue;
+            }
+        };
+        let stream = (!model.spec.state.is_empty()).then(|| stream_id.clone());
+        drop(model);
+        match engine.submit(window, stream, timeout) {
+            Ok(rx) => match rx.blocking_recv() {
+                Ok(Ok(_)) => attempt = 0,
+                Ok(Err(e)) => {
+                    if let Some(n) = failures.tick() {
+                        tracing::warn!(source = name, error = %e, suppressed = n, "inference on an input window failed");
+                    }
+                }
+                Err(_) => {}
+            },
+            Err(SubmitError::Saturated) => {
+                // The queue is full: drop this window and back off.
+                let d = source_backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                if let Some(n) = failures.tick() {
+                    tracing::warn!(
+                        source = name,
+                        suppressed = n,
+                        "queue full: input window dropped"
+                    );
+                }
+                nap(stop, d);
+            }
+            Err(SubmitError::NoModel) => {}
+        }
+    }
+    tracing::info!(source = name, "input source stopped");
+}
+
+/// MQTT settings for the telemetry connection.
+#[derive(Debug, Clone)]
+pub struct TelemetryLink {
+    /// Device id (the batches' topic and `device_id`).
+    pub device_id: DeviceId,
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Credentials (same as the main session's: the broker ACL is per username).
+    pub credentials: Option<(String, String)>,
+}
+
+/// Starts the telemetry loop (snapshot into the outbox every `interval`) and
+/// the publisher on its own MQTT connection, client id `{device_id}-telemetry`.
+/// Both end when `shutdown` turns true; the loop appends a last (partial
+/// interval) snapshot first, which the next start publishes if this one cannot.
+pub fn spawn_telemetry(
+    engine: Arc<Engine>,
+    outbox: Arc<Outbox>,
+    link: TelemetryLink,
+    interval: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut opts = MqttOptions::new(
+        format!("{}-telemetry", link.device_id.as_str()),
+        link.host.clone(),
+        link.port,
+    );
+    opts.set_keep_alive(Duration::from_secs(KEEP_ALIVE_S));
+    opts.set_max_packet_size(MQTT_MAX_PACKET_BYTES, MQTT_MAX_PACKET_BYTES);
+    if let Some((u, p)) = &link.credentials {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    let (client, link_rx, conn) = spawn_connection(opts, Backoff::default());
+    let publisher = Publisher::new(
+        outbox.clone(),
+        client.clone(),
+        link_rx,
+        PublisherConfig::new(link.device_id.clone()),
+    );
+    let mut sd = shutdown.clone();
+    let pub_task = tokio::spawn(async move {
+        let stop = async move {
+            let _ = sd.wait_for(|v| *v).await;
+        };
+        if let Err(e) = publisher.run(stop).await {
+            tracing::error!(error = %e, "telemetry publisher stopped");
+        }
+        let _ = client.try_disconnect();
+        // Let the event loop send the disconnect, then stop it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        conn.abort();
+    });
+    let mut sd = shutdown;
+    let loop_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + interval,
+            interval.max(Duration::from_millis(100)),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let last = tokio::select! {
+                _ = tick.tick() => false,
+                _ = sd.wait_for(|v| *v) => true,
+            };
+            let records = engine.snapshot_telemetry();
+            let ob = outbox.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                for r in records {
+                    ob.append(r)?;
+                }
+                Ok::<_, crate::telemetry::Error>(())
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "telemetry record not stored"),
+                Err(e) => tracing::warn!(error = %e, "telemetry append task failed"),
+            }
+            if last {
+                break;
+            }
+        }
+    });
+    vec![pub_task, loop_task]
+}
+
+/// Drift settings from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct DriftSettings {
+    /// Thresholds (config `drift_thresholds`, default [`DriftThresholds::default`]).
+    pub thresholds: DriftThresholds,
+    /// Regular report period (config `drift_interval_s`).
+    pub interval: Duration,
+}
+
+/// Starts the drift thread. It connects the engine's drift channel
+/// (capacity [`DRIFT_CHANNEL_CAPACITY`]; the engine drops samples when it is
+/// full and counts them in `engine.drift.dropped`), follows the engine's
+/// active release (loading the active slot's `drift_reference.json` on every
+/// change; without one, drift is off for that release and no sample is
+/// copied), and sends each [`DriftMessage`] through `publish` (QoS 1 on
+/// `up/drift`): every `interval`, and at once on an alarm edge.
+pub fn spawn_drift(
+    engine: Arc<Engine>,
+    db: sled::Db,
+    device_id: DeviceId,
+    settings: DriftSettings,
+    publish: Arc<dyn Fn(Up) + Send + Sync>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let rx = engine.drift.connect(DRIFT_CHANNEL_CAPACITY)?;
+    let cfg = DriftConfig {
+        thresholds: settings.thresholds,
+        report_interval: settings.interval.max(Duration::from_secs(1)),
+        ..DriftConfig::default()
+    };
+    std::thread::Builder::new()
+        .name("drift".into())
+        .spawn(move || {
+            let mut w = DriftWorker {
+                engine,
+                db,
+                device_id,
+                cfg,
+                publish,
+                drift: None,
+                on: false,
+                seen: None,
+                last_psi: Instant::now(),
+            };
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let sample = match rx.recv_timeout(Duration::from_millis(250)) {
+                    Ok(s) => Some(s),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                };
+                w.follow_active();
+                if let Some(s) = sample {
+                    w.observe(&s.release, &s.inputs, &s.outputs);
+                }
+                w.periodic();
+            }
+            if let Some(d) = &w.drift {
+                if let Err(e) = d.persist() {
+                    tracing::warn!(error = %e, "drift state not saved");
+                }
+            }
+        })
+        .map_err(|e| tracing::error!(error = %e, "cannot start the drift thread"))
+        .ok()
+}
+
+struct DriftWorker {
+    engine: Arc<Engine>,
+    db: sled::Db,
+    device_id: DeviceId,
+    cfg: DriftConfig,
+    publish: Arc<dyn Fn(Up) + Send + Sync>,
+    /// The monitor (kept across releases so `seq` continues; `on` says
+    /// whether it follows the active release).
+    drift: Option<AgentDrift>,
+    on: bool,
+    /// The active release last seen.
+    seen: Option<ReleaseRef>,
+    last_psi: Instant,
+}
+
+impl DriftWorker {
+    fn follow_active(&mut self) {
+        let active = self.engine.active();
+        let rel = active.as_ref().map(|m| m.release.clone());
+        if rel == self.seen {
+            return;
+        }
+        self.seen.clone_from(&rel);
+        self.on = false;
+        self.engine.drift.enabled.store(false, Ordering::Relaxed);
+        if let Ok(mut p) = self.engine.drift.psi.lock() {
+            p.clear();
+        }
+        let Some(m) = active else { return };
+        let path = m.dir.join(DRIFT_REFERENCE);
+        if !path.exists() {
+            tracing::info!(release = %crate::engine::label(&m.release), "no drift reference in the bundle: drift monitoring off");
+            return;
+        }
+        let profile = match load_reference(&path) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "drift monitoring off");
+                return;
+            }
+        };
+        let r = match &mut self.drift {
+            Some(d) => d.reset_for_model(m.release.clone(), &profile, &m.spec),
+            None => AgentDrift::open(
+                &self.db,
+                self.device_id.clone(),
+                m.release.clone(),
+                &profile,
+                &m.spec,
+                self.cfg,
+            )
+            .map(|d| {
+                self.drift = Some(d);
+            }),
+        };
+        match r {
+            Ok(()) => {
+                self.on = true;
+                self.engine.drift.enabled.store(true, Ordering::Relaxed);
+                tracing::info!(release = %crate::engine::label(&m.release), features = profile.features().count(), "drift monitoring on");
+            }
+            Err(e) => tracing::warn!(error = %e, "drift monitoring off"),
+        }
+    }
+
+    fn send(&self, m: DriftMessage) {
+        tracing::info!(
+            seq = m.seq,
+            alarm = m.alarm,
+            status = ?m.report.status,
+            max_psi = m.report.max_psi,
+            dropped_samples = self.engine.drift.dropped.load(Ordering::Relaxed),
+            "drift report"
+        );
+        (self.publish)(Up::Drift(m));
+    }
+
+    fn observe(
+        &mut self,
+        release: &ReleaseRef,
+        inputs: &[edgefleet_bundle::payload::Tensor],
+        outputs: &[edgefleet_bundle::payload::Tensor],
+    ) {
+        if !self.on {
+            return;
+        }
+        let Some(d) = &mut self.drift else { return };
+        // A trial candidate serving (mode = serve) is not the active release.
+        if d.release() != release {
+            return;
+        }
+        match d.observe(inputs, outputs) {
+            Ok(Some(m)) => self.send(m),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "drift state not saved"),
+        }
+    }
+
+    fn periodic(&mut self) {
+        if !self.on {
+            return;
+        }
+        let Some(d) = &mut self.drift else { return };
+        match d.poll_periodic() {
+            Ok(Some(m)) => {
+                self.publish_psi(&m.report);
+                self.send(m);
+            }
+            Ok(None) => {
+                if self.last_psi.elapsed() >= Duration::from_secs(5) {
+                    let r = d.current();
+                    self.publish_psi(&r);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "drift report failed"),
+        }
+    }
+
+    fn publish_psi(&mut self, r: &edgefleet_drift::DriftReport) {
+        self.last_psi = Instant::now();
+        if let Ok(mut p) = self.engine.drift.psi.lock() {
+            *p = r.features.iter().map(|f| (f.name.clone(), f.psi)).collect();
+        }
+    }
+}
