@@ -81,6 +81,8 @@ const GROUPS: [Group; 3] = [
     },
 ];
 const TARGETS: [&str; 2] = ["rpi4", "x86-avx2-gateway"];
+/// PSI alarm threshold (devices and the server's drift rule).
+const PSI_ALARM: f64 = 0.25;
 /// Recurrent-state inputs: fed by the runtime, not by an input source.
 const STATE_INPUTS: [&str; 3] = ["state", "h", "c"];
 
@@ -158,7 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut input_dirs = BTreeMap::new();
     for g in &GROUPS {
         for t in TARGETS {
-            let profile = edgefleet_targets::load(&repo_path(&format!("targets/{t}.toml")))?;
+            let profile = edgefleet_targets::load(repo_path(&format!("targets/{t}.toml")))?;
             // The inputs these devices will see; the same data calibrates the
             // compile, so the drift reference describes the fleet's normal.
             let stem = g.model.trim_end_matches(".onnx");
@@ -233,13 +235,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut cfg = edgefleet_fleet_server::Config::new(
-        &dir.join("server"),
+        dir.join("server"),
         edgefleet_fleet_server::config::load_trust(&pub_pem)?,
         TOKEN.to_string(),
     );
     cfg.listen = args.listen;
     cfg.broker = edgefleet_fleet_server::BrokerConfig::Embedded { port: free_port()? };
-    cfg.drift_rule.psi_threshold = 0.25;
+    cfg.drift_rule.psi_threshold = PSI_ALARM;
     cfg.drift_rule.min_fraction = 0.1;
     cfg.drift_rule.min_devices = 1;
     let server = rt.block_on(edgefleet_fleet_server::Server::start(cfg))?;
@@ -476,6 +478,13 @@ fn write_agent_config(
         (true, _) => "offset = -0.6\nrotate90 = 1\n".to_string(),
     };
     let profile = repo_path(&format!("targets/{}.toml", d.target));
+    // No verdict before two passes over the replayed data: a prefix of a
+    // recording is not its distribution (Design: min_samples >= 2 loops).
+    let min_samples = match d.group {
+        "vad" => 400,
+        "ocr-cls" => 32,
+        _ => 32,
+    };
     let text = format!(
         r#"# edgefleet-agent configuration written by `edgefleet demo`
 device_id = "{id}"
@@ -494,10 +503,10 @@ url = "{broker}"
 listen = "127.0.0.1:{port}"
 
 [drift_thresholds]
-psi_alarm = 0.25
-ks_alarm = 0.2
+psi_alarm = {psi}
+ks_alarm = 0.5
 chi2_p_alarm = 0.001
-min_samples = 40
+min_samples = {min_samples}
 
 [[inputs]]
 kind = "replay"
@@ -513,6 +522,8 @@ rate_hz = {rate}
         port = d.api_port,
         inputs = inputs.display(),
         input_name = input_name,
+        psi = PSI_ALARM,
+        min_samples = min_samples,
         rate = group.rate_hz,
     );
     edgefleet_bundle::write_atomic(&d.dir.join("agent.toml"), text.as_bytes())?;
@@ -735,18 +746,21 @@ impl Api {
     }
 }
 
+/// Devices whose latest drift report has a feature with PSI at or above the
+/// alarm threshold (reports are cumulative since the model was loaded).
 fn alarmed_devices(api: &Api) -> anyhow::Result<Vec<String>> {
     let v = api.get("/v1/drift")?;
-    let mut out: Vec<String> = v["drift"]
-        .as_array()
+    let mut latest: BTreeMap<String, f64> = BTreeMap::new();
+    for r in v["drift"].as_array().into_iter().flatten() {
+        if let Some(d) = r["device"].as_str() {
+            latest.insert(d.to_string(), r["max_psi"].as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok(latest
         .into_iter()
-        .flatten()
-        .filter(|r| r["alarm"].as_bool() == Some(true))
-        .filter_map(|r| r["device"].as_str().map(str::to_string))
-        .collect();
-    out.sort();
-    out.dedup();
-    Ok(out)
+        .filter(|(_, psi)| *psi >= PSI_ALARM)
+        .map(|(d, _)| d)
+        .collect())
 }
 
 fn summarise(

@@ -149,6 +149,15 @@ async fn route(state: &Arc<State>, id: &DeviceId, msg: Up) -> crate::Result<()> 
         }
         Up::Event(ev) => {
             state.registry.touch(id.as_str())?;
+            if ev.kind == edgefleet_protocol::messages::EventKind::Committed {
+                // The registry shows the new release at once, not at the next heartbeat.
+                state.registry.update(id.as_str(), |d| {
+                    if d.active.as_ref() != Some(&ev.release) {
+                        d.previous = d.active.take();
+                        d.active = Some(ev.release.clone());
+                    }
+                })?;
+            }
             state.on_event(&ev).await;
         }
         Up::ChunkRequest(r) => {

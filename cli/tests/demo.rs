@@ -1,0 +1,95 @@
+//! Runs `edgefleet demo --exit` end to end and checks the facts of its
+//! summary: v1 on every device, v2 on none, the canaries' rollback reasons,
+//! drift alarms only on the shifted devices, a retraining request.
+//!
+//! Needs the real models (scripts/fetch-models, run by the demo itself and by
+//! scripts/test) and takes a few minutes on 2 cores.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn demo_runs_end_to_end_and_its_summary_holds() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let work = dir.path().join("demo");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet"))
+        .args([
+            "demo",
+            "--exit",
+            "--agents",
+            "20",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+        ])
+        .arg(&work)
+        .current_dir(&repo)
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    let s: Value =
+        serde_json::from_slice(&std::fs::read(work.join("summary.json")).expect("summary.json"))
+            .expect("json");
+
+    // v1 on every device, v2 on none.
+    for g in s["groups"].as_array().expect("groups") {
+        let releases = g["releases"].as_object().expect("releases");
+        assert_eq!(releases.len(), 1, "group {}: {releases:?}", g["group"]);
+        assert_eq!(
+            releases.get("r1").and_then(Value::as_u64),
+            g["devices"].as_u64(),
+            "group {}: {releases:?}",
+            g["group"]
+        );
+        assert!(
+            g["requests"].as_u64().unwrap_or(0) > 0,
+            "group {} served no requests",
+            g["group"]
+        );
+    }
+    for r in s["v1_rollouts"].as_array().expect("v1") {
+        assert_eq!(r["state"]["state"], "completed", "{r}");
+    }
+    // The bad v2 halted at its canary, which rolled back with the reason reported.
+    for r in s["v2_rollouts"].as_array().expect("v2") {
+        assert_eq!(r["state"]["state"], "halted", "{r}");
+    }
+    let reasons = s["rollback_reasons"].as_object().expect("reasons");
+    assert!(!reasons.is_empty(), "no rollbacks reported");
+    for (dev, why) in reasons {
+        assert!(dev.starts_with("vad-"), "{dev} rolled back");
+        assert_eq!(why, "golden_mismatch", "{dev}");
+    }
+    // Drift alarms exactly on the shifted devices; a retraining request opened.
+    let mut shifted: Vec<&str> = s["shifted_devices"]
+        .as_array()
+        .expect("shifted")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut alarmed: Vec<&str> = s["drift_alarm_devices"]
+        .as_array()
+        .expect("alarmed")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    shifted.sort();
+    alarmed.sort();
+    assert_eq!(
+        alarmed, shifted,
+        "drift alarms must appear on the shifted devices only"
+    );
+    assert!(
+        s["retraining_requests"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "no retraining request"
+    );
+}
