@@ -15,7 +15,7 @@ pub enum Command {
     #[command(
         after_help = "Example:\n  edgefleet bundle pack --key keys/release.pem --model vad --version 1.0.0 \\\n    \
         --release 1 --target rpi4 --file model.onnx --file notes.txt=README.txt --out vad-1.efb\n  \
-        tar --zstd -tf vad-1.efb   # lists manifest.json, manifest.sig, model.onnx, README.txt"
+        tar --zstd -tf vad-1.efb   # lists manifest.json, manifest.sig, README.txt, model.onnx"
     )]
     Pack(PackArgs),
     /// Print a bundle's manifest WITHOUT verifying it.

@@ -474,7 +474,7 @@ fn write_agent_config(
     let group = GROUPS.iter().find(|g| g.name == d.group).context("group")?;
     let transforms = match (shifted, d.group) {
         (false, _) => String::new(),
-        (true, "vad") => "noise_std = 0.25\ngain = 2.5\n".to_string(),
+        (true, "vad") => "noise_std = 0.5\ngain = 4.0\n".to_string(),
         // Darker, grainier pages (a rotation would change a text line's
         // [1, 3, 48, 192] shape; square page inputs could take `rotate90`).
         (true, _) => "offset = -0.6\nnoise_std = 0.15\n".to_string(),
@@ -844,15 +844,16 @@ fn print_summary(s: &Value) {
             .flatten()
             .filter_map(Value::as_str)
             .collect();
+        // serde_json::Value's Display ignores width: format plain numbers.
         println!(
             "{:<9} {:>7} {:<18} {:>8.2} {:>8.2} {:>9} {:>9} {}",
             g["group"].as_str().unwrap_or(""),
-            g["devices"],
+            g["devices"].as_u64().unwrap_or(0),
             rel.join(", "),
             g["p50_ms"].as_f64().unwrap_or(f64::NAN),
             g["p99_ms"].as_f64().unwrap_or(f64::NAN),
-            g["requests"],
-            g["rollbacks"],
+            g["requests"].as_u64().unwrap_or(0),
+            g["rollbacks"].as_u64().unwrap_or(0),
             if alarms.is_empty() {
                 "-".to_string()
             } else {
