@@ -15,22 +15,7 @@ use edgefleet_bundle::payload::{Tensor, TensorData};
 use inputs::{from_config, InputError};
 
 fn npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_s = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let mut h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((h.len() as u16).to_le_bytes());
-    out.extend(h.as_bytes());
-    out.extend(data.iter().flat_map(|x| x.to_le_bytes()));
-    out
+    edgefleet_bundle::npy::write_npy(shape, data)
 }
 
 fn raw(data: &[f32]) -> Vec<u8> {

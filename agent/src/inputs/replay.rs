@@ -342,55 +342,7 @@ pub fn rotate90(shape: &[usize], data: &[f32], k: u8) -> (Vec<usize>, Vec<f32>) 
     (vec![n, c, oh, ow], out)
 }
 
-/// Parses a little-endian float32 C-order `.npy` (versions 1-3).
-fn parse_npy(b: &[u8]) -> Result<(Vec<usize>, Vec<f32>), String> {
-    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
-        return Err("not a .npy file".into());
-    }
-    let (hlen, start) = match b[6] {
-        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
-        2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
-        v => return Err(format!("unsupported .npy version {v}")),
-    };
-    let header = std::str::from_utf8(b.get(start..start + hlen).ok_or("truncated .npy header")?)
-        .map_err(|e| e.to_string())?;
-    if !header.contains("'descr': '<f4'") {
-        return Err(format!(
-            "dtype must be '<f4' (little-endian float32), header: {}",
-            header.trim()
-        ));
-    }
-    if header.contains("'fortran_order': True") {
-        return Err("fortran_order arrays are not supported".into());
-    }
-    let sh = header
-        .split("'shape':")
-        .nth(1)
-        .and_then(|s| s.split('(').nth(1))
-        .and_then(|s| s.split(')').next())
-        .ok_or("no shape in .npy header")?;
-    let shape: Vec<usize> = sh
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|e| format!("shape {sh:?}: {e}")))
-        .collect::<Result<_, _>>()?;
-    let body = &b[start + hlen..];
-    let n: usize = shape.iter().product();
-    if body.len() != n * 4 {
-        return Err(format!(
-            "data has {} bytes, shape {shape:?} needs {}",
-            body.len(),
-            n * 4
-        ));
-    }
-    Ok((
-        shape,
-        body.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    ))
-}
+use edgefleet_bundle::npy::parse_npy;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

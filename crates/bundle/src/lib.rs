@@ -25,6 +25,7 @@
 //! - [`archive`]: bounded decompression and the hostile-entry checks;
 //! - [`delta`]: zstd patch-from deltas;
 //! - [`payload`]: the schemas of the payload files compiler and agent share;
+//! - [`npy`]: the `.npy` tensor files of calibration sets and replayed inputs;
 //! - [`fsio`]: crash-safe file writes.
 
 pub mod archive;
@@ -33,6 +34,7 @@ mod error;
 pub mod fsio;
 pub mod keys;
 pub mod manifest;
+pub mod npy;
 pub mod pack;
 pub mod payload;
 pub mod verify;
