@@ -150,13 +150,7 @@ async fn edit_tags(
     Path(id): Path<String>,
     Json(e): Json<Edit>,
 ) -> Result<Json<Value>> {
-    check_names("add", &e.add)?;
-    s.registry.get(&id)?.ok_or_else(|| Error::NotFound {
-        what: "device",
-        id: id.clone(),
-    })?;
-    let d = s.registry.update(&id, |d| edit(&mut d.operator_tags, &e))?;
-    Ok(Json(json!({ "device": d })))
+    edit_device_set(&s, &id, &e, |d| &mut d.operator_tags)
 }
 
 async fn edit_groups(
@@ -164,12 +158,22 @@ async fn edit_groups(
     Path(id): Path<String>,
     Json(e): Json<Edit>,
 ) -> Result<Json<Value>> {
+    edit_device_set(&s, &id, &e, |d| &mut d.groups)
+}
+
+/// Adds and removes names in one of a device's name sets (tags or groups).
+fn edit_device_set(
+    s: &crate::State,
+    id: &str,
+    e: &Edit,
+    set: impl FnOnce(&mut crate::registry::Device) -> &mut BTreeSet<String>,
+) -> Result<Json<Value>> {
     check_names("add", &e.add)?;
-    s.registry.get(&id)?.ok_or_else(|| Error::NotFound {
+    s.registry.get(id)?.ok_or_else(|| Error::NotFound {
         what: "device",
-        id: id.clone(),
+        id: id.to_string(),
     })?;
-    let d = s.registry.update(&id, |d| edit(&mut d.groups, &e))?;
+    let d = s.registry.update(id, |d| edit(set(d), e))?;
     Ok(Json(json!({ "device": d })))
 }
 
