@@ -4,15 +4,20 @@
 //! agent number is printed with its ratio to the direct-call baseline.
 //!
 //! ```text
-//! cargo run --release -p edgefleet-agent --example bench_agent [-- SECONDS]
+//! cargo run --release -p edgefleet-agent --example bench_agent [-- SECONDS] [--model DIR]...
+//! scripts/bench-agent      # compiles Silero VAD and PP-OCRv4 det, then runs this with --model
 //! ```
 //!
-//! The model is the testkit's `y = k * x` (`x: f32[1,4]`): its compute is
+//! First part: the testkit's `y = k * x` (`x: f32[1,4]`): its compute is
 //! close to nothing, so the numbers are the agent's own overhead and an
-//! upper bound on requests/s; a real model adds its own inference time to
-//! both the baseline and the API path. The stripped binary size is not
-//! measured here: `cargo build --release -p edgefleet-agent && strip -o
-//! /tmp/efa target/release/edgefleet-agent && ls -l /tmp/efa`.
+//! upper bound on requests/s. Second part, once per `--model DIR` (the
+//! payload of a compiled bundle, as `edgefleet bundle extract` writes it):
+//! load time, RSS added by the loaded model and by its first inference,
+//! direct-call latency on the bundle's golden inputs, the same call through
+//! the HTTP API (binary form; stateful models use one stream per client,
+//! the state kept by the agent), and requests/s with 1-8 clients. The
+//! stripped binary size and a real agent process's RSS are measured by
+//! `scripts/bench-agent`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -74,10 +79,16 @@ struct Http {
 
 impl Http {
     fn new(addr: SocketAddr, body: &[u8]) -> Self {
+        Self::with_stream(addr, body, None)
+    }
+    fn with_stream(addr: SocketAddr, body: &[u8], stream: Option<&str>) -> Self {
         let s = TcpStream::connect(addr).unwrap();
         s.set_nodelay(true).unwrap();
+        let stream = stream
+            .map(|id| format!("x-edgefleet-stream: {id}\r\n"))
+            .unwrap_or_default();
         let mut req = format!(
-            "POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            "POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n{stream}Content-Length: {}\r\n\r\n",
             body.len()
         )
         .into_bytes();
@@ -119,10 +130,18 @@ impl Http {
 }
 
 fn main() {
-    let secs: f64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
+    let mut secs = 3.0f64;
+    let mut models = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--model" {
+            models.push(std::path::PathBuf::from(
+                args.next().expect("--model needs a directory"),
+            ));
+        } else {
+            secs = a.parse().expect("SECONDS must be a number");
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -289,5 +308,125 @@ fn main() {
         pct(&mut w, 0.99),
         pct(&mut w, 0.99) / api.1
     );
+    for dir in &models {
+        real_model(dir, &engine, addr, secs);
+    }
     let _ = sd_tx.send(true);
+}
+
+/// The second part: one compiled model, served by the same engine and API.
+fn real_model(dir: &std::path::Path, engine: &Engine, addr: SocketAddr, secs: f64) {
+    let spec = edgefleet_bundle::payload::ModelSpec::from_json(
+        &std::fs::read(dir.join("model.json")).unwrap(),
+    )
+    .unwrap();
+    println!(
+        "\n== {} ({}; inputs {}) ==",
+        spec.name,
+        dir.display(),
+        spec.inputs
+            .iter()
+            .map(|i| format!("{} {:?}{:?}", i.name, i.dtype, i.shape))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    engine.set_active(None);
+    let rss0 = rss_bytes();
+    let t = Instant::now();
+    let model = Model::load(
+        dir,
+        ReleaseRef {
+            model: spec.name.clone(),
+            release: 1,
+            version: "1.0.0".into(),
+        },
+    )
+    .unwrap();
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let rss_loaded = rss_bytes();
+    let t = Instant::now();
+    model.self_test().unwrap();
+    let self_test_ms = t.elapsed().as_secs_f64() * 1e3;
+    let rss_run = rss_bytes();
+    println!(
+        "load {load_ms:.1} ms, golden self-test {self_test_ms:.1} ms; RSS +{:.1} MiB loaded, +{:.1} MiB after first inference ({:.1} MiB total)",
+        (rss_loaded as f64 - rss0 as f64) / 1048576.0,
+        (rss_run as f64 - rss0 as f64) / 1048576.0,
+        rss_run as f64 / 1048576.0
+    );
+    let stateful = !model.spec.state.is_empty();
+    let inputs: Vec<Tensor> = model
+        .golden_inputs()
+        .expect("bundle has golden inputs")
+        .into_iter()
+        .filter(|t| !(stateful && model.spec.state.iter().any(|b| b.input == t.name)))
+        .collect();
+    let stream = stateful.then_some("bench");
+    let model = Arc::new(model);
+    // Direct calls for about secs/2 (at least 20, at most 20,000).
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    while v.len() < 20 || (v.len() < 20_000 && t0.elapsed().as_secs_f64() < secs / 2.0) {
+        let t = Instant::now();
+        std::hint::black_box(model.run(&inputs, stream).unwrap());
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let base = summary("direct Model::run", &mut v, None);
+    engine.set_active(Some(model.clone()));
+    let body: Vec<u8> = inputs
+        .iter()
+        .flat_map(|t| match &t.data {
+            edgefleet_bundle::payload::TensorData::F32(v) => {
+                v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<_>>()
+            }
+            edgefleet_bundle::payload::TensorData::I64(v) => {
+                v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<_>>()
+            }
+        })
+        .collect();
+    let mut c = Http::with_stream(addr, &body, stream);
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    while v.len() < 20 || (v.len() < 20_000 && t0.elapsed().as_secs_f64() < secs / 2.0) {
+        let t = Instant::now();
+        c.infer();
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    summary("HTTP API, binary, 1 client", &mut v, Some(base));
+    for clients in [1usize, 2, 4, 8] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let hs: Vec<_> = (0..clients)
+            .map(|i| {
+                let (stop, count, body) = (stop.clone(), count.clone(), body.clone());
+                std::thread::spawn(move || {
+                    let id = format!("bench-{i}");
+                    let mut c = Http::with_stream(addr, &body, stateful.then_some(id.as_str()));
+                    while !stop.load(Ordering::Relaxed) {
+                        c.infer();
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        let done = count.load(Ordering::Relaxed);
+        let el = t.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for h in hs {
+            h.join().unwrap();
+        }
+        let rps = done as f64 / el;
+        println!(
+            "HTTP API throughput, {clients} clients:   {rps:>9.0} req/s   ({:.2}x of one direct-call thread, {:.0}/s)",
+            rps / (1e6 / base.0),
+            1e6 / base.0
+        );
+    }
+    println!(
+        "RSS after the load test: {:.1} MiB",
+        rss_bytes() as f64 / 1048576.0
+    );
+    engine.set_active(None);
 }

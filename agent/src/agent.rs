@@ -56,6 +56,8 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         s.ready = engine.active().is_some();
     }
 
+    let (settings_tx, settings_rx) =
+        tokio::sync::watch::channel(crate::settings::at_boot(&cfg, &store));
     let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel();
     let (in_tx, in_rx) = std::sync::mpsc::channel();
     let publish_tx = up_tx.clone();
@@ -78,7 +80,8 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         Arc::new(move |up| {
             let _ = publish_tx.send(up);
         }),
-    );
+    )
+    .with_settings(settings_tx);
     let upd = std::thread::Builder::new()
         .name("updater".into())
         .spawn(move || updater.run(in_rx))?;
@@ -115,7 +118,7 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
             port,
             credentials,
         },
-        Duration::from_secs(cfg.telemetry_interval_s),
+        settings_rx.clone(),
         shutdown.clone(),
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -123,10 +126,7 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         engine.clone(),
         store.db().clone(),
         cfg.device_id.clone(),
-        pipeline::DriftSettings {
-            thresholds: cfg.drift_thresholds.unwrap_or_default(),
-            interval: Duration::from_secs(cfg.drift_interval_s),
-        },
+        settings_rx,
         Arc::new(move |up| {
             let _ = drift_tx.send(up);
         }),

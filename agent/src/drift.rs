@@ -229,6 +229,15 @@ impl AgentDrift {
         }
     }
 
+    /// Changes thresholds and report interval (server `ConfigUpdate`),
+    /// keeping the counts; `check_every`/`persist_every` stay as opened.
+    pub fn set_config(&mut self, c: DriftConfig) {
+        if c.thresholds != self.cfg.thresholds {
+            self.set_thresholds(c.thresholds);
+        }
+        self.cfg.report_interval = c.report_interval;
+    }
+
     /// The release being monitored.
     pub fn release(&self) -> &ReleaseRef {
         &self.release

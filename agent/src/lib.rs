@@ -11,6 +11,7 @@ pub mod inputs;
 pub mod mqtt;
 pub mod pipeline;
 pub mod runtime;
+pub mod settings;
 pub mod slots;
 pub mod store;
 pub mod telemetry;

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgefleet_bundle::payload::DRIFT_REFERENCE;
-use edgefleet_drift::DriftThresholds;
 use edgefleet_protocol::messages::{DriftMessage, ReleaseRef, Up};
 use edgefleet_protocol::{DeviceId, KEEP_ALIVE_S, MQTT_MAX_PACKET_BYTES};
 use rumqttc::MqttOptions;
@@ -23,6 +22,7 @@ use rumqttc::MqttOptions;
 use crate::drift::{load_reference, AgentDrift, DriftConfig};
 use crate::engine::{Engine, SubmitError, DRIFT_CHANNEL_CAPACITY};
 use crate::inputs::{from_config, InputSource};
+use crate::settings::RuntimeSettings;
 use crate::telemetry::publisher::{spawn_connection, Backoff};
 use crate::telemetry::{Outbox, Publisher, PublisherConfig};
 
@@ -199,15 +199,17 @@ pub struct TelemetryLink {
     pub credentials: Option<(String, String)>,
 }
 
-/// Starts the telemetry loop (snapshot into the outbox every `interval`) and
-/// the publisher on its own MQTT connection, client id `{device_id}-telemetry`.
-/// Both end when `shutdown` turns true; the loop appends a last (partial
-/// interval) snapshot first, which the next start publishes if this one cannot.
+/// Starts the telemetry loop (snapshot into the outbox every
+/// `settings.telemetry_interval`, following changes the server makes with
+/// `Down::Config`) and the publisher on its own MQTT connection, client id
+/// `{device_id}-telemetry`. Both end when `shutdown` turns true; the loop
+/// appends a last (partial interval) snapshot first, which the next start
+/// publishes if this one cannot.
 pub fn spawn_telemetry(
     engine: Arc<Engine>,
     outbox: Arc<Outbox>,
     link: TelemetryLink,
-    interval: Duration,
+    mut settings: tokio::sync::watch::Receiver<RuntimeSettings>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut opts = MqttOptions::new(
@@ -242,15 +244,27 @@ pub fn spawn_telemetry(
     });
     let mut sd = shutdown;
     let loop_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + interval,
-            interval.max(Duration::from_millis(100)),
-        );
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ticker = |interval: Duration| {
+            let interval = interval.max(Duration::from_millis(100));
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        };
+        let mut interval = settings.borrow_and_update().telemetry_interval;
+        let mut tick = ticker(interval);
         loop {
             let last = tokio::select! {
                 _ = tick.tick() => false,
                 _ = sd.wait_for(|v| *v) => true,
+                Ok(()) = settings.changed() => {
+                    let next = settings.borrow_and_update().telemetry_interval;
+                    if next != interval {
+                        tracing::info!(interval_s = next.as_secs(), "telemetry interval changed");
+                        interval = next;
+                        tick = ticker(interval);
+                    }
+                    continue;
+                }
             };
             let records = engine.snapshot_telemetry();
             let ob = outbox.clone();
@@ -274,36 +288,29 @@ pub fn spawn_telemetry(
     vec![pub_task, loop_task]
 }
 
-/// Drift settings from the config.
-#[derive(Debug, Clone, Copy)]
-pub struct DriftSettings {
-    /// Thresholds (config `drift_thresholds`, default [`DriftThresholds::default`]).
-    pub thresholds: DriftThresholds,
-    /// Regular report period (config `drift_interval_s`).
-    pub interval: Duration,
-}
-
 /// Starts the drift thread. It connects the engine's drift channel
 /// (capacity [`DRIFT_CHANNEL_CAPACITY`]; the engine drops samples when it is
 /// full and counts them in `engine.drift.dropped`), follows the engine's
 /// active release (loading the active slot's `drift_reference.json` on every
 /// change; without one, drift is off for that release and no sample is
 /// copied), and sends each [`DriftMessage`] through `publish` (QoS 1 on
-/// `up/drift`): every `interval`, and at once on an alarm edge.
+/// `up/drift`): every `settings.drift_interval`, and at once on an alarm
+/// edge. Thresholds and interval follow `settings` (server `Down::Config`).
 pub fn spawn_drift(
     engine: Arc<Engine>,
     db: sled::Db,
     device_id: DeviceId,
-    settings: DriftSettings,
+    mut settings: tokio::sync::watch::Receiver<RuntimeSettings>,
     publish: Arc<dyn Fn(Up) + Send + Sync>,
     stop: Arc<AtomicBool>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let rx = engine.drift.connect(DRIFT_CHANNEL_CAPACITY)?;
-    let cfg = DriftConfig {
-        thresholds: settings.thresholds,
-        report_interval: settings.interval.max(Duration::from_secs(1)),
+    let drift_config = |s: &RuntimeSettings| DriftConfig {
+        thresholds: s.drift_thresholds,
+        report_interval: s.drift_interval.max(Duration::from_secs(1)),
         ..DriftConfig::default()
     };
+    let cfg = drift_config(&settings.borrow_and_update());
     std::thread::Builder::new()
         .name("drift".into())
         .spawn(move || {
@@ -327,6 +334,13 @@ pub fn spawn_drift(
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 };
+                if settings.has_changed().unwrap_or(false) {
+                    w.cfg = drift_config(&settings.borrow_and_update());
+                    if let Some(d) = &mut w.drift {
+                        d.set_config(w.cfg);
+                    }
+                    tracing::info!(thresholds = ?w.cfg.thresholds, interval_s = w.cfg.report_interval.as_secs(), "drift settings changed");
+                }
                 w.follow_active();
                 if let Some(s) = sample {
                     w.observe(&s.release, &s.inputs, &s.outputs);

@@ -398,6 +398,8 @@ pub struct Updater {
     in_flight: BTreeSet<u32>,
     last_progress: Instant,
     stalls: u32,
+    /// Where `Down::Config` updates go (see [`crate::settings`]).
+    settings: Option<tokio::sync::watch::Sender<crate::settings::RuntimeSettings>>,
 }
 
 impl std::fmt::Debug for Updater {
@@ -444,7 +446,40 @@ impl Updater {
             in_flight: BTreeSet::new(),
             last_progress: Instant::now(),
             stalls: 0,
+            settings: None,
         }
+    }
+
+    /// Applies the server's `Down::Config` to `tx` (validated, persisted
+    /// first); without this, config commands are logged and ignored.
+    #[must_use]
+    pub fn with_settings(
+        mut self,
+        tx: tokio::sync::watch::Sender<crate::settings::RuntimeSettings>,
+    ) -> Self {
+        self.settings = Some(tx);
+        self
+    }
+
+    fn on_config(&mut self, u: &edgefleet_protocol::messages::ConfigUpdate) {
+        let Some(tx) = &self.settings else {
+            tracing::warn!("config command ignored: no runtime settings channel");
+            return;
+        };
+        let next = match tx.borrow().apply(u) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "config command rejected");
+                return;
+            }
+        };
+        // Persisted before it takes effect, like every other state change.
+        if let Err(e) = crate::settings::persist(&self.store, u) {
+            tracing::error!(error = %e, "config command not stored; not applied");
+            return;
+        }
+        tracing::info!(?next, "config command applied");
+        tx.send_replace(next);
     }
 
     /// Current state.
@@ -545,7 +580,7 @@ impl Updater {
                 }
             }
             Down::Rollback { reason } => self.step(Event::RollbackCommand(reason)),
-            Down::Config(_) => {}
+            Down::Config(c) => self.on_config(&c),
         }
     }
 
@@ -961,11 +996,40 @@ impl Updater {
             }
             State::Trial { job, .. } => {
                 let policy = job.trial.clone();
+                self.probe_idle_trial(&policy);
                 if let Some(ev) = self.judge_trial(&policy) {
                     self.step(ev);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A device without live traffic (no input source, no API caller) would
+    /// stay in trial forever. Once the window is over with fewer than
+    /// `min_requests` live requests, the agent feeds the candidate its own
+    /// golden inputs through the engine (serving model and shadow, exactly
+    /// like a live request, at most [`PROBES_PER_TICK`] per tick), so the
+    /// NaN, error-rate and latency checks still judge it on measurements.
+    fn probe_idle_trial(&self, p: &TrialPolicy) {
+        let Some(t) = self.engine.trial() else { return };
+        if t.started.elapsed() < Duration::from_secs(p.window_s) {
+            return;
+        }
+        let seen = t.stats.lock().map_or(0, |s| s.candidate.requests);
+        let Some(golden) = t.model.golden_inputs() else {
+            return;
+        };
+        let missing = p.min_requests.saturating_sub(seen).min(PROBES_PER_TICK);
+        if missing > 0 && seen == 0 {
+            tracing::info!(
+                release = %crate::engine::label(&t.model.release),
+                probes = p.min_requests,
+                "trial: no live requests in the window; probing with golden inputs"
+            );
+        }
+        for _ in 0..missing {
+            let _ = self.engine.run_now(&golden, None);
         }
     }
 
@@ -1017,6 +1081,9 @@ impl Updater {
         None
     }
 }
+
+/// Golden-input probes run per tick when a trial saw too little live traffic.
+const PROBES_PER_TICK: u64 = 5;
 
 /// `EDGEFLEET_FAULT_PAUSE_IN=<state>`: sleep after persisting `<state>`.
 fn fault_pause(state: &str) {

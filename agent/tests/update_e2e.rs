@@ -92,12 +92,18 @@ fn install_trial_commit_mosquitto() {
 /// Offers a bad release 2 under traffic `x`; expects a rollback with `reason`
 /// and release 1 still serving; a re-offer is refused.
 fn rolls_back(kind: Kind, x: [f32; 4], reason: &str, extra_toml: &str) {
+    rolls_back_with(kind, Some(x), reason, reason, extra_toml);
+}
+
+/// As [`rolls_back`]; `x: None` runs the trial without any live traffic
+/// (the agent probes the candidate with its golden inputs).
+fn rolls_back_with(kind: Kind, x: Option<[f32; 4]>, name: &str, reason: &str, extra_toml: &str) {
     let port = start_rumqttd();
     let server = Server::start(port);
-    let mut a = Agent::new(reason, port, extra_toml);
+    let mut a = Agent::new(name, port, extra_toml);
     a.spawn();
     a.wait_healthy(T);
-    let _traffic = Traffic::start(a.http, x);
+    let _traffic = x.map(|x| Traffic::start(a.http, x));
     let b = testkit::bundle(kind, &a.key, MODEL, 2, TARGET, 2.0);
     server.offer(&a.id, &b, &a.key, trial(3, 5));
     let e = server.wait_event(
@@ -141,6 +147,96 @@ fn latency_budget_rolls_back() {
     rolls_back(
         Kind::Slow,
         [1.0; 4],
+        "latency_budget",
+        "latency_budget_ms = 8.0",
+    );
+}
+
+/// `Down::Config` changes the telemetry interval at once and for good
+/// (persisted: a restarted agent keeps it); an out-of-range value is refused.
+#[test]
+fn server_config_changes_telemetry_interval_and_survives_restart() {
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new("config", port, ""); // telemetry_interval_s = 5
+    a.spawn();
+    a.wait_healthy(T);
+    let fast = |server: &Server, within: Duration| {
+        // Records whose interval is about 1 s (the default gives 5 s ones).
+        let t0 = std::time::Instant::now();
+        loop {
+            let n = server
+                .telemetry
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.interval_s < 2.0)
+                .count();
+            if n >= 3 || t0.elapsed() > within {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let bad = edgefleet_protocol::messages::ConfigUpdate {
+        telemetry_interval_s: Some(0),
+        ..Default::default()
+    };
+    server.command(&a.id, &Down::Config(bad));
+    assert_eq!(fast(&server, Duration::from_secs(4)), 0, "0 s is refused");
+    assert!(a.log().contains("config command rejected"), "{}", a.log());
+    let one = edgefleet_protocol::messages::ConfigUpdate {
+        telemetry_interval_s: Some(1),
+        ..Default::default()
+    };
+    server.command(&a.id, &Down::Config(one));
+    assert!(fast(&server, Duration::from_secs(15)) >= 3, "{}", a.log());
+    assert!(a.sigterm().success());
+    server.telemetry.lock().unwrap().clear();
+    a.spawn();
+    a.wait_healthy(T);
+    assert!(
+        fast(&server, Duration::from_secs(15)) >= 3,
+        "the interval did not survive a restart\n{}",
+        a.log()
+    );
+}
+
+#[test]
+fn idle_trial_commits_on_golden_probes() {
+    // No input source and no API caller: the trial must still end.
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new("idle-commit", port, "");
+    a.spawn();
+    a.wait_healthy(T);
+    let b = testkit::bundle(Kind::Good, &a.key, MODEL, 2, TARGET, 2.0);
+    server.offer(&a.id, &b, &a.key, trial(1, 20));
+    let e = server.wait_event(
+        &a.id,
+        2,
+        &[
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+        ],
+        T,
+    );
+    assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
+    assert!(
+        a.log().contains("probing with golden inputs"),
+        "{}",
+        a.log()
+    );
+    assert_eq!(a.model()["release"]["release"], 2);
+}
+
+#[test]
+fn idle_slow_trial_rolls_back_on_latency() {
+    rolls_back_with(
+        Kind::Slow,
+        None,
+        "idle-slow",
         "latency_budget",
         "latency_budget_ms = 8.0",
     );

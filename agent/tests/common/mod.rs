@@ -78,6 +78,8 @@ pub struct Server {
     client: rumqttc::Client,
     pub events: Arc<Mutex<Vec<UpdateEvent>>>,
     pub hellos: Arc<Mutex<Vec<String>>>,
+    /// Telemetry records received, in arrival order.
+    pub telemetry: Arc<Mutex<Vec<edgefleet_protocol::telemetry::TelemetryRecord>>>,
     bodies: Arc<Mutex<HashMap<String, Vec<u8>>>>,
     pub chunks_served: Arc<Mutex<u64>>,
 }
@@ -94,14 +96,16 @@ impl Server {
         let (client, mut conn) = rumqttc::Client::new(opts, 10_000);
         let events = Arc::new(Mutex::new(Vec::new()));
         let hellos = Arc::new(Mutex::new(Vec::new()));
+        let telemetry = Arc::new(Mutex::new(Vec::new()));
         let bodies: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::new(Mutex::new(HashMap::new()));
         let chunks_served = Arc::new(Mutex::new(0u64));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         {
-            let (client, events, hellos, bodies, served) = (
+            let (client, events, hellos, telemetry, bodies, served) = (
                 client.clone(),
                 events.clone(),
                 hellos.clone(),
+                telemetry.clone(),
                 bodies.clone(),
                 chunks_served.clone(),
             );
@@ -126,6 +130,7 @@ impl Server {
                             match up {
                                 Up::Event(e) => events.lock().unwrap().push(e),
                                 Up::Hello(h) => hellos.lock().unwrap().push(h.update_state),
+                                Up::Telemetry(b) => telemetry.lock().unwrap().extend(b.records),
                                 Up::ChunkRequest(r) => {
                                     let bodies = bodies.lock().unwrap();
                                     let Some(body) = bodies.get(&r.body_sha256) else {
@@ -171,6 +176,7 @@ impl Server {
             client,
             events,
             hellos,
+            telemetry,
             bodies,
             chunks_served,
         }
