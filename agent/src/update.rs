@@ -511,6 +511,9 @@ impl Updater {
     fn step(&mut self, event: Event) {
         self.pending.push_back(event);
         while let Some(ev) = self.pending.pop_front() {
+            // The job the event happened to: a transition back to Idle drops
+            // it from the state, but its Report/Refuse actions still name it.
+            let job = self.state.job().cloned();
             let (new, actions) = next(&self.state, ev);
             if new != self.state {
                 // Design: persist (flushed) BEFORE any side effect of the new state.
@@ -524,7 +527,7 @@ impl Updater {
                 fault_pause(self.state.name());
             }
             for a in actions {
-                self.act(a);
+                self.act(a, job.as_ref());
             }
         }
     }
@@ -791,8 +794,9 @@ impl Updater {
             .map_err(|e| (e.code().to_string(), e.to_string()))
     }
 
-    fn act(&mut self, a: Action) {
-        let job = self.state.job().cloned();
+    /// Performs `a`; `prev` is the job of the state the transition left.
+    fn act(&mut self, a: Action, prev: Option<&Job>) {
+        let job = self.state.job().or(prev).cloned();
         let rel = job.as_ref().map(|j| j.release.clone());
         let rollout = job.as_ref().map(|j| j.rollout_id.clone());
         match a {

@@ -202,6 +202,70 @@ fn server_config_changes_telemetry_interval_and_survives_restart() {
     );
 }
 
+/// A delta bundle (zstd patch-from against the active slot's payload) is
+/// rebuilt, verified as the full bundle and committed; a delta against a
+/// base the device does not hold fails verification and release 1 serves on.
+#[test]
+fn delta_bundle_installs_against_the_active_slot() {
+    use edgefleet_bundle::{Policy, TrustStore, UnverifiedBundle};
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new("delta", port, "");
+    a.spawn();
+    a.wait_healthy(T);
+    let _traffic = Traffic::start(a.http, [1.0, 2.0, 3.0, 4.0]);
+    let mut trust = TrustStore::new();
+    trust.add(a.key.public_key());
+    let verified = |b: &[u8]| {
+        UnverifiedBundle::parse(b)
+            .unwrap()
+            .verify(&trust, &Policy::publisher())
+            .unwrap()
+    };
+    let base = verified(&std::fs::read(a.path().join("initial.efb")).unwrap());
+    // A delta against a base this device never had.
+    let other = verified(&testkit::bundle(Kind::Good, &a.key, MODEL, 2, TARGET, 7.0));
+    let wrong = edgefleet_bundle::delta::make_delta(
+        &other,
+        &verified(&testkit::bundle(Kind::Good, &a.key, MODEL, 3, TARGET, 3.0)),
+        &a.key,
+        19,
+    )
+    .unwrap();
+    server.offer(&a.id, &wrong, &a.key, trial(1, 5));
+    let e = server.wait_event(
+        &a.id,
+        3,
+        &[EventKind::Committed, EventKind::Failed, EventKind::Rejected],
+        T,
+    );
+    // Reported (an earlier agent went back to Idle without telling the server).
+    assert_eq!(e.kind, EventKind::Failed, "{e:?}\n{}", a.log());
+    eprintln!("delta on a foreign base: {:?} {:?}", e.kind, e.reason);
+    assert_eq!(a.infer([1.0, 2.0, 3.0, 4.0]).unwrap().0, 1);
+
+    let full = testkit::bundle(Kind::Good, &a.key, MODEL, 4, TARGET, 2.0);
+    let delta = edgefleet_bundle::delta::make_delta(&base, &verified(&full), &a.key, 19).unwrap();
+    server.offer(&a.id, &delta, &a.key, trial(1, 5));
+    let e = server.wait_event(
+        &a.id,
+        4,
+        &[
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+            EventKind::Rejected,
+        ],
+        T,
+    );
+    assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
+    assert_eq!(
+        a.infer([1.0, 2.0, 3.0, 4.0]).unwrap(),
+        (4, vec![2.0, 4.0, 6.0, 8.0])
+    );
+    eprintln!("delta {} bytes, full {} bytes", delta.len(), full.len());
+}
+
 #[test]
 fn idle_trial_commits_on_golden_probes() {
     // No input source and no API caller: the trial must still end.

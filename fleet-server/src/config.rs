@@ -50,6 +50,23 @@ impl BrokerConfig {
     }
 }
 
+/// The server's broker username unless `--broker-auth` names another (the
+/// `user` line of the ACL in docs/mosquitto.conf). No device may have this id.
+pub const SERVER_USERNAME: &str = "edgefleet-server";
+
+/// Who the embedded broker lets connect (docs/fleet-server.md, "Device isolation").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceAuth {
+    /// Anyone (tests, simulations, trusted networks).
+    #[default]
+    Off,
+    /// Only the server's own username, and devices with credentials issued by
+    /// `POST /v1/devices/{id}/credentials` connecting with client id `<id>` or
+    /// `<id>-telemetry`. Applies to the embedded broker; an external broker
+    /// enforces its own password file and ACL.
+    Required,
+}
+
 /// The drift rule: open a retraining request when PSI is above `psi_threshold`
 /// on at least `min_fraction` of a group's devices and on at least `min_devices`.
 #[derive(Debug, Clone)]
@@ -93,8 +110,12 @@ pub struct Config {
     /// MQTT client id of the server (persistent session: events published
     /// while the server is down are queued by the broker).
     pub mqtt_client_id: String,
-    /// Username and password for an external broker.
+    /// The server's broker username and password. With the embedded broker and
+    /// [`DeviceAuth::Required`], `None` means [`SERVER_USERNAME`] with a random
+    /// password made at start.
     pub mqtt_credentials: Option<(String, String)>,
+    /// Connect check of the embedded broker.
+    pub device_auth: DeviceAuth,
     /// Keys bundles must be signed with.
     pub trust: Arc<TrustStore>,
     /// Key for signing deltas; without it no deltas are offered.
@@ -116,6 +137,7 @@ impl Config {
             broker: BrokerConfig::Embedded { port: 1884 },
             mqtt_client_id: "edgefleet-server".into(),
             mqtt_credentials: None,
+            device_auth: DeviceAuth::Off,
             trust: Arc::new(trust),
             signing_key: None,
             token: token.into(),

@@ -7,11 +7,14 @@
 //! - [`mqtt`]: the server's MQTT client and dispatcher, the embedded broker;
 //! - [`rollout`]: wave maths and gate ([`rollout::plan`], pure) and the engine;
 //! - [`store`]: sled trees; [`registry`], [`bundles`], [`telemetry`], [`drift`];
+//! - [`credentials`]: per-device broker secrets (salted hashes) and the
+//!   embedded broker's connect check;
 //! - [`sim`]: simulated devices (test support, benchmark, demo).
 
 pub mod api;
 pub mod bundles;
 pub mod config;
+pub mod credentials;
 pub mod drift;
 mod error;
 pub mod mqtt;
@@ -31,7 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use api::app;
-pub use config::{BrokerConfig, Config, DriftRule};
+pub use config::{BrokerConfig, Config, DeviceAuth, DriftRule};
 pub use error::{Error, Result};
 
 /// Counters (served at `GET /v1/stats`).
@@ -51,6 +54,8 @@ pub struct Stats {
     pub chunks_sent: AtomicU64,
     /// Update offers published.
     pub offers_sent: AtomicU64,
+    /// Connections the embedded broker refused (device auth).
+    pub broker_auth_refused: AtomicU64,
 }
 
 /// Shared server state.
@@ -63,6 +68,8 @@ pub struct State {
     pub registry: registry::Registry,
     /// Bundles.
     pub bundles: bundles::Bundles,
+    /// Device broker credentials.
+    pub credentials: credentials::Credentials,
     /// Rollouts in memory (every change is also written to the store).
     pub rollouts: Mutex<BTreeMap<String, rollout::Rollout>>,
     /// The MQTT client, once connected (absent in router-only tests).
@@ -87,7 +94,12 @@ impl State {
         )?;
         let loaded: Vec<rollout::Rollout> = store::scan(&store.rollouts, b"")?;
         let rollouts = loaded.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let mut reserved = vec![config::SERVER_USERNAME.to_string()];
+        if let Some((u, _)) = &config.mqtt_credentials {
+            reserved.push(u.clone());
+        }
         Ok(Arc::new(State {
+            credentials: credentials::Credentials::new(store.credentials.clone(), reserved),
             registry: registry::Registry::new(store.clone()),
             bundles,
             store,
@@ -112,23 +124,44 @@ impl Server {
     /// Starts everything: store, broker (embedded or external), MQTT client,
     /// rollout engine (resuming every active rollout) and the REST API.
     ///
+    /// With the embedded broker and [`DeviceAuth::Required`] the broker only
+    /// accepts the server (with `mqtt_credentials`, or [`config::SERVER_USERNAME`]
+    /// and a random password made here) and devices with issued credentials.
+    ///
     /// # Errors
     /// Store, broker and listen errors.
-    pub async fn start(config: Config) -> Result<Server> {
-        let (host, port) = match &config.broker {
+    pub async fn start(mut config: Config) -> Result<Server> {
+        let embedded_auth = matches!(config.broker, BrokerConfig::Embedded { .. })
+            && config.device_auth == DeviceAuth::Required;
+        if embedded_auth && config.mqtt_credentials.is_none() {
+            let mut secret = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+            config.mqtt_credentials =
+                Some((config::SERVER_USERNAME.to_string(), hex::encode(secret)));
+        }
+        if !embedded_auth && config.device_auth == DeviceAuth::Required {
+            tracing::info!(
+                "device auth: the external broker enforces credentials and ACLs (docs/mosquitto.conf)"
+            );
+        }
+        let listen = config.listen;
+        let state = State::open(config)?;
+        let (host, port) = match &state.config.broker {
             BrokerConfig::Embedded { port } => {
                 let p = *port;
+                let check =
+                    embedded_auth.then(|| mqtt::broker::device_auth(Arc::downgrade(&state)));
                 (
                     "127.0.0.1".to_string(),
-                    tokio::task::spawn_blocking(move || mqtt::broker::spawn_embedded(p))
-                        .await
-                        .map_err(|e| Error::Mqtt(e.to_string()))??,
+                    tokio::task::spawn_blocking(move || {
+                        mqtt::broker::spawn_embedded_with(p, check)
+                    })
+                    .await
+                    .map_err(|e| Error::Mqtt(e.to_string()))??,
                 )
             }
             BrokerConfig::External { host, port } => (host.clone(), *port),
         };
-        let listen = config.listen;
-        let state = State::open(config)?;
         let (tx, rx) = watch::channel(false);
         let (client, mut tasks) = mqtt::start(state.clone(), &host, port, rx.clone());
         let _ = state.mqtt.set(client);
@@ -149,7 +182,12 @@ impl Server {
                 tracing::error!(error = %e, "api server failed");
             }
         }));
-        tracing::info!(api = %api_addr, broker = %format!("{host}:{port}"), "fleet server started");
+        tracing::info!(
+            api = %api_addr,
+            broker = %format!("{host}:{port}"),
+            device_auth = embedded_auth,
+            "fleet server started"
+        );
         Ok(Server {
             state,
             api_addr,
@@ -204,6 +242,14 @@ pub fn serve_blocking(config: Config) -> Result<()> {
             server.api_addr(),
             server.broker_port()
         );
+        let st = server.state();
+        if st.config.device_auth == DeviceAuth::Required
+            && matches!(st.config.broker, BrokerConfig::Embedded { .. })
+        {
+            println!(
+                "device auth required: devices connect with credentials from `edgefleet devices credentials ID`"
+            );
+        }
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down");
         server.shutdown().await

@@ -82,6 +82,9 @@ pub struct Server {
     pub telemetry: Arc<Mutex<Vec<edgefleet_protocol::telemetry::TelemetryRecord>>>,
     bodies: Arc<Mutex<HashMap<String, Vec<u8>>>>,
     pub chunks_served: Arc<Mutex<u64>>,
+    /// Chunks the server may still send (`u64::MAX`: no limit); requests
+    /// beyond it go unanswered, like a link that died mid-transfer.
+    pub chunk_budget: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Server {
@@ -99,8 +102,10 @@ impl Server {
         let telemetry = Arc::new(Mutex::new(Vec::new()));
         let bodies: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::new(Mutex::new(HashMap::new()));
         let chunks_served = Arc::new(Mutex::new(0u64));
+        let chunk_budget = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         {
+            let budget = chunk_budget.clone();
             let (client, events, hellos, telemetry, bodies, served) = (
                 client.clone(),
                 events.clone(),
@@ -141,6 +146,13 @@ impl Server {
                                     let cs = CHUNK.load(std::sync::atomic::Ordering::Relaxed);
                                     let count = body.len().div_ceil(cs) as u32;
                                     for i in r.first..(r.first + r.count).min(count) {
+                                        use std::sync::atomic::Ordering::SeqCst;
+                                        if budget
+                                            .fetch_update(SeqCst, SeqCst, |b| b.checked_sub(1))
+                                            .is_err()
+                                        {
+                                            break;
+                                        }
                                         let s = i as usize * cs;
                                         let data = body[s..(s + cs).min(body.len())].to_vec();
                                         let msg = ChunkData {
@@ -179,30 +191,36 @@ impl Server {
             telemetry,
             bodies,
             chunks_served,
+            chunk_budget,
         }
     }
 
     pub fn offer(&self, dev: &DeviceId, bundle: &[u8], key: &SigningKey, trial: TrialPolicy) {
         let mut trust = TrustStore::new();
         trust.add(key.public_key());
-        let vb = UnverifiedBundle::parse(bundle)
-            .unwrap()
+        // The signed manifest is what the server checks (a delta's body can
+        // only be rebuilt on a device holding the base).
+        let ub = UnverifiedBundle::parse(bundle).unwrap();
+        let body = ub.body_unverified().to_vec();
+        let vm = ub
+            .signed_manifest()
+            .clone()
             .verify(&trust, &Policy::publisher())
             .unwrap();
         CHUNK.store(
-            vb.manifest().body.chunk_size as usize,
+            vm.manifest().body.chunk_size as usize,
             std::sync::atomic::Ordering::Relaxed,
         );
         self.bodies
             .lock()
             .unwrap()
-            .insert(vb.manifest().body.sha256.to_hex(), vb.body().to_vec());
-        let rel = edgefleet_agent::slots::release_ref(vb.manifest());
+            .insert(vm.manifest().body.sha256.to_hex(), body);
+        let rel = edgefleet_agent::slots::release_ref(vm.manifest());
         let offer = UpdateOffer::new(
             format!("ro-{}", rel.release),
             rel,
-            vb.signed().manifest_bytes(),
-            vb.signed().signature(),
+            vm.manifest_bytes(),
+            vm.signature(),
             trial,
         );
         self.command(dev, &Down::UpdateOffer(offer));

@@ -79,6 +79,16 @@ impl Client {
             .with_context(|| format!("POST {}", self.url(path)))?;
         self.check(r, &format!("POST {path}"))
     }
+    /// DELETE.
+    pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(&self.conn.token)
+            .send()
+            .with_context(|| format!("DELETE {}", self.url(path)))?;
+        self.check(r, &format!("DELETE {path}"))
+    }
     /// POST raw bytes.
     pub fn post_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
         let r = self

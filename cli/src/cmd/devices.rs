@@ -56,6 +56,25 @@ pub enum Command {
         #[arg(long)]
         remove: Vec<String>,
     },
+    /// Create or rotate a device's broker credentials (username = device id) and
+    /// print the secret: it is shown once, the server keeps only a salted hash.
+    #[command(after_help = "Examples:
+  edgefleet devices credentials cam-17            # new secret (the old one stops working)
+  edgefleet devices credentials cam-17 --revoke   # the device can no longer connect
+
+Put the secret in the agent's config ([broker] username = \"cam-17\", password = \"...\").
+With an external Mosquitto, also add it to the broker's password file:
+  mosquitto_passwd -b /etc/mosquitto/edgefleet.passwd cam-17 SECRET   # then reload mosquitto")]
+    Credentials {
+        /// Server connection.
+        #[command(flatten)]
+        conn: super::bundles::Conn,
+        /// Device id.
+        id: String,
+        /// Revoke the credentials instead.
+        #[arg(long)]
+        revoke: bool,
+    },
 }
 
 /// Runs `edgefleet devices`.
@@ -118,6 +137,26 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 &serde_json::json!({"add": add, "remove": remove}),
             )?;
             println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Command::Credentials { conn, id, revoke } => {
+            let c = Client::new(conn);
+            let path = format!("/v1/devices/{id}/credentials");
+            if revoke {
+                c.delete(&path)?;
+                println!("revoked the broker credentials of {id}");
+                return Ok(());
+            }
+            let v = c.post_json(&path, &serde_json::json!({}))?;
+            let cr = &v["credentials"];
+            let (user, pass) = (
+                cr["username"].as_str().unwrap_or(&id),
+                cr["password"].as_str().unwrap_or_default(),
+            );
+            if cr["rotated"] == true {
+                eprintln!("rotated: the previous secret of {id} no longer works");
+            }
+            eprintln!("the secret is shown once; the server keeps only a salted hash");
+            println!("[broker]\nusername = \"{user}\"\npassword = \"{pass}\"");
         }
     }
     Ok(())

@@ -3,7 +3,16 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use edgefleet_fleet_server::{config, BrokerConfig, Config};
+use edgefleet_fleet_server::{config, BrokerConfig, Config, DeviceAuth};
+
+/// `--device-auth` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DeviceAuthArg {
+    /// Only the server and devices with credentials from `edgefleet devices credentials ID`.
+    Required,
+    /// Anyone may connect (trusted networks, local experiments).
+    Off,
+}
 
 /// Arguments of `edgefleet serve`.
 #[derive(clap::Args)]
@@ -20,9 +29,23 @@ pub struct Args {
     /// External broker instead of the embedded one: mqtt://HOST:PORT (use for fleets over a few thousand devices).
     #[arg(long)]
     pub broker: Option<String>,
-    /// Broker username and password for the server (USER:PASS).
-    #[arg(long, env = "EDGEFLEET_BROKER_AUTH")]
+    /// The server's MQTT client id. Its broker session persists across restarts, so
+    /// keep it stable per server; servers sharing one external broker need distinct ids.
+    #[arg(
+        long,
+        env = "EDGEFLEET_MQTT_CLIENT_ID",
+        default_value = "edgefleet-server"
+    )]
+    pub mqtt_client_id: String,
+    /// Broker username and password for the server (USER:PASS). With the embedded
+    /// broker and device auth, defaults to edgefleet-server with a random password.
+    #[arg(long, env = "EDGEFLEET_BROKER_AUTH", hide_env_values = true)]
     pub broker_auth: Option<String>,
+    /// Who the embedded broker accepts: `required` = the server and devices whose
+    /// credentials were issued (`edgefleet devices credentials ID`), each with client
+    /// id ID or ID-telemetry; `off` = anyone. External brokers enforce their own.
+    #[arg(long, value_enum, default_value = "required")]
+    pub device_auth: DeviceAuthArg,
     /// Trusted publisher key (public key PEM) or trust store file.
     #[arg(long)]
     pub trust: PathBuf,
@@ -57,6 +80,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     c.broker = match &a.broker {
         Some(url) => BrokerConfig::parse_url(url)?,
         None => BrokerConfig::Embedded { port: a.mqtt_port },
+    };
+    c.mqtt_client_id = a.mqtt_client_id;
+    c.device_auth = match a.device_auth {
+        DeviceAuthArg::Required => DeviceAuth::Required,
+        DeviceAuthArg::Off => DeviceAuth::Off,
     };
     if let Some(auth) = a.broker_auth {
         let (u, p) = auth

@@ -33,6 +33,12 @@ pub fn app(state: Arc<State>) -> Router {
         .route("/v1/devices/{id}", get(show_device))
         .route("/v1/devices/{id}/tags", post(edit_tags))
         .route("/v1/devices/{id}/groups", post(edit_groups))
+        .route(
+            "/v1/devices/{id}/credentials",
+            get(show_credentials)
+                .post(issue_credentials)
+                .delete(revoke_credentials),
+        )
         .route("/v1/bundles", get(list_bundles).post(upload_bundle))
         .route("/v1/bundles/{sha}", get(show_bundle))
         .route("/v1/rollouts", get(list_rollouts).post(create_rollout))
@@ -177,6 +183,50 @@ fn edit_device_set(
     Ok(Json(json!({ "device": d })))
 }
 
+/// Creates or rotates a device's broker secret and returns it (the only time
+/// it is shown; the store keeps a salted hash). The device need not be
+/// registered yet: it cannot connect before it has credentials.
+async fn issue_credentials(AxState(s): S, Path(id): Path<String>) -> Result<Json<Value>> {
+    let c = s.credentials.clone();
+    let issued = tokio::task::spawn_blocking(move || c.issue(&id))
+        .await
+        .map_err(|e| Error::Mqtt(e.to_string()))??;
+    tracing::info!(
+        device = %issued.device,
+        rotated = issued.rotated,
+        "device broker credentials issued"
+    );
+    Ok(Json(json!({ "credentials": issued })))
+}
+
+/// When a device's secret was issued (never the secret).
+async fn show_credentials(AxState(s): S, Path(id): Path<String>) -> Result<Json<Value>> {
+    let rec = s.credentials.get(&id)?.ok_or_else(|| Error::NotFound {
+        what: "credentials of device",
+        id: id.clone(),
+    })?;
+    Ok(Json(json!({
+        "credentials": {"device": id, "username": id, "issued_ms": rec.issued_ms, "scheme": rec.scheme}
+    })))
+}
+
+/// Removes a device's secret: its next connect to the embedded broker is refused.
+async fn revoke_credentials(AxState(s): S, Path(id): Path<String>) -> Result<Json<Value>> {
+    let c = s.credentials.clone();
+    let i = id.clone();
+    let had = tokio::task::spawn_blocking(move || c.revoke(&i))
+        .await
+        .map_err(|e| Error::Mqtt(e.to_string()))??;
+    if !had {
+        return Err(Error::NotFound {
+            what: "credentials of device",
+            id,
+        });
+    }
+    tracing::info!(device = %id, "device broker credentials revoked");
+    Ok(Json(json!({ "revoked": id })))
+}
+
 async fn upload_bundle(AxState(s): S, body: Bytes) -> Result<Json<Value>> {
     if body.is_empty() {
         return Err(Error::bad(
@@ -287,5 +337,6 @@ async fn stats(AxState(s): S) -> Json<Value> {
         "messages": l(&st.messages), "impersonations": l(&st.impersonations), "undecodable": l(&st.undecodable),
         "telemetry_records": l(&st.telemetry_records), "telemetry_duplicates": l(&st.telemetry_duplicates),
         "chunks_sent": l(&st.chunks_sent), "offers_sent": l(&st.offers_sent),
+        "broker_auth_refused": l(&st.broker_auth_refused),
     }))
 }

@@ -125,6 +125,9 @@ async fn route(state: &Arc<State>, id: &DeviceId, msg: Up) -> crate::Result<()> 
         Up::Hello(h) => {
             let d = state.registry.hello(&h)?;
             state.on_active(id.as_str(), d.active.as_ref()).await;
+            if h.update_state == "idle" {
+                state.on_idle_hello(id.as_str()).await;
+            }
         }
         Up::Status(s) => {
             state.registry.status(&s)?;

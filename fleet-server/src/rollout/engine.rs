@@ -172,6 +172,24 @@ impl State {
         }
     }
 
+    /// A device said hello while idle: re-sends the offers it may have missed
+    /// ([`Rollout::reoffer_on_idle_hello`]). Nothing changes state, so nothing
+    /// is persisted; a device that is busy with the same release ignores a repeat.
+    pub async fn on_idle_hello(self: &Arc<Self>, device: &str) {
+        let todo: Vec<(Rollout, Action)> = {
+            let map = self.lock_rollouts();
+            map.values()
+                .filter_map(|r| r.reoffer_on_idle_hello(device).map(|a| (r.clone(), a)))
+                .collect()
+        };
+        for (r, a) in todo {
+            tracing::info!(rollout = %r.id, device, "idle device said hello with an offer outstanding: offering again");
+            if let Err(e) = self.perform(&r, a).await {
+                tracing::warn!(rollout = %r.id, error = %e, "rollout action failed");
+            }
+        }
+    }
+
     /// Creates and starts a rollout.
     ///
     /// # Errors

@@ -494,6 +494,20 @@ impl Rollout {
         false
     }
 
+    /// A device said hello (it connected) while idle. If it still holds an
+    /// outstanding offer of this running rollout, the offer may never have
+    /// reached it: a broker keeps nothing for a device whose session is gone
+    /// (the embedded broker restarts with the server, so offers re-sent on a
+    /// restart while the device was offline are lost). Returns the offer to
+    /// send again; the offer time is kept, so the wave timeout still applies.
+    /// (Call after [`Rollout::apply_active`], which settles a device that
+    /// already runs the release.)
+    pub fn reoffer_on_idle_hello(&self, device: &str) -> Option<Action> {
+        let d = self.devices.get(device)?;
+        (self.state == RolloutState::Running && d.state == DeviceState::Offered)
+            .then(|| Action::Offer(device.to_string()))
+    }
+
     /// Operator pause.
     pub fn pause(&mut self, now: u64) -> Result<(), String> {
         if self.state != RolloutState::Running {
@@ -729,5 +743,24 @@ mod tests {
         let a = r.abort(101).unwrap();
         assert_eq!(a.len(), 2);
         assert!(r.abort(102).is_err());
+    }
+
+    #[test]
+    fn idle_hello_re_offers_only_an_outstanding_offer_of_a_running_rollout() {
+        let mut r = rollout(3, &["1", "100%"], 0.0, false);
+        let ids = offered(&r.step(0));
+        let canary = &ids[0];
+        let pending = r.order.iter().find(|d| *d != canary).unwrap().clone();
+        assert_eq!(
+            r.reoffer_on_idle_hello(canary),
+            Some(Action::Offer(canary.clone()))
+        );
+        assert_eq!(r.reoffer_on_idle_hello(&pending), None, "not offered yet");
+        assert_eq!(r.reoffer_on_idle_hello("stranger"), None);
+        r.pause(1).unwrap();
+        assert_eq!(r.reoffer_on_idle_hello(canary), None, "paused");
+        r.resume(2).unwrap();
+        r.apply_event(canary, EventKind::Committed, None, 3);
+        assert_eq!(r.reoffer_on_idle_hello(canary), None, "committed");
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Trees: `devices` (id -> [`crate::registry::Device`]), `bundles` (body sha
 //! -> [`crate::bundles::BundleInfo`]), `rollouts` (id -> [`crate::rollout::Rollout`]),
-//! `telemetry` and `drift` (`device \0 seq_be` -> record), `retraining`.
+//! `telemetry` and `drift` (`device \0 seq_be` -> record), `retraining`,
+//! `credentials` (device id -> [`crate::credentials::Stored`], a salted hash).
 
 use std::path::Path;
 
@@ -27,6 +28,8 @@ pub struct Store {
     pub drift: sled::Tree,
     /// Retraining requests.
     pub retraining: sled::Tree,
+    /// Device broker credentials (salted hashes only).
+    pub credentials: sled::Tree,
 }
 
 impl Store {
@@ -46,6 +49,7 @@ impl Store {
             telemetry: db.open_tree("telemetry")?,
             drift: db.open_tree("drift")?,
             retraining: db.open_tree("retraining")?,
+            credentials: db.open_tree("credentials")?,
             db,
         })
     }
