@@ -75,6 +75,36 @@ With an external Mosquitto, also add it to the broker's password file:
         #[arg(long)]
         revoke: bool,
     },
+    /// Change a device's runtime settings (sent as `Down::Config`, QoS 1; the
+    /// agent persists them and applies them without a restart).
+    #[command(after_help = "Examples:
+  edgefleet devices config cam-17 --telemetry-interval-s 10
+  edgefleet devices config cam-17 --psi-alarm 0.2 --ks-alarm 0.2 --chi2-p-alarm 0.001 --min-samples 500")]
+    Config {
+        /// Server connection.
+        #[command(flatten)]
+        conn: super::bundles::Conn,
+        /// Device id.
+        id: String,
+        /// Telemetry interval (s, 1..=86400).
+        #[arg(long)]
+        telemetry_interval_s: Option<u64>,
+        /// Drift report interval (s, 1..=86400).
+        #[arg(long)]
+        drift_interval_s: Option<u64>,
+        /// Drift thresholds: all four together (PSI alarm level).
+        #[arg(long, requires_all = ["ks_alarm", "chi2_p_alarm", "min_samples"])]
+        psi_alarm: Option<f64>,
+        /// KS alarm level (0..1].
+        #[arg(long, requires = "psi_alarm")]
+        ks_alarm: Option<f64>,
+        /// Chi-square p-value alarm level (0..1).
+        #[arg(long, requires = "psi_alarm")]
+        chi2_p_alarm: Option<f64>,
+        /// Minimum samples before any verdict.
+        #[arg(long, requires = "psi_alarm")]
+        min_samples: Option<u64>,
+    },
 }
 
 /// Runs `edgefleet devices`.
@@ -157,6 +187,32 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             }
             eprintln!("the secret is shown once; the server keeps only a salted hash");
             println!("[broker]\nusername = \"{user}\"\npassword = \"{pass}\"");
+        }
+        Command::Config {
+            conn,
+            id,
+            telemetry_interval_s,
+            drift_interval_s,
+            psi_alarm,
+            ks_alarm,
+            chi2_p_alarm,
+            min_samples,
+        } => {
+            let thresholds = match (psi_alarm, ks_alarm, chi2_p_alarm, min_samples) {
+                (Some(p), Some(k), Some(c), Some(m)) => serde_json::json!({
+                    "psi_alarm": p, "ks_alarm": k, "chi2_p_alarm": c, "min_samples": m
+                }),
+                _ => serde_json::Value::Null,
+            };
+            let v = Client::new(conn).post_json(
+                &format!("/v1/devices/{id}/config"),
+                &serde_json::json!({
+                    "telemetry_interval_s": telemetry_interval_s,
+                    "drift_interval_s": drift_interval_s,
+                    "drift_thresholds": thresholds,
+                }),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
         }
     }
     Ok(())
