@@ -4,10 +4,11 @@
 //!
 //! ```text
 //! scripts/fetch-models
-//! cargo run --release -p edgefleet-compiler --example bench_compile -- [--models DIR] [--model SUBSTR] [--target ID[,ID]] [--prune 0.5]
+//! cargo run --release -p edgefleet-compiler --example bench_compile -- [--models DIR] [--model SUBSTR] [--target ID[,ID]] [--prune 0.5] [--prune-structured 0.25[,0.5]]
 //! ```
 //! Without `--prune` every pair is compiled twice: int8 weights, and 50% global
-//! magnitude pruning + int8 weights.
+//! magnitude pruning + int8 weights. `--prune-structured` (a comma-separated
+//! list of ratios) compiles each of those once per ratio with structured pruning.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -36,6 +37,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(p) => vec![p.parse()?],
         None => vec![0.0, 0.5],
     };
+    let structured: Vec<f32> = match get("--prune-structured") {
+        Some(p) => p
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<f32>, _>>()?,
+        None => vec![0.0],
+    };
     let mut models: Vec<PathBuf> = std::fs::read_dir(&models_dir)
         .map_err(|e| format!("{}: {e} (run scripts/fetch-models)", models_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -50,10 +58,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let key = edgefleet_bundle::SigningKey::from_seed([7; 32]);
     println!(
-        "{:<34} {:<17} {:>5} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>9} {:>9} {:>5} {:>5} {:>8}",
+        "{:<34} {:<17} {:>5} {:>6} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>9} {:>9} {:>5} {:>5} {:>8}",
         "model",
         "target",
         "prune",
+        "struct",
         "orig B",
         "bundle B",
         "ratio",
@@ -70,15 +79,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for m in &models {
         let original = std::fs::read(m)?;
         for t in &targets {
-            for &prune in &prunes {
+            for (&prune, &ps) in prunes
+                .iter()
+                .flat_map(|p| structured.iter().map(move |s| (p, s)))
+            {
                 let mut o = CompileOptions::new(m, semver::Version::new(1, 0, 0), 1);
                 o.quantize = Some(Quantize::Int8Weights);
                 o.prune = Some(prune);
+                o.prune_structured = Some(ps);
                 let t0 = Instant::now();
                 let c = match edgefleet_compiler::build(&o, t) {
                     Ok(c) => c,
                     Err(e) => {
-                        println!("{:<34} {:<17} {:>5.2} FAILED: {e}", file(m), t.id, prune);
+                        println!(
+                            "{:<34} {:<17} {:>5.2} {:>6.2} FAILED: {e}",
+                            file(m),
+                            t.id,
+                            prune,
+                            ps
+                        );
                         continue;
                     }
                 };
@@ -120,10 +139,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     ),
                 };
                 println!(
-                    "{:<34} {:<17} {:>5.2} {:>10} {:>10} {:>6.3} {:>9.3} {:>9} {:>6} {:>9.5} {:>9.6} {:>5} {:>5} {:>8.1}",
+                    "{:<34} {:<17} {:>5.2} {:>6.2} {:>10} {:>10} {:>6.3} {:>9.3} {:>9} {:>6} {:>9.5} {:>9.6} {:>5} {:>5} {:>8.1}",
                     file(m),
                     t.id,
                     prune,
+                    ps,
                     original.len(),
                     bundle.len(),
                     bundle.len() as f64 / original.len() as f64,
@@ -140,10 +160,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     build_s
                 );
                 formats.push(format!(
-                    "{:<34} {:<17} {:>5.2} onnx {:>9} B zstd, load {:>7.1} ms | nnef {} | {:?}: {}",
+                    "{:<34} {:<17} {:>5.2} {:>4.2} onnx {:>9} B zstd, load {:>7.1} ms | nnef {} | {:?}: {}",
                     file(m),
                     t.id,
                     prune,
+                    ps,
                     r.format.onnx_zstd_bytes,
                     r.format.onnx_load_ms,
                     match (r.format.nnef_zstd_bytes, r.format.nnef_load_ms) {
@@ -157,7 +178,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     println!(
                         "    pass {}: {}",
                         p.pass,
-                        p.detail.chars().take(120).collect::<String>()
+                        p.detail.chars().take(160).collect::<String>()
                     );
                 }
                 if cand.gate != "pass" {

@@ -225,16 +225,17 @@ pub fn report_txt(r: &Report) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "{:<3} {:<13} {:>6} {:>11} {:>11} {:>12} {:>10} {:>7} {:>10}  gate",
-        "", "quantize", "prune", "onnx B", "zstd B", "max_abs", "cosine", "top1", "ms"
+        "{:<3} {:<13} {:>6} {:>6} {:>11} {:>11} {:>12} {:>10} {:>7} {:>10}  gate",
+        "", "quantize", "prune", "struct", "onnx B", "zstd B", "max_abs", "cosine", "top1", "ms"
     );
     for (i, c) in r.candidates.iter().enumerate() {
         let _ = writeln!(
             s,
-            "{:<3} {:<13} {:>6.2} {:>11} {:>11} {:>12.6} {:>10.6} {:>7} {:>10.3}  {}",
+            "{:<3} {:<13} {:>6.2} {:>6.2} {:>11} {:>11} {:>12.6} {:>10.6} {:>7} {:>10.3}  {}",
             if i == r.chosen { "*" } else { "" },
             c.quantize.as_str(),
             c.prune,
+            c.prune_structured,
             c.onnx_bytes,
             c.onnx_zstd_bytes,
             c.accuracy.max_abs_error,

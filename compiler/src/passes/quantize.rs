@@ -176,6 +176,7 @@ impl Pass for Int8Weights {
                     self.keep_f32.iter().cloned().collect::<Vec<_>>().join(", ")
                 )
             },
+            ..Default::default()
         })
     }
 }
@@ -245,6 +246,7 @@ impl Pass for F16Weights {
             tensors,
             elements,
             detail: format!("{tensors} weight tensors ({elements} values) stored as f16"),
+            ..Default::default()
         })
     }
 }
