@@ -222,36 +222,7 @@ fn main() {
     let api = summary("HTTP API, binary, 1 client", &mut v, Some(base));
 
     // Throughput: concurrent keep-alive clients for `secs`.
-    for clients in [1usize, 2, 4, 8] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let hs: Vec<_> = (0..clients)
-            .map(|_| {
-                let (stop, count, body) = (stop.clone(), count.clone(), body.clone());
-                std::thread::spawn(move || {
-                    let mut c = Http::new(addr, &body);
-                    while !stop.load(Ordering::Relaxed) {
-                        c.infer();
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        let t = Instant::now();
-        std::thread::sleep(Duration::from_secs_f64(secs));
-        let done = count.load(Ordering::Relaxed);
-        let el = t.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        for h in hs {
-            h.join().unwrap();
-        }
-        let rps = done as f64 / el;
-        println!(
-            "HTTP API throughput, {clients} clients:   {rps:>9.0} req/s   ({:.2}x of one direct-call thread, {:.0}/s; goal 5000/s)",
-            rps / (1e6 / base.0),
-            1e6 / base.0
-        );
-    }
+    throughput(addr, &body, false, secs, base.0);
     let rss_after = rss_bytes();
     println!(
         "RSS (this process): idle engine {:.1} MiB, model loaded {:.1} MiB, after load test {:.1} MiB",
@@ -312,6 +283,43 @@ fn main() {
         real_model(dir, &engine, addr, secs);
     }
     let _ = sd_tx.send(true);
+}
+
+/// Requests/s through the HTTP API with 1, 2, 4 and 8 keep-alive clients,
+/// `secs` each (stateful models: one stream per client), printed against
+/// one thread of direct calls at `base_p50_us`.
+fn throughput(addr: SocketAddr, body: &[u8], stateful: bool, secs: f64, base_p50_us: f64) {
+    for clients in [1usize, 2, 4, 8] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let hs: Vec<_> = (0..clients)
+            .map(|i| {
+                let (stop, count, body) = (stop.clone(), count.clone(), body.to_vec());
+                std::thread::spawn(move || {
+                    let id = format!("bench-{i}");
+                    let mut c = Http::with_stream(addr, &body, stateful.then_some(id.as_str()));
+                    while !stop.load(Ordering::Relaxed) {
+                        c.infer();
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        let done = count.load(Ordering::Relaxed);
+        let el = t.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for h in hs {
+            h.join().unwrap();
+        }
+        let rps = done as f64 / el;
+        println!(
+            "HTTP API throughput, {clients} clients:   {rps:>9.0} req/s   ({:.2}x of one direct-call thread, {:.0}/s; goal 5000/s)",
+            rps / (1e6 / base_p50_us),
+            1e6 / base_p50_us
+        );
+    }
 }
 
 /// The second part: one compiled model, served by the same engine and API.
@@ -393,37 +401,7 @@ fn real_model(dir: &std::path::Path, engine: &Engine, addr: SocketAddr, secs: f6
         v.push(t.elapsed().as_secs_f64() * 1e6);
     }
     summary("HTTP API, binary, 1 client", &mut v, Some(base));
-    for clients in [1usize, 2, 4, 8] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let hs: Vec<_> = (0..clients)
-            .map(|i| {
-                let (stop, count, body) = (stop.clone(), count.clone(), body.clone());
-                std::thread::spawn(move || {
-                    let id = format!("bench-{i}");
-                    let mut c = Http::with_stream(addr, &body, stateful.then_some(id.as_str()));
-                    while !stop.load(Ordering::Relaxed) {
-                        c.infer();
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        let t = Instant::now();
-        std::thread::sleep(Duration::from_secs_f64(secs));
-        let done = count.load(Ordering::Relaxed);
-        let el = t.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        for h in hs {
-            h.join().unwrap();
-        }
-        let rps = done as f64 / el;
-        println!(
-            "HTTP API throughput, {clients} clients:   {rps:>9.0} req/s   ({:.2}x of one direct-call thread, {:.0}/s)",
-            rps / (1e6 / base.0),
-            1e6 / base.0
-        );
-    }
+    throughput(addr, &body, stateful, secs, base.0);
     println!(
         "RSS after the load test: {:.1} MiB",
         rss_bytes() as f64 / 1048576.0

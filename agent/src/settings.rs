@@ -17,11 +17,6 @@ use crate::store::{Store, StoreError};
 /// Store key of the server's accumulated overrides (JSON [`ConfigUpdate`]).
 pub const STORE_KEY: &str = "runtime_config";
 
-/// Shortest accepted interval (s): a server cannot make a device flood the broker.
-pub const MIN_INTERVAL_S: u64 = 1;
-/// Longest accepted interval (s): one day.
-pub const MAX_INTERVAL_S: u64 = 86_400;
-
 /// The settings in force.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RuntimeSettings {
@@ -46,53 +41,14 @@ impl RuntimeSettings {
     /// These settings with `u` applied; fields `u` leaves out keep their value.
     ///
     /// # Errors
-    /// A message naming the field that is out of range: intervals outside
-    /// [`MIN_INTERVAL_S`]..=[`MAX_INTERVAL_S`] s, a PSI threshold that is not
-    /// a positive finite number, a KS threshold outside (0, 1], a chi-square
-    /// p-value threshold outside (0, 1), or `min_samples` of 0.
+    /// The message of [`ConfigUpdate::validate`], naming the field out of range.
     pub fn apply(&self, u: &ConfigUpdate) -> Result<Self, String> {
-        let interval = |field: &str, v: Option<u64>, cur: Duration| match v {
-            None => Ok(cur),
-            Some(s) if (MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&s) => Ok(Duration::from_secs(s)),
-            Some(s) => Err(format!(
-                "{field} = {s} is outside {MIN_INTERVAL_S}..={MAX_INTERVAL_S} s"
-            )),
-        };
-        let t = match &u.drift_thresholds {
-            None => self.drift_thresholds,
-            Some(t) => {
-                if !(t.psi_alarm.is_finite() && t.psi_alarm > 0.0) {
-                    return Err(format!(
-                        "drift_thresholds.psi_alarm = {} must be a positive number",
-                        t.psi_alarm
-                    ));
-                }
-                if !(t.ks_alarm > 0.0 && t.ks_alarm <= 1.0) {
-                    return Err(format!(
-                        "drift_thresholds.ks_alarm = {} is outside (0, 1]",
-                        t.ks_alarm
-                    ));
-                }
-                if !(t.chi2_p_alarm > 0.0 && t.chi2_p_alarm < 1.0) {
-                    return Err(format!(
-                        "drift_thresholds.chi2_p_alarm = {} is outside (0, 1)",
-                        t.chi2_p_alarm
-                    ));
-                }
-                if t.min_samples == 0 {
-                    return Err("drift_thresholds.min_samples must be at least 1".into());
-                }
-                *t
-            }
-        };
+        u.validate().map_err(|e| e.to_string())?;
+        let secs = |v: Option<u64>, cur: Duration| v.map_or(cur, Duration::from_secs);
         Ok(RuntimeSettings {
-            telemetry_interval: interval(
-                "telemetry_interval_s",
-                u.telemetry_interval_s,
-                self.telemetry_interval,
-            )?,
-            drift_interval: interval("drift_interval_s", u.drift_interval_s, self.drift_interval)?,
-            drift_thresholds: t,
+            telemetry_interval: secs(u.telemetry_interval_s, self.telemetry_interval),
+            drift_interval: secs(u.drift_interval_s, self.drift_interval),
+            drift_thresholds: u.drift_thresholds.unwrap_or(self.drift_thresholds),
         })
     }
 }
@@ -177,7 +133,7 @@ mod tests {
             ),
             (
                 ConfigUpdate {
-                    drift_interval_s: Some(MAX_INTERVAL_S + 1),
+                    drift_interval_s: Some(ConfigUpdate::MAX_INTERVAL_S + 1),
                     ..Default::default()
                 },
                 Err("drift_interval_s"),

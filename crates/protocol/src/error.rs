@@ -45,6 +45,14 @@ pub enum Error {
         /// The parser's message.
         reason: String,
     },
+    /// A field of a message is out of its documented range.
+    #[error("field `{field}` {reason}")]
+    Field {
+        /// Dotted field name, e.g. `drift_thresholds.ks_alarm`.
+        field: &'static str,
+        /// What is wrong, with the value.
+        reason: String,
+    },
     /// A message names a device other than the one whose topic it came on.
     #[error("message on the topic of device `{topic_device}` claims to be from `{claimed}`")]
     Impersonation {

@@ -294,6 +294,67 @@ pub struct ConfigUpdate {
     pub drift_thresholds: Option<edgefleet_drift::DriftThresholds>,
 }
 
+impl ConfigUpdate {
+    /// Shortest accepted interval (s): a server cannot make a device flood the broker.
+    pub const MIN_INTERVAL_S: u64 = 1;
+    /// Longest accepted interval (s): one day.
+    pub const MAX_INTERVAL_S: u64 = 86_400;
+
+    /// Checks every field that is set; the server runs this before sending
+    /// and the agent before applying, so both refuse the same values.
+    ///
+    /// # Errors
+    /// [`Error::Field`] naming the first field out of range: intervals
+    /// outside [`Self::MIN_INTERVAL_S`]..=[`Self::MAX_INTERVAL_S`] s, a PSI
+    /// threshold that is not a positive finite number, a KS threshold outside
+    /// (0, 1], a chi-square p-value threshold outside (0, 1), `min_samples` 0.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |field: &'static str, reason: String| Err(Error::Field { field, reason });
+        for (field, v) in [
+            ("telemetry_interval_s", self.telemetry_interval_s),
+            ("drift_interval_s", self.drift_interval_s),
+        ] {
+            if let Some(v) =
+                v.filter(|v| !(Self::MIN_INTERVAL_S..=Self::MAX_INTERVAL_S).contains(v))
+            {
+                return bad(
+                    field,
+                    format!(
+                        "= {v} is outside {}..={} s",
+                        Self::MIN_INTERVAL_S,
+                        Self::MAX_INTERVAL_S
+                    ),
+                );
+            }
+        }
+        let Some(t) = &self.drift_thresholds else {
+            return Ok(());
+        };
+        if !(t.psi_alarm.is_finite() && t.psi_alarm > 0.0) {
+            return bad(
+                "drift_thresholds.psi_alarm",
+                format!("= {} must be a positive number", t.psi_alarm),
+            );
+        }
+        if !(t.ks_alarm > 0.0 && t.ks_alarm <= 1.0) {
+            return bad(
+                "drift_thresholds.ks_alarm",
+                format!("= {} is outside (0, 1]", t.ks_alarm),
+            );
+        }
+        if !(t.chi2_p_alarm > 0.0 && t.chi2_p_alarm < 1.0) {
+            return bad(
+                "drift_thresholds.chi2_p_alarm",
+                format!("= {} is outside (0, 1)", t.chi2_p_alarm),
+            );
+        }
+        if t.min_samples == 0 {
+            return bad("drift_thresholds.min_samples", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Serialize)]
 struct EnvelopeOut<'a, T> {
     v: u32,

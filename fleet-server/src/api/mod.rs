@@ -171,39 +171,17 @@ async fn edit_groups(
 /// Sends `Down::Config` (QoS 1, docs/specs/mqtt.md) to a registered device:
 /// telemetry interval, drift report interval, drift thresholds. The agent
 /// validates, persists and applies it without a restart
-/// (`agent/src/settings.rs`). The same ranges are checked here first, so an
-/// operator gets a 400 naming the field instead of a silent refusal on the
-/// device.
+/// (`agent/src/settings.rs`). Both sides run `ConfigUpdate::validate`, so an
+/// operator gets a 400 naming the field instead of a refusal on the device.
 async fn send_config(
     AxState(s): S,
     Path(id): Path<String>,
     Json(c): Json<edgefleet_protocol::messages::ConfigUpdate>,
 ) -> Result<Json<Value>> {
-    for (field, v) in [
-        ("telemetry_interval_s", c.telemetry_interval_s),
-        ("drift_interval_s", c.drift_interval_s),
-    ] {
-        if v.is_some_and(|v| !(1..=86_400).contains(&v)) {
-            return Err(Error::bad(field, "must be 1..=86400 seconds"));
-        }
-    }
-    if let Some(t) = &c.drift_thresholds {
-        if !(t.psi_alarm.is_finite() && t.psi_alarm > 0.0) {
-            return Err(Error::bad("drift_thresholds.psi_alarm", "must be > 0"));
-        }
-        if !(t.ks_alarm > 0.0 && t.ks_alarm <= 1.0) {
-            return Err(Error::bad("drift_thresholds.ks_alarm", "must be in (0, 1]"));
-        }
-        if !(t.chi2_p_alarm > 0.0 && t.chi2_p_alarm < 1.0) {
-            return Err(Error::bad(
-                "drift_thresholds.chi2_p_alarm",
-                "must be in (0, 1)",
-            ));
-        }
-        if t.min_samples == 0 {
-            return Err(Error::bad("drift_thresholds.min_samples", "must be >= 1"));
-        }
-    }
+    c.validate().map_err(|e| match e {
+        edgefleet_protocol::Error::Field { field, reason } => Error::bad(field, reason),
+        other => other.into(),
+    })?;
     s.registry.get(&id)?.ok_or_else(|| Error::NotFound {
         what: "device",
         id: id.clone(),
