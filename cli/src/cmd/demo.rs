@@ -275,7 +275,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?;
         spawn(&exe, d)?;
     }
-    wait_for(Duration::from_secs(60), "every agent to say hello", || {
+    wait_for(Duration::from_secs(180), "every agent to say hello", || {
         Ok(api.get("/v1/devices")?["devices"]
             .as_array()
             .map_or(0, Vec::len)
