@@ -193,16 +193,24 @@ fn sigkill_mid_download_resumes_missing_chunks_only() {
     server.chunk_budget.store(u64::MAX, Ordering::SeqCst);
     a.spawn();
     a.wait_healthy(T);
-    let e = server.wait_event(
-        &a.id,
-        2,
-        &[
-            EventKind::Committed,
-            EventKind::RolledBack,
-            EventKind::Failed,
-        ],
-        T,
-    );
+    let e = server
+        .try_wait_event(
+            &a.id,
+            2,
+            &[
+                EventKind::Committed,
+                EventKind::RolledBack,
+                EventKind::Failed,
+            ],
+            T,
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "no outcome for release 2 after the restart ({} chunks served)\n{}",
+                server.chunks_served.lock().unwrap(),
+                a.log()
+            )
+        });
     assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
     let served = *server.chunks_served.lock().unwrap();
     // Every chunk once, plus at most a request window of re-sends.

@@ -80,7 +80,8 @@ pub struct Server {
     pub hellos: Arc<Mutex<Vec<String>>>,
     /// Telemetry records received, in arrival order.
     pub telemetry: Arc<Mutex<Vec<edgefleet_protocol::telemetry::TelemetryRecord>>>,
-    bodies: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    /// Bundle bodies by SHA-256 (hex), with their chunk size (bytes).
+    bodies: Arc<Mutex<HashMap<String, (usize, Vec<u8>)>>>,
     pub chunks_served: Arc<Mutex<u64>>,
     /// Chunks the server may still send (`u64::MAX`: no limit); requests
     /// beyond it go unanswered, like a link that died mid-transfer.
@@ -100,7 +101,8 @@ impl Server {
         let events = Arc::new(Mutex::new(Vec::new()));
         let hellos = Arc::new(Mutex::new(Vec::new()));
         let telemetry = Arc::new(Mutex::new(Vec::new()));
-        let bodies: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::new(Mutex::new(HashMap::new()));
+        let bodies: Arc<Mutex<HashMap<String, (usize, Vec<u8>)>>> =
+            Arc::new(Mutex::new(HashMap::new()));
         let chunks_served = Arc::new(Mutex::new(0u64));
         let chunk_budget = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -138,12 +140,14 @@ impl Server {
                                 Up::Telemetry(b) => telemetry.lock().unwrap().extend(b.records),
                                 Up::ChunkRequest(r) => {
                                     let bodies = bodies.lock().unwrap();
-                                    let Some(body) = bodies.get(&r.body_sha256) else {
+                                    // Each body with its own chunk size: tests run
+                                    // in parallel threads, so nothing here is global.
+                                    let Some((cs, body)) = bodies.get(&r.body_sha256) else {
                                         continue;
                                     };
+                                    let cs = *cs;
                                     let mut sha = [0u8; 32];
                                     hex::decode_to_slice(&r.body_sha256, &mut sha).unwrap();
-                                    let cs = CHUNK.load(std::sync::atomic::Ordering::Relaxed);
                                     let count = body.len().div_ceil(cs) as u32;
                                     for i in r.first..(r.first + r.count).min(count) {
                                         use std::sync::atomic::Ordering::SeqCst;
@@ -207,14 +211,10 @@ impl Server {
             .clone()
             .verify(&trust, &Policy::publisher())
             .unwrap();
-        CHUNK.store(
-            vm.manifest().body.chunk_size as usize,
-            std::sync::atomic::Ordering::Relaxed,
+        self.bodies.lock().unwrap().insert(
+            vm.manifest().body.sha256.to_hex(),
+            (vm.manifest().body.chunk_size as usize, body),
         );
-        self.bodies
-            .lock()
-            .unwrap()
-            .insert(vm.manifest().body.sha256.to_hex(), body);
         let rel = edgefleet_agent::slots::release_ref(vm.manifest());
         let offer = UpdateOffer::new(
             format!("ro-{}", rel.release),
@@ -237,6 +237,29 @@ impl Server {
             .unwrap();
     }
 
+    /// The first event of `dev` for `release` whose kind is one of `kinds`,
+    /// waiting up to `timeout`; `None` when none came.
+    pub fn try_wait_event(
+        &self,
+        dev: &DeviceId,
+        release: u64,
+        kinds: &[EventKind],
+        timeout: Duration,
+    ) -> Option<UpdateEvent> {
+        let t = Instant::now();
+        loop {
+            if let Some(e) = self.events.lock().unwrap().iter().find(|e| {
+                &e.device_id == dev && e.release.release == release && kinds.contains(&e.kind)
+            }) {
+                return Some(e.clone());
+            }
+            if t.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn wait_event(
         &self,
         dev: &DeviceId,
@@ -244,20 +267,13 @@ impl Server {
         kinds: &[EventKind],
         timeout: Duration,
     ) -> UpdateEvent {
-        let t = Instant::now();
-        loop {
-            if let Some(e) = self.events.lock().unwrap().iter().find(|e| {
-                &e.device_id == dev && e.release.release == release && kinds.contains(&e.kind)
-            }) {
-                return e.clone();
-            }
-            assert!(
-                t.elapsed() < timeout,
-                "no {kinds:?} event for release {release} within {timeout:?}; events: {:#?}",
-                self.events.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.try_wait_event(dev, release, kinds, timeout)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {kinds:?} event for release {release} within {timeout:?}; events: {:#?}",
+                    self.events.lock().unwrap()
+                )
+            })
     }
 
     pub fn kinds(&self, dev: &DeviceId, release: u64) -> Vec<EventKind> {
@@ -270,8 +286,6 @@ impl Server {
             .collect()
     }
 }
-
-static CHUNK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(16 * 1024);
 
 pub fn trial(window_s: u64, min_requests: u64) -> TrialPolicy {
     TrialPolicy {
