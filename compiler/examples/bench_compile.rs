@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! scripts/fetch-models
-//! cargo run --release -p edgefleet-compiler --example bench_compile -- [--models DIR] [--model SUBSTR] [--target ID[,ID]] [--prune 0.5] [--prune-structured 0.25[,0.5]]
+//! cargo run --release -p edgefleet-compiler --example bench_compile -- [--models DIR] [--model SUBSTR] [--target ID[,ID]] [--prune 0.5] [--prune-structured 0.25[,0.5]] [--out DIR]
 //! ```
 //! Without `--prune` every pair is compiled twice: int8 weights, and 50% global
 //! magnitude pruning + int8 weights. `--prune-structured` (a comma-separated
@@ -30,6 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_else(|| ".cache/models".into()),
     );
     let filter = get("--model").unwrap_or_default();
+    // `--out DIR`: also write each compiled payload's files to DIR/<model>-<target>/.
+    let out = get("--out").map(PathBuf::from);
     let target_filter: Vec<String> = get("--target")
         .map(|s| s.split(',').map(String::from).collect())
         .unwrap_or_default();
@@ -183,6 +185,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 if cand.gate != "pass" {
                     println!("    gate: {}", cand.gate);
+                }
+                // Where the bundle bytes go (each file alone at the bundle's zstd level).
+                let parts: Vec<String> = c
+                    .files
+                    .iter()
+                    .map(|(name, data)| {
+                        let z = zstd::bulk::compress(data, 19).map_or(0, |z| z.len());
+                        format!("{name} {} -> {z}", data.len())
+                    })
+                    .collect();
+                println!("    files (B raw -> zstd): {}", parts.join(", "));
+                if let Some(dir) = &out {
+                    let d = dir.join(format!("{}-{}", c.name, t.id));
+                    std::fs::create_dir_all(&d)?;
+                    for (name, data) in &c.files {
+                        std::fs::write(d.join(name), data)?;
+                    }
                 }
             }
         }

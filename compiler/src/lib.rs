@@ -472,6 +472,10 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
                 scope,
             }));
         }
+        // Folding after pruning (which ranks by BN scale and zeroes weights
+        // that stay zero when scaled), before storage quantization (whose
+        // per-channel scales then absorb the BN scale).
+        ps.push(Box::new(passes::FoldBatchNorm));
         match mode {
             Quantize::Int8Weights => ps.push(Box::new(passes::Int8Weights {
                 keep_f32: keep.clone(),

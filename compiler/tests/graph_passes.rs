@@ -1,3 +1,9 @@
+//! Graph passes on built graphs.
+//!
+//! BatchNormalization folding: the folded graph has no BN, the BN parameters
+//! are gone, and tract's outputs stay within f32 rounding; graphs it must not
+//! fold (a Conv output read twice, a shared weight) are left alone.
+//!
 //! Structured pruning: channels and neurons really disappear from the
 //! weights, the pruned graph loads and runs under tract (and onnxruntime when
 //! python3 has it), removing dead (all-zero) channels changes no output, and
@@ -10,7 +16,7 @@ use std::path::Path;
 
 use edgefleet_bundle::payload::TensorData;
 use edgefleet_compiler::onnx::{self, pb};
-use edgefleet_compiler::passes::{Pass, PassStats, StructuredPrune};
+use edgefleet_compiler::passes::{FoldBatchNorm, Pass, PassStats, StructuredPrune};
 use edgefleet_compiler::runtime::Runner;
 use edgefleet_compiler::CompileOptions;
 
@@ -669,4 +675,77 @@ fn compile_reports_the_pruned_pairs() {
         .err()
         .expect("ratio 1 refused");
     assert!(e.to_string().contains("--prune-structured"), "{e}");
+}
+
+fn fold(m: &mut pb::ModelProto) -> PassStats {
+    FoldBatchNorm
+        .run(m, Path::new("test.onnx"))
+        .expect("fold batchnorm")
+}
+
+fn ops(m: &pb::ModelProto) -> Vec<String> {
+    m.graph
+        .as_ref()
+        .map(|g| g.node.iter().map(|n| n.op_type.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn batchnorm_folds_into_the_conv_and_outputs_stay() {
+    let m = conv_bn(&[], None, 1);
+    let mut f = m.clone();
+    let st = fold(&mut f);
+    assert_eq!(st.tensors, 1, "{}", st.detail);
+    assert_eq!(st.elements, 4 * 8);
+    assert_eq!(ops(&f), ["Conv", "Relu", "Conv"]);
+    let g = f.graph.as_ref().unwrap();
+    for n in ["gamma", "beta", "mean", "var"] {
+        assert!(g.initializer.iter().all(|t| t.name != n), "{n} left behind");
+    }
+    assert_eq!(dims(&f, "WA"), [8, 3, 3, 3]);
+    assert_eq!(dims(&f, "BA"), [8]);
+    let mut r = Rng(11);
+    for _ in 0..3 {
+        let x = r.vec(3 * 144, 2.0);
+        let (a, b) = (run(&m, &x), run(&f, &x));
+        let d = max_diff(&a, &b);
+        assert!(d < 1e-4, "folding moved the outputs by {d}");
+        ort_agrees(&f, "x", &[1, 3, 12, 12], &x, &b);
+    }
+}
+
+#[test]
+fn batchnorm_after_a_conv_without_bias_gains_one() {
+    let mut m = conv_bn(&[], None, 1);
+    let g = m.graph.as_mut().unwrap();
+    g.node[0].input.truncate(2);
+    g.initializer.retain(|t| t.name != "BA");
+    let mut f = m.clone();
+    assert_eq!(fold(&mut f).tensors, 1);
+    assert_eq!(dims(&f, "WA::bias"), [8]);
+    let x = Rng(5).vec(3 * 144, 1.0);
+    let d = max_diff(&run(&m, &x), &run(&f, &x));
+    assert!(d < 1e-4, "folding moved the outputs by {d}");
+}
+
+#[test]
+fn batchnorm_is_not_folded_where_the_graph_forbids_it() {
+    // The Conv output is also a graph output: folding would change it.
+    let mut m = conv_bn(&[], None, 1);
+    m.graph
+        .as_mut()
+        .unwrap()
+        .output
+        .push(vi("c1", &[1, 8, 12, 12]));
+    let before = m.clone();
+    assert_eq!(fold(&mut m).tensors, 0);
+    assert_eq!(m, before);
+    // BN parameters that are graph inputs (not constants).
+    let mut m = conv_bn(&[], None, 1);
+    let g = m.graph.as_mut().unwrap();
+    g.initializer.retain(|t| t.name != "mean");
+    g.input.push(vi("mean", &[8]));
+    let before = m.clone();
+    assert_eq!(fold(&mut m).tensors, 0);
+    assert_eq!(m, before);
 }

@@ -80,13 +80,15 @@ pub struct Server {
     pub hellos: Arc<Mutex<Vec<String>>>,
     /// Telemetry records received, in arrival order.
     pub telemetry: Arc<Mutex<Vec<edgefleet_protocol::telemetry::TelemetryRecord>>>,
-    /// Bundle bodies by SHA-256 (hex), with their chunk size (bytes).
-    bodies: Arc<Mutex<HashMap<String, (usize, Vec<u8>)>>>,
+    bodies: Bodies,
     pub chunks_served: Arc<Mutex<u64>>,
     /// Chunks the server may still send (`u64::MAX`: no limit); requests
     /// beyond it go unanswered, like a link that died mid-transfer.
     pub chunk_budget: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Bundle bodies by SHA-256 (hex), with their chunk size (bytes).
+type Bodies = Arc<Mutex<HashMap<String, (usize, Vec<u8>)>>>;
 
 impl Server {
     pub fn start(port: u16) -> Self {
@@ -101,8 +103,7 @@ impl Server {
         let events = Arc::new(Mutex::new(Vec::new()));
         let hellos = Arc::new(Mutex::new(Vec::new()));
         let telemetry = Arc::new(Mutex::new(Vec::new()));
-        let bodies: Arc<Mutex<HashMap<String, (usize, Vec<u8>)>>> =
-            Arc::new(Mutex::new(HashMap::new()));
+        let bodies: Bodies = Arc::new(Mutex::new(HashMap::new()));
         let chunks_served = Arc::new(Mutex::new(0u64));
         let chunk_budget = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -75,6 +75,15 @@ pub fn node_name(n: &pb::NodeProto) -> String {
     }
 }
 
+/// Index of the node producing each value name in `g` (top level only).
+pub fn producers(g: &pb::GraphProto) -> std::collections::HashMap<&str, usize> {
+    g.node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect()
+}
+
 /// Element count of a tensor's dims.
 pub fn numel(t: &pb::TensorProto) -> usize {
     t.dims.iter().map(|&d| d.max(0) as usize).product()

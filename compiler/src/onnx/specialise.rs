@@ -2,7 +2,7 @@
 //! no constant inputs, no constant-condition `If`, no `Constant` nodes and no
 //! metadata, so tract loads it and later passes see every weight as an initializer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use tract_onnx::pb;
@@ -286,12 +286,7 @@ fn constant_value(node: &pb::NodeProto) -> Option<pb::TensorProto> {
 /// sub-graph producing it and reports it constant or not.
 fn probe_const_bool(m: &pb::ModelProto, name: &str) -> Option<bool> {
     let g = graph(m);
-    let producer: HashMap<&str, usize> = g
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
+    let producer = super::producers(g);
     let mut needed: HashSet<usize> = HashSet::new();
     let mut stack = vec![name.to_string()];
     let mut seen: HashSet<String> = HashSet::new();

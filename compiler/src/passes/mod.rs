@@ -1,10 +1,12 @@
 //! Graph passes on the specialised ONNX protobuf. Each pass has a one-line
 //! contract ([`Pass::contract`]) that the compile report repeats.
 
+mod fold_bn;
 mod prune;
 mod quantize;
 mod structured;
 
+pub use fold_bn::FoldBatchNorm;
 pub use prune::MagnitudePrune;
 pub use quantize::{int8_sensitivity, F16Weights, Int8Weights};
 pub use structured::{PrunedPair, StructuredPrune};
