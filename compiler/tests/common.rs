@@ -33,17 +33,19 @@ pub fn models_dir() -> Option<PathBuf> {
     Some(dir)
 }
 
-fn vi(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
-    edgefleet_compiler::onnx::fixed_value_info(
-        name,
-        1,
-        &dims.iter().map(|&d| d as usize).collect::<Vec<_>>(),
-    )
+/// A float tensor's value info with fixed `dims`.
+pub fn vi(name: &str, dims: &[usize]) -> pb::ValueInfoProto {
+    edgefleet_compiler::onnx::fixed_value_info(name, 1, dims)
 }
 
-/// A tiny model: y = Relu(x[1,64] @ W[64,64]); `w` fills W.
-pub fn tiny_matmul(w: impl Fn(usize) -> f32) -> pb::ModelProto {
-    let data: Vec<f32> = (0..64 * 64).map(w).collect();
+/// An opset-13 model of `nodes` with one f32 input and f32 `outputs`.
+pub fn model(
+    nodes: Vec<pb::NodeProto>,
+    inits: Vec<pb::TensorProto>,
+    input: (&str, &[usize]),
+    outputs: &[(&str, &[usize])],
+    value_info: Vec<pb::ValueInfoProto>,
+) -> pb::ModelProto {
     pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto {
@@ -51,30 +53,38 @@ pub fn tiny_matmul(w: impl Fn(usize) -> f32) -> pb::ModelProto {
             version: 13,
         }],
         graph: Some(pb::GraphProto {
-            name: "tiny".into(),
-            node: vec![
-                pb::NodeProto {
-                    input: vec!["x".into(), "W".into()],
-                    output: vec!["h".into()],
-                    name: "mm".into(),
-                    op_type: "MatMul".into(),
-                    ..Default::default()
-                },
-                pb::NodeProto {
-                    input: vec!["h".into()],
-                    output: vec!["y".into()],
-                    name: "relu".into(),
-                    op_type: "Relu".into(),
-                    ..Default::default()
-                },
-            ],
-            initializer: vec![edgefleet_compiler::onnx::f32_tensor("W", &[64, 64], &data)],
-            input: vec![vi("x", &[1, 64])],
-            output: vec![vi("y", &[1, 64])],
+            name: "t".into(),
+            node: nodes,
+            initializer: inits,
+            input: vec![vi(input.0, input.1)],
+            output: outputs.iter().map(|(n, d)| vi(n, d)).collect(),
+            value_info,
             ..Default::default()
         }),
         ..Default::default()
     }
+}
+
+/// A tiny model: y = Relu(x[1,64] @ W[64,64]); `w` fills W.
+pub fn tiny_matmul(w: impl Fn(usize) -> f32) -> pb::ModelProto {
+    let data: Vec<f32> = (0..64 * 64).map(w).collect();
+    let node = |op: &str, name: &str, inputs: &[&str], output: &str| pb::NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: name.into(),
+        op_type: op.into(),
+        ..Default::default()
+    };
+    model(
+        vec![
+            node("MatMul", "mm", &["x", "W"], "h"),
+            node("Relu", "relu", &["h"], "y"),
+        ],
+        vec![edgefleet_compiler::onnx::f32_tensor("W", &[64, 64], &data)],
+        ("x", &[1, 64]),
+        &[("y", &[1, 64])],
+        vec![],
+    )
 }
 
 pub fn write_model(dir: &Path, name: &str, m: &pb::ModelProto) -> PathBuf {

@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::{model, vi};
+
 use std::path::Path;
 
 use edgefleet_bundle::payload::TensorData;
@@ -71,36 +73,6 @@ fn int(name: &str, v: i64) -> pb::AttributeProto {
 
 fn init(name: &str, dims: &[i64], v: &[f32]) -> pb::TensorProto {
     onnx::f32_tensor(name, dims, v)
-}
-
-fn vi(name: &str, dims: &[usize]) -> pb::ValueInfoProto {
-    onnx::fixed_value_info(name, 1, dims)
-}
-
-fn model(
-    nodes: Vec<pb::NodeProto>,
-    inits: Vec<pb::TensorProto>,
-    input: (&str, &[usize]),
-    outputs: &[(&str, &[usize])],
-    value_info: Vec<pb::ValueInfoProto>,
-) -> pb::ModelProto {
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "t".into(),
-            node: nodes,
-            initializer: inits,
-            input: vec![vi(input.0, input.1)],
-            output: outputs.iter().map(|(n, d)| vi(n, d)).collect(),
-            value_info,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 fn dims(m: &pb::ModelProto, name: &str) -> Vec<i64> {
