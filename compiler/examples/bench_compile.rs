@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let key = edgefleet_bundle::SigningKey::from_seed([7; 32]);
     println!(
-        "{:<34} {:<17} {:>5} {:>6} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>9} {:>9} {:>5} {:>5} {:>8}",
+        "{:<34} {:<17} {:>5} {:>6} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>9} {:>9} {:>5} {:>11} {:>5} {:>8}",
         "model",
         "target",
         "prune",
@@ -74,6 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "max_abs",
         "cosine",
         "top1",
+        "task",
         "fmt",
         "build s"
     );
@@ -141,7 +142,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     ),
                 };
                 println!(
-                    "{:<34} {:<17} {:>5.2} {:>6.2} {:>10} {:>10} {:>6.3} {:>9.3} {:>9} {:>6} {:>9.5} {:>9.6} {:>5} {:>5} {:>8.1}",
+                    "{:<34} {:<17} {:>5.2} {:>6.2} {:>10} {:>10} {:>6.3} {:>9.3} {:>9} {:>6} {:>9.5} {:>9.6} {:>5} {:>11} {:>5} {:>8.1}",
                     file(m),
                     t.id,
                     prune,
@@ -155,6 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     cand.accuracy.max_abs_error,
                     cand.accuracy.mean_cosine,
                     cand.accuracy.top1_agreement.map_or("-".into(), |x| format!("{x:.2}")),
+                    cand.accuracy.task_summary(),
                     match c.spec.format {
                         edgefleet_bundle::payload::ModelFormat::Nnef => "nnef",
                         edgefleet_bundle::payload::ModelFormat::Onnx => "onnx",

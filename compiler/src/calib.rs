@@ -7,8 +7,10 @@
 //!   move between vowel targets), fricative noise bursts, and pauses of room noise;
 //!   cut into consecutive 512-sample windows with the previous 64 samples as context;
 //! - image inputs ([N, 3, H, W]): a page of dark text lines rendered with a 5x7 bitmap
-//!   font on uneven, slightly noisy paper; 48-pixel-high inputs (text-line recognisers
-//!   and classifiers) get one line, and every other case is rotated 180 degrees;
+//!   font on uneven, slightly noisy paper (case 0 without noise, as from a flatbed
+//!   scanner: it is the golden self-test input, and noise-free it compresses ~10x);
+//!   48-pixel-high inputs (text-line recognisers and classifiers) get one line, and
+//!   with [`Lines::UprightAndTurned`] every other case is rotated 180 degrees;
 //!   224x224 (document orientation) gets the page rotated 0/90/180/270 degrees;
 //!   normalised as the model's own preprocessing does (ImageNet mean/std for detection
 //!   and orientation, (x/255 - 0.5)/0.5 for 48-pixel text lines);
@@ -148,13 +150,22 @@ pub fn kind_of(spec: &TensorSpec) -> InputKind {
     }
 }
 
+/// Orientation of generated 48-pixel text lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lines {
+    /// Every line upright (a recogniser behind an orientation classifier).
+    Upright,
+    /// Every other line rotated 180 degrees (an orientation classifier's input).
+    UprightAndTurned,
+}
+
 /// Generates `n` cases for `inputs` (state inputs excluded by the caller).
-pub fn generate(inputs: &[&TensorSpec], n: usize) -> Vec<Case> {
+pub fn generate(inputs: &[&TensorSpec], n: usize, lines: Lines) -> Vec<Case> {
     let mut cases = vec![Case::new(); n];
     for spec in inputs {
         let data: Vec<Vec<f32>> = match kind_of(spec) {
             InputKind::Audio => audio_windows(spec, n),
-            InputKind::TextImage => (0..n).map(|i| text_image(spec, i)).collect(),
+            InputKind::TextImage => (0..n).map(|i| text_image(spec, i, lines)).collect(),
             InputKind::Normal => {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
                 (0..n)
@@ -322,14 +333,16 @@ const TEXT: &str =
     "INVOICE NO 20240117 TOTAL DUE 1458 EUR PAYMENT WITHIN 30 DAYS THANK YOU FOR YOUR ORDER \
 SHIP TO WAREHOUSE 7 DOCK B QUANTITY 250 UNIT PRICE 5 83 REFERENCE ZX9 QUALITY CHECKED BY JK";
 
-/// Renders text lines into a grey image (0 = black, 255 = white), `h` x `w`.
+/// Renders text lines into a grey image (0 = black, 255 = white), `h` x `w`;
+/// seed 0 renders without sensor noise.
 fn render_page(h: usize, w: usize, scale: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let noise = if seed == 0 { 0.0 } else { 1.0 };
     let mut img: Vec<f32> = (0..h * w)
         .map(|i| {
             let (y, x) = ((i / w) as f32 / h as f32, (i % w) as f32 / w as f32);
             // Uneven lighting, as on a photographed page.
-            225.0 + 20.0 * (1.0 - 0.6 * x - 0.4 * y) + 3.0 * normal(&mut rng)
+            225.0 + 20.0 * (1.0 - 0.6 * x - 0.4 * y) + noise * 3.0 * normal(&mut rng)
         })
         .collect();
     let words: Vec<&str> = TEXT.split(' ').collect();
@@ -355,7 +368,8 @@ fn render_page(h: usize, w: usize, scale: usize, seed: u64) -> Vec<f32> {
                                     for dx in 0..scale {
                                         let (py, px) = (y + ry * scale + dy, x + rx * scale + dx);
                                         if py < h && px < w {
-                                            img[py * w + px] = ink + 10.0 * normal(&mut rng);
+                                            img[py * w + px] =
+                                                ink + noise * 10.0 * normal(&mut rng);
                                         }
                                     }
                                 }
@@ -387,8 +401,8 @@ fn rotate(img: &[f32], n: usize, quarter_turns: usize) -> Vec<f32> {
     out
 }
 
-/// A normalised [N, 3, H, W] text image for case `i`.
-pub fn text_image(spec: &TensorSpec, i: usize) -> Vec<f32> {
+/// A normalised [N, 3, H, W] f32 text image for case `i`.
+pub fn text_image(spec: &TensorSpec, i: usize, lines: Lines) -> Vec<f32> {
     let (n, h, w) = (spec.shape[0], spec.shape[2], spec.shape[3]);
     let line = h <= 64;
     let mut out = Vec::with_capacity(spec.len());
@@ -400,7 +414,7 @@ pub fn text_image(spec: &TensorSpec, i: usize) -> Vec<f32> {
         } else {
             render_page(h, w, ((h.min(w)) / 110).max(1), seed)
         };
-        if line && i % 2 == 1 {
+        if line && lines == Lines::UprightAndTurned && i % 2 == 1 {
             img.reverse();
         }
         if !line && h == w && h == 224 {

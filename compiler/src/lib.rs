@@ -149,6 +149,8 @@ pub struct Report {
     pub timings_ms: BTreeMap<String, f64>,
     /// Target gate thresholds.
     pub gate: edgefleet_targets::Gate,
+    /// How the gate judged output 0 (element-wise, classifier, or a declared task).
+    pub judged: gate::Judged,
 }
 
 /// A compiled model: payload files ready to pack.
@@ -231,6 +233,49 @@ fn zstd_len(b: &[u8]) -> usize {
     zstd::bulk::compress(b, 19).map_or(b.len(), |v| v.len())
 }
 
+/// One candidate built and run: ONNX bytes, its runner, its outputs per case, its
+/// accuracy against the reference, and the passes' statistics.
+type RunCandidate = (Vec<u8>, Runner, Vec<Outputs>, Accuracy, Vec<PassStats>);
+
+/// Orders the quantizable weights by measured sensitivity, most sensitive first:
+/// each weight alone is stored small (all others kept fp32) and the candidate is
+/// run on the calibration cases; the score is `1 - mean_cosine` of its outputs
+/// against the reference, ties broken by `max_abs_error`. This is per-layer
+/// sensitivity analysis (Nagel et al., "A White Paper on Neural Network
+/// Quantization", 2021, section 4.8, debugging). `by_error` is the static order
+/// (relative int8 error); it breaks remaining ties, so a model whose weights all
+/// measure the same keeps that order. One candidate build per weight.
+///
+/// # Errors
+/// The first error of `run_one`.
+fn measured_sensitivity(
+    by_error: Vec<(String, f64)>,
+    mut run_one: impl FnMut(&std::collections::BTreeSet<String>) -> Result<Accuracy, Error>,
+) -> Result<Vec<(String, f64)>, Error> {
+    let all: std::collections::BTreeSet<String> = by_error.iter().map(|r| r.0.clone()).collect();
+    let mut scored = Vec::with_capacity(by_error.len());
+    for (rank, (w, _)) in by_error.into_iter().enumerate() {
+        let mut keep = all.clone();
+        keep.remove(&w);
+        let a = run_one(&keep)?;
+        let score = 1.0 - a.mean_cosine;
+        // NaN (a broken candidate) sorts first: the most sensitive.
+        let score = if score.is_nan() { f64::INFINITY } else { score };
+        let max_abs = if a.max_abs_error.is_nan() {
+            f64::INFINITY
+        } else {
+            a.max_abs_error
+        };
+        scored.push((w, score, max_abs, rank));
+    }
+    scored.sort_by(|a, b| {
+        b.1.total_cmp(&a.1)
+            .then(b.2.total_cmp(&a.2))
+            .then(a.3.cmp(&b.3))
+    });
+    Ok(scored.into_iter().map(|(w, s, _, _)| (w, s)).collect())
+}
+
 /// Compiles the model into payload files (no signing, nothing written).
 ///
 /// # Errors
@@ -311,7 +356,17 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
                 .map(|s| format!("{}={:?}", s.name, calib::kind_of(s)))
                 .collect();
             (
-                calib::generate(&data_inputs, n_cases),
+                calib::generate(
+                    &data_inputs,
+                    n_cases,
+                    // A CTC recogniser reads lines after the orientation classifier
+                    // turned them upright: it is not calibrated on upside-down text.
+                    if matches!(ov.task, Some(edgefleet_targets::Task::Ctc { .. })) {
+                        calib::Lines::Upright
+                    } else {
+                        calib::Lines::UprightAndTurned
+                    },
+                ),
                 format!("generated: {}", kinds.join(", ")),
             )
         }
@@ -383,6 +438,31 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         .any(|n| n.op_type == "Softmax" && n.output.first() == Some(&g.output[0].name));
     let classes = (out0.shape.len() == 2 && (2..=1000).contains(&out0.shape[1]) && from_softmax)
         .then(|| out0.shape[1]);
+    // How the gate judges output 0: a task the profile declares, else a detected classifier.
+    let judged = match ov.task {
+        Some(edgefleet_targets::Task::ProbabilityMap { threshold }) => {
+            gate::Judged::ProbabilityMap { threshold }
+        }
+        Some(edgefleet_targets::Task::Ctc { blank }) => match out0.shape.as_slice() {
+            &[_, steps, classes] if blank < classes => gate::Judged::Ctc {
+                steps,
+                classes,
+                blank,
+            },
+            shape => {
+                return Err(Error::Unsupported {
+                    what: format!("task ctc (blank {blank}) on output `{}`", out0.name),
+                    reason: format!(
+                        "needs an [N, T, C] output with C > blank; `{}` is {shape:?}",
+                        out0.name
+                    ),
+                })
+            }
+        },
+        None => classes.map_or(gate::Judged::Values, |classes| gate::Judged::Classifier {
+            classes,
+        }),
+    };
     let labels: Vec<String> = classes
         .map(|k| {
             let from_meta: Option<Vec<String>> = metadata.get("character").map(|s| {
@@ -450,13 +530,12 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
     );
     let mut candidates = Vec::new();
     let mut built: Vec<(Vec<u8>, Vec<Outputs>, Option<Error>)> = Vec::new();
-    // Builds, runs and gates one candidate.
-    let evaluate = |mode: Quantize,
-                    keep: &std::collections::BTreeSet<String>,
-                    restore_f16: bool,
-                    candidates: &mut Vec<Candidate>,
-                    built: &mut Vec<(Vec<u8>, Vec<Outputs>, Option<Error>)>|
-     -> Result<bool, Error> {
+    // Builds one candidate and runs it on the calibration cases.
+    let run_candidate = |mode: Quantize,
+                         keep: &std::collections::BTreeSet<String>,
+                         restore_f16: bool,
+                         pb: &indicatif::ProgressBar|
+     -> Result<RunCandidate, Error> {
         let mut cm = m.clone();
         let mut ps: Vec<Box<dyn Pass>> = Vec::new();
         // Structured first: it ranks channels on the original weights, and
@@ -493,8 +572,18 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         passes::check_no_softmax_qdq(&cm)?;
         let bytes = onnx::encode(&cm);
         let runner = Runner::onnx(&bytes, &format!("{} ({mode})", path.display()))?;
-        let outs = run_cases(&runner, &full, &pb)?;
-        let acc = gate::measure(&ref_out, &outs, classes, &gated);
+        let outs = run_cases(&runner, &full, pb)?;
+        let acc = gate::measure(&ref_out, &outs, judged, &gated);
+        Ok((bytes, runner, outs, acc, stats))
+    };
+    // Builds, runs and gates one candidate.
+    let evaluate = |mode: Quantize,
+                    keep: &std::collections::BTreeSet<String>,
+                    restore_f16: bool,
+                    candidates: &mut Vec<Candidate>,
+                    built: &mut Vec<(Vec<u8>, Vec<Outputs>, Option<Error>)>|
+     -> Result<bool, Error> {
+        let (bytes, runner, outs, acc, stats) = run_candidate(mode, keep, restore_f16, &pb)?;
         let verdict = gate::check(
             &acc,
             &target.gate,
@@ -548,15 +637,20 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
             continue;
         }
         // Design: accuracy fallback. The gate failed with every weight stored
-        // small: restore the weights with the largest relative int8 error to
+        // small: restore the weights whose storage hurts the outputs most to
         // higher precision, doubling their number until the gate holds, then
         // bisect (3 steps) between the last failing and the first passing
         // count. For int8 the restored weights are first stored as f16 (still
         // fp32 compute, ~30x smaller error than int8, half of fp32's size),
         // and only if even all-f16 fails as fp32. Bounded: at most
-        // 2 * (log2(weights) + 4) extra candidates; if every level fails
-        // (e.g. pruning broke the model) the first failure is reported.
-        let ranking = passes::int8_sensitivity(&m, path)?;
+        // 2 * (log2(weights) + 4) extra candidates, after one sensitivity run
+        // per weight; if every level fails (e.g. pruning broke the model) the
+        // first failure is reported.
+        let by_error = passes::int8_sensitivity(&m, path)?;
+        pb.inc_length((by_error.len() * full.len()) as u64);
+        let ranking = measured_sensitivity(by_error, |keep| {
+            run_candidate(*mode, keep, false, &pb).map(|r| r.3)
+        })?;
         let n = ranking.len();
         let keep_top = |k: usize| -> std::collections::BTreeSet<String> {
             ranking.iter().take(k).map(|r| r.0.clone()).collect()
@@ -662,6 +756,7 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         original_tract,
         timings_ms: timings,
         gate: target.gate,
+        judged,
     };
     let json = |v: &dyn erased::Json| v.to_vec();
     let files = vec![

@@ -259,3 +259,75 @@ fn failing_int8_falls_back_to_f16_storage_for_sensitive_weights() {
     );
     assert!(chosen.accuracy.max_abs_error <= 0.005);
 }
+
+#[test]
+fn declared_task_gates_output_0_by_its_metric_not_max_abs() {
+    use edgefleet_targets::{ModelOverrides, Task};
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = common::write_model(
+        dir.path(),
+        "tiny.onnx",
+        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
+    );
+    let with_task = |task: Task| {
+        let mut t = common::profile("rpi4");
+        t.models.insert(
+            "tiny".into(),
+            ModelOverrides {
+                task: Some(task),
+                ..Default::default()
+            },
+        );
+        // Element-wise, int8 storage (~1e-2 error) would fail this.
+        t.gate.max_abs_error = 1e-7;
+        t.gate.min_cosine = 0.0;
+        t
+    };
+    let map = Task::ProbabilityMap { threshold: 0.3 };
+    let mut t = with_task(map);
+    t.gate.min_mask_iou = 0.0;
+    let c = edgefleet_compiler::build(&opts(&p), &t).expect("judged by mask IoU");
+    let chosen = &c.report.candidates[c.report.chosen];
+    assert!(
+        chosen.accuracy.max_abs_error > 1e-7,
+        "{:?}",
+        chosen.accuracy
+    );
+    assert!(chosen.accuracy.mask_iou.is_some());
+    assert_eq!(chosen.accuracy.max_abs_error_elementwise, 0.0);
+    let txt = c
+        .files
+        .iter()
+        .find(|f| f.0 == "compile_report.txt")
+        .expect("report");
+    assert!(
+        String::from_utf8_lossy(&txt.1).contains("probability map"),
+        "report says how output 0 was judged"
+    );
+
+    // 90% pruning changes which outputs are above 0.3: refused, naming mask_iou.
+    let mut t = with_task(map);
+    t.gate.min_mask_iou = 1.0;
+    let mut o = opts(&p);
+    o.prune = Some(0.9);
+    let e = edgefleet_compiler::build(&o, &t)
+        .err()
+        .expect("mask IoU fails");
+    assert!(
+        matches!(
+            &e,
+            Error::Gate {
+                metric: "mask_iou",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // CTC needs an [N, T, C] output: tiny's `y` is [1, 64].
+    let e = edgefleet_compiler::build(&opts(&p), &with_task(Task::Ctc { blank: 0 }))
+        .err()
+        .expect("ctc on rank 2 refused");
+    let msg = e.to_string();
+    assert!(msg.contains("`y`") && msg.contains("ctc"), "{msg}");
+}

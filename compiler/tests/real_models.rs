@@ -178,17 +178,13 @@ fn every_model_compiles_for_every_target_and_matches_onnxruntime() {
                     assert_eq!(o.len(), ours[0].len(), "{model}: output count");
                     theirs.push(o);
                 }
-                let classes = match &c.spec.task {
-                    edgefleet_bundle::payload::Task::Classifier { labels } => Some(labels.len()),
-                    edgefleet_bundle::payload::Task::Other => None,
-                };
                 let gated: Vec<bool> = c
                     .spec
                     .outputs
                     .iter()
                     .map(|o| !c.spec.state.iter().any(|b| b.output == o.name))
                     .collect();
-                ort_acc = Some(gate::measure(&theirs, &ours, classes, &gated));
+                ort_acc = Some(gate::measure(&theirs, &ours, r.judged, &gated));
             }
             for t in &group {
                 gate::check(&cand.accuracy, &t.gate, &t.id, model)

@@ -150,8 +150,57 @@ pub struct Gate {
     pub max_abs_error: f32,
     /// Smallest allowed mean cosine similarity of outputs (0..=1).
     pub min_cosine: f32,
-    /// Smallest allowed fraction of cases whose argmax agrees (classifiers, 0..=1).
+    /// Smallest allowed fraction of rows whose argmax agrees (classifiers: one row per
+    /// case; CTC recognisers: one row per time step), 0..=1.
     pub min_top1_agreement: f32,
+    /// Smallest allowed mask IoU for models whose task is
+    /// [`Task::ProbabilityMap`], 0..=1 (default 0.95).
+    #[serde(default = "default_min_mask_iou")]
+    pub min_mask_iou: f32,
+    /// Smallest allowed fraction of decoded sequences equal to the reference's, for
+    /// models whose task is [`Task::Ctc`], 0..=1 (default 1.0: every one).
+    #[serde(default = "default_min_sequence_agreement")]
+    pub min_sequence_agreement: f32,
+}
+
+fn default_min_mask_iou() -> f32 {
+    0.95
+}
+
+fn default_min_sequence_agreement() -> f32 {
+    1.0
+}
+
+/// What a model's output 0 means, when the decision a user takes from it is not
+/// an element-wise value (`[models.X] task = { kind = ..., ... }` in a profile).
+///
+/// A declared task replaces the element-wise `max_abs_error` check *on output 0*
+/// with the task's own metric (the other outputs keep it; `min_cosine` keeps
+/// applying to every output): a probability map or a per-step distribution has
+/// thousands of elements on a decision boundary, where any rounding moves some
+/// element a long way without changing a box or a character.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Task {
+    /// Output 0 is a per-element probability map, e.g. a DB text detector's
+    /// `[N, 1, H, W]` f32 text probability (Liao et al., "Real-time Scene Text
+    /// Detection with Differentiable Binarization", AAAI 2020) or a segmentation
+    /// mask. The decision is `p > threshold`; gated by the IoU of the two masks
+    /// (`gate.min_mask_iou`).
+    ProbabilityMap {
+        /// Binarisation threshold in (0, 1) (PaddleOCR's `det_db_thresh` is 0.3).
+        threshold: f32,
+    },
+    /// Output 0 is `[N, T, C]` f32 per-step class probabilities decoded by greedy
+    /// CTC (Graves et al., ICML 2006, section 3.2: argmax per step, merge repeats,
+    /// drop the blank). Gated by per-step top-1 agreement (`gate.min_top1_agreement`)
+    /// and by the fraction of decoded sequences that are equal
+    /// (`gate.min_sequence_agreement`).
+    Ctc {
+        /// Index of the blank class (PaddleOCR: 0).
+        #[serde(default)]
+        blank: usize,
+    },
 }
 
 /// Default compile policy of a target (flags override it).
@@ -179,6 +228,9 @@ pub struct ModelOverrides {
     /// Input name -> constant scalar value folded into the graph (e.g. Silero's `sr`).
     #[serde(default)]
     pub consts: BTreeMap<String, f64>,
+    /// What output 0 means, if a task metric should judge it (see [`Task`]).
+    #[serde(default)]
+    pub task: Option<Task>,
 }
 
 /// One target device class (`targets/<id>.toml`).
@@ -291,6 +343,18 @@ impl TargetProfile {
                 format!("{} is outside 0..=1", g.min_top1_agreement),
             );
         }
+        if !(0.0..=1.0).contains(&g.min_mask_iou) {
+            return bad(
+                "gate.min_mask_iou",
+                format!("{} is outside 0..=1", g.min_mask_iou),
+            );
+        }
+        if !(0.0..=1.0).contains(&g.min_sequence_agreement) {
+            return bad(
+                "gate.min_sequence_agreement",
+                format!("{} is outside 0..=1", g.min_sequence_agreement),
+            );
+        }
         if !(0.0..1.0).contains(&self.policy.prune) {
             return bad(
                 "policy.prune",
@@ -309,6 +373,14 @@ impl TargetProfile {
                     return bad(
                         &format!("models.{model}.inputs.{name}"),
                         format!("shape {shape:?} must be non-empty with no zero dimension"),
+                    );
+                }
+            }
+            if let Some(Task::ProbabilityMap { threshold }) = o.task {
+                if threshold.is_nan() || threshold <= 0.0 || threshold >= 1.0 {
+                    return bad(
+                        &format!("models.{model}.task.threshold"),
+                        format!("{threshold} is outside (0, 1)"),
                     );
                 }
             }

@@ -1,6 +1,6 @@
 //! Every checked-in profile loads; schema and value errors name the file and the key.
 
-use edgefleet_targets::{builtin_dir, load, load_dir, Error, Precision};
+use edgefleet_targets::{builtin_dir, load, load_dir, Error, Precision, Task};
 
 #[test]
 fn every_checked_in_profile_loads() {
@@ -23,7 +23,46 @@ fn every_checked_in_profile_loads() {
             .overrides_for("silero_vad_16k_op15")
             .expect("silero prefix match");
         assert_eq!(vad.consts["sr"], 16000.0);
+        assert_eq!(
+            det.task,
+            Some(Task::ProbabilityMap { threshold: 0.3 }),
+            "{}",
+            t.id
+        );
+        let rec = t.overrides_for("ch_PP-OCRv4_rec_infer").expect("rec");
+        assert_eq!(rec.task, Some(Task::Ctc { blank: 0 }), "{}", t.id);
+        assert_eq!(vad.task, None);
     }
+}
+
+#[test]
+fn unknown_task_kind_and_task_key_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (to, want) in [
+        ("kind = \"boxes\", threshold = 0.3", "boxes"),
+        ("kind = \"probability-map\", thresh = 0.3", "thresh"),
+    ] {
+        let p = write(
+            &dir,
+            "task.toml",
+            &rpi4_text().replace("kind = \"probability-map\", threshold = 0.3", to),
+        );
+        let msg = load(&p).expect_err(to).to_string();
+        assert!(msg.contains("task.toml") && msg.contains(want), "{msg}");
+    }
+    // The task metrics' thresholds are optional (defaults 0.95 and 1.0).
+    let p = write(
+        &dir,
+        "defaults.toml",
+        &rpi4_text()
+            .replace("min_mask_iou = 0.95\n", "")
+            .replace("min_sequence_agreement = 1.0\n", ""),
+    );
+    let t = load(&p).expect("defaults");
+    assert_eq!(
+        (t.gate.min_mask_iou, t.gate.min_sequence_agreement),
+        (0.95, 1.0)
+    );
 }
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
@@ -87,6 +126,21 @@ fn impossible_values_name_file_and_key() {
             "x = [1, 3, 256, 256]",
             "x = [1, 3, 0, 256]",
             "models.ch_PP-OCRv4_det_infer.inputs.x",
+        ),
+        (
+            "min_mask_iou = 0.95",
+            "min_mask_iou = 1.01",
+            "gate.min_mask_iou",
+        ),
+        (
+            "min_sequence_agreement = 1.0",
+            "min_sequence_agreement = -0.5",
+            "gate.min_sequence_agreement",
+        ),
+        (
+            "threshold = 0.3",
+            "threshold = 1.0",
+            "models.ch_PP-OCRv4_det_infer.task.threshold",
         ),
         (
             "latency_budget_ms = 250.0",

@@ -553,7 +553,10 @@ fn write_inputs(d: &Path, group: &str, spec: &TensorSpec) -> anyhow::Result<()> 
             for i in 0..16 {
                 std::fs::write(
                     d.join(format!("{i:04}.npy")),
-                    calib::write_npy(&spec.shape, &calib::text_image(spec, i)),
+                    calib::write_npy(
+                        &spec.shape,
+                        &calib::text_image(spec, i, calib::Lines::UprightAndTurned),
+                    ),
                 )?;
             }
         }
