@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use edgefleet_drift::DriftStatus;
 use edgefleet_protocol::messages::{DriftMessage, ReleaseRef};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +25,11 @@ pub struct Stored {
     pub seq: u64,
     /// Sent as an alarm.
     pub alarm: bool,
+    /// The device's verdict; `None` for reports stored before it was recorded
+    /// (counted as a verdict). `insufficient_data` reports never count for the
+    /// drift rule: PSI over fewer than the device's `min_samples` is noise.
+    #[serde(default)]
+    pub status: Option<DriftStatus>,
     /// Largest feature PSI.
     pub max_psi: f64,
     /// Per feature `(name, psi, ks)`.
@@ -62,6 +68,7 @@ pub async fn ingest(state: &Arc<State>, m: &DriftMessage) -> Result<()> {
         release: m.release.clone(),
         seq: m.seq,
         alarm: m.alarm,
+        status: Some(m.report.status),
         max_psi: m.report.max_psi,
         features: m
             .report
@@ -74,7 +81,15 @@ pub async fn ingest(state: &Arc<State>, m: &DriftMessage) -> Result<()> {
     evaluate(state, &s).await
 }
 
-/// Latest report of `device` for `model` received after `since`.
+impl Stored {
+    /// True when the device had enough samples for a verdict (`ok` or `alarm`).
+    pub fn has_verdict(&self) -> bool {
+        self.status != Some(DriftStatus::InsufficientData)
+    }
+}
+
+/// Latest report of `device` for `model` received after `since` that carries a
+/// verdict (reports with insufficient data are skipped).
 fn latest(state: &State, device: &str, model: &str, since: u64) -> Result<Option<Stored>> {
     for kv in state.store.drift.scan_prefix(device_prefix(device)).rev() {
         let (k, v) = kv?;
@@ -82,7 +97,7 @@ fn latest(state: &State, device: &str, model: &str, since: u64) -> Result<Option
         if s.received_ms < since {
             return Ok(None);
         }
-        if s.release.model == model {
+        if s.release.model == model && s.has_verdict() {
             return Ok(Some(s));
         }
     }

@@ -154,6 +154,50 @@ async fn impersonation_is_rejected_and_telemetry_deduplicated_and_drift_rule_fir
             .await;
         assert_eq!(st, 200);
     }
+    // Reports without a verdict (fewer than the device's min_samples) never count,
+    // however high their PSI: three of them open no retraining request.
+    let drift = |d: &edgefleet_protocol::DeviceId, seq: u64, status, max_psi| {
+        Up::Drift(DriftMessage {
+            device_id: d.clone(),
+            release: ReleaseRef {
+                model: "detector".into(),
+                release: 1,
+                version: "1.1.0".into(),
+            },
+            seq,
+            alarm: status == edgefleet_drift::DriftStatus::Alarm,
+            report: edgefleet_drift::DriftReport {
+                features: vec![],
+                classes: None,
+                status,
+                max_psi,
+            },
+        })
+    };
+    for d in &devs {
+        let m = drift(
+            &d.id,
+            100,
+            edgefleet_drift::DriftStatus::InsufficientData,
+            0.9,
+        );
+        d.publish(UpKind::Drift, &m).await.unwrap();
+    }
+    let t0 = Instant::now();
+    loop {
+        let (_, d) = api.get("/v1/drift?group=lobby").await;
+        if d["drift"].as_array().is_some_and(|a| a.len() == 3) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "drift {d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, r) = api.get("/v1/retraining").await;
+    assert_eq!(
+        r["requests"].as_array().map(Vec::len),
+        Some(0),
+        "insufficient-data reports opened a request: {r}"
+    );
     for (i, d) in devs.iter().enumerate().take(2) {
         let m = Up::Drift(DriftMessage {
             device_id: d.id.clone(),
@@ -202,7 +246,7 @@ async fn impersonation_is_rejected_and_telemetry_deduplicated_and_drift_rule_fir
     assert_eq!(t["telemetry"]["p50_ms"], 4.0);
     assert_eq!(t["telemetry"]["p99_ms"], 12.0);
     let (_, d) = api.get("/v1/drift?group=lobby").await;
-    assert_eq!(d["drift"].as_array().unwrap().len(), 2);
+    assert_eq!(d["drift"].as_array().unwrap().len(), 5);
     let summary = std::fs::read_to_string(dir.path().join("summary.json")).unwrap();
     assert!(summary.contains("drift_retraining_request") && summary.contains("lobby"));
     server.shutdown().await.unwrap();

@@ -751,12 +751,16 @@ impl Api {
     }
 }
 
-/// Devices whose latest drift report has a feature with PSI at or above the
-/// alarm threshold (reports are cumulative since the model was loaded).
+/// Devices whose latest drift report with a verdict (enough samples) has a
+/// feature with PSI at or above the alarm threshold (reports are cumulative
+/// since the model was loaded).
 fn alarmed_devices(api: &Api) -> anyhow::Result<Vec<String>> {
     let v = api.get("/v1/drift")?;
     let mut latest: BTreeMap<String, f64> = BTreeMap::new();
     for r in v["drift"].as_array().into_iter().flatten() {
+        if r["status"] == "insufficient_data" {
+            continue;
+        }
         if let Some(d) = r["device"].as_str() {
             latest.insert(d.to_string(), r["max_psi"].as_f64().unwrap_or(0.0));
         }
