@@ -331,3 +331,54 @@ fn declared_task_gates_output_0_by_its_metric_not_max_abs() {
     let msg = e.to_string();
     assert!(msg.contains("`y`") && msg.contains("ctc"), "{msg}");
 }
+
+#[test]
+fn narrowing_uses_fewer_int8_levels_only_while_the_gate_holds() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = common::write_model(
+        dir.path(),
+        "tiny.onnx",
+        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
+    );
+    // A gate anything passes: 8 -> 7 -> 6 -> 5 -> 4 bits, the 4-bit one ships.
+    let mut t = common::profile("rpi4");
+    t.gate.max_abs_error = 1e9;
+    t.gate.min_cosine = 0.0;
+    let c = edgefleet_compiler::build(&opts(&p), &t).expect("loose gate");
+    let bits: Vec<u8> = c.report.candidates.iter().map(|c| c.storage.bits).collect();
+    assert_eq!(bits, vec![8, 7, 6, 5, 4]);
+    let chosen = &c.report.candidates[c.report.chosen];
+    assert_eq!(chosen.storage.bits, 4);
+    assert!(chosen
+        .passes
+        .iter()
+        .any(|p| p.pass.contains("4-bit levels")));
+    // Fewer levels compress better.
+    assert!(
+        chosen.onnx_zstd_bytes < c.report.candidates[0].onnx_zstd_bytes,
+        "{} vs {}",
+        chosen.onnx_zstd_bytes,
+        c.report.candidates[0].onnx_zstd_bytes
+    );
+
+    // A gate between the 8-bit and the 7-bit error: 7 bits is tried, fails, 8 ships.
+    let eight = c.report.candidates[0].accuracy.max_abs_error;
+    let seven = c.report.candidates[1].accuracy.max_abs_error;
+    assert!(seven > eight, "7-bit error {seven} vs 8-bit {eight}");
+    let mut t = common::profile("rpi4");
+    t.gate.max_abs_error = ((eight + seven) / 2.0) as f32;
+    t.gate.min_cosine = 0.0;
+    let c = edgefleet_compiler::build(&opts(&p), &t).expect("tight gate");
+    let r = &c.report;
+    assert_eq!(r.candidates[r.chosen].storage.bits, 8);
+    assert_eq!(
+        r.candidates.len(),
+        2,
+        "narrowing stops at the first failure"
+    );
+    assert!(
+        r.candidates[1].gate.contains("int8_levels=7_bit"),
+        "{}",
+        r.candidates[1].gate
+    );
+}

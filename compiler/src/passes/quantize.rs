@@ -29,11 +29,28 @@ pub struct Int8Weights {
     pub keep_f32: BTreeSet<String>,
     /// Store the restored weights as f16 (read through Cast, fp32 compute) instead of fp32.
     pub restore_f16: bool,
+    /// Bits of levels, 2..=8: q in `-(2^(bits-1) - 1)..=2^(bits-1) - 1` (8: -127..=127),
+    /// scale `max|w_c| / (2^(bits-1) - 1)`; still stored as int8. 0 means 8.
+    pub bits: u8,
 }
 
-/// Per-channel symmetric int8 quantization of `v` (dims `dims`, channels on `axis`):
-/// (q, per-channel scales).
+/// Largest level for `bits` (8 -> 127, 7 -> 63, ..., 2 -> 1); 0 or out of range -> 127.
+fn qmax(bits: u8) -> f32 {
+    match bits {
+        2..=8 => f32::from((1u16 << (bits - 1)) as u8 - 1),
+        _ => 127.0,
+    }
+}
+
+/// Per-channel symmetric int8 quantization of `v` (dims `dims`, channels on `axis`)
+/// on the 8-bit grid: (q, per-channel scales).
 fn quantize_i8(v: &[f32], dims: &[usize], axis: usize) -> (Vec<i8>, Vec<f32>) {
+    quantize_levels(v, dims, axis, 127.0)
+}
+
+/// Per-channel symmetric quantization to `-qmax..=qmax` (qmax <= 127):
+/// `s_c = max|w_c| / qmax`, `q = round(w / s_c)`.
+fn quantize_levels(v: &[f32], dims: &[usize], axis: usize, qmax: f32) -> (Vec<i8>, Vec<f32>) {
     let channels = dims[axis];
     let inner: usize = dims[axis + 1..].iter().product();
     let mut maxabs = vec![0f32; channels];
@@ -43,7 +60,7 @@ fn quantize_i8(v: &[f32], dims: &[usize], axis: usize) -> (Vec<i8>, Vec<f32>) {
     }
     let scales: Vec<f32> = maxabs
         .iter()
-        .map(|&a| if a > 0.0 { a / 127.0 } else { 1.0 })
+        .map(|&a| if a > 0.0 { a / qmax } else { 1.0 })
         .collect();
     let q = v
         .iter()
@@ -51,7 +68,7 @@ fn quantize_i8(v: &[f32], dims: &[usize], axis: usize) -> (Vec<i8>, Vec<f32>) {
         .map(|(k, x)| {
             (x / scales[(k / inner) % channels])
                 .round()
-                .clamp(-127.0, 127.0) as i8
+                .clamp(-qmax, qmax) as i8
         })
         .collect();
     (q, scales)
@@ -90,18 +107,25 @@ pub fn int8_sensitivity(m: &pb::ModelProto, path: &Path) -> Result<Vec<(String, 
 
 impl Pass for Int8Weights {
     fn name(&self) -> String {
-        if self.keep_f32.is_empty() {
-            "int8-weights".into()
-        } else {
-            format!(
-                "int8-weights(keep {} {})",
+        let mut args = Vec::new();
+        if (2..8).contains(&self.bits) {
+            args.push(format!("{}-bit levels", self.bits));
+        }
+        if !self.keep_f32.is_empty() {
+            args.push(format!(
+                "keep {} {}",
                 self.keep_f32.len(),
                 if self.restore_f16 { "f16" } else { "fp32" }
-            )
+            ));
+        }
+        if args.is_empty() {
+            "int8-weights".into()
+        } else {
+            format!("int8-weights({})", args.join(", "))
         }
     }
     fn contract(&self) -> &'static str {
-        "each Conv/Gemm/MatMul/LSTM weight (also when read through Slice/Concat/Reshape-like ops) with >= 128 elements, except those the accuracy fallback restores (to f16 storage, else fp32), becomes int8 q = round(w / s_c), s_c = max|w_c| / 127 per output channel, read through Cast(to=float) -> Mul(s_c); no activation is quantized"
+        "each Conv/Gemm/MatMul/LSTM weight (also when read through Slice/Concat/Reshape-like ops) with >= 128 elements, except those the accuracy fallback restores (to f16 storage, else fp32), becomes int8 q = round(w / s_c), s_c = max|w_c| / qmax per output channel (qmax = 127, or 63/31/15/7 where the narrowing step keeps the gate), read through Cast(to=float) -> Mul(s_c); no activation is quantized"
     }
     fn run(&self, m: &mut pb::ModelProto, path: &Path) -> Result<PassStats, Error> {
         let ws = weights(m, MIN_ELEMS, true);
@@ -117,7 +141,7 @@ impl Pass for Int8Weights {
             };
             let dims: Vec<usize> = g.initializer[i].dims.iter().map(|&d| d as usize).collect();
             let axis = w.channel_axis;
-            let (q, scales) = quantize_i8(&v, &dims, axis);
+            let (q, scales) = quantize_levels(&v, &dims, axis, qmax(self.bits));
             let base = w.name.clone();
             let (qn, cn, sn) = (
                 format!("{base}::q8"),
@@ -168,10 +192,14 @@ impl Pass for Int8Weights {
             tensors,
             elements,
             detail: if self.keep_f32.is_empty() {
-                format!("{tensors} weight tensors ({elements} values) stored as int8")
+                format!(
+                    "{tensors} weight tensors ({elements} values) stored as int8 (levels +-{})",
+                    qmax(self.bits)
+                )
             } else {
                 format!(
-                    "{tensors} weight tensors ({elements} values) stored as int8; restored to {} by the accuracy fallback: {}",
+                    "{tensors} weight tensors ({elements} values) stored as int8 (levels +-{}); restored to {} by the accuracy fallback: {}",
+                    qmax(self.bits),
                     if self.restore_f16 { "f16" } else { "fp32" },
                     self.keep_f32.iter().cloned().collect::<Vec<_>>().join(", ")
                 )
