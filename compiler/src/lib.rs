@@ -47,7 +47,8 @@ pub struct CompileOptions {
     pub consts: BTreeMap<String, f64>,
     /// `--calibration DIR`; generated inputs when `None`.
     pub calibration: Option<PathBuf>,
-    /// Generated calibration cases; 0 = automatic (8, or 4 for large image inputs).
+    /// Generated calibration cases; 0 = automatic: 32 for inputs of at most 10,000
+    /// values (audio windows), 8 up to 100,000, 4 above (large images).
     pub cases: usize,
     /// Unstructured pruning sparsity.
     pub prune: Option<f32>,
@@ -361,13 +362,19 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         .iter()
         .filter(|i| !state_inputs.contains(i.name.as_str()))
         .collect();
-    let big = data_inputs.iter().any(|s| s.len() > 100_000);
+    // Design: as many generated cases as stay cheap. A case of a small input
+    // (Silero's 576-sample window) costs well under a millisecond per candidate,
+    // and the gate's verdict -- which the narrowing step leans on -- is only as
+    // good as the number of cases behind it.
+    let largest = data_inputs.iter().map(|s| s.len()).max().unwrap_or(0);
     let n_cases = if opts.cases > 0 {
         opts.cases
-    } else if big {
+    } else if largest > 100_000 {
         4
-    } else {
+    } else if largest > 10_000 {
         8
+    } else {
+        32
     };
     let (cases, calib_desc) = match &opts.calibration {
         Some(dir) => (
