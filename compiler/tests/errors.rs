@@ -153,11 +153,7 @@ fn calibration_of_the_wrong_shape_names_the_file() {
 #[test]
 fn failing_gate_names_the_metric_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
-    let p = common::write_model(
-        dir.path(),
-        "tiny.onnx",
-        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
-    );
+    let p = tiny_spread(dir.path());
     let mut t = common::profile("rpi4");
     t.gate.max_abs_error = 1e-7;
     let mut o = opts(&p);
@@ -232,11 +228,7 @@ fn int8_full_and_f16_on_f32_only_target_are_refused() {
 #[test]
 fn failing_int8_falls_back_to_f16_storage_for_sensitive_weights() {
     let dir = tempfile::tempdir().expect("tmp");
-    let p = common::write_model(
-        dir.path(),
-        "tiny.onnx",
-        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
-    );
+    let p = tiny_spread(dir.path());
     let mut t = common::profile("rpi4");
     // Between the all-int8 error (~1e-2) and the f16 error (~1e-3).
     t.gate.max_abs_error = 0.005;
@@ -264,11 +256,7 @@ fn failing_int8_falls_back_to_f16_storage_for_sensitive_weights() {
 fn declared_task_gates_output_0_by_its_metric_not_max_abs() {
     use edgefleet_targets::{ModelOverrides, Task};
     let dir = tempfile::tempdir().expect("tmp");
-    let p = common::write_model(
-        dir.path(),
-        "tiny.onnx",
-        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
-    );
+    let p = tiny_spread(dir.path());
     let with_task = |task: Task| {
         let mut t = common::profile("rpi4");
         t.models.insert(
@@ -335,11 +323,7 @@ fn declared_task_gates_output_0_by_its_metric_not_max_abs() {
 #[test]
 fn narrowing_uses_fewer_int8_levels_only_while_the_gate_holds() {
     let dir = tempfile::tempdir().expect("tmp");
-    let p = common::write_model(
-        dir.path(),
-        "tiny.onnx",
-        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
-    );
+    let p = tiny_spread(dir.path());
     // A gate anything passes: 8 -> 7 -> 6 -> 5 -> 4 bits, the 4-bit one ships.
     let mut t = common::profile("rpi4");
     t.gate.max_abs_error = 1e9;
@@ -381,4 +365,14 @@ fn narrowing_uses_fewer_int8_levels_only_while_the_gate_holds() {
         "{}",
         r.candidates[1].gate
     );
+}
+
+/// `common::tiny_matmul` with weights spread over -0.5..0.5 (int8 error ~1e-2,
+/// f16 error ~1e-3): a model whose storage choices the gate can tell apart.
+fn tiny_spread(dir: &std::path::Path) -> std::path::PathBuf {
+    common::write_model(
+        dir,
+        "tiny.onnx",
+        &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
+    )
 }

@@ -331,29 +331,15 @@ impl TargetProfile {
                 format!("{} must be >= 0", g.max_abs_error),
             );
         }
-        if !(0.0..=1.0).contains(&g.min_cosine) {
-            return bad(
-                "gate.min_cosine",
-                format!("{} is outside 0..=1", g.min_cosine),
-            );
-        }
-        if !(0.0..=1.0).contains(&g.min_top1_agreement) {
-            return bad(
-                "gate.min_top1_agreement",
-                format!("{} is outside 0..=1", g.min_top1_agreement),
-            );
-        }
-        if !(0.0..=1.0).contains(&g.min_mask_iou) {
-            return bad(
-                "gate.min_mask_iou",
-                format!("{} is outside 0..=1", g.min_mask_iou),
-            );
-        }
-        if !(0.0..=1.0).contains(&g.min_sequence_agreement) {
-            return bad(
-                "gate.min_sequence_agreement",
-                format!("{} is outside 0..=1", g.min_sequence_agreement),
-            );
+        for (key, v) in [
+            ("gate.min_cosine", g.min_cosine),
+            ("gate.min_top1_agreement", g.min_top1_agreement),
+            ("gate.min_mask_iou", g.min_mask_iou),
+            ("gate.min_sequence_agreement", g.min_sequence_agreement),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(key, format!("{v} is outside 0..=1"));
+            }
         }
         if !(0.0..1.0).contains(&self.policy.prune) {
             return bad(
