@@ -131,6 +131,8 @@ pub struct Storage {
     pub restored: std::collections::BTreeSet<String>,
     /// Restored weights stored as f16 (else fp32).
     pub restored_f16: bool,
+    /// Weights narrowed below `bits` one at a time (the per-tensor step).
+    pub bits_of: BTreeMap<String, u8>,
 }
 
 impl Storage {
@@ -257,6 +259,11 @@ fn run_cases(
 fn zstd_len(b: &[u8]) -> usize {
     zstd::bulk::compress(b, 19).map_or(b.len(), |v| v.len())
 }
+
+/// Per-weight narrowing runs only for models with at most this many int8 weights
+/// (Silero: 6-8; ppocr cls: 49 and PP-OCRv4 rec: 40 skip it), bounding it to
+/// 4 candidates per weight.
+const PER_WEIGHT_NARROWING_MAX: usize = 16;
 
 /// One candidate built and run: ONNX bytes, its runner, its outputs per case, its
 /// accuracy against the reference, and the passes' statistics.
@@ -590,6 +597,7 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
                 keep_f32: st.restored.clone(),
                 restore_f16: st.restored_f16,
                 bits: st.bits,
+                bits_of: st.bits_of.clone(),
             })),
             Quantize::F16 => ps.push(Box::new(passes::F16Weights {
                 keep_f32: st.restored.clone(),
@@ -685,15 +693,41 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         else {
             return Ok(());
         };
-        let base = candidates[best].storage.clone();
+        let mut base = candidates[best].storage.clone();
         for bits in (4..base.bits).rev() {
             pb.inc_length(full.len() as u64);
             let st = Storage {
                 bits,
                 ..base.clone()
             };
-            if !evaluate(mode, st, candidates, built)? {
+            if !evaluate(mode, st.clone(), candidates, built)? {
                 break;
+            }
+            base = st;
+        }
+        // Then per weight, for models with few int8 weights (bounded: at most
+        // 4 candidates per weight, 16 weights): least damaged first (relative
+        // int8 error), each narrowed while the gate holds, keeping what passed.
+        let ranking = passes::int8_sensitivity(&m, path)?;
+        let int8: Vec<&String> = ranking
+            .iter()
+            .rev()
+            .map(|r| &r.0)
+            .filter(|w| !base.restored.contains(*w))
+            .collect();
+        // One weight: the global step already tried it.
+        if int8.len() < 2 || int8.len() > PER_WEIGHT_NARROWING_MAX {
+            return Ok(());
+        }
+        for w in int8 {
+            for bits in (4..base.bits).rev() {
+                pb.inc_length(full.len() as u64);
+                let mut st = base.clone();
+                st.bits_of.insert(w.clone(), bits);
+                if !evaluate(mode, st.clone(), candidates, built)? {
+                    break;
+                }
+                base = st;
             }
         }
         Ok(())

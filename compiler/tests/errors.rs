@@ -376,3 +376,79 @@ fn tiny_spread(dir: &std::path::Path) -> std::path::PathBuf {
         &common::tiny_matmul(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5),
     )
 }
+
+#[test]
+fn per_weight_narrowing_narrows_the_tolerant_weight_only() {
+    // y = (x @ A) @ B: A spread over -0.5..0.5 (every level step shows), B the
+    // identity (0 and 1 are exact at any bit width).
+    let a: Vec<f32> = (0..64 * 64)
+        .map(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5)
+        .collect();
+    let b: Vec<f32> = (0..64 * 64)
+        .map(|i| if i / 64 == i % 64 { 1.0 } else { 0.0 })
+        .collect();
+    let node = |name: &str, inputs: [&str; 2], output: &str| pb::NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: name.into(),
+        op_type: "MatMul".into(),
+        ..Default::default()
+    };
+    let m = common::model(
+        vec![node("mm_a", ["x", "A"], "h"), node("mm_b", ["h", "B"], "y")],
+        vec![
+            edgefleet_compiler::onnx::f32_tensor("A", &[64, 64], &a),
+            edgefleet_compiler::onnx::f32_tensor("B", &[64, 64], &b),
+        ],
+        ("x", &[1, 64]),
+        &[("y", &[1, 64])],
+        vec![],
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = common::write_model(dir.path(), "two.onnx", &m);
+    // Measure the 8-bit and 7-bit errors with a loose gate, then gate between them.
+    let mut t = common::profile("rpi4");
+    t.gate.max_abs_error = 1e9;
+    t.gate.min_cosine = 0.0;
+    let c = edgefleet_compiler::build(&opts(&p), &t).expect("loose");
+    let (eight, seven) = (
+        c.report.candidates[0].accuracy.max_abs_error,
+        c.report.candidates[1].accuracy.max_abs_error,
+    );
+    assert!(seven > eight, "{seven} vs {eight}");
+    t.gate.max_abs_error = ((eight + seven) / 2.0) as f32;
+    let c = edgefleet_compiler::build(&opts(&p), &t).expect("tight");
+    let r = &c.report;
+    let tried: Vec<(u8, Vec<(&str, u8)>, bool)> = r
+        .candidates
+        .iter()
+        .map(|c| {
+            (
+                c.storage.bits,
+                c.storage
+                    .bits_of
+                    .iter()
+                    .map(|(n, b)| (n.as_str(), *b))
+                    .collect(),
+                c.gate == "pass",
+            )
+        })
+        .collect();
+    // 8 passes, 7 (both) fails; then B alone down to 4 bits (exact: passes),
+    // and A at 7 (with B at 4) fails and stops the step.
+    assert_eq!(
+        tried,
+        vec![
+            (8, vec![], true),
+            (7, vec![], false),
+            (8, vec![("B", 7)], true),
+            (8, vec![("B", 6)], true),
+            (8, vec![("B", 5)], true),
+            (8, vec![("B", 4)], true),
+            (8, vec![("A", 7), ("B", 4)], false),
+        ]
+    );
+    // B's two values (0 and the top level) compress the same at any width:
+    // the tie keeps the first, least narrowed candidate.
+    assert_eq!(r.chosen, 0);
+}

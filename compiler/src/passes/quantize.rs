@@ -32,6 +32,20 @@ pub struct Int8Weights {
     /// Bits of levels, 2..=8: q in `-(2^(bits-1) - 1)..=2^(bits-1) - 1` (8: -127..=127),
     /// scale `max|w_c| / (2^(bits-1) - 1)`; still stored as int8. 0 means 8.
     pub bits: u8,
+    /// Per-weight bits overriding `bits` (the per-tensor narrowing step).
+    pub bits_of: std::collections::BTreeMap<String, u8>,
+}
+
+/// `, narrower: NAME b-bit, ...` for the report, or nothing.
+fn narrower(bits_of: &std::collections::BTreeMap<String, u8>) -> String {
+    if bits_of.is_empty() {
+        return String::new();
+    }
+    let v: Vec<String> = bits_of
+        .iter()
+        .map(|(n, b)| format!("{n} {b}-bit"))
+        .collect();
+    format!(", narrower: {}", v.join(", "))
 }
 
 /// Largest level for `bits` (8 -> 127, 7 -> 63, ..., 2 -> 1); 0 or out of range -> 127.
@@ -111,6 +125,9 @@ impl Pass for Int8Weights {
         if (2..8).contains(&self.bits) {
             args.push(format!("{}-bit levels", self.bits));
         }
+        if !self.bits_of.is_empty() {
+            args.push(format!("{} weights narrower", self.bits_of.len()));
+        }
         if !self.keep_f32.is_empty() {
             args.push(format!(
                 "keep {} {}",
@@ -141,7 +158,8 @@ impl Pass for Int8Weights {
             };
             let dims: Vec<usize> = g.initializer[i].dims.iter().map(|&d| d as usize).collect();
             let axis = w.channel_axis;
-            let (q, scales) = quantize_levels(&v, &dims, axis, qmax(self.bits));
+            let bits = self.bits_of.get(&w.name).copied().unwrap_or(self.bits);
+            let (q, scales) = quantize_levels(&v, &dims, axis, qmax(bits));
             let base = w.name.clone();
             let (qn, cn, sn) = (
                 format!("{base}::q8"),
@@ -193,13 +211,15 @@ impl Pass for Int8Weights {
             elements,
             detail: if self.keep_f32.is_empty() {
                 format!(
-                    "{tensors} weight tensors ({elements} values) stored as int8 (levels +-{})",
-                    qmax(self.bits)
+                    "{tensors} weight tensors ({elements} values) stored as int8 (levels +-{}){}",
+                    qmax(self.bits),
+                    narrower(&self.bits_of)
                 )
             } else {
                 format!(
-                    "{tensors} weight tensors ({elements} values) stored as int8 (levels +-{}); restored to {} by the accuracy fallback: {}",
+                    "{tensors} weight tensors ({elements} values) stored as int8 (levels +-{}){}; restored to {} by the accuracy fallback: {}",
                     qmax(self.bits),
+                    narrower(&self.bits_of),
                     if self.restore_f16 { "f16" } else { "fp32" },
                     self.keep_f32.iter().cloned().collect::<Vec<_>>().join(", ")
                 )
