@@ -386,6 +386,23 @@ mod tests {
         }
     }
 
+    /// Opens the store again after a simulated restart. sled's flusher thread
+    /// can hold the directory lock for a moment after the last handle drops
+    /// (a real restart is a new process); retry for up to 5 s.
+    fn reopen(path: &std::path::Path, cfg: OutboxConfig) -> Outbox {
+        let t0 = std::time::Instant::now();
+        loop {
+            match Outbox::open_path(path, cfg) {
+                Ok(o) => return o,
+                Err(e) if t0.elapsed() < std::time::Duration::from_secs(5) => {
+                    assert!(e.to_string().contains("open"), "{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen after 5 s: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn seq_order_ack_and_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -403,7 +420,7 @@ mod tests {
             assert!(o.is_empty());
             o.flush().unwrap();
         }
-        let o = Outbox::open_path(dir.path(), cfg).unwrap();
+        let o = reopen(dir.path(), cfg);
         assert_eq!(
             o.next_seq(),
             6,
@@ -433,7 +450,7 @@ mod tests {
                 vec![0, 1, 2]
             );
         }
-        let o = Outbox::open_path(dir.path(), cfg).unwrap();
+        let o = reopen(dir.path(), cfg);
         assert_eq!((o.len(), o.dropped()), (3, 2));
         o.append(rec(0)).unwrap();
         let p = o.peek(10).unwrap();
