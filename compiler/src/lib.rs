@@ -673,6 +673,9 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         built.push((bytes, outs, verdict.err()));
         Ok(pass)
     };
+    // Weights by relative int8 error (static, no model runs): the fallback's
+    // tie-break order and the per-weight narrowing order, computed once.
+    let by_error = passes::int8_sensitivity(&m, path)?;
     // Design: narrowing. Once an int8 candidate passes, the smallest passing
     // one is tried again with fewer int8 levels (7, 6, 5, 4 bits: q in
     // -63..=63, ..., -7..=7, the same per-channel symmetric scales, still int8
@@ -709,8 +712,7 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         // Then per weight, for models with few int8 weights (bounded: at most
         // 4 candidates per weight, 16 weights): least damaged first (relative
         // int8 error), each narrowed while the gate holds, keeping what passed.
-        let ranking = passes::int8_sensitivity(&m, path)?;
-        let int8: Vec<&String> = ranking
+        let int8: Vec<&String> = by_error
             .iter()
             .rev()
             .map(|r| &r.0)
@@ -751,9 +753,8 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         // 2 * (log2(weights) + 4) extra candidates, after one sensitivity run
         // per weight; if every level fails (e.g. pruning broke the model) the
         // first failure is reported.
-        let by_error = passes::int8_sensitivity(&m, path)?;
         pb.inc_length((by_error.len() * full.len()) as u64);
-        let ranking = measured_sensitivity(by_error, |keep| {
+        let ranking = measured_sensitivity(by_error.clone(), |keep| {
             let st = Storage {
                 restored: keep.clone(),
                 ..Storage::int8()
