@@ -8,7 +8,7 @@ mod structured;
 
 pub use fold_bn::FoldBatchNorm;
 pub use prune::MagnitudePrune;
-pub use quantize::{int8_sensitivity, F16Weights, Int8Weights};
+pub use quantize::{int8_sensitivity, F16Weights, Int8Weights, Restore};
 pub use structured::{PrunedPair, StructuredPrune};
 
 use std::path::Path;

@@ -22,30 +22,56 @@ use crate::Error;
 /// Weights smaller than this stay f32 (the Cast/Mul pair would cost more than it saves).
 pub const MIN_ELEMS: usize = 128;
 
+/// How the accuracy fallback stores the weights it takes off the int8 grid.
+/// Compute is fp32 in every case; these differ in bytes and rounding error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restore {
+    /// fp32, as in the original (4 bytes a value).
+    #[default]
+    F32,
+    /// IEEE 754 binary16 read through `Cast(to=float)`: relative error <= 2^-11,
+    /// 2 bytes a value (~15 bits after zstd for trained weights).
+    F16,
+    /// Two-stage residual quantization (the scalar case of multistage / residual
+    /// quantization, Juang & Gray, ICASSP 1982): the int8 grid `q1 = round(w / s1)`,
+    /// `s1 = max|w_c| / 127`, plus an int8 residual `q2 = round((w - q1 s1) / s2)`
+    /// in `-levels..=levels`, `s2 = s1 / (2 levels)`; read as
+    /// `Cast(q1) * s1 + Cast(q2) * s2`. Max error `s1 / (4 levels)` (int8 alone:
+    /// `s1 / 2`); 2 bytes a value stored, but both planes are small integers that
+    /// zstd codes in about `log2(2 levels + 1)` bits more than int8 alone
+    /// (silero_vad LSTM weights at 7 levels: 9.0 bits a value vs f16's 14.8).
+    Int8Residual {
+        /// Residual levels each side of zero, 1..=127.
+        levels: u8,
+    },
+}
+
+impl std::fmt::Display for Restore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Restore::F32 => f.write_str("fp32"),
+            Restore::F16 => f.write_str("f16"),
+            Restore::Int8Residual { levels } => write!(f, "int8+residual(+-{levels})"),
+        }
+    }
+}
+
 /// int8 per-channel symmetric weight storage, read through Cast + Mul(scale).
 #[derive(Debug, Clone, Default)]
 pub struct Int8Weights {
     /// Weights the accuracy fallback restores to higher precision (the most sensitive ones).
     pub keep_f32: BTreeSet<String>,
-    /// Store the restored weights as f16 (read through Cast, fp32 compute) instead of fp32.
-    pub restore_f16: bool,
+    /// How the restored weights are stored (read as fp32 either way).
+    pub restore: Restore,
     /// Bits of levels, 2..=8: q in `-(2^(bits-1) - 1)..=2^(bits-1) - 1` (8: -127..=127),
     /// scale `max|w_c| / (2^(bits-1) - 1)`; still stored as int8. 0 means 8.
     pub bits: u8,
     /// Per-weight bits overriding `bits` (the per-tensor narrowing step).
     pub bits_of: std::collections::BTreeMap<String, u8>,
-}
-
-/// `, narrower: NAME b-bit, ...` for the report, or nothing.
-fn narrower(bits_of: &std::collections::BTreeMap<String, u8>) -> String {
-    if bits_of.is_empty() {
-        return String::new();
-    }
-    let v: Vec<String> = bits_of
-        .iter()
-        .map(|(n, b)| format!("{n} {b}-bit"))
-        .collect();
-    format!(", narrower: {}", v.join(", "))
+    /// Per-weight residual levels overriding those of `restore` (restored
+    /// weights only, when `restore` is [`Restore::Int8Residual`]).
+    pub residual_of: std::collections::BTreeMap<String, u8>,
 }
 
 /// Largest level for `bits` (8 -> 127, 7 -> 63, ..., 2 -> 1); 0 or out of range -> 127.
@@ -88,6 +114,80 @@ fn quantize_levels(v: &[f32], dims: &[usize], axis: usize, qmax: f32) -> (Vec<i8
     (q, scales)
 }
 
+/// [`Restore::Int8Residual`]: `(q1, s1, q2, s2)` with `q1, s1` the 8-bit grid of
+/// [`quantize_i8`] and `q2 = round((w - q1 s1) / s2)` in `-levels..=levels`,
+/// `s2 = s1 / (2 levels)` (the first stage's error is at most `s1 / 2`).
+fn quantize_residual(
+    v: &[f32],
+    dims: &[usize],
+    axis: usize,
+    levels: u8,
+) -> (Vec<i8>, Vec<f32>, Vec<i8>, Vec<f32>) {
+    let levels = levels.clamp(1, 127);
+    let (q1, s1) = quantize_i8(v, dims, axis);
+    let s2: Vec<f32> = s1.iter().map(|s| s / (2.0 * f32::from(levels))).collect();
+    let inner: usize = dims[axis + 1..].iter().product();
+    let r = f32::from(levels);
+    let q2 = v
+        .iter()
+        .zip(&q1)
+        .enumerate()
+        .map(|(k, (x, q))| {
+            let c = (k / inner) % s1.len();
+            ((x - f32::from(*q) * s1[c]) / s2[c]).round().clamp(-r, r) as i8
+        })
+        .collect();
+    (q1, s1, q2, s2)
+}
+
+/// The initializers and nodes that read int8 `q` (dims `dims`) with per-channel
+/// `scales` (channels on `axis`) as f32 into `out`: `{base}::{tag}` (int8),
+/// `{base}::{tag}_scale` (f32, `[C, 1, ..., 1]` so that it broadcasts along
+/// `axis`) and `Cast(to=float) -> Mul`.
+fn int8_read(
+    base: &str,
+    tag: &str,
+    out: &str,
+    dims: &[usize],
+    axis: usize,
+    q: &[i8],
+    scales: &[f32],
+) -> (pb::TensorProto, pb::TensorProto, [pb::NodeProto; 2]) {
+    let (qn, cn, sn) = (
+        format!("{base}::{tag}"),
+        format!("{base}::{tag}f"),
+        format!("{base}::{tag}_scale"),
+    );
+    let idims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+    let mut sdims = vec![dims[axis] as i64];
+    sdims.extend(std::iter::repeat_n(1, dims.len() - axis - 1));
+    let cast = pb::NodeProto {
+        input: vec![qn.clone()],
+        output: vec![cn.clone()],
+        name: format!("{base}::{tag}_cast"),
+        op_type: "Cast".into(),
+        attribute: vec![pb::AttributeProto {
+            name: "to".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: pb::tensor_proto::DataType::Float as i64,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mul = pb::NodeProto {
+        input: vec![cn, sn.clone()],
+        output: vec![out.to_string()],
+        name: format!("{base}::{tag}_dequantize"),
+        op_type: "Mul".into(),
+        ..Default::default()
+    };
+    (
+        i8_tensor(&qn, &idims, q),
+        crate::onnx::f32_tensor(&sn, &sdims, scales),
+        [cast, mul],
+    )
+}
+
 /// Quantizable weights with their relative int8 error `||w - dq(q(w))|| / ||w||`,
 /// most damaged first: the order in which the accuracy fallback restores fp32.
 ///
@@ -119,21 +219,36 @@ pub fn int8_sensitivity(m: &pb::ModelProto, path: &Path) -> Result<Vec<(String, 
     Ok(out)
 }
 
+impl Int8Weights {
+    /// `, narrower: NAME b-bit, NAME residual +-L, ...` for the report, or nothing.
+    fn narrower(&self) -> String {
+        let v: Vec<String> = (self.bits_of.iter().map(|(n, b)| format!("{n} {b}-bit")))
+            .chain(
+                self.residual_of
+                    .iter()
+                    .map(|(n, l)| format!("{n} residual +-{l}")),
+            )
+            .collect();
+        if v.is_empty() {
+            String::new()
+        } else {
+            format!(", narrower: {}", v.join(", "))
+        }
+    }
+}
+
 impl Pass for Int8Weights {
     fn name(&self) -> String {
         let mut args = Vec::new();
         if (2..8).contains(&self.bits) {
             args.push(format!("{}-bit levels", self.bits));
         }
-        if !self.bits_of.is_empty() {
-            args.push(format!("{} weights narrower", self.bits_of.len()));
+        let narrowed = self.bits_of.len() + self.residual_of.len();
+        if narrowed > 0 {
+            args.push(format!("{narrowed} weights narrower"));
         }
         if !self.keep_f32.is_empty() {
-            args.push(format!(
-                "keep {} {}",
-                self.keep_f32.len(),
-                if self.restore_f16 { "f16" } else { "fp32" }
-            ));
+            args.push(format!("keep {} {}", self.keep_f32.len(), self.restore));
         }
         if args.is_empty() {
             "int8-weights".into()
@@ -142,14 +257,22 @@ impl Pass for Int8Weights {
         }
     }
     fn contract(&self) -> &'static str {
-        "each Conv/Gemm/MatMul/LSTM weight (also when read through Slice/Concat/Reshape-like ops) with >= 128 elements, except those the accuracy fallback restores (to f16 storage, else fp32), becomes int8 q = round(w / s_c), s_c = max|w_c| / qmax per output channel (qmax = 127, or 63/31/15/7 where the narrowing step keeps the gate), read through Cast(to=float) -> Mul(s_c); no activation is quantized"
+        "each Conv/Gemm/MatMul/LSTM weight (also when read through Slice/Concat/Reshape-like ops) with >= 128 elements, except those the accuracy fallback restores (to int8 + an int8 residual, f16 or fp32 storage), becomes int8 q = round(w / s_c), s_c = max|w_c| / qmax per output channel (qmax = 127, or 63/31/15/7 where the narrowing step keeps the gate), read through Cast(to=float) -> Mul(s_c); no activation is quantized"
     }
     fn run(&self, m: &mut pb::ModelProto, path: &Path) -> Result<PassStats, Error> {
         let ws = weights(m, MIN_ELEMS, true);
         let g = graph_mut(m);
         let mut dq_nodes = Vec::new();
         let (mut tensors, mut elements) = (0, 0);
-        for w in ws.iter().filter(|w| !self.keep_f32.contains(&w.name)) {
+        for w in &ws {
+            // None: the int8 grid; Some(levels): restored as int8 + residual.
+            let residual = match (self.keep_f32.contains(&w.name), self.restore) {
+                (false, _) => None,
+                (true, Restore::Int8Residual { levels }) => {
+                    Some(self.residual_of.get(&w.name).copied().unwrap_or(levels))
+                }
+                (true, Restore::F32 | Restore::F16) => continue,
+            };
             let Some(i) = g.initializer.iter().position(|t| t.name == w.name) else {
                 continue;
             };
@@ -157,48 +280,39 @@ impl Pass for Int8Weights {
                 continue;
             };
             let dims: Vec<usize> = g.initializer[i].dims.iter().map(|&d| d as usize).collect();
-            let axis = w.channel_axis;
-            let bits = self.bits_of.get(&w.name).copied().unwrap_or(self.bits);
-            let (q, scales) = quantize_levels(&v, &dims, axis, qmax(bits));
-            let base = w.name.clone();
-            let (qn, cn, sn) = (
-                format!("{base}::q8"),
-                format!("{base}::q8f"),
-                format!("{base}::scale"),
-            );
-            let idims = g.initializer[i].dims.clone();
-            g.initializer[i] = i8_tensor(&qn, &idims, &q);
-            // Scale shaped [C, 1, ..., 1] so that it broadcasts along `axis`.
-            let mut sdims = vec![dims[axis] as i64];
-            sdims.extend(std::iter::repeat_n(1, dims.len() - axis - 1));
-            g.initializer
-                .push(crate::onnx::f32_tensor(&sn, &sdims, &scales));
-            dq_nodes.push(pb::NodeProto {
-                input: vec![qn],
-                output: vec![cn.clone()],
-                name: format!("{base}::cast"),
-                op_type: "Cast".into(),
-                attribute: vec![pb::AttributeProto {
-                    name: "to".into(),
-                    r#type: pb::attribute_proto::AttributeType::Int as i32,
-                    i: pb::tensor_proto::DataType::Float as i64,
+            let (axis, base) = (w.channel_axis, &w.name);
+            if let Some(levels) = residual {
+                let (q1, s1, q2, s2) = quantize_residual(&v, &dims, axis, levels);
+                let (hi, lo) = (format!("{base}::hi"), format!("{base}::lo"));
+                let (qt, st, nodes) = int8_read(base, "q8", &hi, &dims, axis, &q1, &s1);
+                g.initializer[i] = qt;
+                g.initializer.push(st);
+                dq_nodes.extend(nodes);
+                let (rt, rst, nodes) = int8_read(base, "r8", &lo, &dims, axis, &q2, &s2);
+                g.initializer.push(rt);
+                g.initializer.push(rst);
+                dq_nodes.extend(nodes);
+                dq_nodes.push(pb::NodeProto {
+                    input: vec![hi, lo],
+                    output: vec![base.clone()],
+                    name: format!("{base}::residual_add"),
+                    op_type: "Add".into(),
                     ..Default::default()
-                }],
-                ..Default::default()
-            });
-            dq_nodes.push(pb::NodeProto {
-                input: vec![cn, sn],
-                output: vec![base.clone()],
-                name: format!("{base}::dequantize"),
-                op_type: "Mul".into(),
-                ..Default::default()
-            });
+                });
+            } else {
+                let bits = self.bits_of.get(base).copied().unwrap_or(self.bits);
+                let (q, scales) = quantize_levels(&v, &dims, axis, qmax(bits));
+                let (qt, st, nodes) = int8_read(base, "q8", base, &dims, axis, &q, &scales);
+                g.initializer[i] = qt;
+                g.initializer.push(st);
+                dq_nodes.extend(nodes);
+            }
             tensors += 1;
             elements += v.len();
         }
         dq_nodes.append(&mut g.node);
         g.node = dq_nodes;
-        if self.restore_f16 && !self.keep_f32.is_empty() {
+        if self.restore == Restore::F16 && !self.keep_f32.is_empty() {
             let mut keep: BTreeSet<String> = ws.iter().map(|w| w.name.clone()).collect();
             keep.retain(|n| !self.keep_f32.contains(n));
             F16Weights { keep_f32: keep }.run(m, path)?;
@@ -213,14 +327,14 @@ impl Pass for Int8Weights {
                 format!(
                     "{tensors} weight tensors ({elements} values) stored as int8 (levels +-{}){}",
                     qmax(self.bits),
-                    narrower(&self.bits_of)
+                    self.narrower()
                 )
             } else {
                 format!(
                     "{tensors} weight tensors ({elements} values) stored as int8 (levels +-{}){}; restored to {} by the accuracy fallback: {}",
                     qmax(self.bits),
-                    narrower(&self.bits_of),
-                    if self.restore_f16 { "f16" } else { "fp32" },
+                    self.narrower(),
+                    self.restore,
                     self.keep_f32.iter().cloned().collect::<Vec<_>>().join(", ")
                 )
             },
@@ -296,5 +410,37 @@ impl Pass for F16Weights {
             detail: format!("{tensors} weight tensors ({elements} values) stored as f16"),
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn residual_error_is_within_a_quarter_step_over_levels() {
+        // [2 channels, 64]: one narrow channel, one with an outlier.
+        let v: Vec<f32> = (0..128)
+            .map(|k| {
+                let x = ((k * 37 % 101) as f32 / 50.0) - 1.0;
+                if k < 64 {
+                    x * 0.01
+                } else if k == 100 {
+                    3.0
+                } else {
+                    x
+                }
+            })
+            .collect();
+        for levels in [1u8, 3, 7, 15, 127] {
+            let (q1, s1, q2, s2) = quantize_residual(&v, &[2, 64], 0, levels);
+            for (k, x) in v.iter().enumerate() {
+                let c = k / 64;
+                let w = f32::from(q1[k]) * s1[c] + f32::from(q2[k]) * s2[c];
+                let bound = s1[c] / (4.0 * f32::from(levels)) * 1.001;
+                assert!((w - x).abs() <= bound, "levels {levels} k {k}: {w} vs {x}");
+                assert!(q2[k].unsigned_abs() <= levels);
+            }
+        }
     }
 }
