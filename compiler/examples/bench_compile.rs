@@ -193,7 +193,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .files
                     .iter()
                     .map(|(name, data)| {
-                        let z = zstd::bulk::compress(data, 19).map_or(0, |z| z.len());
+                        let z = edgefleet_bundle::archive::compress_frame(data, 19)
+                            .map_or(0, |z| z.len());
                         format!("{name} {} -> {z}", data.len())
                     })
                     .collect();

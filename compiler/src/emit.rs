@@ -30,10 +30,6 @@ pub struct FormatChoice {
     pub nnef_load_ms: Option<f64>,
 }
 
-fn zlen(b: &[u8]) -> usize {
-    zstd::bulk::compress(b, 19).map_or(b.len(), |v| v.len())
-}
-
 /// Writes the compiled ONNX as NNEF, reloads it and compares outputs bit for bit.
 ///
 /// # Errors
@@ -49,7 +45,7 @@ pub fn choose_format(
     let onnx_runner = Runner::onnx(onnx, &format!("{} (compiled)", path.display()))?;
     let onnx_load_ms = t.elapsed().as_secs_f64() * 1e3;
     drop(onnx_runner);
-    let onnx_z = zlen(onnx);
+    let onnx_z = crate::zstd_len(onnx);
     let mut choice = FormatChoice {
         format: ModelFormat::Onnx,
         reason: "NNEF not tried".into(),
@@ -87,7 +83,7 @@ pub fn choose_format(
         }
     };
     choice.nnef_load_ms = Some(t.elapsed().as_secs_f64() * 1e3);
-    let nz = zlen(&nnef);
+    let nz = crate::zstd_len(&nnef);
     choice.nnef_zstd_bytes = Some(nz);
     for (c, want) in cases.iter().zip(expected) {
         let same = reloaded.run(c).map(|got| {

@@ -259,8 +259,10 @@ fn run_cases(
     Ok(out)
 }
 
-fn zstd_len(b: &[u8]) -> usize {
-    zstd::bulk::compress(b, 19).map_or(b.len(), |v| v.len())
+/// Bytes of `b` compressed as a bundle body is (zstd 19,
+/// [`edgefleet_bundle::archive::compress_frame`]): what candidates are ranked by.
+pub(crate) fn zstd_len(b: &[u8]) -> usize {
+    edgefleet_bundle::archive::compress_frame(b, 19).map_or(b.len(), |v| v.len())
 }
 
 /// Per-weight narrowing runs only for models with at most this many int8 weights
