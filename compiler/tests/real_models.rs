@@ -209,7 +209,7 @@ fn every_model_compiles_for_every_target_and_matches_onnxruntime() {
                 t_group.elapsed().as_secs_f64()
             );
             summary.push(format!(
-                "{model:<38} {:<40} {:?} {:>9} B  restored {:<9} max_abs {:.5} cos {:.6}  vs ORT: {}",
+                "{model:<38} {:<40} {:?} {:>9} B  restored {:<20} max_abs {:.5} cos {:.6}  vs ORT: {}",
                 group
                     .iter()
                     .map(|t| t.id.as_str())
@@ -217,10 +217,11 @@ fn every_model_compiles_for_every_target_and_matches_onnxruntime() {
                     .join(","),
                 c.spec.format,
                 c.model_bytes.len(),
-                cand.passes
-                    .iter()
-                    .find_map(|p| p.pass.split("keep ").nth(1).map(|k| k.trim_end_matches(" fp32)").to_string()))
-                    .unwrap_or_else(|| "0".into()),
+                if cand.storage.restored.is_empty() {
+                    "0".to_string()
+                } else {
+                    format!("{} {}", cand.storage.restored.len(), cand.storage.restored_as)
+                },
                 cand.accuracy.max_abs_error,
                 cand.accuracy.mean_cosine,
                 ort_acc.map_or("skipped".into(), |a| format!(
