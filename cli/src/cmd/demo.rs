@@ -426,15 +426,22 @@ fn spawn(exe: &Path, d: &mut Device) -> anyhow::Result<()> {
 }
 
 fn plan_devices(n: usize, dir: &Path) -> anyhow::Result<Vec<Device>> {
-    // Half the fleet runs VAD, a third OCR cls, the rest OCR det; targets alternate.
-    let n_vad = n / 2;
-    let n_cls = n / 3;
+    // Half the fleet runs VAD, a third OCR cls, the rest OCR det; targets
+    // alternate; every group gets at least one device per target (each
+    // (group, target) pair is rolled out, and a rollout must select a device).
+    let per_pair = TARGETS.len();
+    let n_cls = (n / 3).max(per_pair);
+    let n_det = (n - n / 2 - n / 3).max(per_pair);
+    let n_vad = n.saturating_sub(n_cls + n_det);
+    if n_vad < per_pair {
+        bail!("--agents {n} leaves fewer than {per_pair} VAD devices");
+    }
     let mut out = Vec::new();
     for (gi, g) in GROUPS.iter().enumerate() {
         let count = match gi {
             0 => n_vad,
             1 => n_cls,
-            _ => n - n_vad - n_cls,
+            _ => n_det,
         };
         for i in 0..count {
             let target = TARGETS[i % 2];
