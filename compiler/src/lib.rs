@@ -146,6 +146,23 @@ impl Storage {
             ..Default::default()
         }
     }
+
+    /// ` narrowed=NAME:6_bit,NAME:residual_2` for the gate's candidate
+    /// description (the per-weight steps), or nothing.
+    fn narrowed_weights(&self) -> String {
+        let v: Vec<String> = (self.bits_of.iter().map(|(n, b)| format!("{n}:{b}_bit")))
+            .chain(
+                self.residual_of
+                    .iter()
+                    .map(|(n, l)| format!("{n}:residual_{l}")),
+            )
+            .collect();
+        if v.is_empty() {
+            String::new()
+        } else {
+            format!(" narrowed={}", v.join(","))
+        }
+    }
 }
 
 /// The compile report (`compile_report.json`).
@@ -633,7 +650,7 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
             &target.gate,
             &target.id,
             &format!(
-                "candidate quantize={mode} prune={prune}{}{}{}",
+                "candidate quantize={mode} prune={prune}{}{}{}{}",
                 if prune_structured > 0.0 {
                     format!(" prune_structured={prune_structured}")
                 } else {
@@ -648,7 +665,8 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
                     format!(" int8_levels={}_bit", st.bits)
                 } else {
                     String::new()
-                }
+                },
+                st.narrowed_weights()
             ),
         );
         let pass = verdict.is_ok();
