@@ -147,20 +147,14 @@ impl Storage {
         }
     }
 
-    /// ` narrowed=NAME:6_bit,NAME:residual_2` for the gate's candidate
+    /// ` narrowed=[NAME 6-bit, NAME residual +-2]` for the gate's candidate
     /// description (the per-weight steps), or nothing.
     fn narrowed_weights(&self) -> String {
-        let v: Vec<String> = (self.bits_of.iter().map(|(n, b)| format!("{n}:{b}_bit")))
-            .chain(
-                self.residual_of
-                    .iter()
-                    .map(|(n, l)| format!("{n}:residual_{l}")),
-            )
-            .collect();
+        let v = passes::narrowed_labels(&self.bits_of, &self.residual_of);
         if v.is_empty() {
             String::new()
         } else {
-            format!(" narrowed={}", v.join(","))
+            format!(" narrowed=[{}]", v.join(", "))
         }
     }
 }
@@ -729,49 +723,47 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
             }
             base = st;
         }
-        // Then per weight, for models with few int8 weights (bounded: at most
-        // 4 candidates per weight, 16 weights): least damaged first (relative
-        // int8 error), each narrowed while the gate holds, keeping what passed.
-        let int8: Vec<&String> = by_error
-            .iter()
-            .rev()
-            .map(|r| &r.0)
-            .filter(|w| !base.restored.contains(*w))
-            .collect();
-        // One weight: the global step already tried it.
+        // Then per weight, least damaged first (relative int8 error), each
+        // narrowed while the gate holds, keeping what passed (bounded: at most
+        // 4 candidates per weight, 16 weights of each kind):
+        // - int8 weights, to fewer bits (one weight: the global step tried it);
+        // - weights restored as int8 + residual, to 5, 3, 2, 1 residual levels
+        //   below the global step's: the gate's error budget goes to the
+        //   weights that need it.
+        type Map = fn(&mut Storage) -> &mut BTreeMap<String, u8>;
+        let mut plan: Vec<(&String, Vec<u8>, Map)> = Vec::new();
+        let least_damaged_first = |restored: bool| -> Vec<&String> {
+            by_error
+                .iter()
+                .rev()
+                .map(|r| &r.0)
+                .filter(|w| base.restored.contains(*w) == restored)
+                .collect()
+        };
+        let int8 = least_damaged_first(false);
         if (2..=PER_WEIGHT_NARROWING_MAX).contains(&int8.len()) {
-            for w in int8 {
-                for bits in (4..base.bits).rev() {
-                    pb.inc_length(full.len() as u64);
-                    let mut st = base.clone();
-                    st.bits_of.insert(w.clone(), bits);
-                    if !evaluate(mode, st.clone(), candidates, built)? {
-                        break;
-                    }
-                    base = st;
-                }
+            let bits: Vec<u8> = (4..base.bits).rev().collect();
+            plan.extend(
+                int8.into_iter()
+                    .map(|w| (w, bits.clone(), (|s| &mut s.bits_of) as Map)),
+            );
+        }
+        if let passes::Restore::Int8Residual { levels } = base.restored_as {
+            let restored = least_damaged_first(true);
+            if restored.len() <= PER_WEIGHT_NARROWING_MAX {
+                let steps: Vec<u8> = [5u8, 3, 2, 1].into_iter().filter(|&l| l < levels).collect();
+                plan.extend(
+                    restored
+                        .into_iter()
+                        .map(|w| (w, steps.clone(), (|s| &mut s.residual_of) as Map)),
+                );
             }
         }
-        // The same per weight for the residual levels of weights restored as
-        // int8 + residual (5, 3, 2, 1 levels below the global step's), least
-        // damaged first: the gate's error budget goes to the weights that need it.
-        let passes::Restore::Int8Residual { levels } = base.restored_as else {
-            return Ok(());
-        };
-        let restored: Vec<&String> = by_error
-            .iter()
-            .rev()
-            .map(|r| &r.0)
-            .filter(|w| base.restored.contains(*w))
-            .collect();
-        if restored.len() > PER_WEIGHT_NARROWING_MAX {
-            return Ok(());
-        }
-        for w in restored {
-            for l in [5u8, 3, 2, 1].into_iter().filter(|&l| l < levels) {
+        for (w, steps, map) in plan {
+            for v in steps {
                 pb.inc_length(full.len() as u64);
                 let mut st = base.clone();
-                st.residual_of.insert(w.clone(), l);
+                map(&mut st).insert(w.clone(), v);
                 if !evaluate(mode, st.clone(), candidates, built)? {
                     break;
                 }

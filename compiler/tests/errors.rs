@@ -474,7 +474,7 @@ fn per_weight_narrowing_narrows_the_tolerant_weight_only() {
     );
     // The failing step's gate message names the narrowed weights.
     let last = &r.candidates[r.candidates.len() - 1].gate;
-    assert!(last.contains("narrowed=A:7_bit,B:4_bit"), "{last}");
+    assert!(last.contains("narrowed=[A 7-bit, B 4-bit]"), "{last}");
     // B's two values (0 and the top level) compress the same at any width:
     // the tie keeps the first, least narrowed candidate.
     assert_eq!(r.chosen, 0);

@@ -8,6 +8,7 @@ mod structured;
 
 pub use fold_bn::FoldBatchNorm;
 pub use prune::MagnitudePrune;
+pub(crate) use quantize::narrowed_labels;
 pub use quantize::{int8_sensitivity, F16Weights, Int8Weights, Restore};
 pub use structured::{PrunedPair, StructuredPrune};
 

@@ -9,7 +9,7 @@
 //! unit axis: PP-OCRv4 rec failed typing that way). Cast and Mul mean the same
 //! in every opset the models use, and tract folds both at load.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use tract_onnx::pb;
@@ -68,10 +68,10 @@ pub struct Int8Weights {
     /// scale `max|w_c| / (2^(bits-1) - 1)`; still stored as int8. 0 means 8.
     pub bits: u8,
     /// Per-weight bits overriding `bits` (the per-tensor narrowing step).
-    pub bits_of: std::collections::BTreeMap<String, u8>,
+    pub bits_of: BTreeMap<String, u8>,
     /// Per-weight residual levels overriding those of `restore` (restored
     /// weights only, when `restore` is [`Restore::Int8Residual`]).
-    pub residual_of: std::collections::BTreeMap<String, u8>,
+    pub residual_of: BTreeMap<String, u8>,
 }
 
 /// Largest level for `bits` (8 -> 127, 7 -> 63, ..., 2 -> 1); 0 or out of range -> 127.
@@ -140,6 +140,38 @@ fn quantize_residual(
     (q1, s1, q2, s2)
 }
 
+/// `Cast(to = float)` from `input` to `output` (how every stored weight is read).
+fn cast_to_float(input: &str, output: &str, name: String) -> pb::NodeProto {
+    pb::NodeProto {
+        input: vec![input.to_string()],
+        output: vec![output.to_string()],
+        name,
+        op_type: "Cast".into(),
+        attribute: vec![pb::AttributeProto {
+            name: "to".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: pb::tensor_proto::DataType::Float as i64,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// `NAME b-bit` and `NAME residual +-L` for each per-weight narrowing step
+/// (the pass detail and the gate's candidate description).
+pub(crate) fn narrowed_labels(
+    bits_of: &BTreeMap<String, u8>,
+    residual_of: &BTreeMap<String, u8>,
+) -> Vec<String> {
+    (bits_of.iter().map(|(n, b)| format!("{n} {b}-bit")))
+        .chain(
+            residual_of
+                .iter()
+                .map(|(n, l)| format!("{n} residual +-{l}")),
+        )
+        .collect()
+}
+
 /// The initializers and nodes that read int8 `q` (dims `dims`) with per-channel
 /// `scales` (channels on `axis`) as f32 into `out`: `{base}::{tag}` (int8),
 /// `{base}::{tag}_scale` (f32, `[C, 1, ..., 1]` so that it broadcasts along
@@ -161,19 +193,7 @@ fn int8_read(
     let idims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
     let mut sdims = vec![dims[axis] as i64];
     sdims.extend(std::iter::repeat_n(1, dims.len() - axis - 1));
-    let cast = pb::NodeProto {
-        input: vec![qn.clone()],
-        output: vec![cn.clone()],
-        name: format!("{base}::{tag}_cast"),
-        op_type: "Cast".into(),
-        attribute: vec![pb::AttributeProto {
-            name: "to".into(),
-            r#type: pb::attribute_proto::AttributeType::Int as i32,
-            i: pb::tensor_proto::DataType::Float as i64,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let cast = cast_to_float(&qn, &cn, format!("{base}::{tag}_cast"));
     let mul = pb::NodeProto {
         input: vec![cn, sn.clone()],
         output: vec![out.to_string()],
@@ -222,13 +242,7 @@ pub fn int8_sensitivity(m: &pb::ModelProto, path: &Path) -> Result<Vec<(String, 
 impl Int8Weights {
     /// `, narrower: NAME b-bit, NAME residual +-L, ...` for the report, or nothing.
     fn narrower(&self) -> String {
-        let v: Vec<String> = (self.bits_of.iter().map(|(n, b)| format!("{n} {b}-bit")))
-            .chain(
-                self.residual_of
-                    .iter()
-                    .map(|(n, l)| format!("{n} residual +-{l}")),
-            )
-            .collect();
+        let v = narrowed_labels(&self.bits_of, &self.residual_of);
         if v.is_empty() {
             String::new()
         } else {
@@ -384,19 +398,7 @@ impl Pass for F16Weights {
                     .collect(),
                 ..Default::default()
             };
-            casts.push(pb::NodeProto {
-                input: vec![hn],
-                output: vec![w.name.clone()],
-                name: format!("{}::cast", w.name),
-                op_type: "Cast".into(),
-                attribute: vec![pb::AttributeProto {
-                    name: "to".into(),
-                    r#type: pb::attribute_proto::AttributeType::Int as i32,
-                    i: pb::tensor_proto::DataType::Float as i64,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            });
+            casts.push(cast_to_float(&hn, &w.name, format!("{}::cast", w.name)));
             tensors += 1;
             elements += v.len();
         }
