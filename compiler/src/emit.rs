@@ -234,11 +234,12 @@ pub fn report_txt(r: &Report) -> String {
     let _ = writeln!(s, "calibration       {}", r.calibration);
     let _ = writeln!(
         s,
-        "gate              max_abs_error <= {}, mean_cosine >= {}, top1 >= {}, mask_iou >= {}, sequence_agreement >= {}",
+        "gate              max_abs_error <= {}, mean_cosine >= {}, top1 >= {}, mask_iou >= {}, box_f1 >= {}, sequence_agreement >= {}",
         r.gate.max_abs_error,
         r.gate.min_cosine,
         r.gate.min_top1_agreement,
         r.gate.min_mask_iou,
+        r.gate.min_box_f1,
         r.gate.min_sequence_agreement
     );
     let _ = writeln!(
@@ -248,8 +249,8 @@ pub fn report_txt(r: &Report) -> String {
             crate::gate::Judged::Values => "element-wise".to_string(),
             crate::gate::Judged::Classifier { classes } =>
                 format!("classifier ({classes} classes): element-wise and top-1"),
-            crate::gate::Judged::ProbabilityMap { threshold } => format!(
-                "output 0 as a probability map: mask IoU at p > {threshold} and cosine (max_abs reported, not gated on it)"
+            crate::gate::Judged::ProbabilityMap { threshold, height, width } => format!(
+                "output 0 as a {height}x{width} probability map: mask IoU at p > {threshold}, box F1 and cosine (max_abs reported, not gated on it)"
             ),
             crate::gate::Judged::Ctc { steps, classes, blank } => format!(
                 "output 0 as CTC ({steps} steps x {classes} classes, blank {blank}): per-step top-1, decoded sequences and cosine (max_abs reported, not gated on it)"
@@ -264,7 +265,7 @@ pub fn report_txt(r: &Report) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "{:<3} {:<13} {:>6} {:>6} {:>11} {:>11} {:>12} {:>10} {:>7} {:>11} {:>10}  gate",
+        "{:<3} {:<13} {:>6} {:>6} {:>11} {:>11} {:>12} {:>10} {:>7} {:>21} {:>10}  gate",
         "",
         "quantize",
         "prune",
@@ -280,7 +281,7 @@ pub fn report_txt(r: &Report) -> String {
     for (i, c) in r.candidates.iter().enumerate() {
         let _ = writeln!(
             s,
-            "{:<3} {:<13} {:>6.2} {:>6.2} {:>11} {:>11} {:>12.6} {:>10.6} {:>7} {:>11} {:>10.3}  {}",
+            "{:<3} {:<13} {:>6.2} {:>6.2} {:>11} {:>11} {:>12.6} {:>10.6} {:>7} {:>21} {:>10.3}  {}",
             if i == r.chosen { "*" } else { "" },
             c.quantize.as_str(),
             c.prune,

@@ -18,11 +18,16 @@ pub enum Judged {
         /// Classes `C` (last-axis size of output 0).
         classes: usize,
     },
-    /// Declared [`edgefleet_targets::Task::ProbabilityMap`]: mask IoU at `threshold`
-    /// and cosine instead of `max_abs_error`.
+    /// Declared [`edgefleet_targets::Task::ProbabilityMap`] on an `[.., H, W]` output:
+    /// mask IoU at `threshold`, box F1 ([`text_boxes`], [`box_matches`]) and cosine
+    /// instead of `max_abs_error`.
     ProbabilityMap {
         /// Binarisation threshold.
         threshold: f32,
+        /// Map height `H` (second-to-last axis of output 0).
+        height: usize,
+        /// Map width `W` (last axis of output 0).
+        width: usize,
     },
     /// Declared [`edgefleet_targets::Task::Ctc`] on an `[N, T, C]` output: per-step top-1
     /// agreement, decoded-sequence agreement and cosine instead of `max_abs_error`.
@@ -63,15 +68,27 @@ pub struct Accuracy {
     pub mask_iou: Option<f64>,
     /// Fraction of greedy-CTC-decoded sequences that are equal; `None` unless CTC.
     pub sequence_agreement: Option<f64>,
+    /// F1 of the compiled map's boxes against the reference map's, summed over cases
+    /// (`2 matched / (reference boxes + compiled boxes)`, 1 when both have none);
+    /// `None` unless output 0 is a probability map.
+    pub box_f1: Option<f64>,
+    /// Boxes found on the reference maps, summed over cases (what `box_f1` is
+    /// measured on); `None` unless output 0 is a probability map.
+    pub reference_boxes: Option<usize>,
     /// Cases compared.
     pub cases: usize,
 }
 
 impl Accuracy {
-    /// The task metric for tables: `iou 0.9850`, `seq 1.000`, or `-`.
+    /// The task metric for tables: `iou 0.9850 box 1.00/37` (box F1 over the
+    /// reference's boxes), `seq 1.000`, or `-`.
     pub fn task_summary(&self) -> String {
         match (self.mask_iou, self.sequence_agreement) {
-            (Some(v), _) => format!("iou {v:.4}"),
+            (Some(v), _) => format!(
+                "iou {v:.4} box {:.2}/{}",
+                self.box_f1.unwrap_or(f64::NAN),
+                self.reference_boxes.unwrap_or(0)
+            ),
             (_, Some(v)) => format!("seq {v:.3}"),
             _ => "-".into(),
         }
@@ -91,6 +108,127 @@ pub fn ctc_greedy(probs: &[f32], classes: usize, blank: usize) -> Vec<usize> {
         prev = Some(k);
     }
     out
+}
+
+/// Sides of a box below this (pixels) are dropped (PaddleOCR `DBPostProcess`
+/// `min_size = 3`).
+pub const MIN_BOX_SIDE: usize = 3;
+/// Boxes whose mean probability is below this are dropped (PaddleOCR
+/// `det_db_box_thresh = 0.6`).
+pub const BOX_SCORE: f32 = 0.6;
+/// A compiled box matches a reference box at IoU >= this (the ICDAR 2015
+/// detection protocol, as PASCAL VOC's 0.5).
+pub const BOX_MATCH_IOU: f64 = 0.5;
+
+/// An axis-aligned box in map pixels, inclusive: `x0..=x1`, `y0..=y1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PixelBox {
+    /// Left column.
+    pub x0: usize,
+    /// Top row.
+    pub y0: usize,
+    /// Right column (inclusive).
+    pub x1: usize,
+    /// Bottom row (inclusive).
+    pub y1: usize,
+}
+
+impl PixelBox {
+    fn area(&self) -> usize {
+        (self.x1 - self.x0 + 1) * (self.y1 - self.y0 + 1)
+    }
+
+    fn iou(&self, o: &PixelBox) -> f64 {
+        let (x0, y0) = (self.x0.max(o.x0), self.y0.max(o.y0));
+        let (x1, y1) = (self.x1.min(o.x1), self.y1.min(o.y1));
+        if x0 > x1 || y0 > y1 {
+            return 0.0;
+        }
+        let inter = (x1 - x0 + 1) * (y1 - y0 + 1);
+        inter as f64 / (self.area() + o.area() - inter) as f64
+    }
+}
+
+/// Text boxes of one `[H, W]` probability map (row-major f32), the way a DB
+/// detector's post-processing finds them, simplified: the 8-connected components
+/// of `p > threshold` (what `cv2.findContours` outlines on the bitmap), each as its
+/// axis-aligned bounding box, kept when both sides are at least [`MIN_BOX_SIDE`]
+/// and the component's mean probability is at least [`BOX_SCORE`] (PaddleOCR
+/// scores the box polygon; no unclip, no rotated rectangles). NaN is background.
+pub fn text_boxes(map: &[f32], height: usize, width: usize, threshold: f32) -> Vec<PixelBox> {
+    let n = (height * width).min(map.len());
+    let mut seen = vec![false; n];
+    let mut out = Vec::new();
+    let mut stack = Vec::new();
+    for start in 0..n {
+        if seen[start] || !(map[start] > threshold) {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        let (mut b, mut sum, mut count) = (
+            PixelBox {
+                x0: start % width,
+                y0: start / width,
+                x1: start % width,
+                y1: start / width,
+            },
+            0f64,
+            0usize,
+        );
+        while let Some(k) = stack.pop() {
+            let (x, y) = (k % width, k / width);
+            b.x0 = b.x0.min(x);
+            b.x1 = b.x1.max(x);
+            b.y0 = b.y0.min(y);
+            b.y1 = b.y1.max(y);
+            sum += f64::from(map[k]);
+            count += 1;
+            for dy in [-1isize, 0, 1] {
+                for dx in [-1isize, 0, 1] {
+                    let (nx, ny) = (x as isize + dx, y as isize + dy);
+                    if nx < 0 || ny < 0 || nx >= width as isize || ny >= height as isize {
+                        continue;
+                    }
+                    let j = ny as usize * width + nx as usize;
+                    if j < n && !seen[j] && map[j] > threshold {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        let sides_ok = b.x1 - b.x0 + 1 >= MIN_BOX_SIDE && b.y1 - b.y0 + 1 >= MIN_BOX_SIDE;
+        if sides_ok && sum / count as f64 >= f64::from(BOX_SCORE) {
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// One-to-one matches between `reference` and `got` boxes at IoU >=
+/// [`BOX_MATCH_IOU`], greedily by descending IoU.
+pub fn box_matches(reference: &[PixelBox], got: &[PixelBox]) -> usize {
+    let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
+    for (i, r) in reference.iter().enumerate() {
+        for (j, g) in got.iter().enumerate() {
+            let iou = r.iou(g);
+            if iou >= BOX_MATCH_IOU {
+                pairs.push((iou, i, j));
+            }
+        }
+    }
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut used_r, mut used_g) = (vec![false; reference.len()], vec![false; got.len()]);
+    let mut matched = 0;
+    for (_, i, j) in pairs {
+        if !used_r[i] && !used_g[j] {
+            used_r[i] = true;
+            used_g[j] = true;
+            matched += 1;
+        }
+    }
+    matched
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -133,6 +271,7 @@ pub fn measure(reference: &[Outputs], got: &[Outputs], judged: Judged, gated: &[
     let (mut agree, mut rows) = (0usize, 0usize);
     let (mut inter, mut union) = (0usize, 0usize);
     let (mut seq_eq, mut seqs) = (0usize, 0usize);
+    let (mut box_matched, mut boxes, mut ref_boxes) = (0usize, 0usize, 0usize);
     let worse = |acc: &mut f64, d: f64| {
         if d.is_nan() {
             *acc = f64::INFINITY;
@@ -167,12 +306,26 @@ pub fn measure(reference: &[Outputs], got: &[Outputs], judged: Judged, gated: &[
                     rows += 1;
                 }
             }
-            Judged::ProbabilityMap { threshold } => {
+            Judged::ProbabilityMap {
+                threshold,
+                height,
+                width,
+            } => {
                 for (a, b) in ro.iter().zip(go) {
                     // NaN is on neither side of the threshold: counted as a disagreement.
                     let (pa, pb) = (*a > threshold, *b > threshold);
                     inter += usize::from(pa && pb);
                     union += usize::from(pa || pb || b.is_nan());
+                }
+                let plane = (height * width).max(1);
+                for (a, b) in ro.chunks(plane).zip(go.chunks(plane)) {
+                    let (rb, gb) = (
+                        text_boxes(a, height, width, threshold),
+                        text_boxes(b, height, width, threshold),
+                    );
+                    box_matched += 2 * box_matches(&rb, &gb);
+                    boxes += rb.len() + gb.len();
+                    ref_boxes += rb.len();
                 }
             }
         }
@@ -203,6 +356,8 @@ pub fn measure(reference: &[Outputs], got: &[Outputs], judged: Judged, gated: &[
             .then(|| frac(agree, rows)),
         mask_iou: matches!(judged, Judged::ProbabilityMap { .. }).then(|| frac(inter, union)),
         sequence_agreement: matches!(judged, Judged::Ctc { .. }).then(|| frac(seq_eq, seqs)),
+        box_f1: matches!(judged, Judged::ProbabilityMap { .. }).then(|| frac(box_matched, boxes)),
+        reference_boxes: matches!(judged, Judged::ProbabilityMap { .. }).then_some(ref_boxes),
         cases: reference.len(),
     }
 }
@@ -245,6 +400,11 @@ pub fn check(a: &Accuracy, gate: &Gate, target: &str, detail: &str) -> Result<()
             return Err(fail("mask_iou", v, gate.min_mask_iou));
         }
     }
+    if let Some(v) = a.box_f1 {
+        if !(v >= f64::from(gate.min_box_f1)) {
+            return Err(fail("box_f1", v, gate.min_box_f1));
+        }
+    }
     if let Some(v) = a.sequence_agreement {
         if !(v >= f64::from(gate.min_sequence_agreement)) {
             return Err(fail("sequence_agreement", v, gate.min_sequence_agreement));
@@ -263,6 +423,7 @@ mod tests {
             min_cosine: 0.8,
             min_top1_agreement: 0.9,
             min_mask_iou: 0.9,
+            min_box_f1: 0.9,
             min_sequence_agreement: 1.0,
         }
     }
@@ -285,7 +446,11 @@ mod tests {
         // 10 pixels: reference has 4 above 0.3; one flips far across the threshold.
         let r = vec![vec![0.9f32, 0.8, 0.7, 0.6, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0]];
         let g = vec![vec![0.9f32, 0.8, 0.7, 0.6, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0]];
-        let judged = Judged::ProbabilityMap { threshold: 0.3 };
+        let judged = Judged::ProbabilityMap {
+            threshold: 0.3,
+            height: 1,
+            width: 10,
+        };
         let a = measure(&[r.clone()], &[g.clone()], judged, &[]);
         assert!((a.max_abs_error - 0.85).abs() < 1e-6);
         assert_eq!(a.max_abs_error_elementwise, 0.0);
@@ -325,5 +490,70 @@ mod tests {
         assert_eq!(a.sequence_agreement, Some(1.0));
         let e = check(&a, &gate(), "t", "d").unwrap_err().to_string();
         assert!(e.contains("top1_agreement"), "{e}");
+    }
+
+    #[test]
+    fn boxes_are_components_and_match_one_to_one() {
+        // 6 x 12 map: two 3x3 blobs of 0.9, one 2x2 blob (too small), one 3x3 blob
+        // of 0.4 (above the 0.3 threshold, under the 0.6 box score).
+        let (h, w) = (6usize, 12usize);
+        let mut m = vec![0f32; h * w];
+        let mut fill = |x0: usize, y0: usize, side: usize, p: f32| {
+            for y in y0..y0 + side {
+                for x in x0..x0 + side {
+                    m[y * w + x] = p;
+                }
+            }
+        };
+        fill(0, 0, 3, 0.9);
+        fill(4, 0, 3, 0.9);
+        fill(8, 0, 2, 0.9);
+        fill(8, 3, 3, 0.4);
+        let boxes = text_boxes(&m, h, w, 0.3);
+        assert_eq!(
+            boxes,
+            vec![
+                PixelBox {
+                    x0: 0,
+                    y0: 0,
+                    x1: 2,
+                    y1: 2
+                },
+                PixelBox {
+                    x0: 4,
+                    y0: 0,
+                    x1: 6,
+                    y1: 2
+                },
+            ]
+        );
+        // A bridge pixel merges the two blobs into one box (8-connected, diagonal).
+        let mut merged = m.clone();
+        merged[w + 3] = 0.9;
+        let one = text_boxes(&merged, h, w, 0.3);
+        assert_eq!(
+            one,
+            vec![PixelBox {
+                x0: 0,
+                y0: 0,
+                x1: 6,
+                y1: 2
+            }]
+        );
+        // Split vs merged: the merged box overlaps each part at IoU 9/21 < 0.5.
+        assert_eq!(box_matches(&boxes, &one), 0);
+        assert_eq!(box_matches(&boxes, &boxes), 2);
+        let judged = Judged::ProbabilityMap {
+            threshold: 0.3,
+            height: h,
+            width: w,
+        };
+        let a = measure(&[vec![m.clone()]], &[vec![merged]], judged, &[]);
+        assert_eq!(a.box_f1, Some(0.0));
+        let e = check(&a, &gate(), "t", "d").unwrap_err().to_string();
+        assert!(e.contains("box_f1"), "{e}");
+        let same = measure(&[vec![m.clone()]], &[vec![m]], judged, &[]);
+        assert_eq!((same.box_f1, same.reference_boxes), (Some(1.0), Some(2)));
+        assert!(check(&same, &gate(), "t", "d").is_ok());
     }
 }

@@ -495,7 +495,19 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
     // How the gate judges output 0: a task the profile declares, else a detected classifier.
     let judged = match ov.task {
         Some(edgefleet_targets::Task::ProbabilityMap { threshold }) => {
-            gate::Judged::ProbabilityMap { threshold }
+            match out0.shape.as_slice() {
+                &[.., height, width] => gate::Judged::ProbabilityMap {
+                    threshold,
+                    height,
+                    width,
+                },
+                shape => {
+                    return Err(Error::Unsupported {
+                        what: format!("task probability-map on output `{}`", out0.name),
+                        reason: format!("needs an [.., H, W] output; `{}` is {shape:?}", out0.name),
+                    })
+                }
+            }
         }
         Some(edgefleet_targets::Task::Ctc { blank }) => match out0.shape.as_slice() {
             &[_, steps, classes] if blank < classes => gate::Judged::Ctc {

@@ -157,6 +157,11 @@ pub struct Gate {
     /// [`Task::ProbabilityMap`], 0..=1 (default 0.95).
     #[serde(default = "default_min_mask_iou")]
     pub min_mask_iou: f32,
+    /// Smallest allowed F1 of the boxes found on the map (components of the mask,
+    /// matched at IoU >= 0.5) for models whose task is [`Task::ProbabilityMap`],
+    /// 0..=1 (default 0.95).
+    #[serde(default = "default_min_box_f1")]
+    pub min_box_f1: f32,
     /// Smallest allowed fraction of decoded sequences equal to the reference's, for
     /// models whose task is [`Task::Ctc`], 0..=1 (default 1.0: every one).
     #[serde(default = "default_min_sequence_agreement")]
@@ -164,6 +169,10 @@ pub struct Gate {
 }
 
 fn default_min_mask_iou() -> f32 {
+    0.95
+}
+
+fn default_min_box_f1() -> f32 {
     0.95
 }
 
@@ -186,7 +195,8 @@ pub enum Task {
     /// `[N, 1, H, W]` f32 text probability (Liao et al., "Real-time Scene Text
     /// Detection with Differentiable Binarization", AAAI 2020) or a segmentation
     /// mask. The decision is `p > threshold`; gated by the IoU of the two masks
-    /// (`gate.min_mask_iou`).
+    /// (`gate.min_mask_iou`) and by the F1 of the boxes found on them
+    /// (`gate.min_box_f1`).
     ProbabilityMap {
         /// Binarisation threshold in (0, 1) (PaddleOCR's `det_db_thresh` is 0.3).
         threshold: f32,
@@ -335,6 +345,7 @@ impl TargetProfile {
             ("gate.min_cosine", g.min_cosine),
             ("gate.min_top1_agreement", g.min_top1_agreement),
             ("gate.min_mask_iou", g.min_mask_iou),
+            ("gate.min_box_f1", g.min_box_f1),
             ("gate.min_sequence_agreement", g.min_sequence_agreement),
         ] {
             if !(0.0..=1.0).contains(&v) {

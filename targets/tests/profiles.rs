@@ -50,18 +50,23 @@ fn unknown_task_kind_and_task_key_are_refused() {
         let msg = load(&p).expect_err(to).to_string();
         assert!(msg.contains("task.toml") && msg.contains(want), "{msg}");
     }
-    // The task metrics' thresholds are optional (defaults 0.95 and 1.0).
+    // The task metrics' thresholds are optional (defaults 0.95, 0.95 and 1.0).
     let p = write(
         &dir,
         "defaults.toml",
         &rpi4_text()
             .replace("min_mask_iou = 0.95\n", "")
+            .replace("min_box_f1 = 0.95\n", "")
             .replace("min_sequence_agreement = 1.0\n", ""),
     );
     let t = load(&p).expect("defaults");
     assert_eq!(
-        (t.gate.min_mask_iou, t.gate.min_sequence_agreement),
-        (0.95, 1.0)
+        (
+            t.gate.min_mask_iou,
+            t.gate.min_box_f1,
+            t.gate.min_sequence_agreement
+        ),
+        (0.95, 0.95, 1.0)
     );
 }
 
@@ -132,6 +137,7 @@ fn impossible_values_name_file_and_key() {
             "min_mask_iou = 1.01",
             "gate.min_mask_iou",
         ),
+        ("min_box_f1 = 0.95", "min_box_f1 = 2", "gate.min_box_f1"),
         (
             "min_sequence_agreement = 1.0",
             "min_sequence_agreement = -0.5",
