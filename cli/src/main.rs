@@ -50,6 +50,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: logs redirected to a file stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -71,10 +73,28 @@ fn main() -> std::process::ExitCode {
                 .chain()
                 .find_map(|c| c.downcast_ref::<edgefleet_bundle::Error>())
             {
-                Some(be) => eprintln!("error[{}]: {e:#}", be.code()),
-                None => eprintln!("error: {e:#}"),
+                Some(be) => eprintln!("error[{}]: {}", be.code(), one_line(&e)),
+                None => eprintln!("error: {}", one_line(&e)),
             }
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error chain on one line, each cause once: the library errors print their
+/// source in their own message (`key.pem: No such file or directory`), which
+/// anyhow's `{:#}` would repeat.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
 }

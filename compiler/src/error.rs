@@ -117,13 +117,29 @@ pub enum Error {
     /// Building the drift reference failed.
     #[error("drift reference: {0}")]
     Drift(String),
+    /// The model does not fit a budget of the target profile.
+    #[error("target `{target}`: {what} needs {need} bytes, over `{budget}` = {limit}; nothing was written")]
+    Budget {
+        /// Target id.
+        target: String,
+        /// The profile key (`ram_budget_bytes`, `storage_budget_bytes`).
+        budget: &'static str,
+        /// What needs the bytes (an input, the weights, the bundle).
+        what: String,
+        /// Bytes needed.
+        need: u64,
+        /// The profile's budget, bytes.
+        limit: u64,
+    },
 }
 
 impl Error {
-    pub(crate) fn runtime(context: impl Into<String>, e: impl std::fmt::Debug) -> Self {
+    /// tract's error chain on one line (`{:#}`: causes, never a backtrace, whatever
+    /// `RUST_BACKTRACE` says).
+    pub(crate) fn runtime(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
         Error::Runtime {
             context: context.into(),
-            reason: format!("{e:?}").replace('\n', " | "),
+            reason: format!("{e:#}").replace('\n', " | "),
         }
     }
 }

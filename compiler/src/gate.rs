@@ -161,7 +161,7 @@ pub fn text_boxes(map: &[f32], height: usize, width: usize, threshold: f32) -> V
     let mut out = Vec::new();
     let mut stack = Vec::new();
     for start in 0..n {
-        if seen[start] || !(map[start] > threshold) {
+        if seen[start] || map[start].is_nan() || map[start] <= threshold {
             continue;
         }
         seen[start] = true;

@@ -367,6 +367,32 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         .chain(opts.consts.keys())
         .cloned()
         .collect();
+    // Design: budgets before anything allocates. An input shape from a flag or
+    // the profile is refused when one f32 tensor of it alone exceeds the RAM
+    // budget (an `--input x=1,3,100000,100000` would otherwise abort the process
+    // on allocation).
+    for (name, shape) in &shapes {
+        if shape.is_empty() || shape.contains(&0) {
+            return Err(Error::Shape {
+                path: path.into(),
+                input: name.clone(),
+                reason: format!("shape {shape:?} must be non-empty with no zero dimension"),
+            });
+        }
+        let need = shape
+            .iter()
+            .try_fold(4u64, |a, &d| a.checked_mul(d as u64))
+            .unwrap_or(u64::MAX);
+        if need > target.ram_budget_bytes {
+            return Err(Error::Budget {
+                target: target.id.clone(),
+                budget: "ram_budget_bytes",
+                what: format!("input `{name}` {shape:?} (f32)"),
+                need,
+                limit: target.ram_budget_bytes,
+            });
+        }
+    }
     let spec_report = onnx::specialise::specialise(&mut m, path, &shapes, &consts, &strict)?;
     onnx::check_finite(&m, path)?;
     let specialised = onnx::encode(&m);
@@ -378,6 +404,30 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         &specialised,
         &format!("{} (specialised fp32)", path.display()),
     )?;
+    // RAM the device needs at least: the weights as tract holds them after load
+    // (fp32, whatever the file stores) and one set of inputs and outputs;
+    // activations come on top (not estimated).
+    let resident = 4
+        * (onnx::graph(&m)
+            .initializer
+            .iter()
+            .map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>())
+            .sum::<u64>()
+            + reference
+                .inputs
+                .iter()
+                .chain(&reference.outputs)
+                .map(|t| t.len() as u64)
+                .sum::<u64>());
+    if resident > target.ram_budget_bytes {
+        return Err(Error::Budget {
+            target: target.id.clone(),
+            budget: "ram_budget_bytes",
+            what: "the model (fp32 weights as loaded, one set of inputs and outputs)".into(),
+            need: resident,
+            limit: target.ram_budget_bytes,
+        });
+    }
     let state = state_bindings(&reference.inputs, &reference.outputs);
     let state_inputs: HashSet<&str> = state.iter().map(|s| s.input.as_str()).collect();
     let data_inputs: Vec<&TensorSpec> = reference
@@ -979,6 +1029,22 @@ pub fn compile(
 ) -> Result<CompileOutput, Error> {
     let compiled = build(opts, target)?;
     let bundle = emit::pack(&compiled, opts, target, key)?;
+    // The device stores the bundle while it downloads and the model file in
+    // its slot: each must fit the storage budget.
+    for (what, need) in [
+        ("the bundle", bundle.len()),
+        ("the installed model file", compiled.model_bytes.len()),
+    ] {
+        if need as u64 > target.storage_budget_bytes {
+            return Err(Error::Budget {
+                target: target.id.clone(),
+                budget: "storage_budget_bytes",
+                what: what.into(),
+                need: need as u64,
+                limit: target.storage_budget_bytes,
+            });
+        }
+    }
     std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
         path: out_dir.to_owned(),
         source,

@@ -479,3 +479,122 @@ fn per_weight_narrowing_narrows_the_tolerant_weight_only() {
     // the tie keeps the first, least narrowed candidate.
     assert_eq!(r.chosen, 0);
 }
+
+#[test]
+fn budgets_and_bad_shapes_are_refused_before_anything_is_allocated_or_written() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = tiny_spread(dir.path());
+    let key = edgefleet_bundle::SigningKey::generate();
+    let out = dir.path().join("out");
+    let nothing_written =
+        || !out.exists() || std::fs::read_dir(&out).expect("dir").next().is_none();
+    // An input of 1.2e11 bytes is refused up front (it used to abort on allocation).
+    let mut o = opts(&p);
+    o.inputs.insert("x".into(), vec![1, 3, 100_000, 100_000]);
+    let e = edgefleet_compiler::compile(&o, &common::profile("rpi4"), &key, &out)
+        .err()
+        .expect("huge input refused");
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            &e,
+            Error::Budget {
+                budget: "ram_budget_bytes",
+                need: 120_000_000_000,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("input `x`") && msg.contains("rpi4"), "{msg}");
+    // A zero dimension names the input.
+    o.inputs.insert("x".into(), vec![1, 0]);
+    let e = edgefleet_compiler::compile(&o, &common::profile("rpi4"), &key, &out)
+        .err()
+        .expect("zero dim refused");
+    assert!(
+        matches!(&e, Error::Shape { input, .. } if input == "x") && e.to_string().contains("zero"),
+        "{e}"
+    );
+    // The weights (64 x 64 f32 = 16 KiB) over a 4 KiB RAM budget.
+    let mut t = common::profile("rpi4");
+    t.ram_budget_bytes = 4096;
+    let e = edgefleet_compiler::compile(&opts(&p), &t, &key, &out)
+        .err()
+        .expect("ram budget");
+    assert!(
+        matches!(&e, Error::Budget { budget: "ram_budget_bytes", need, .. } if *need > 16384),
+        "{e}"
+    );
+    // A bundle over the storage budget is refused and not written.
+    let mut t = common::profile("rpi4");
+    t.storage_budget_bytes = 1000;
+    let e = edgefleet_compiler::compile(&opts(&p), &t, &key, &out)
+        .err()
+        .expect("storage budget");
+    assert!(
+        matches!(
+            &e,
+            Error::Budget {
+                budget: "storage_budget_bytes",
+                limit: 1000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(nothing_written(), "nothing written");
+}
+
+#[test]
+fn a_const_that_does_not_fit_the_inputs_type_is_refused() {
+    // y = (x @ W) * Cast(k), k an int64 scalar input folded by --const.
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut m = common::tiny_matmul(|i| (i % 7) as f32 * 0.1);
+    let g = m.graph.as_mut().expect("graph");
+    g.input.push(edgefleet_compiler::onnx::fixed_value_info(
+        "k",
+        pb::tensor_proto::DataType::Int64 as i32,
+        &[1],
+    ));
+    g.node.push(pb::NodeProto {
+        input: vec!["k".into()],
+        output: vec!["kf".into()],
+        name: "cast_k".into(),
+        op_type: "Cast".into(),
+        attribute: vec![pb::AttributeProto {
+            name: "to".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: pb::tensor_proto::DataType::Float as i64,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    // Relu's output `y` becomes `y0`, then y = y0 * kf.
+    for n in g.node.iter_mut().filter(|n| n.op_type == "Relu") {
+        n.output = vec!["y0".into()];
+    }
+    g.node.push(pb::NodeProto {
+        input: vec!["y0".into(), "kf".into()],
+        output: vec!["y".into()],
+        name: "scale".into(),
+        op_type: "Mul".into(),
+        ..Default::default()
+    });
+    let p = common::write_model(dir.path(), "k.onnx", &m);
+    for bad in [2.5, 1e40, f64::NAN] {
+        let mut o = opts(&p);
+        o.consts.insert("k".into(), bad);
+        let e = edgefleet_compiler::build(&o, &common::profile("rpi4"))
+            .err()
+            .unwrap_or_else(|| panic!("k={bad} refused"));
+        assert!(
+            matches!(&e, Error::Shape { input, .. } if input == "k")
+                && e.to_string().contains("does not fit"),
+            "k={bad}: {e}"
+        );
+    }
+    let mut o = opts(&p);
+    o.consts.insert("k".into(), 2.0);
+    edgefleet_compiler::build(&o, &common::profile("rpi4")).expect("k=2 folds");
+}

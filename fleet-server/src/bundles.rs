@@ -136,7 +136,9 @@ impl Bundles {
     /// Verifies and stores an uploaded bundle (idempotent).
     ///
     /// # Errors
-    /// [`Error::Bundle`] when it does not verify; store and I/O errors.
+    /// [`Error::Bundle`] when it does not verify; [`Error::Conflict`] when another
+    /// bundle holds the same model and release for an overlapping target; store
+    /// and I/O errors.
     pub fn upload(&self, bytes: &[u8]) -> Result<BundleInfo> {
         let vb = UnverifiedBundle::parse(bytes)?.verify(&self.trust, &Policy::publisher())?;
         let m = vb.manifest();
@@ -149,6 +151,21 @@ impl Bundles {
         let sha = m.body.sha256.to_hex();
         if let Some(existing) = self.get(&sha)? {
             return Ok(existing);
+        }
+        // Design: a (model, release, target) names one bundle. Devices and
+        // rollouts identify what runs by model and release (a device already at
+        // the release counts as committed), so a second, different bundle under
+        // the same release for an overlapping target would never be installed.
+        let overlaps = |a: &[String], b: &[String]| {
+            a.is_empty() || b.is_empty() || a.iter().any(|t| b.contains(t))
+        };
+        if let Some(other) = self.list()?.into_iter().find(|b| {
+            b.model == m.model && b.release == m.release && overlaps(&b.targets, &m.targets)
+        }) {
+            return Err(Error::Conflict(format!(
+                "model `{}` release {} for targets {:?} is already bundle {} (version {}); a different build needs a higher release",
+                m.model, m.release, other.targets, other.sha256, other.version
+            )));
         }
         let path = self.dir.join(format!("{sha}.efb"));
         edgefleet_bundle::write_atomic(&path, bytes)?;

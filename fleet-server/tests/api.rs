@@ -70,6 +70,30 @@ async fn calls_without_a_valid_token_get_401_json() {
     assert_eq!(r.status().as_u16(), 404);
     let v: serde_json::Value = r.json().await.unwrap();
     assert!(v["error"]["message"].as_str().unwrap().contains("r-nope"));
+    // One bundle per (model, release, target): the same bytes again are
+    // idempotent, a different build under the same release is a 409 naming it.
+    let post = |body: Vec<u8>| {
+        http.post(format!("http://{addr}/v1/bundles"))
+            .bearer_auth(TOKEN)
+            .body(body)
+            .send()
+    };
+    let first = bundle(&k, 3, 1000);
+    for _ in 0..2 {
+        assert_eq!(post(first.clone()).await.unwrap().status().as_u16(), 200);
+    }
+    let r = post(bundle(&k, 3, 1000)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("detector") && msg.contains("release 3"),
+        "{msg}"
+    );
+    assert_eq!(
+        post(bundle(&k, 4, 1000)).await.unwrap().status().as_u16(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

