@@ -557,19 +557,11 @@ fn a_const_that_does_not_fit_the_inputs_type_is_refused() {
         pb::tensor_proto::DataType::Int64 as i32,
         &[1],
     ));
-    g.node.push(pb::NodeProto {
-        input: vec!["k".into()],
-        output: vec!["kf".into()],
-        name: "cast_k".into(),
-        op_type: "Cast".into(),
-        attribute: vec![pb::AttributeProto {
-            name: "to".into(),
-            r#type: pb::attribute_proto::AttributeType::Int as i32,
-            i: pb::tensor_proto::DataType::Float as i64,
-            ..Default::default()
-        }],
-        ..Default::default()
-    });
+    g.node.push(edgefleet_compiler::onnx::cast_to_float(
+        "k",
+        "kf",
+        "cast_k".into(),
+    ));
     // Relu's output `y` becomes `y0`, then y = y0 * kf.
     for n in g.node.iter_mut().filter(|n| n.op_type == "Relu") {
         n.output = vec!["y0".into()];

@@ -156,6 +156,24 @@ pub fn i8_tensor(name: &str, dims: &[i64], data: &[i8]) -> pb::TensorProto {
     }
 }
 
+/// A `Cast(to = float)` node from `input` to `output` (how stored int8/f16
+/// weights and integer inputs are read as f32).
+pub fn cast_to_float(input: &str, output: &str, name: String) -> pb::NodeProto {
+    pb::NodeProto {
+        input: vec![input.to_string()],
+        output: vec![output.to_string()],
+        name,
+        op_type: "Cast".into(),
+        attribute: vec![pb::AttributeProto {
+            name: "to".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: DataType::Float as i64,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 /// A scalar (or given-dims) constant of `data_type` holding `value` (converted).
 pub fn scalar_tensor(
     name: &str,

@@ -16,7 +16,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::f16;
 
 use super::{check_no_softmax_qdq, weights, Pass, PassStats};
-use crate::onnx::{graph_mut, i8_tensor, tensor_f32};
+use crate::onnx::{cast_to_float, graph_mut, i8_tensor, tensor_f32};
 use crate::Error;
 
 /// Weights smaller than this stay f32 (the Cast/Mul pair would cost more than it saves).
@@ -138,23 +138,6 @@ fn quantize_residual(
         })
         .collect();
     (q1, s1, q2, s2)
-}
-
-/// `Cast(to = float)` from `input` to `output` (how every stored weight is read).
-fn cast_to_float(input: &str, output: &str, name: String) -> pb::NodeProto {
-    pb::NodeProto {
-        input: vec![input.to_string()],
-        output: vec![output.to_string()],
-        name,
-        op_type: "Cast".into(),
-        attribute: vec![pb::AttributeProto {
-            name: "to".into(),
-            r#type: pb::attribute_proto::AttributeType::Int as i32,
-            i: pb::tensor_proto::DataType::Float as i64,
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
 }
 
 /// `NAME b-bit` and `NAME residual +-L` for each per-weight narrowing step
