@@ -533,13 +533,37 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         ),
     };
 
-    // Classifier: output 0 is rank 2 with a small last axis and comes from a Softmax.
+    // Classifier: output 0 is rank 2 with a small last axis and comes from a
+    // Softmax, directly or through pass-through ops (Paddle exports end in
+    // `Softmax -> Identity`, ppocr cls among them).
     let g = onnx::graph(&m);
     let out0 = &reference.outputs[0];
-    let from_softmax = g
-        .node
-        .iter()
-        .any(|n| n.op_type == "Softmax" && n.output.first() == Some(&g.output[0].name));
+    let from_softmax = {
+        let mut name = g.output[0].name.as_str();
+        let mut found = false;
+        // Bounded walk up the producers (a malformed graph cannot loop it).
+        for _ in 0..8 {
+            let Some(n) = g
+                .node
+                .iter()
+                .find(|n| n.output.first().map(String::as_str) == Some(name))
+            else {
+                break;
+            };
+            match n.op_type.as_str() {
+                "Softmax" => {
+                    found = true;
+                    break;
+                }
+                "Identity" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
+                    let Some(input) = n.input.first() else { break };
+                    name = input;
+                }
+                _ => break,
+            }
+        }
+        found
+    };
     let classes = (out0.shape.len() == 2 && (2..=1000).contains(&out0.shape[1]) && from_softmax)
         .then(|| out0.shape[1]);
     // How the gate judges output 0: a task the profile declares, else a detected classifier.
