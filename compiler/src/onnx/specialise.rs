@@ -147,17 +147,17 @@ fn fold_consts(
             });
         }
         use pb::tensor_proto::DataType;
-        let integer = [DataType::Int64, DataType::Int32, DataType::Bool]
-            .iter()
-            .any(|&t| t as i32 == elem);
-        let fits = match DataType::try_from(elem) {
-            Ok(DataType::Int64) => (-9.007e15..=9.007e15).contains(&value),
-            Ok(DataType::Int32) => (f64::from(i32::MIN)..=f64::from(i32::MAX)).contains(&value),
-            Ok(DataType::Bool) => value == 0.0 || value == 1.0,
-            Ok(DataType::Float) => value.abs() <= f64::from(f32::MAX),
-            _ => true,
-        };
-        if !value.is_finite() || (integer && value.fract() != 0.0) || !fits {
+        // Integers (2^53: exact in an f64) in their type's range; floats finite in f32.
+        let int_in = |lo: f64, hi: f64| value.fract() == 0.0 && (lo..=hi).contains(&value);
+        let fits = value.is_finite()
+            && match DataType::try_from(elem) {
+                Ok(DataType::Int64) => int_in(-9.007e15, 9.007e15),
+                Ok(DataType::Int32) => int_in(f64::from(i32::MIN), f64::from(i32::MAX)),
+                Ok(DataType::Bool) => value == 0.0 || value == 1.0,
+                Ok(DataType::Float) => value.abs() <= f64::from(f32::MAX),
+                _ => true,
+            };
+        if !fits {
             return Err(Error::Shape {
                 path: path.into(),
                 input: name.clone(),
