@@ -190,10 +190,7 @@ fn main() {
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
     let state = ApiState {
         engine: engine.clone(),
-        status: Arc::new(Mutex::new(StatusInfo {
-            ready: true,
-            ..Default::default()
-        })),
+        status: Arc::new(Mutex::new(StatusInfo::default())),
         timeout,
     };
     let addr = rt

@@ -23,15 +23,8 @@ use crate::update::{Input, Updater, UpdaterConfig};
 /// # Errors
 /// Startup failures (config, store, bind) naming what failed.
 pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("data_dir {}", cfg.data_dir.display()))?;
-    let opened = Store::open(&cfg.data_dir.join("store"))?;
-    if let Some(q) = &opened.quarantined {
-        tracing::error!(quarantine = %q.display(), "store was corrupt: quarantined and rebuilt from slot.json");
-    }
-    let store = opened.store;
-    let mut slots = Slots::load(&cfg.data_dir, &store)?;
     let trust = cfg.trust_store().context("trusted_keys")?;
+    let (store, mut slots) = open_store(&cfg, &trust)?;
     let budget = cfg
         .latency_budget_ms()
         .map_err(anyhow::Error::msg)
@@ -53,7 +46,6 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         let meta = slots.meta();
         s.active = engine.active().map(|m| m.release.clone());
         s.previous = meta.previous.and_then(|x| slots.info(x)).map(|i| i.release);
-        s.ready = engine.active().is_some();
     }
 
     let (settings_tx, settings_rx) =
@@ -62,8 +54,11 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
     let (in_tx, in_rx) = std::sync::mpsc::channel();
     let publish_tx = up_tx.clone();
     let drift_tx = up_tx.clone();
-    let outbox =
-        Arc::new(Outbox::open(store.db(), OutboxConfig::default()).context("telemetry outbox")?);
+    let outbox = Arc::new(
+        Outbox::open(store.db(), outbox_config(&cfg.storage))
+            .context("telemetry outbox")?
+            .with_disk_limit(store.path().to_path_buf(), cfg.storage.max_bytes),
+    );
     engine.set_outbox(outbox.clone());
     let updater = Updater::new(
         UpdaterConfig {
@@ -185,6 +180,38 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
     Ok(())
 }
 
+/// The outbox's share of the storage ceiling: a quarter of `max_bytes` of
+/// encoded records (sled keeps about twice that on disk).
+pub fn outbox_config(storage: &crate::config::StorageConfig) -> OutboxConfig {
+    OutboxConfig {
+        max_bytes: storage.max_bytes / 4,
+        ..OutboxConfig::default()
+    }
+}
+
+/// Opens (or rebuilds) the store, loads slot roles and raises the release
+/// floor to the highest committed release a verified slot manifest shows, so
+/// anti-rollback never depends on the store being intact.
+fn open_store(
+    cfg: &Config,
+    trust: &edgefleet_bundle::TrustStore,
+) -> anyhow::Result<(Store, Slots)> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("data_dir {}", cfg.data_dir.display()))?;
+    let opened = Store::open_limited(&cfg.data_dir.join("store"), cfg.storage.max_bytes)?;
+    if let Some(q) = &opened.quarantined {
+        tracing::error!(quarantine = %q.display(), "store was corrupt or stale: quarantined and rebuilt from slot.json");
+    }
+    let store = opened.store;
+    let slots = Slots::load(&cfg.data_dir, &store)?;
+    let from_slots = crate::slots::committed_floor(&cfg.data_dir, trust, &cfg.target);
+    store
+        .raise_floor(from_slots)
+        .context("release floor from the slots")?;
+    tracing::info!(floor = store.floor()?, from_slots, "release floor");
+    Ok((store, slots))
+}
+
 fn install_initial(
     cfg: &Config,
     store: &Store,
@@ -236,7 +263,13 @@ fn load_active(
                     let mut next = meta;
                     next.active = Some(slot);
                     next.previous = None;
-                    let _ = slots.commit(store, next);
+                    // slot.json follows, so roles rebuilt from it agree.
+                    if let Err(e) = slots
+                        .commit(store, next)
+                        .and_then(|()| slots.mark_activated(slot, false))
+                    {
+                        tracing::error!(error = %e, "fallback to the previous slot not persisted");
+                    }
                 }
                 engine.set_active(Some(Arc::new(m)));
                 return;

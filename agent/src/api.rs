@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `POST /v1/infer` | JSON `{"inputs":[Tensor...], "stream":"id"?}` -> `{"release":{..},"outputs":[Tensor...]}`; or binary (below) |
 //! | `GET /v1/model` | active release, its `model.json`, trial and update state |
-//! | `GET /healthz` | 200 when a verified model is loaded, else 503 |
+//! | `GET /healthz` | 200 while a verified, self-tested model answers requests ([`Engine::ready`]: the active model, or the candidate serving a first install), else 503 |
 //! | `GET /metrics` | Prometheus text (docs/specs/telemetry.md); names from `edgefleet_protocol::telemetry::names` only |
 //!
 //! Binary form (`Content-Type: application/octet-stream`): the body is every
@@ -43,8 +43,6 @@ pub struct StatusInfo {
     pub previous: Option<ReleaseRef>,
     /// Update state name.
     pub update_state: String,
-    /// Model passed its self-test and serves.
-    pub ready: bool,
 }
 
 /// Router state.
@@ -162,7 +160,7 @@ async fn infer(
         })
         .into_response());
     }
-    let model = st.engine.active().ok_or(ApiError::NoModel)?;
+    let model = st.engine.serving().ok_or(ApiError::NoModel)?;
     let stream = headers
         .get("x-edgefleet-stream")
         .and_then(|v| v.to_str().ok())
@@ -253,8 +251,11 @@ async fn model(State(st): State<ApiState>) -> Response {
     .into_response()
 }
 
+/// `{"ready", "release", "update_state"}`: readiness is the engine's
+/// ([`Engine::ready`]), read at each call; `release` is the one answering.
 async fn healthz(State(st): State<ApiState>) -> Response {
-    let ready = st.status.lock().map(|s| s.ready).unwrap_or(false) && st.engine.active().is_some();
+    let serving = st.engine.serving();
+    let ready = serving.is_some();
     let state = st
         .status
         .lock()
@@ -265,21 +266,25 @@ async fn healthz(State(st): State<ApiState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(serde_json::json!({"ready": ready, "release": st.engine.active().map(|m| m.release.clone()), "update_state": state})))
+    let release = serving.map(|m| m.release.clone());
+    (
+        code,
+        Json(serde_json::json!({"ready": ready, "release": release, "update_state": state})),
+    )
         .into_response()
 }
 
 /// Prometheus text of every metric in `edgefleet_protocol::telemetry::names`
-/// (telemetry stats, outbox, rollbacks, drift PSI; see docs/specs/telemetry.md).
-pub fn render_metrics(engine: &Engine, ready: bool) -> String {
-    engine.render_metrics(ready)
+/// (telemetry stats, outbox, rollbacks, drift PSI, `model_ready` from
+/// [`Engine::ready`]; see docs/specs/telemetry.md).
+pub fn render_metrics(engine: &Engine) -> String {
+    engine.render_metrics()
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
-    let ready = st.status.lock().map(|s| s.ready).unwrap_or(false);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render_metrics(&st.engine, ready),
+        render_metrics(&st.engine),
     )
         .into_response()
 }

@@ -162,6 +162,41 @@ pub struct Config {
     /// Input sources, passed as-is to the inputs module.
     #[serde(default)]
     pub inputs: Vec<toml::Value>,
+    /// Disk-use ceiling of the data directory's store (`[storage]`).
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Smallest accepted `storage.max_bytes` (bytes): room for the update state,
+/// drift state and a few hundred telemetry records.
+pub const MIN_STORAGE_BYTES: u64 = 1024 * 1024;
+
+/// `[storage]`: how much disk the agent's store may use (docs/agent.md, "Storage").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Ceiling of `data_dir/store` in bytes (sled's files: telemetry outbox,
+    /// drift state, update state, counters). The telemetry outbox gets a
+    /// quarter of it as its budget of encoded records, and drops its oldest
+    /// records (counted in `outbox_dropped`) beyond that or whenever the
+    /// store's files pass five eighths of it; at startup the store is
+    /// compacted when its files pass three quarters of it. Slots (model
+    /// files) are not counted: the bundles fix their size.
+    /// Default 8 MiB; at least [`MIN_STORAGE_BYTES`].
+    #[serde(default = "default_storage_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_storage_max_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            max_bytes: default_storage_max_bytes(),
+        }
+    }
 }
 
 impl Config {
@@ -212,6 +247,15 @@ impl Config {
         }
         if c.telemetry_interval_s == 0 {
             return Err(invalid("telemetry_interval_s", "must be at least 1".into()));
+        }
+        if c.storage.max_bytes < MIN_STORAGE_BYTES {
+            return Err(invalid(
+                "storage.max_bytes",
+                format!(
+                    "{} bytes is below the minimum of {MIN_STORAGE_BYTES}",
+                    c.storage.max_bytes
+                ),
+            ));
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &mut PathBuf| {

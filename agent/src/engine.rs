@@ -117,7 +117,8 @@ pub struct ReleaseStats {
 }
 
 impl ReleaseStats {
-    fn new() -> Self {
+    /// Empty counters.
+    pub(crate) fn new() -> Self {
         ReleaseStats {
             requests: 0,
             errors: 0,
@@ -126,7 +127,8 @@ impl ReleaseStats {
             ),
         }
     }
-    fn record(&mut self, d: Duration, ok: bool) {
+    /// Counts one request that took `d` (and failed unless `ok`).
+    pub(crate) fn record(&mut self, d: Duration, ok: bool) {
         self.requests += 1;
         if !ok {
             self.errors += 1;
@@ -155,8 +157,25 @@ pub struct Trial {
     pub mode: TrialMode,
     /// When the trial started.
     pub started: Instant,
+    /// What its latency is compared with (besides the target's budget).
+    pub reference: LatencyReference,
     /// Observations.
     pub stats: Mutex<TrialStats>,
+}
+
+/// What a trial's latency ratio (`TrialPolicy::max_p99_ratio`) compares the
+/// candidate with. The target's latency budget applies in every case.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencyReference {
+    /// The candidate is a new release of the model that was active when the
+    /// trial started: its latency is compared with that release's on the
+    /// same inputs ([`TrialStats::baseline`], recorded in shadow mode).
+    pub same_model: bool,
+    /// The candidate's own median latency (ms) on its golden inputs, measured
+    /// on this device when the trial started; `None` without golden vectors.
+    /// The reference when the candidate is a different model (another model's
+    /// latency says nothing about this one) or no baseline was recorded.
+    pub own_ms: Option<f64>,
 }
 
 /// What a trial observed.
@@ -164,10 +183,22 @@ pub struct Trial {
 pub struct TrialStats {
     /// Candidate calls and latency.
     pub candidate: ReleaseStats,
-    /// The previous model's latency on the same inputs (shadow) or before the trial (serve).
+    /// The active model's latency on the same inputs (shadow mode only;
+    /// empty in serve mode).
     pub baseline: ReleaseStats,
     /// First NaN/Inf output seen.
     pub non_finite: Option<String>,
+}
+
+impl TrialStats {
+    /// Nothing observed yet.
+    pub(crate) fn new() -> Self {
+        TrialStats {
+            candidate: ReleaseStats::new(),
+            baseline: ReleaseStats::new(),
+            non_finite: None,
+        }
+    }
 }
 
 /// Counters for `/metrics` (request counters and latency are in [`Engine::stats`]).
@@ -284,9 +315,16 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// True while a model answers requests: the active one, or on a first
+    /// install the candidate on trial (which serves). Derived from what is
+    /// loaded now, so it follows every install, commit and rollback.
+    pub fn ready(&self) -> bool {
+        self.serving().is_some()
+    }
+
     /// Prometheus text (format 0.0.4) of every metric in
-    /// `edgefleet_protocol::telemetry::names`.
-    pub fn render_metrics(&self, ready: bool) -> String {
+    /// `edgefleet_protocol::telemetry::names`; `model_ready` is [`Engine::ready`].
+    pub fn render_metrics(&self) -> String {
         let extras = MetricsExtras {
             outbox_records: self.outbox.get().map_or(0, |o| o.len()),
             outbox_dropped: self.outbox.get().map_or(0, |o| o.dropped()),
@@ -297,7 +335,7 @@ impl Engine {
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
                 .unwrap_or_default(),
             drift_psi: self.drift.psi.lock().map(|p| p.clone()).unwrap_or_default(),
-            model_ready: ready && self.active().is_some(),
+            model_ready: self.ready(),
         };
         let depth = u32::try_from(self.queue_depth()).unwrap_or(u32::MAX);
         self.stats
@@ -314,8 +352,14 @@ impl Engine {
         self.trial.read().ok().and_then(|g| g.clone())
     }
 
-    /// Starts a trial of `model`.
-    pub fn start_trial(&self, model: Arc<Model>, mode: TrialMode) {
+    /// Starts a trial of `model`, judged against `reference`; returns the
+    /// mode it runs in (serve on a first install, whatever was asked).
+    pub fn start_trial(
+        &self,
+        model: Arc<Model>,
+        mode: TrialMode,
+        reference: LatencyReference,
+    ) -> TrialMode {
         // Design: on a first install there is no active model to shadow, so
         // the candidate serves; otherwise it would never see live inputs and
         // the trial could not gather evidence.
@@ -328,15 +372,13 @@ impl Engine {
             model,
             mode,
             started: Instant::now(),
-            stats: Mutex::new(TrialStats {
-                candidate: ReleaseStats::new(),
-                baseline: ReleaseStats::new(),
-                non_finite: None,
-            }),
+            reference,
+            stats: Mutex::new(TrialStats::new()),
         };
         if let Ok(mut g) = self.trial.write() {
             *g = Some(Arc::new(t));
         }
+        mode
     }
 
     /// Ends the trial; returns the candidate.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod drift;
 pub mod engine;
 pub mod inputs;
+pub mod logging;
 pub mod mqtt;
 pub mod pipeline;
 pub mod runtime;

@@ -1,26 +1,39 @@
-//! `edgefleet-agent --config agent.toml`
+//! `edgefleet-agent --config agent.toml [--log-level LEVEL]`
+//!
+//! Logging is set up by `edgefleet_agent::logging`, the same as for
+//! `edgefleet agent`: info for the edgefleet crates unless `--log-level` or
+//! `EDGEFLEET_LOG` says otherwise.
 
 use std::path::PathBuf;
 
 use clap::Parser;
+use edgefleet_agent::logging::LogArgs;
 
 /// edgefleet device agent.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Examples:
+  edgefleet-agent --config /etc/edgefleet/agent.toml
+  edgefleet-agent --config agent.toml --log-level debug
+  EDGEFLEET_LOG=info,edgefleet_agent::update=debug edgefleet-agent --config agent.toml"
+)]
 struct Args {
-    /// Path to agent.toml.
+    /// Path to agent.toml (see docs/agent.md).
     #[arg(long, env = "EDGEFLEET_AGENT_CONFIG")]
     config: PathBuf,
+    /// Logging.
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    if let Err(e) = edgefleet_agent::logging::init(&args.log) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let cfg = match edgefleet_agent::config::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

@@ -6,18 +6,24 @@
 //! - last will: retained QoS 1 `Status{online:false}` on `up/status`;
 //! - after every ConnAck: subscribe to `down/#` when the broker kept no
 //!   session, then Hello and retained `Status{online:true}`;
+//! - while connected, a QoS 0 `Heartbeat` (uptime, active release, update
+//!   state) every [`HEARTBEAT_INTERVAL_S`]; the server marks a device offline
+//!   after [`edgefleet_protocol::HEARTBEAT_TIMEOUT_S`] of silence;
 //! - reconnect with full-jitter exponential backoff (base 0.5 s, cap 30 s) so
 //!   a fleet reconnecting at once spreads out;
 //! - a message that fails to decode is logged with its topic and dropped;
 //!   it never tears the session down.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgefleet_protocol::chunk::ChunkData;
-use edgefleet_protocol::messages::{Hello, Status};
+use edgefleet_protocol::messages::{Heartbeat, Hello, Status};
 use edgefleet_protocol::topics::{self, DownKind, Topic, UpKind};
-use edgefleet_protocol::{DeviceId, Down, Up, KEEP_ALIVE_S, MQTT_MAX_PACKET_BYTES};
+use edgefleet_protocol::{
+    DeviceId, Down, Up, HEARTBEAT_INTERVAL_S, KEEP_ALIVE_S, MQTT_MAX_PACKET_BYTES,
+};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS};
 
 use crate::api::StatusInfo;
@@ -69,6 +75,38 @@ pub struct MqttSettings {
 
 /// Outgoing queue handle.
 pub type UpSender = tokio::sync::mpsc::UnboundedSender<Up>;
+
+/// Queues a [`Heartbeat`] every `period` while `connected` is true (nothing
+/// piles up while the session is down; the Hello after a reconnect carries
+/// the same fields). Ends when the outgoing queue closes. `period` is at
+/// least 10 ms.
+pub async fn heartbeats(
+    device_id: DeviceId,
+    period: Duration,
+    status: Arc<Mutex<StatusInfo>>,
+    connected: Arc<AtomicBool>,
+    up_tx: UpSender,
+) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !connected.load(Ordering::Relaxed) {
+            continue;
+        }
+        let st = status.lock().map(|x| x.clone()).unwrap_or_default();
+        let hb = Up::Heartbeat(Heartbeat {
+            device_id: device_id.clone(),
+            uptime_s: started.elapsed().as_secs(),
+            active: st.active,
+            update_state: st.update_state,
+        });
+        if up_tx.send(hb).is_err() {
+            return;
+        }
+    }
+}
 
 /// Runs the session until `shutdown` turns true; then publishes offline and disconnects.
 pub async fn run(
@@ -122,6 +160,15 @@ pub async fn run(
         }
     });
 
+    let connected = Arc::new(AtomicBool::new(false));
+    let heartbeat = tokio::spawn(heartbeats(
+        id.clone(),
+        Duration::from_secs(HEARTBEAT_INTERVAL_S),
+        status.clone(),
+        connected.clone(),
+        up_tx.clone(),
+    ));
+
     let mut attempt = 0u32;
     loop {
         let mut sd = shutdown.clone();
@@ -130,6 +177,7 @@ pub async fn run(
             ev = el.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ca))) => {
                     attempt = 0;
+                    connected.store(true, Ordering::Relaxed);
                     tracing::info!(session_present = ca.session_present, "mqtt connected");
                     if !ca.session_present {
                         if let Err(e) = client.try_subscribe(topics::down_filter(&id), QoS::AtLeastOnce) {
@@ -152,9 +200,14 @@ pub async fn run(
                 Ok(Event::Incoming(Packet::Publish(p))) => handle(&id, &p.topic, &p.payload, &inbound),
                 Ok(_) => {}
                 Err(e) => {
+                    connected.store(false, Ordering::Relaxed);
                     let d = backoff(attempt);
                     attempt = attempt.saturating_add(1);
-                    tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "mqtt connection lost");
+                    if let rumqttc::ConnectionError::ConnectionRefused(code) = &e {
+                        tracing::error!(code = ?code, retry_in_ms = d.as_millis() as u64, "broker refused the connection: {}", refusal_words(*code));
+                    } else {
+                        tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "mqtt connection lost");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(d) => {}
                         _ = stopped(&mut shutdown) => break,
@@ -179,7 +232,31 @@ pub async fn run(
         }
     })
     .await;
+    heartbeat.abort();
     publisher.abort();
+}
+
+/// A broker's CONNACK refusal in words, with what to check.
+pub fn refusal_words(code: rumqttc::ConnectReturnCode) -> &'static str {
+    use rumqttc::ConnectReturnCode as C;
+    match code {
+        C::BadUserNamePassword => {
+            "bad user name or password (check [broker] username/password in agent.toml; \
+             `edgefleet devices credentials ID` issues them)"
+        }
+        C::BadClientId => {
+            "client identifier rejected (the broker username must be this device's id, \
+             device_id in agent.toml)"
+        }
+        C::NotAuthorized => {
+            "not authorized (the broker's ACL refused this device or its last will)"
+        }
+        C::ServiceUnavailable => "service unavailable (the broker or fleet server is not ready)",
+        C::RefusedProtocolVersion => {
+            "unacceptable protocol version (the broker does not speak MQTT 3.1.1)"
+        }
+        C::Success => "accepted",
+    }
 }
 
 /// Resolves when shutdown is signalled (a `Send` wrapper around `wait_for`).
@@ -207,8 +284,23 @@ fn handle(id: &DeviceId, topic: &str, payload: &[u8], inbound: &std::sync::mpsc:
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_refusals_are_logged_in_words() {
+        use rumqttc::ConnectReturnCode as C;
+        assert!(refusal_words(C::BadUserNamePassword).starts_with(
+            "bad user name or password (check [broker] username/password in agent.toml"
+        ));
+        assert!(refusal_words(C::BadClientId).starts_with("client identifier rejected"));
+        assert!(refusal_words(C::NotAuthorized).starts_with("not authorized"));
+        assert!(refusal_words(C::ServiceUnavailable).starts_with("service unavailable"));
+        assert!(
+            refusal_words(C::RefusedProtocolVersion).starts_with("unacceptable protocol version")
+        );
+    }
 
     #[test]
     fn backoff_is_full_jitter_and_capped() {
@@ -223,5 +315,49 @@ mod tests {
         let spread: std::collections::BTreeSet<u128> =
             (0..50).map(|_| backoff(10).as_millis()).collect();
         assert!(spread.len() > 10, "jitter spreads reconnects");
+    }
+
+    #[tokio::test]
+    async fn heartbeats_carry_the_status_and_stop_while_disconnected() {
+        let id: DeviceId = "hb-1".parse().unwrap();
+        let release = edgefleet_protocol::messages::ReleaseRef {
+            model: "vad".into(),
+            release: 2,
+            version: "1.2.0".into(),
+        };
+        let status = Arc::new(Mutex::new(StatusInfo {
+            active: Some(release.clone()),
+            update_state: "idle".into(),
+            ..Default::default()
+        }));
+        let connected = Arc::new(AtomicBool::new(true));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(heartbeats(
+            id.clone(),
+            Duration::from_millis(50),
+            status.clone(),
+            connected.clone(),
+            tx,
+        ));
+        for _ in 0..3 {
+            let up = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a heartbeat within 10 s")
+                .expect("queue open");
+            let Up::Heartbeat(hb) = up else {
+                panic!("not a heartbeat: {up:?}");
+            };
+            assert_eq!(hb.device_id, id);
+            assert_eq!(hb.active, Some(release.clone()));
+            assert_eq!(hb.update_state, "idle");
+            assert_eq!(route(&id, &Up::Heartbeat(hb)).1, QoS::AtMostOnce);
+        }
+        connected.store(false, Ordering::Relaxed);
+        // Drain what was queued before the flag turned, then nothing comes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while rx.try_recv().is_ok() {}
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "no heartbeat while disconnected");
+        task.abort();
     }
 }

@@ -54,6 +54,10 @@ pub struct SlotsMeta {
     pub previous: Option<SlotName>,
     /// A slot installed and on trial, not yet committed.
     pub staged: Option<SlotName>,
+    /// Bumped by every [`Slots::commit`]; also recorded in the store's
+    /// guard, so a store that lost writes is recognised (`store` module docs).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// `slot.json`: what a slot holds.
@@ -132,7 +136,8 @@ pub struct CheckedSlot {
 
 impl Slots {
     /// Loads slot roles from the store; when the store has none (a fresh or
-    /// rebuilt store) they are recovered from the `slot.json` files.
+    /// rebuilt store) they are recovered from the `slot.json` files, at the
+    /// guard's epoch. The caller raises the floor with [`committed_floor`].
     ///
     /// # Errors
     /// [`SlotError`].
@@ -141,16 +146,11 @@ impl Slots {
         let meta = match store.get_json::<SlotsMeta>(keys::SLOTS)? {
             Some(m) => m,
             None => {
-                let m = recover_meta(&root);
-                if m != SlotsMeta::default() {
+                let mut m = recover_meta(&root);
+                m.epoch = store.guard_epoch();
+                if m.active.is_some() {
                     tracing::warn!(?m, "slot roles recovered from slot.json files");
                     store.put_json(keys::SLOTS, &m)?;
-                }
-                // The floor is recovered as the highest committed release.
-                for s in [SlotName::A, SlotName::B] {
-                    if let Some(i) = read_info(&root, s).filter(|i| i.committed) {
-                        store.raise_floor(i.release.release)?;
-                    }
                 }
                 m
             }
@@ -173,8 +173,14 @@ impl Slots {
     /// # Errors
     /// [`SlotError::Store`]; on error the current roles are unchanged.
     pub fn commit(&mut self, store: &Store, next: SlotsMeta) -> Result<(), SlotError> {
+        let next = SlotsMeta {
+            epoch: self.meta.epoch.max(store.guard_epoch()) + 1,
+            ..next
+        };
         store.put_json(keys::SLOTS, &next)?;
         self.meta = next;
+        // After sled's copy is flushed: the guard never runs ahead of it.
+        store.note_roles_epoch(next.epoch)?;
         Ok(())
     }
 
@@ -284,25 +290,9 @@ impl Slots {
         let info = self
             .info(s)
             .ok_or_else(|| SlotError::invalid(s, "no slot.json (empty or half-installed)"))?;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mb = b64
-            .decode(&info.manifest_b64)
-            .map_err(|e| SlotError::invalid(s, format!("manifest_b64: {e}")))?;
-        let sig = b64
-            .decode(&info.signature_b64)
-            .map_err(|e| SlotError::invalid(s, format!("signature_b64: {e}")))?;
-        let policy = Policy {
-            target: edgefleet_bundle::TargetCheck::Device(target.into()),
-            // Design: an installed slot passed the floor when it was installed;
-            // re-checking it against today's floor would forbid rollback.
-            release: edgefleet_bundle::ReleaseFloor::NotApplicable,
-            agent: edgefleet_bundle::AgentVersionCheck::Agent(crate::agent_version()),
-        };
-        let vm = SignedManifest::parse(mb, &sig)
-            .and_then(|sm| sm.verify(trust, &policy))
-            .map_err(|e| SlotError::bundle(s, e))?;
+        let manifest = verified_manifest(s, &info, trust, target)?;
         let files_dir = self.dir(s).join("files");
-        for f in &vm.manifest().files {
+        for f in &manifest.files {
             let p = files_dir.join(&f.path);
             let bytes = fsio::read(&p).map_err(|e| SlotError::bundle(s, e))?;
             if bytes.len() as u64 != f.size || sha256(&bytes) != f.sha256 {
@@ -315,10 +305,60 @@ impl Slots {
         Ok(CheckedSlot {
             slot: s,
             info,
-            manifest: vm.manifest().clone(),
+            manifest,
             files_dir,
         })
     }
+}
+
+/// The manifest of a slot's `slot.json`, its signature verified against
+/// `trust` and `target` (not against today's floor: an installed slot passed
+/// the floor when it was installed, and re-checking would forbid rollback).
+fn verified_manifest(
+    s: SlotName,
+    info: &SlotInfo,
+    trust: &TrustStore,
+    target: &str,
+) -> Result<Manifest, SlotError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mb = b64
+        .decode(&info.manifest_b64)
+        .map_err(|e| SlotError::invalid(s, format!("manifest_b64: {e}")))?;
+    let sig = b64
+        .decode(&info.signature_b64)
+        .map_err(|e| SlotError::invalid(s, format!("signature_b64: {e}")))?;
+    let policy = Policy {
+        target: edgefleet_bundle::TargetCheck::Device(target.into()),
+        release: edgefleet_bundle::ReleaseFloor::NotApplicable,
+        agent: edgefleet_bundle::AgentVersionCheck::Agent(crate::agent_version()),
+    };
+    SignedManifest::parse(mb, &sig)
+        .and_then(|sm| sm.verify(trust, &policy))
+        .map(|vm| vm.manifest().clone())
+        .map_err(|e| SlotError::bundle(s, e))
+}
+
+/// The highest release that a slot under `data_dir/slots` holds as
+/// committed, read from its signed manifest (the signature verified against
+/// `trust` and `target`; a slot whose `slot.json` is missing, damaged or not
+/// signed by a trusted key does not count). 0 when none. The release floor
+/// is never below it, whatever happened to the store.
+pub fn committed_floor(data_dir: &Path, trust: &TrustStore, target: &str) -> u64 {
+    let root = data_dir.join("slots");
+    [SlotName::A, SlotName::B]
+        .into_iter()
+        .filter_map(|s| {
+            let info = read_info(&root, s).filter(|i| i.committed)?;
+            match verified_manifest(s, &info, trust, target) {
+                Ok(m) => Some(m.release),
+                Err(e) => {
+                    tracing::warn!(slot = s.as_str(), error = %e, "committed slot's manifest does not verify; not used for the floor");
+                    None
+                }
+            }
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The release a manifest describes.
@@ -359,5 +399,6 @@ pub fn recover_meta(root: &Path) -> SlotsMeta {
         active: committed.last().map(|x| x.1),
         previous: committed.len().eq(&2).then(|| committed[0].1),
         staged: None,
+        epoch: 0,
     }
 }

@@ -6,9 +6,16 @@
 //! ```text
 //! Idle --offer ok--> Downloading --all chunks--> Verifying --body ok--> Staging --installed--> Trial
 //! Trial --passed--> Committed --done--> Idle
-//! Trial --golden_mismatch|nan_output|latency_budget|error_rate|crash_loop|server_command--> RolledBack --done--> Idle
+//! Trial --load_failed|golden_mismatch|nan_output|latency_budget|error_rate|crash_loop|server_command|cancelled--> RolledBack --done--> Idle
 //! Downloading|Verifying|Staging --failure|cancel--> Idle          (offer refused up front: Rejected, stays Idle)
 //! ```
+//!
+//! Every event the table accepts, and every commit, rollback and refused
+//! offer, is one info line with an `event` field (`offer_accepted`,
+//! `offer_refused`, `download_done`, `download_failed`, `verified`,
+//! `verify_failed`, `staged`, `stage_failed`, `trial_started`,
+//! `trial_passed`, `trial_failed`, `rollback_ordered`, `rollout_cancelled`,
+//! `committed`, `rolled_back`, `rollback_refused`; docs/agent.md).
 //!
 //! Fault injection (documented in docs/agent.md): `EDGEFLEET_FAULT_PAUSE_IN=<state>`
 //! makes the agent sleep right after persisting `<state>` and before its side
@@ -25,20 +32,28 @@ use base64::Engine as _;
 use edgefleet_bundle::{Policy, SignedManifest, TrustStore, VerifiedBundle, VerifiedManifest};
 use edgefleet_protocol::chunk::ChunkData;
 use edgefleet_protocol::messages::{
-    ChunkRequest, EventKind, ReleaseRef, TrialMode, TrialPolicy, UpdateEvent, UpdateOffer,
+    rollback_reason, ChunkRequest, EventKind, ReleaseRef, TrialPolicy, UpdateEvent, UpdateOffer,
     MAX_CHUNKS_PER_REQUEST,
 };
 use edgefleet_protocol::{DeviceId, Down, Up};
 use serde::{Deserialize, Serialize};
 
 use crate::api::StatusInfo;
-use crate::engine::Engine;
+use crate::engine::{label, Engine, LatencyReference, TrialStats};
 use crate::runtime::Model;
 use crate::slots::{SlotName, Slots};
 use crate::store::{keys, Store};
 
-/// Smallest baseline latency (ms) the `max_p99_ratio` check compares against.
+/// Smallest reference latency (ms) the `max_p99_ratio` check compares against.
 pub const RATIO_FLOOR_MS: f64 = 1.0;
+
+/// Candidate requests needed before any verdict on error rate or latency.
+pub const MIN_SAMPLES: u64 = 5;
+
+/// Golden-input runs timed when a trial starts (after the self-test's run,
+/// which warms the model up); their median is the candidate's own latency
+/// reference ([`LatencyReference::own_ms`]).
+pub const REFERENCE_RUNS: usize = 5;
 
 /// Requests both models need before `max_p99_ratio` compares p99s; with
 /// fewer it compares p50s (the p99 of a few samples is their maximum).
@@ -518,14 +533,17 @@ impl Updater {
             // The job the event happened to: a transition back to Idle drops
             // it from the state, but its Report/Refuse actions still name it.
             let job = self.state.job().cloned();
-            let (new, actions) = next(&self.state, ev);
+            let (new, actions) = next(&self.state, ev.clone());
+            if new != self.state || !actions.is_empty() {
+                log_event(&ev, job.as_ref());
+            }
             if new != self.state {
                 // Design: persist (flushed) BEFORE any side effect of the new state.
                 if let Err(e) = self.store.put_json(keys::UPDATE, &new) {
                     tracing::error!(error = %e, "cannot persist update state; staying put");
                     return;
                 }
-                tracing::info!(from = self.state.name(), to = new.name(), "update state");
+                tracing::debug!(from = self.state.name(), to = new.name(), "update state");
                 self.state = new;
                 self.set_status();
                 fault_pause(self.state.name());
@@ -560,12 +578,12 @@ impl Updater {
         detail: Option<String>,
     ) {
         let seq = self.store.next_event_seq().unwrap_or(0);
-        tracing::info!(
+        tracing::debug!(
             ?kind,
             ?reason,
             ?detail,
             release = release.release,
-            "update event"
+            "update event reported"
         );
         (self.publish)(Up::Event(UpdateEvent {
             device_id: self.cfg.device_id.clone(),
@@ -593,6 +611,14 @@ impl Updater {
 
     fn on_offer(&mut self, o: UpdateOffer) {
         let reject = |s: &Self, code: &str, detail: String| {
+            tracing::info!(
+                event = "offer_refused",
+                release = %label(&o.release),
+                rollout = %o.rollout_id,
+                reason = code,
+                detail = %detail,
+                "update offer refused"
+            );
             s.report(
                 EventKind::Rejected,
                 o.release.clone(),
@@ -626,6 +652,9 @@ impl Updater {
             Ok(x) => x,
             Err(e) => return reject(self, "malformed_offer", e.to_string()),
         };
+        if let Err(e) = o.trial.validate() {
+            return reject(self, "malformed_offer", e.to_string());
+        }
         let floor = self.store.floor().unwrap_or(u64::MAX);
         let policy = Policy::device(self.cfg.target.clone(), floor, crate::agent_version());
         let vm = match SignedManifest::parse(mb.clone(), &sig)
@@ -845,16 +874,7 @@ impl Updater {
                 self.set_status();
                 self.step(Event::Staged(slot));
             }
-            Action::StartTrial(slot) => {
-                let mode = job.as_ref().map_or(TrialMode::Shadow, |j| j.trial.mode);
-                match self.load_slot(slot) {
-                    Err(e) => self.step(Event::TrialFailed("error_rate".into(), e)),
-                    Ok(m) => match m.self_test() {
-                        Err(e) => self.step(Event::TrialFailed(e.code().into(), e.detail().into())),
-                        Ok(()) => self.engine.start_trial(Arc::new(m), mode),
-                    },
-                }
-            }
+            Action::StartTrial(slot) => self.start_trial(slot, job.as_ref()),
             Action::Commit(slot) => {
                 let candidate = self.engine.end_trial();
                 let model = match candidate {
@@ -885,6 +905,12 @@ impl Updater {
                     Err(e) => tracing::error!(error = %e, "committed slot does not load"),
                 }
                 self.set_status();
+                tracing::info!(
+                    event = "committed",
+                    release = %rel.as_ref().map(label).unwrap_or_default(),
+                    slot = slot.as_str(),
+                    "update committed: the candidate is active"
+                );
             }
             Action::Rollback(slot) => {
                 self.engine.end_trial();
@@ -895,8 +921,16 @@ impl Updater {
                 if let Err(e) = self.slots.commit(&self.store, meta) {
                     tracing::error!(error = %e, "rollback failed to persist");
                 }
-                if let State::RolledBack { reason, .. } = &self.state {
+                if let State::RolledBack { reason, detail, .. } = &self.state {
                     self.engine.count_rollback(reason);
+                    tracing::info!(
+                        event = "rolled_back",
+                        release = %rel.as_ref().map(label).unwrap_or_default(),
+                        slot = slot.as_str(),
+                        reason = %reason,
+                        detail = %detail,
+                        "update rolled back: the candidate is dropped"
+                    );
                 }
                 self.set_status();
             }
@@ -926,6 +960,40 @@ impl Updater {
         Model::load(&c.files_dir, c.info.release).map_err(|e| e.to_string())
     }
 
+    /// Loads the candidate in `slot`, runs its golden vectors, measures its
+    /// own latency reference and starts the live trial. A candidate that
+    /// does not load ends the trial with `load_failed` (the detail is the
+    /// load error); one that fails its golden vectors with the self-test's code.
+    fn start_trial(&mut self, slot: SlotName, job: Option<&Job>) {
+        let policy = job.map_or_else(TrialPolicy::default, |j| j.trial.clone());
+        let m = match self.load_slot(slot) {
+            Ok(m) => m,
+            Err(e) => return self.step(Event::TrialFailed(rollback_reason::LOAD_FAILED.into(), e)),
+        };
+        if let Err(e) = m.self_test() {
+            return self.step(Event::TrialFailed(e.code().into(), e.detail().into()));
+        }
+        let reference = LatencyReference {
+            same_model: self
+                .engine
+                .active()
+                .is_some_and(|a| a.release.model == m.release.model),
+            own_ms: golden_median_ms(&m),
+        };
+        let release = label(&m.release);
+        let mode = self.engine.start_trial(Arc::new(m), policy.mode, reference);
+        tracing::info!(
+            event = "trial_started",
+            release = %release,
+            slot = slot.as_str(),
+            ?mode,
+            ?policy,
+            same_model = reference.same_model,
+            own_ms = ?reference.own_ms,
+            "trial started"
+        );
+    }
+
     fn rollback_active(&mut self, reason: String) {
         let meta = self.slots.meta();
         let (Some(active), Some(prev)) = (meta.active, meta.previous) else {
@@ -934,6 +1002,12 @@ impl Updater {
                 .and_then(|a| self.slots.info(a))
                 .map(|i| i.release)
             {
+                tracing::info!(
+                    event = "rollback_refused",
+                    release = %label(&r),
+                    reason = "no_previous",
+                    "server rollback refused: no previous slot"
+                );
                 self.report(
                     EventKind::Failed,
                     r,
@@ -952,6 +1026,13 @@ impl Updater {
             Ok(m) => m,
             Err(e) => {
                 if let Some(r) = old {
+                    tracing::info!(
+                        event = "rollback_refused",
+                        release = %label(&r),
+                        reason = "previous_unusable",
+                        detail = %e,
+                        "server rollback refused: the previous slot does not load"
+                    );
                     self.report(
                         EventKind::Failed,
                         r,
@@ -974,9 +1055,18 @@ impl Updater {
             tracing::error!(error = %e, "server rollback failed to persist");
             return;
         }
+        let now_active = label(&m.release);
         self.engine.set_active(Some(Arc::new(m)));
         self.engine.count_rollback("server_command");
         self.set_status();
+        tracing::info!(
+            event = "rolled_back",
+            release = %old.as_ref().map(label).unwrap_or_default(),
+            active = %now_active,
+            reason = "server_command",
+            detail = %reason,
+            "server rollback: the previous slot is active again"
+        );
         if let Some(r) = old {
             let _ = self.store.refuse(&r.model, r.release, "server_command");
             self.report(
@@ -1045,57 +1135,198 @@ impl Updater {
     fn judge_trial(&self, p: &TrialPolicy) -> Option<Event> {
         let t = self.engine.trial()?;
         let s = t.stats.lock().ok()?;
-        if let Some(nf) = &s.non_finite {
-            return Some(Event::TrialFailed("nan_output".into(), nf.clone()));
+        judge(
+            &s,
+            &t.reference,
+            p,
+            self.cfg.latency_budget_ms,
+            t.started.elapsed(),
+        )
+    }
+}
+
+/// The trial verdict from what was observed so far, or `None` to keep
+/// waiting. Pure; the checks run in this order: NaN/Inf outputs, then (with
+/// at least [`MIN_SAMPLES`] candidate requests) the error rate, the target's
+/// latency budget and the latency ratio ([`check_ratio`]); finally the
+/// window: it passes once `window_s` is over (`elapsed`) and the candidate
+/// has served `min_requests`.
+pub fn judge(
+    s: &TrialStats,
+    reference: &LatencyReference,
+    p: &TrialPolicy,
+    budget_ms: f64,
+    elapsed: Duration,
+) -> Option<Event> {
+    if let Some(nf) = &s.non_finite {
+        return Some(trial_failed(rollback_reason::NAN_OUTPUT, nf.clone()));
+    }
+    let n = s.candidate.requests;
+    if n >= MIN_SAMPLES {
+        let verdict = check_error_rate(s, p)
+            .or_else(|| check_budget(s, budget_ms))
+            .or_else(|| check_ratio(s, reference, p));
+        if verdict.is_some() {
+            return verdict;
         }
-        let n = s.candidate.requests;
-        const MIN_SAMPLES: u64 = 5;
-        if n >= MIN_SAMPLES {
-            let rate = s.candidate.errors as f64 / n as f64;
-            if rate > p.max_error_rate {
-                return Some(Event::TrialFailed(
-                    "error_rate".into(),
-                    format!("{} of {n} requests failed", s.candidate.errors),
-                ));
-            }
-            let p99 = s.candidate.quantile_ms(0.99);
-            if p99 > self.cfg.latency_budget_ms {
-                return Some(Event::TrialFailed(
-                    "latency_budget".into(),
-                    format!(
-                        "p99 {p99:.2} ms over the target budget {:.2} ms",
-                        self.cfg.latency_budget_ms
-                    ),
-                ));
-            }
-            if s.baseline.requests >= MIN_SAMPLES {
-                // Design: the p99 of fewer than P99_MIN_SAMPLES requests is
-                // their maximum, i.e. one scheduler hiccup (a loaded 2-core CI
-                // machine stalled a 0.01 ms model for 3.6 ms); below that the
-                // ratio compares medians, which a really slower model moves
-                // too. Sub-millisecond baselines are floored at RATIO_FLOOR_MS.
-                let (q, label) = if n.min(s.baseline.requests) >= P99_MIN_SAMPLES {
-                    (0.99, "p99")
-                } else {
-                    (0.5, "p50")
-                };
-                let new = s.candidate.quantile_ms(q);
-                let base = s.baseline.quantile_ms(q).max(RATIO_FLOOR_MS);
-                if new > p.max_p99_ratio * base {
-                    return Some(Event::TrialFailed(
-                        "latency_budget".into(),
-                        format!(
-                            "{label} {new:.2} ms over {} x the previous model's {base:.2} ms",
-                            p.max_p99_ratio
-                        ),
-                    ));
-                }
-            }
+    }
+    (elapsed >= Duration::from_secs(p.window_s) && n >= p.min_requests)
+        .then_some(Event::TrialPassed)
+}
+
+fn trial_failed(reason: &str, detail: String) -> Event {
+    Event::TrialFailed(reason.into(), detail)
+}
+
+fn check_error_rate(s: &TrialStats, p: &TrialPolicy) -> Option<Event> {
+    let (n, errors) = (s.candidate.requests, s.candidate.errors);
+    (errors as f64 / n.max(1) as f64 > p.max_error_rate).then(|| {
+        trial_failed(
+            rollback_reason::ERROR_RATE,
+            format!("{errors} of {n} requests failed"),
+        )
+    })
+}
+
+/// The target profile's budget (ms) against the candidate's p99.
+fn check_budget(s: &TrialStats, budget_ms: f64) -> Option<Event> {
+    let p99 = s.candidate.quantile_ms(0.99);
+    (p99 > budget_ms).then(|| {
+        trial_failed(
+            rollback_reason::LATENCY_BUDGET,
+            format!("p99 {p99:.2} ms over the target budget {budget_ms:.2} ms"),
+        )
+    })
+}
+
+/// `max_p99_ratio` against the candidate's reference. A new release of the
+/// model that was active is compared with that release on the same inputs
+/// (shadow baseline); a different model, or a trial with no baseline (serve
+/// mode, first install), with its own median on its golden inputs measured
+/// on this device at trial start: another model's latency says nothing about
+/// whether this one runs as it should.
+///
+/// Design: the p99 of fewer than [`P99_MIN_SAMPLES`] requests is their
+/// maximum, i.e. one scheduler hiccup (a loaded 2-core CI machine stalled a
+/// 0.01 ms model for 3.6 ms); below that the ratio compares medians, which a
+/// really slower model moves too. The own reference is a median, so it is
+/// always compared with the candidate's median. References are floored at
+/// [`RATIO_FLOOR_MS`]: sub-millisecond latencies are scheduler noise.
+fn check_ratio(s: &TrialStats, r: &LatencyReference, p: &TrialPolicy) -> Option<Event> {
+    let n = s.candidate.requests;
+    let (label, new, base, what) = if r.same_model && s.baseline.requests >= MIN_SAMPLES {
+        let (q, label) = if n.min(s.baseline.requests) >= P99_MIN_SAMPLES {
+            (0.99, "p99")
+        } else {
+            (0.5, "p50")
+        };
+        (
+            label,
+            s.candidate.quantile_ms(q),
+            s.baseline.quantile_ms(q),
+            "the previous release's",
+        )
+    } else {
+        (
+            "p50",
+            s.candidate.quantile_ms(0.5),
+            r.own_ms?,
+            "its own golden-input median at trial start,",
+        )
+    };
+    let base = base.max(RATIO_FLOOR_MS);
+    (new > p.max_p99_ratio * base).then(|| {
+        trial_failed(
+            rollback_reason::LATENCY_BUDGET,
+            format!(
+                "{label} {new:.2} ms over {} x {what} {base:.2} ms",
+                p.max_p99_ratio
+            ),
+        )
+    })
+}
+
+/// The median latency (ms) of [`REFERENCE_RUNS`] runs of `m`'s golden
+/// inputs; `None` without golden vectors or when a run fails.
+fn golden_median_ms(m: &Model) -> Option<f64> {
+    let inputs = m.golden_inputs()?;
+    let mut ms = Vec::with_capacity(REFERENCE_RUNS);
+    for _ in 0..REFERENCE_RUNS {
+        let t = Instant::now();
+        m.run(&inputs, None).ok()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    ms.get(ms.len() / 2).copied()
+}
+
+/// The info line of an event the transition table accepted (`job`: the job
+/// of the state it happened in).
+fn log_event(ev: &Event, job: Option<&Job>) {
+    let release = job.map(|j| label(&j.release)).unwrap_or_default();
+    let rollout = job.map(|j| j.rollout_id.as_str()).unwrap_or_default();
+    match ev {
+        Event::OfferAccepted(j) => tracing::info!(
+            event = "offer_accepted",
+            release = %label(&j.release),
+            rollout = %j.rollout_id,
+            "update offer accepted: downloading"
+        ),
+        Event::DownloadComplete => {
+            tracing::info!(event = "download_done", %release, %rollout, "bundle downloaded")
         }
-        if t.started.elapsed() >= Duration::from_secs(p.window_s) && n >= p.min_requests {
-            return Some(Event::TrialPassed);
+        Event::Verified => {
+            tracing::info!(event = "verified", %release, %rollout, "bundle verified")
         }
-        None
+        Event::Staged(slot) => tracing::info!(
+            event = "staged",
+            %release,
+            %rollout,
+            slot = slot.as_str(),
+            "bundle installed into the inactive slot"
+        ),
+        Event::TrialPassed => {
+            tracing::info!(event = "trial_passed", %release, %rollout, "trial passed")
+        }
+        Event::TrialFailed(reason, detail) => tracing::info!(
+            event = "trial_failed",
+            %release,
+            %rollout,
+            %reason,
+            %detail,
+            "trial failed"
+        ),
+        Event::DownloadFailed(reason, detail)
+        | Event::VerifyFailed(reason, detail)
+        | Event::StageFailed(reason, detail) => {
+            let name = match ev {
+                Event::DownloadFailed(..) => "download_failed",
+                Event::VerifyFailed(..) => "verify_failed",
+                _ => "stage_failed",
+            };
+            tracing::info!(
+                event = name,
+                %release,
+                %rollout,
+                %reason,
+                %detail,
+                "update failed; the active slot is unchanged"
+            );
+        }
+        Event::RollbackCommand(detail) => tracing::info!(
+            event = "rollback_ordered",
+            %release,
+            %rollout,
+            %detail,
+            "the server ordered a rollback"
+        ),
+        Event::Cancel => tracing::info!(
+            event = "rollout_cancelled",
+            %release,
+            %rollout,
+            "the server cancelled the rollout"
+        ),
+        Event::Boot | Event::Done => {}
     }
 }
 
@@ -1273,6 +1504,12 @@ mod tests {
             ),
             (
                 tr(0),
+                E::TrialFailed("load_failed".into(), "d".into()),
+                rb("load_failed", "d"),
+                rb_actions("load_failed", "d"),
+            ),
+            (
+                tr(0),
                 E::TrialFailed("golden_mismatch".into(), "d".into()),
                 rb("golden_mismatch", "d"),
                 rb_actions("golden_mismatch", "d"),
@@ -1330,6 +1567,126 @@ mod tests {
             assert_eq!(s, want_state, "row {i}: {} + {ev:?}", from.name());
             assert_eq!(a, want_actions, "row {i}: {} + {ev:?}", from.name());
         }
+    }
+
+    /// Trial stats: candidate latencies (ms, all successful) and the
+    /// baseline's (the active model on the same inputs).
+    fn observed(candidate_ms: &[f64], baseline_ms: &[f64]) -> TrialStats {
+        let mut s = TrialStats::new();
+        for &ms in candidate_ms {
+            s.candidate.record(Duration::from_secs_f64(ms / 1e3), true);
+        }
+        for &ms in baseline_ms {
+            s.baseline.record(Duration::from_secs_f64(ms / 1e3), true);
+        }
+        s
+    }
+
+    fn failure(v: Option<Event>) -> (String, String) {
+        match v {
+            Some(Event::TrialFailed(r, d)) => (r, d),
+            other => panic!("expected a trial failure, got {other:?}"),
+        }
+    }
+
+    const OVER: Duration = Duration::from_secs(11);
+    const BUDGET_MS: f64 = 100.0;
+
+    #[test]
+    fn a_heavier_different_model_within_the_budget_passes() {
+        // 50 ms per request, shadowing a 1 ms model of another name: the
+        // ratio is judged against its own 40 ms golden median, not the 1 ms.
+        let s = observed(&[50.0; 20], &[1.0; 20]);
+        let own = LatencyReference {
+            same_model: false,
+            own_ms: Some(40.0),
+        };
+        let p = TrialPolicy::default();
+        assert_eq!(
+            judge(&s, &own, &p, BUDGET_MS, OVER),
+            Some(Event::TrialPassed)
+        );
+        // Without golden vectors only the budget applies.
+        let none = LatencyReference {
+            same_model: false,
+            own_ms: None,
+        };
+        assert_eq!(
+            judge(&s, &none, &p, BUDGET_MS, OVER),
+            Some(Event::TrialPassed)
+        );
+        // The window is not over yet: no verdict.
+        assert_eq!(judge(&s, &own, &p, BUDGET_MS, Duration::from_secs(9)), None);
+    }
+
+    #[test]
+    fn a_new_release_of_the_same_model_is_judged_against_the_previous_one() {
+        let s = observed(&[50.0; 20], &[1.0; 20]);
+        let same = LatencyReference {
+            same_model: true,
+            own_ms: Some(40.0),
+        };
+        let (reason, detail) = failure(judge(&s, &same, &TrialPolicy::default(), BUDGET_MS, OVER));
+        assert_eq!(reason, "latency_budget");
+        assert!(
+            detail.starts_with("p50 ")
+                && detail.ends_with("over 3 x the previous release's 1.00 ms"),
+            "{detail}"
+        );
+        // In serve mode there is no baseline: its own median is the reference.
+        let serve = observed(&[50.0; 20], &[]);
+        assert_eq!(
+            judge(&serve, &same, &TrialPolicy::default(), BUDGET_MS, OVER),
+            Some(Event::TrialPassed)
+        );
+    }
+
+    #[test]
+    fn a_different_model_slower_than_its_own_measurement_or_the_budget_fails() {
+        let p = TrialPolicy::default();
+        let slow = observed(&[50.0; 20], &[1.0; 20]);
+        let own10 = LatencyReference {
+            same_model: false,
+            own_ms: Some(10.0),
+        };
+        let (reason, detail) = failure(judge(&slow, &own10, &p, BUDGET_MS, OVER));
+        assert_eq!(reason, "latency_budget");
+        assert!(
+            detail.ends_with("over 3 x its own golden-input median at trial start, 10.00 ms"),
+            "{detail}"
+        );
+        let over_budget = observed(&[150.0; 20], &[1.0; 20]);
+        let own140 = LatencyReference {
+            same_model: false,
+            own_ms: Some(140.0),
+        };
+        let (reason, detail) = failure(judge(&over_budget, &own140, &p, BUDGET_MS, OVER));
+        assert_eq!(reason, "latency_budget");
+        assert!(
+            detail.starts_with("p99 ") && detail.ends_with("over the target budget 100.00 ms"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn errors_and_non_finite_outputs_fail_before_latency() {
+        let p = TrialPolicy::default();
+        let r = LatencyReference {
+            same_model: false,
+            own_ms: None,
+        };
+        let mut s = observed(&[1.0; 19], &[]);
+        s.candidate.record(Duration::from_millis(1), false);
+        let (reason, detail) = failure(judge(&s, &r, &p, BUDGET_MS, OVER));
+        assert_eq!(
+            (reason.as_str(), detail.as_str()),
+            ("error_rate", "1 of 20 requests failed")
+        );
+        s.non_finite = Some("y[0] is NaN".into());
+        assert_eq!(
+            failure(judge(&s, &r, &p, BUDGET_MS, OVER)),
+            ("nan_output".to_string(), "y[0] is NaN".to_string())
+        );
     }
 
     #[test]

@@ -327,3 +327,196 @@ fn crash_loop_rolls_back() {
     assert_eq!(a.infer([1.0; 4]).unwrap().0, 1);
     assert_eq!(a.update_state(), "idle");
 }
+
+/// GET `path` on the agent's API: (status code, body text).
+fn get(a: &Agent, path: &str) -> (u16, String) {
+    let r = reqwest::blocking::get(a.url(path)).unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+/// The `edgefleet_agent_model_ready` gauge from `/metrics`.
+fn model_ready(a: &Agent) -> String {
+    let (_, text) = get(a, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix("edgefleet_agent_model_ready "))
+        .unwrap_or_else(|| panic!("no model_ready gauge in\n{text}"))
+        .to_string()
+}
+
+/// Waits until the agent's API answers and it said hello to the server.
+fn wait_up(a: &Agent, server: &Server) {
+    let t = std::time::Instant::now();
+    while reqwest::blocking::get(a.url("/healthz")).is_err()
+        || server.hellos.lock().unwrap().is_empty()
+    {
+        assert!(t.elapsed() < T, "agent did not come up; log:\n{}", a.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue #20 (2): a device that boots without a model becomes ready (healthz
+/// 200, model_ready 1) by its first over-the-air install, without a restart.
+#[test]
+fn first_ota_install_makes_the_agent_ready_without_restart() {
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new("first-install", port, "");
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(
+        &a.config,
+        text.replace("initial_bundle = \"initial.efb\"\n", ""),
+    )
+    .unwrap();
+    a.spawn();
+    wait_up(&a, &server);
+    let (code, body) = get(&a, "/healthz");
+    assert_eq!(code, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ready"], false, "{body}");
+    assert_eq!(model_ready(&a), "0");
+
+    let b = testkit::bundle(Kind::Good, &a.key, MODEL, 1, TARGET, 3.0);
+    server.offer(&a.id, &b, &a.key, trial(1, 5));
+    let e = server.wait_event(
+        &a.id,
+        1,
+        &[
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+            EventKind::Rejected,
+        ],
+        T,
+    );
+    assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
+    let (code, body) = get(&a, "/healthz");
+    assert_eq!(code, 200, "{body}\n{}", a.log());
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&v["ready"], &v["release"]["release"], &v["update_state"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!(1),
+            &serde_json::json!("idle")
+        ),
+        "{body}"
+    );
+    assert_eq!(model_ready(&a), "1");
+    assert_eq!(
+        a.infer([1.0, 2.0, 3.0, 4.0]).unwrap(),
+        (1, vec![3.0, 6.0, 9.0, 12.0])
+    );
+}
+
+/// Offers release 2 of `model` (a different model from the active
+/// `testmodel`, computed through the slow graph) under traffic; returns the
+/// final event.
+fn offer_heavier_model(
+    name: &str,
+    extra_toml: &str,
+) -> (Agent, edgefleet_protocol::messages::UpdateEvent) {
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new(name, port, extra_toml);
+    a.spawn();
+    a.wait_healthy(T);
+    let _traffic = Traffic::start(a.http, [1.0, 2.0, 3.0, 4.0]);
+    let b = testkit::bundle(Kind::Slow, &a.key, "heavymodel", 2, TARGET, 2.0);
+    server.offer(&a.id, &b, &a.key, trial(2, 10));
+    let e = server.wait_event(
+        &a.id,
+        2,
+        &[
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+            EventKind::Rejected,
+        ],
+        T,
+    );
+    (a, e)
+}
+
+/// Issue #20 (6): a heavier, different model within the target's budget is
+/// not rolled back for being slower than the (different) previous model:
+/// its latency ratio is judged against its own golden-input median.
+#[test]
+fn heavier_different_model_within_the_budget_commits() {
+    let (a, e) = offer_heavier_model("heavier-commit", "latency_budget_ms = 5000.0");
+    assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
+    assert_eq!(
+        a.infer([1.0, 2.0, 3.0, 4.0]).unwrap(),
+        (2, vec![2.0, 4.0, 6.0, 8.0])
+    );
+    assert_eq!(a.model()["release"]["model"], "heavymodel");
+}
+
+/// The same heavier model over the target's budget still rolls back.
+#[test]
+fn heavier_different_model_over_the_budget_rolls_back() {
+    let (a, e) = offer_heavier_model("heavier-over", "latency_budget_ms = 8.0");
+    assert_eq!(
+        (e.kind, e.reason.as_deref()),
+        (EventKind::RolledBack, Some("latency_budget")),
+        "{e:?}\n{}",
+        a.log()
+    );
+    let detail = e.detail.unwrap_or_default();
+    assert!(
+        detail.ends_with("over the target budget 8.00 ms"),
+        "{detail}"
+    );
+    assert_eq!(a.infer([1.0, 2.0, 3.0, 4.0]).unwrap().0, 1);
+}
+
+/// Issue #20 (9): a signed release whose model file does not load rolls back
+/// with `load_failed` and the load error as the detail (not `error_rate`).
+#[test]
+fn candidate_that_does_not_load_rolls_back_with_load_failed() {
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new("load-failed", port, "");
+    a.spawn();
+    a.wait_healthy(T);
+    let mut builder = edgefleet_bundle::BundleBuilder::new(MODEL, semver::Version::new(1, 0, 2), 2)
+        .target(TARGET)
+        .zstd_level(3)
+        .chunk_size(16 * 1024);
+    for (path, data) in testkit::files(Kind::Good, MODEL, 2.0) {
+        let data = if path == "model.nnef.tar" {
+            b"this is not an NNEF archive".to_vec()
+        } else {
+            data
+        };
+        builder = builder.file(path, data);
+    }
+    let b = builder.build(&a.key).unwrap();
+    server.offer(&a.id, &b, &a.key, trial(1, 5));
+    let e = server.wait_event(
+        &a.id,
+        2,
+        &[
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+        ],
+        T,
+    );
+    assert_eq!(
+        (e.kind, e.reason.as_deref()),
+        (EventKind::RolledBack, Some("load_failed")),
+        "{e:?}\n{}",
+        a.log()
+    );
+    let detail = e.detail.unwrap_or_default();
+    assert!(
+        detail.starts_with(&format!("load {MODEL}@2: ")) && detail.contains("model.nnef.tar"),
+        "{detail}"
+    );
+    assert_eq!(a.infer([1.0, 2.0, 3.0, 4.0]).unwrap().0, 1);
+    assert!(
+        a.log().contains("event=\"trial_failed\""),
+        "no trial_failed event line:\n{}",
+        a.log()
+    );
+}

@@ -10,8 +10,21 @@ use clap::{Parser, Subcommand};
 /// edgefleet: compile ONNX models for edge devices, sign them into bundles,
 /// and roll them out to a fleet over MQTT.
 #[derive(Parser)]
-#[command(name = "edgefleet", version, about, long_about = None)]
+#[command(
+    name = "edgefleet",
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:
+  edgefleet demo                                   # a whole fleet on real models
+  edgefleet serve --trust keys/release.pub.pem --token secret
+  EDGEFLEET_TOKEN=secret edgefleet rollouts list
+  edgefleet --log-level debug agent --config agent.toml"
+)]
 struct Cli {
+    /// Logging (the same options and defaults as `edgefleet-agent`).
+    #[command(flatten)]
+    log: edgefleet_agent::logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -21,20 +34,41 @@ enum Command {
     /// Generate an ed25519 signing key pair (PKCS#8 PEM).
     Keygen(cmd::keygen::Args),
     /// Pack, inspect, verify and delta-encode signed bundles.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet bundle pack --key keys/release.pem --model vad --version 1.0.0 --release 1 \\
+      --target rpi4 --file model.onnx --out vad-1.efb
+  edgefleet bundle verify --trust keys/release.pub.pem vad-1.efb"
+    )]
     Bundle(cmd::bundle::Command),
     /// Compile an ONNX model for a target profile into a signed bundle.
     Compile(Box<cmd::compile::Args>),
     /// Run the fleet server (REST API, MQTT broker, rollouts).
     Serve(cmd::serve::Args),
     /// Query and manage the device registry through the fleet API.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples (the server and token from --server/--token or EDGEFLEET_SERVER/EDGEFLEET_TOKEN):
+  edgefleet devices list --group line-3
+  edgefleet devices show cam-17"
+    )]
     Devices(cmd::devices::Command),
     /// Upload and list bundles through the fleet API.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet bundles upload bundles/silero_vad-1.0.0-rpi4.efb
+  edgefleet bundles list"
+    )]
     Bundles(cmd::bundles::Command),
     /// Create, watch and control rollouts through the fleet API.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet rollouts create --bundle 3f5a9c1e --group line-3
+  edgefleet rollouts watch r-0001"
+    )]
     Rollouts(cmd::rollouts::Command),
     /// Run a whole fleet on real models: compile, serve, 20+ agents, rollouts, drift.
     Demo(cmd::demo::Args),
@@ -43,17 +77,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-                // rumqttd logs every client disconnect at ERROR: not news for an operator.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: logs redirected to a file stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    // The same setup as the `edgefleet-agent` binary (info for edgefleet crates).
+    if let Err(e) = edgefleet_agent::logging::init(&cli.log) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Keygen(a) => cmd::keygen::run(a),
         Command::Bundle(c) => cmd::bundle::run(c),
@@ -97,4 +126,63 @@ fn one_line(e: &anyhow::Error) -> String {
         out.push_str(&s);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    /// Every command below `edgefleet`, by its full name, with whether its help
+    /// (short or long) has an `Example` section.
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, bool)>) {
+        for sub in cmd.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            let help = [sub.get_after_help(), sub.get_after_long_help()];
+            let has = help
+                .iter()
+                .flatten()
+                .any(|h| h.to_string().contains("Example"));
+            out.push((name.clone(), has));
+            walk(sub, &name, out);
+        }
+    }
+
+    #[test]
+    fn every_subcommand_has_an_example() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut all = Vec::new();
+        walk(&cmd, "edgefleet", &mut all);
+        let missing: Vec<&str> = all
+            .iter()
+            .filter(|(_, has)| !has)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert!(all.len() > 25, "walked only {} commands", all.len());
+        assert_eq!(
+            missing,
+            Vec::<&str>::new(),
+            "subcommands without an example"
+        );
+    }
+
+    #[test]
+    fn log_level_defaults_to_the_agent_binary_default() {
+        let cli =
+            Cli::try_parse_from(["edgefleet", "agent", "--config", "a.toml"]).expect("parses");
+        if std::env::var_os(edgefleet_agent::logging::ENV).is_none() {
+            assert_eq!(cli.log.log_level, edgefleet_agent::logging::DEFAULT_LEVEL);
+        }
+        let cli = Cli::try_parse_from([
+            "edgefleet",
+            "agent",
+            "--config",
+            "a.toml",
+            "--log-level",
+            "debug",
+        ])
+        .expect("the flag is global");
+        assert_eq!(cli.log.log_level, "debug");
+    }
 }

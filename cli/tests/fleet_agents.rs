@@ -1280,3 +1280,64 @@ fn config_command_changes_a_real_agents_telemetry_interval() {
         },
     );
 }
+
+/// Issue #20 (6): the trial flags of `edgefleet rollouts create` reach the
+/// device: the real agent runs its trial with exactly that policy (its
+/// `trial_started` line) and commits under it.
+#[test]
+fn rollouts_create_trial_flags_reach_the_agents_policy() {
+    use edgefleet_protocol::messages::{TrialMode, TrialPolicy};
+    let kit = Kit::new();
+    let server = ServerProc::start(&kit, Broker::Embedded(0));
+    let api = server.api();
+    let tag = unique("trial-");
+    let fleet = Fleet::spawn(&kit, &tag, 1, &server.broker_url(), Some(&api));
+    api.wait_registered(&fleet, Duration::from_secs(60));
+    let sha = api.upload(kit.bundle(Kind::Good, 2, 2.0));
+    let base = format!("http://{}", server.api);
+    let out = Command::new(EXE)
+        .args(["rollouts", "create", "--server", &base, "--token", TOKEN])
+        .args(["--bundle", &sha, "--tag", &tag, "--waves", "100%"])
+        .args(["--wave-timeout-s", "60", "--trial-window", "1"])
+        .args(["--trial-min-requests", "7", "--trial-max-error-rate", "0.5"])
+        .args(["--trial-max-latency-ratio", "40", "--trial-mode", "serve"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("edgefleet rollouts create");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "rollouts create: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no rollout id in {stdout}"))
+        .to_string();
+    assert!(
+        stdout.contains(
+            "trial: serve mode, window 1 s, at least 7 requests, error rate <= 0.5, latency <= 40.0 x reference"
+        ),
+        "{stdout}"
+    );
+    let r = api.wait_finished(&id, Duration::from_secs(90), || fleet.logs(&[]));
+    assert_eq!(r["state"]["state"], "completed", "{}", summary(&r));
+    let want = TrialPolicy {
+        window_s: 1,
+        min_requests: 7,
+        max_error_rate: 0.5,
+        max_p99_ratio: 40.0,
+        mode: TrialMode::Serve,
+    };
+    let agent = &fleet.agents[0];
+    let log = strip_ansi(&std::fs::read_to_string(agent.log()).unwrap_or_default());
+    let line = log
+        .lines()
+        .find(|l| l.contains("event=\"trial_started\""))
+        .unwrap_or_else(|| panic!("no trial_started line:\n{}", tail(&agent.log(), 40)));
+    assert!(
+        line.contains(&format!("policy={want:?}")) && line.contains("mode=Serve"),
+        "{line}"
+    );
+}

@@ -414,6 +414,7 @@ pub fn check(a: &Accuracy, gate: &Gate, target: &str, detail: &str) -> Result<()
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -451,7 +452,12 @@ mod tests {
             height: 1,
             width: 10,
         };
-        let a = measure(&[r.clone()], &[g.clone()], judged, &[]);
+        let a = measure(
+            std::slice::from_ref(&r),
+            std::slice::from_ref(&g),
+            judged,
+            &[],
+        );
         assert!((a.max_abs_error - 0.85).abs() < 1e-6);
         assert_eq!(a.max_abs_error_elementwise, 0.0);
         assert!((a.mask_iou.unwrap() - 0.8).abs() < 1e-12, "{a:?}");
@@ -478,7 +484,12 @@ mod tests {
             classes: 2,
             blank: 0,
         };
-        let a = measure(&[r.clone()], &[r.clone()], judged, &[]);
+        let a = measure(
+            std::slice::from_ref(&r),
+            std::slice::from_ref(&r),
+            judged,
+            &[],
+        );
         assert_eq!(
             (a.top1_agreement, a.sequence_agreement),
             (Some(1.0), Some(1.0))

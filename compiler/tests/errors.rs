@@ -1,5 +1,6 @@
 //! Refusals: unsupported ops name the node, broken files and data are clear errors,
 //! a failing gate names the metric and writes nothing.
+#![allow(clippy::type_complexity)]
 
 mod common;
 

@@ -9,6 +9,7 @@
 //! python3 has it), removing dead (all-zero) channels changes no output, and
 //! pairs the graph does not allow (shared tensors, graph outputs, grouped
 //! convs) are left alone.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

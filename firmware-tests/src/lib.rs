@@ -7,5 +7,13 @@
 //!   agent package because `CARGO_BIN_EXE_edgefleet-agent` is only defined
 //!   for that package's tests. The hook it uses, `EDGEFLEET_FAULT_PAUSE_IN`,
 //!   is described in docs/agent.md.
+//! - Data-directory damage: `tests/data_dir_damage.rs`, run with
+//!   `cargo test -p edgefleet-firmware-tests --test data_dir_damage`. Every
+//!   file of a device's data directory x {truncate, zero a block, flip
+//!   bytes, delete}, and a store that opens with older contents: a verified
+//!   model keeps serving and an older signed release is refused
+//!   (`downgrade`). The agent runs as a process: `fw-agent`
+//!   (`src/bin/fw-agent.rs`, the agent library's `run`), because
+//!   `CARGO_BIN_EXE_<name>` exists only for a package's own binaries.
 //! - Test bundles (good, golden-mismatch, NaN, slow, batched):
 //!   `edgefleet_agent::testkit` (feature `testkit`).

@@ -1,6 +1,10 @@
 //! Bundle storage: verified on upload with the server's trust store, stored
 //! content-addressed by body SHA-256 under `data/bundles/`, served to devices
 //! in chunks; deltas (made with the optional signing key) under `data/deltas/`.
+//!
+//! A bundle is its signed manifest (model, version, release, targets) and its
+//! payload hash: the same payload uploaded under other metadata is refused
+//! with a conflict naming the stored bundle, never answered with it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -53,6 +57,24 @@ impl BundleInfo {
             model: self.model.clone(),
             release: self.release,
             version: self.version.clone(),
+        }
+    }
+}
+
+/// The outcome of an upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upload {
+    /// A new bundle, now stored.
+    Stored(BundleInfo),
+    /// The same signed bundle was already stored (idempotent).
+    AlreadyStored(BundleInfo),
+}
+
+impl Upload {
+    /// The stored summary either way.
+    pub fn into_info(self) -> BundleInfo {
+        match self {
+            Upload::Stored(b) | Upload::AlreadyStored(b) => b,
         }
     }
 }
@@ -133,25 +155,97 @@ impl Bundles {
         })
     }
 
-    /// Verifies and stores an uploaded bundle (idempotent).
+    /// Verifies and stores an uploaded bundle; the same signed identity again
+    /// is idempotent. Returns the stored summary.
     ///
     /// # Errors
-    /// [`Error::Bundle`] when it does not verify; [`Error::Conflict`] when another
-    /// bundle holds the same model and release for an overlapping target; store
-    /// and I/O errors.
+    /// As [`Bundles::upload_checked`].
     pub fn upload(&self, bytes: &[u8]) -> Result<BundleInfo> {
+        self.upload_checked(bytes).map(Upload::into_info)
+    }
+
+    /// Verifies and stores an uploaded bundle, saying whether it was new.
+    ///
+    /// A bundle is identified by its signed manifest: model, version,
+    /// release, targets and payload (body) hash. The body hash is the store
+    /// key, so the same payload under other metadata is refused rather than
+    /// answered with the stored bundle.
+    ///
+    /// # Errors
+    /// [`Error::Bundle`] when it does not verify; [`Error::BadRequest`] for a
+    /// delta; [`Error::Conflict`] naming the stored bundle when the same
+    /// payload is stored under another model, version, release or targets, or
+    /// when another bundle holds the same model and release for an
+    /// overlapping target; store and I/O errors.
+    pub fn upload_checked(&self, bytes: &[u8]) -> Result<Upload> {
+        let out =
+            self.verify_upload(bytes)
+                .and_then(|vb| match self.same_payload(vb.manifest())? {
+                    Some(existing) => Ok(Upload::AlreadyStored(existing)),
+                    None => {
+                        self.check_release_free(vb.manifest())?;
+                        self.store_new(bytes, &vb).map(Upload::Stored)
+                    }
+                });
+        match &out {
+            Ok(Upload::Stored(b)) => tracing::info!(
+                event = "bundle_uploaded", sha = %b.sha256, model = %b.model,
+                version = %b.version, release = b.release, targets = ?b.targets,
+                "bundle stored"
+            ),
+            Ok(Upload::AlreadyStored(b)) => tracing::info!(
+                event = "bundle_already_stored", sha = %b.sha256, model = %b.model,
+                release = b.release, "the same signed bundle is already stored"
+            ),
+            Err(e) => tracing::info!(event = "bundle_refused", error = %e, "bundle upload refused"),
+        }
+        out
+    }
+
+    /// Stage 1: signature, policy, and not a delta.
+    fn verify_upload(&self, bytes: &[u8]) -> Result<VerifiedBundle> {
         let vb = UnverifiedBundle::parse(bytes)?.verify(&self.trust, &Policy::publisher())?;
-        let m = vb.manifest();
-        if m.is_delta() {
+        if vb.manifest().is_delta() {
             return Err(Error::bad(
                 "body",
                 "delta bundles are made by the server, upload the full bundle",
             ));
         }
+        Ok(vb)
+    }
+
+    /// Stage 2: the stored bundle with this payload, when its signed identity
+    /// is the same; a conflict naming it when the identity differs.
+    fn same_payload(&self, m: &Manifest) -> Result<Option<BundleInfo>> {
         let sha = m.body.sha256.to_hex();
-        if let Some(existing) = self.get(&sha)? {
-            return Ok(existing);
+        let Some(existing) = self.get(&sha)? else {
+            return Ok(None);
+        };
+        let sorted = |t: &[String]| {
+            let mut v = t.to_vec();
+            v.sort();
+            v
+        };
+        let version = m.version.to_string();
+        if existing.model == m.model
+            && existing.version == version
+            && existing.release == m.release
+            && sorted(&existing.targets) == sorted(&m.targets)
+        {
+            return Ok(Some(existing));
         }
+        Err(Error::Conflict(format!(
+            "this payload (sha256 {sha}) is already stored as bundle {sha}: model `{}` version {} release {} targets {:?}; \
+             the upload says model `{}` version {version} release {} targets {:?}. A bundle is its signed manifest and \
+             payload: pack one bundle for all its targets, or change the payload for a new release",
+            existing.model, existing.version, existing.release, existing.targets,
+            m.model, m.release, m.targets
+        )))
+    }
+
+    /// Stage 3: no other bundle holds this model and release for an
+    /// overlapping target.
+    fn check_release_free(&self, m: &Manifest) -> Result<()> {
         // Design: a (model, release, target) names one bundle. Devices and
         // rollouts identify what runs by model and release (a device already at
         // the release counts as committed), so a second, different bundle under
@@ -159,14 +253,21 @@ impl Bundles {
         let overlaps = |a: &[String], b: &[String]| {
             a.is_empty() || b.is_empty() || a.iter().any(|t| b.contains(t))
         };
-        if let Some(other) = self.list()?.into_iter().find(|b| {
+        match self.list()?.into_iter().find(|b| {
             b.model == m.model && b.release == m.release && overlaps(&b.targets, &m.targets)
         }) {
-            return Err(Error::Conflict(format!(
+            Some(other) => Err(Error::Conflict(format!(
                 "model `{}` release {} for targets {:?} is already bundle {} (version {}); a different build needs a higher release",
                 m.model, m.release, other.targets, other.sha256, other.version
-            )));
+            ))),
+            None => Ok(()),
         }
+    }
+
+    /// Stage 4: writes the file and the summary, caches the served form.
+    fn store_new(&self, bytes: &[u8], vb: &VerifiedBundle) -> Result<BundleInfo> {
+        let m = vb.manifest();
+        let sha = m.body.sha256.to_hex();
         let path = self.dir.join(format!("{sha}.efb"));
         edgefleet_bundle::write_atomic(&path, bytes)?;
         let info = BundleInfo {
@@ -186,8 +287,7 @@ impl Bundles {
         };
         store::put(&self.store.bundles, sha.as_bytes(), &info)?;
         self.lock_cache()
-            .insert(sha, Arc::new(Served::from_verified(&vb)));
-        tracing::info!(sha = %info.sha256, model = %info.model, release = info.release, "bundle stored");
+            .insert(sha, Arc::new(Served::from_verified(vb)));
         Ok(info)
     }
 

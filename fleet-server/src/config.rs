@@ -126,6 +126,10 @@ pub struct Config {
     pub tick_ms: u64,
     /// Drift rule.
     pub drift_rule: DriftRule,
+    /// A device not heard from for this long is marked offline (ms; default
+    /// [`edgefleet_protocol::HEARTBEAT_TIMEOUT_S`], three missed heartbeats).
+    /// The sweep runs every quarter of it (50 ms to 5 s).
+    pub heartbeat_timeout_ms: u64,
 }
 
 impl Config {
@@ -143,6 +147,7 @@ impl Config {
             token: token.into(),
             tick_ms: 200,
             drift_rule: DriftRule::default(),
+            heartbeat_timeout_ms: edgefleet_protocol::HEARTBEAT_TIMEOUT_S * 1000,
         }
     }
 }

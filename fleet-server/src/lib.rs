@@ -56,6 +56,9 @@ pub struct Stats {
     pub offers_sent: AtomicU64,
     /// Connections the embedded broker refused (device auth).
     pub broker_auth_refused: AtomicU64,
+    /// Packets (and last wills) the embedded broker's ACL denied; each closed
+    /// its connection (`mqtt::gate`).
+    pub broker_acl_denied: AtomicU64,
 }
 
 /// Shared server state.
@@ -126,7 +129,8 @@ impl Server {
     ///
     /// With the embedded broker and [`DeviceAuth::Required`] the broker only
     /// accepts the server (with `mqtt_credentials`, or [`config::SERVER_USERNAME`]
-    /// and a random password made here) and devices with issued credentials.
+    /// and a random password made here) and devices with issued credentials,
+    /// each kept to its own topics ([`mqtt::gate`]).
     ///
     /// # Errors
     /// Store, broker and listen errors.
@@ -146,24 +150,19 @@ impl Server {
         }
         let listen = config.listen;
         let state = State::open(config)?;
-        let (host, port) = match &state.config.broker {
-            BrokerConfig::Embedded { port } => {
-                let p = *port;
-                let check =
-                    embedded_auth.then(|| mqtt::broker::device_auth(Arc::downgrade(&state)));
-                (
-                    "127.0.0.1".to_string(),
-                    tokio::task::spawn_blocking(move || {
-                        mqtt::broker::spawn_embedded_with(p, check)
-                    })
-                    .await
-                    .map_err(|e| Error::Mqtt(e.to_string()))??,
-                )
-            }
-            BrokerConfig::External { host, port } => (host.clone(), *port),
-        };
         let (tx, rx) = watch::channel(false);
-        let (client, mut tasks) = mqtt::start(state.clone(), &host, port, rx.clone());
+        let mut gate = None;
+        let (host, port, client_port) = match &state.config.broker {
+            BrokerConfig::Embedded { port } => {
+                let auth = state.config.device_auth;
+                let b = mqtt::broker::start(&state, *port, auth, rx.clone()).await?;
+                gate = b.gate;
+                ("127.0.0.1".to_string(), b.public_port, b.client_port)
+            }
+            BrokerConfig::External { host, port } => (host.clone(), *port, *port),
+        };
+        let (client, mut tasks) = mqtt::start(state.clone(), &host, client_port, rx.clone());
+        tasks.extend(gate);
         let _ = state.mqtt.set(client);
         tasks.push(rollout::engine::spawn(state.clone(), rx.clone()));
         let listener = tokio::net::TcpListener::bind(listen)

@@ -1,9 +1,16 @@
 //! The device registry: devices appear through hello, status (retained, and
 //! the last will) and heartbeat; operators add tags and groups via the API.
+//!
+//! The registry follows what devices report: the active release from hello,
+//! heartbeat and update events (committed, rolled back); `online` from the
+//! control session (hello, status, heartbeat; the last will sets it false)
+//! and from the heartbeat timeout ([`Registry::expire`]: nothing heard for
+//! that long is offline); every device message refreshes `last_seen_ms`.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
-use edgefleet_protocol::messages::{Heartbeat, Hello, ReleaseRef, Status};
+use edgefleet_protocol::messages::{EventKind, Heartbeat, Hello, ReleaseRef, Status, UpdateEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{self, now_ms, Store};
@@ -14,7 +21,8 @@ use crate::Result;
 pub struct Device {
     /// Device id.
     pub id: String,
-    /// Connected (hello / status online) or not (status offline, last will).
+    /// Connected (hello, status online, heartbeat) or not (status offline,
+    /// the last will, or nothing heard for the heartbeat timeout).
     pub online: bool,
     /// Target profile id.
     pub target: Option<String>,
@@ -45,16 +53,43 @@ impl Device {
     }
 }
 
-/// Registry over the store.
+/// Why a device record changed (the `cause` field of the registry's log lines).
+pub mod cause {
+    /// A hello message.
+    pub const HELLO: &str = "hello";
+    /// A status message (online, or offline: graceful or the last will).
+    pub const STATUS: &str = "status";
+    /// A heartbeat.
+    pub const HEARTBEAT: &str = "heartbeat";
+    /// An update event (committed, rolled back).
+    pub const EVENT: &str = "event";
+    /// Any other device message (telemetry, drift, chunk request).
+    pub const MESSAGE: &str = "message";
+    /// Nothing heard for the heartbeat timeout.
+    pub const HEARTBEAT_TIMEOUT: &str = "heartbeat_timeout";
+    /// An operator through the API.
+    pub const OPERATOR: &str = "operator";
+}
+
+/// A message newer than this refreshes `last_seen_ms` again (ms): telemetry
+/// and chunk requests do not each cost a store write.
+const SEEN_RESOLUTION_MS: u64 = 1000;
+
+/// Registry over the store. Every change goes through one lock, so a
+/// heartbeat and the offline sweep never overwrite each other.
 #[derive(Clone)]
 pub struct Registry {
     store: Store,
+    lock: Arc<Mutex<()>>,
 }
 
 impl Registry {
     /// Wraps the store.
     pub fn new(store: Store) -> Self {
-        Registry { store }
+        Registry {
+            store,
+            lock: Arc::default(),
+        }
     }
 
     /// One device.
@@ -73,17 +108,28 @@ impl Registry {
         store::scan(&self.store.devices, b"")
     }
 
-    /// Read-modify-write of one device (created when absent).
+    /// Read-modify-write of one device by an operator (created when absent).
     ///
     /// # Errors
     /// Store errors.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut Device)) -> Result<Device> {
-        let mut d = self.get(id)?.unwrap_or_else(|| Device {
+        self.apply(id, cause::OPERATOR, f)
+    }
+
+    /// Read-modify-write of one device under the registry lock; logs what
+    /// changed (one info line per change, each with an `event` field:
+    /// `device_registered`, `device_online`, `device_offline`,
+    /// `active_release_changed`).
+    fn apply(&self, id: &str, why: &'static str, f: impl FnOnce(&mut Device)) -> Result<Device> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let before = self.get(id)?;
+        let mut d = before.clone().unwrap_or_else(|| Device {
             id: id.to_string(),
             ..Device::default()
         });
         f(&mut d);
         store::put(&self.store.devices, id.as_bytes(), &d)?;
+        log_changes(before.as_ref(), &d, why);
         Ok(d)
     }
 
@@ -92,7 +138,7 @@ impl Registry {
     /// # Errors
     /// Store errors.
     pub fn hello(&self, h: &Hello) -> Result<Device> {
-        self.update(h.device_id.as_str(), |d| {
+        self.apply(h.device_id.as_str(), cause::HELLO, |d| {
             d.online = true;
             d.target = Some(h.target.clone());
             d.agent_version = Some(h.agent_version.clone());
@@ -110,7 +156,7 @@ impl Registry {
     /// # Errors
     /// Store errors.
     pub fn status(&self, s: &Status) -> Result<Device> {
-        self.update(s.device_id.as_str(), |d| {
+        self.apply(s.device_id.as_str(), cause::STATUS, |d| {
             d.online = s.online;
             if s.online {
                 d.last_seen_ms = now_ms();
@@ -118,12 +164,13 @@ impl Registry {
         })
     }
 
-    /// Applies a heartbeat.
+    /// Applies a heartbeat: online, seen now, and the active release and
+    /// update state the device reports.
     ///
     /// # Errors
     /// Store errors.
     pub fn heartbeat(&self, h: &Heartbeat) -> Result<Device> {
-        self.update(h.device_id.as_str(), |d| {
+        self.apply(h.device_id.as_str(), cause::HEARTBEAT, |d| {
             d.online = true;
             d.active = h.active.clone();
             d.update_state = Some(h.update_state.clone());
@@ -131,17 +178,119 @@ impl Registry {
         })
     }
 
-    /// Marks a device seen (any message).
+    /// Applies an update event: seen now; `committed` makes the event's
+    /// release active (the old one previous), `rolled_back` of the active
+    /// release makes the previous one active again (the device swaps its
+    /// slots the same way). A rollback during a trial changes nothing: the
+    /// candidate never was active.
     ///
     /// # Errors
     /// Store errors.
-    pub fn touch(&self, id: &str) -> Result<()> {
-        self.update(id, |d| d.last_seen_ms = now_ms()).map(|_| ())
+    pub fn event(&self, ev: &UpdateEvent) -> Result<Device> {
+        self.apply(ev.device_id.as_str(), cause::EVENT, |d| {
+            d.last_seen_ms = now_ms();
+            match ev.kind {
+                EventKind::Committed if d.active.as_ref() != Some(&ev.release) => {
+                    d.previous = d.active.take();
+                    d.active = Some(ev.release.clone());
+                }
+                EventKind::RolledBack if d.active.as_ref() == Some(&ev.release) => {
+                    std::mem::swap(&mut d.active, &mut d.previous);
+                }
+                _ => {}
+            }
+        })
+    }
+
+    /// Marks a device seen now (telemetry, drift, chunk requests). It does
+    /// not set `online`: telemetry comes on the agent's second connection,
+    /// which may outlive the control session the last will reported. Writes
+    /// only when the last write is older than a second.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn seen(&self, id: &str) -> Result<()> {
+        let now = now_ms();
+        if self
+            .get(id)?
+            .is_some_and(|d| now.saturating_sub(d.last_seen_ms) < SEEN_RESOLUTION_MS)
+        {
+            return Ok(());
+        }
+        self.apply(id, cause::MESSAGE, |d| d.last_seen_ms = now_ms())
+            .map(|_| ())
+    }
+
+    /// Marks offline every online device not heard from for `timeout_ms`
+    /// at `now_ms` (the heartbeat timeout). Returns their ids.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn expire(&self, timeout_ms: u64, now_ms: u64) -> Result<Vec<String>> {
+        let silent = |d: &Device| d.online && now_ms.saturating_sub(d.last_seen_ms) > timeout_ms;
+        let mut out = Vec::new();
+        for d in self.list()?.into_iter().filter(|d| silent(d)) {
+            // Checked again under the lock: a heartbeat may have come since.
+            let mut expired = false;
+            self.apply(&d.id, cause::HEARTBEAT_TIMEOUT, |d| {
+                if silent(d) {
+                    d.online = false;
+                    expired = true;
+                }
+            })?;
+            if expired {
+                out.push(d.id);
+            }
+        }
+        Ok(out)
     }
 }
 
-/// Which devices a rollout or a query selects. Empty fields match everything.
+/// One info line per change between `before` and `after`.
+fn log_changes(before: Option<&Device>, after: &Device, why: &'static str) {
+    let id = after.id.as_str();
+    if before.is_none() {
+        tracing::info!(event = "device_registered", device = id, target = ?after.target, cause = why, "device registered");
+    }
+    let was_online = before.is_some_and(|d| d.online);
+    if after.online != was_online {
+        if after.online {
+            tracing::info!(
+                event = "device_online",
+                device = id,
+                cause = why,
+                "device online"
+            );
+        } else {
+            tracing::info!(
+                event = "device_offline",
+                device = id,
+                cause = why,
+                last_seen_ms = after.last_seen_ms,
+                "device offline"
+            );
+        }
+    }
+    let was_active = before.and_then(|d| d.active.as_ref());
+    if after.active.as_ref() != was_active {
+        let show = |r: Option<&ReleaseRef>| {
+            r.map_or_else(
+                || "none".to_string(),
+                |r| format!("{}@{} ({})", r.model, r.release, r.version),
+            )
+        };
+        tracing::info!(
+            event = "active_release_changed", device = id, cause = why,
+            from = %show(was_active), to = %show(after.active.as_ref()),
+            "active release changed"
+        );
+    }
+}
+
+/// Which devices a rollout or a query selects. Empty fields match everything;
+/// an unknown field is refused (a misspelt selector must not select everything).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct Selector {
     /// Device must be in this group.
     #[serde(default)]

@@ -50,8 +50,9 @@ pub fn ingest(store: &Store, b: &TelemetryBatch) -> Result<(u64, u64)> {
     Ok((new, dup))
 }
 
-/// Query filters (all optional).
+/// Query filters (all optional; unknown ones are refused).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Query {
     /// One device.
     pub device: Option<String>,

@@ -275,3 +275,224 @@ async fn impersonation_is_rejected_and_telemetry_deduplicated_and_drift_rule_fir
     assert!(summary.contains("drift_retraining_request") && summary.contains("lobby"));
     server.shutdown().await.unwrap();
 }
+
+/// The router alone on a socket (no broker): for checks that need no device traffic.
+async fn router_only(
+    k: &Keys,
+) -> (
+    tempfile::TempDir,
+    std::sync::Arc<edgefleet_fleet_server::State>,
+    String,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = edgefleet_fleet_server::State::open(config(
+        dir.path(),
+        k,
+        BrokerConfig::Embedded { port: 0 },
+    ))
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = edgefleet_fleet_server::app(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (dir, state, format!("http://{addr}"))
+}
+
+/// A bundle of fixed files: the same payload (body hash) whatever the metadata.
+fn fixed_payload(k: &Keys, release: u64, targets: &[&str]) -> Vec<u8> {
+    let mut b = edgefleet_bundle::BundleBuilder::new(
+        "detector",
+        semver::Version::new(1, release, 0),
+        release,
+    );
+    for t in targets {
+        b = b.target(*t);
+    }
+    b.file("model.bin", vec![7u8; 4096]).build(&k.key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_payload_under_other_metadata_is_refused_naming_the_stored_bundle() {
+    let k = keys();
+    let (_dir, _state, base) = router_only(&k).await;
+    let http = reqwest::Client::new();
+    let post = |body: Vec<u8>| {
+        let http = http.clone();
+        let url = format!("{base}/v1/bundles");
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(TOKEN)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (st, v) = post(fixed_payload(&k, 5, &[TARGET])).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["created"], true);
+    let sha = v["bundle"]["sha256"].as_str().unwrap().to_string();
+
+    // The same signed identity again (re-packed: another created_at) is idempotent.
+    let (st, v) = post(fixed_payload(&k, 5, &[TARGET])).await;
+    assert_eq!(
+        (st, &v["created"], &v["bundle"]["sha256"]),
+        (200, &json!(false), &json!(sha))
+    );
+
+    // The same payload as another release, or for another target: 409 naming the stored one.
+    for (release, targets, what) in [
+        (6, vec![TARGET], "release 6"),
+        (5, vec!["jetson-orin-nano"], "jetson-orin-nano"),
+        (5, vec![TARGET, "jetson-orin-nano"], "jetson-orin-nano"),
+    ] {
+        let (st, v) = post(fixed_payload(&k, release, &targets)).await;
+        assert_eq!(st, 409, "{what}: {v}");
+        assert_eq!(v["error"]["code"], "conflict");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&sha) && msg.contains("release 5") && msg.contains(what),
+            "{what}: {msg}"
+        );
+    }
+    let r = http
+        .get(format!("{base}/v1/bundles"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    let all = v["bundles"].as_array().unwrap();
+    assert_eq!(all.len(), 1, "{v}");
+    assert_eq!(
+        (&all[0]["sha256"], &all[0]["release"]),
+        (&json!(sha), &json!(5))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_body_and_query_refuses_unknown_fields() {
+    let k = keys();
+    let (_dir, state, base) = router_only(&k).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/bundles"))
+        .bearer_auth(TOKEN)
+        .body(bundle(&k, 2, 1000))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    let sha = v["bundle"]["sha256"].as_str().unwrap().to_string();
+    state
+        .registry
+        .hello(&Hello {
+            device_id: "d1".parse().unwrap(),
+            agent_version: "0.1.0".into(),
+            target: TARGET.into(),
+            active: None,
+            previous: None,
+            update_state: "idle".into(),
+            tags: vec![],
+            boot_id: "b".into(),
+        })
+        .unwrap();
+    let trial = json!({"window_s": 5, "min_requests": 1, "max_error_rate": 0.1,
+        "max_p99_ratio": 3.0, "mode": "shadow", "windw_s": 9});
+    let thresholds = json!({"psi_alarm": 0.2, "ks_alarm": 0.2, "chi2_p_alarm": 0.01,
+        "min_samples": 10, "psi": 1.0});
+    let bodies = [
+        (
+            "/v1/rollouts",
+            json!({"bundle": sha, "selecter": {"tag": "lobby"}}),
+            "selecter",
+        ),
+        (
+            "/v1/rollouts",
+            json!({"bundle": sha, "selector": {"tg": "lobby"}}),
+            "tg",
+        ),
+        (
+            "/v1/rollouts",
+            json!({"bundle": sha, "trial": trial}),
+            "trial.windw_s",
+        ),
+        (
+            "/v1/devices/d1/tags",
+            json!({"add": ["a"], "remov": ["b"]}),
+            "remov",
+        ),
+        ("/v1/devices/d1/groups", json!({"ad": ["a"]}), "ad"),
+        (
+            "/v1/devices/d1/config",
+            json!({"telemetry_interval": 5}),
+            "telemetry_interval",
+        ),
+        (
+            "/v1/devices/d1/config",
+            json!({"drift_thresholds": thresholds}),
+            "drift_thresholds.psi",
+        ),
+    ];
+    for (path, body, field) in bodies {
+        let r = http
+            .post(format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(st, 400, "POST {path} {body}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request", "POST {path}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        // Named by its path, or (serde's deny_unknown_fields) by its own name.
+        let leaf = field.rsplit('.').next().unwrap();
+        assert!(
+            msg.contains(&format!("unknown field `{field}`"))
+                || msg.contains(&format!("unknown field `{leaf}`")),
+            "POST {path}: {msg}"
+        );
+    }
+    for (path, field) in [
+        ("/v1/devices?tg=lobby", "tg"),
+        ("/v1/telemetry?devce=d1", "devce"),
+        ("/v1/drift?grp=lobby", "grp"),
+    ] {
+        let r = http
+            .get(format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(st, 400, "GET {path}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(&format!("`{field}`")), "GET {path}: {msg}");
+    }
+    // Nothing was created or changed; the same bodies without the typo work.
+    assert!(state.rollouts.lock().unwrap().is_empty());
+    let d = state.registry.get("d1").unwrap().unwrap();
+    assert!(d.operator_tags.is_empty() && d.groups.is_empty(), "{d:?}");
+    let r = http
+        .post(format!("{base}/v1/devices/d1/tags"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"add": ["a"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = http
+        .get(format!("{base}/v1/devices?tag=a"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["devices"].as_array().map(Vec::len), Some(1), "{v}");
+}

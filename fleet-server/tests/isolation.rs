@@ -6,8 +6,11 @@
 //!   `down/` is not delivered to it;
 //! - the embedded rumqttd with device auth: unknown clients, wrong or revoked
 //!   secrets and client ids that do not match the username are refused; a
-//!   provisioned device connects and registers; and the known gap (no topic
-//!   ACL on the embedded broker) is pinned down.
+//!   provisioned device connects and registers; every refusal is a CONNACK
+//!   with its MQTT return code; and its gate keeps each device to its own
+//!   topics: publishing under another device's `up/` or `down/`, subscribing
+//!   to another's `down/` or to `edgefleet/#`, or a last will elsewhere closes
+//!   the connection before anything reaches the broker.
 //!
 //! The payload check (a message claiming another device's id) is tested in
 //! `api.rs`.
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use edgefleet_fleet_server::{mqtt, BrokerConfig, DeviceAuth, Server};
-use edgefleet_protocol::messages::{Hello, Status};
+use edgefleet_protocol::messages::{ConfigUpdate, Hello, Status};
 use edgefleet_protocol::topics::{self, DownKind, UpKind};
 use edgefleet_protocol::{DeviceId, Down, Up};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, Packet, QoS};
@@ -63,6 +66,11 @@ async fn connect(
     if let Some((u, p)) = login {
         o.set_credentials(u, p);
     }
+    connect_with(id, o).await
+}
+
+/// [`connect`] with options made by the caller.
+async fn connect_with(id: &str, o: rumqttc::MqttOptions) -> Result<Dev, ConnectionError> {
     let (client, mut el) = mqtt::client(o, 100);
     let first = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -526,6 +534,15 @@ fn refused(r: Result<Dev, ConnectionError>, what: &str) {
     }
 }
 
+/// The broker answered a CONNACK refusing with exactly `code` (not a reset).
+fn refused_with(r: Result<Dev, ConnectionError>, code: ConnectReturnCode, what: &str) {
+    match r {
+        Err(ConnectionError::ConnectionRefused(c)) => assert_eq!(c, code, "{what}"),
+        Err(e) => panic!("{what}: expected a CONNACK refusal {code:?}, got {e:?}"),
+        Ok(d) => panic!("{what}: the embedded broker accepted {}", d.id),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_with_device_auth_accepts_only_provisioned_devices() {
     let k = keys();
@@ -562,32 +579,58 @@ async fn embedded_broker_with_device_auth_accepts_only_provisioned_devices() {
         assert_eq!(st, 400, "{bad}: {v}");
     }
 
-    // Refused at CONNECT (rumqttd closes the connection without a CONNACK).
-    // Without a username rumqttd refuses by itself; the rest reach the
-    // server's check, which counts them.
-    refused(connect(port, "emb-1", "emb-1", None).await, "anonymous");
-    let mut refusals = 0;
-    for (what, client_id, login) in [
-        ("unknown device", "emb-2", ("emb-2", secret.as_str())),
-        ("wrong secret", "emb-1", ("emb-1", "0000")),
+    // Refused at CONNECT with a CONNACK naming the reason (MQTT 3.1.1 return
+    // codes), each counted.
+    use ConnectReturnCode::{BadClientId, BadUserNamePassword};
+    refused_with(
+        connect(port, "emb-1", "emb-1", None).await,
+        BadUserNamePassword,
+        "anonymous",
+    );
+    let mut refusals = 1;
+    for (what, client_id, login, code) in [
+        (
+            "unknown device",
+            "emb-2",
+            ("emb-2", secret.as_str()),
+            BadUserNamePassword,
+        ),
+        (
+            "wrong secret",
+            "emb-1",
+            ("emb-1", "0000"),
+            BadUserNamePassword,
+        ),
         (
             "client id of another device",
             "emb-2",
             ("emb-1", secret.as_str()),
+            BadClientId,
         ),
         (
             "client id not <id>-telemetry",
             "emb-1-x",
             ("emb-1", secret.as_str()),
+            BadClientId,
         ),
         (
             "server user, wrong password",
             SERVER_USER,
             (SERVER_USER, secret.as_str()),
+            BadUserNamePassword,
         ),
-        ("not a device id", "a/b", ("a/b", secret.as_str())),
+        (
+            "not a device id",
+            "a/b",
+            ("a/b", secret.as_str()),
+            BadUserNamePassword,
+        ),
     ] {
-        refused(connect(port, "emb-1", client_id, Some(login)).await, what);
+        refused_with(
+            connect(port, "emb-1", client_id, Some(login)).await,
+            code,
+            what,
+        );
         refusals += 1;
     }
 
@@ -607,8 +650,9 @@ async fn embedded_broker_with_device_auth_accepts_only_provisioned_devices() {
     assert_eq!(st, 200);
     assert_eq!(v["credentials"]["rotated"], true);
     let rotated = v["credentials"]["password"].as_str().unwrap().to_string();
-    refused(
+    refused_with(
         connect(port, "emb-1", "emb-1-telemetry", Some(("emb-1", &secret))).await,
+        BadUserNamePassword,
         "rotated-out secret",
     );
     refusals += 1;
@@ -637,8 +681,9 @@ async fn embedded_broker_with_device_auth_accepts_only_provisioned_devices() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
     assert_eq!(api.get("/v1/devices/emb-1/credentials").await.0, 404);
-    refused(
+    refused_with(
         connect(port, "emb-1", "emb-1-telemetry", Some(("emb-1", &rotated))).await,
+        BadUserNamePassword,
         "revoked secret",
     );
     refusals += 1;
@@ -646,40 +691,11 @@ async fn embedded_broker_with_device_auth_accepts_only_provisioned_devices() {
     let (_, stats) = api.get("/v1/stats").await;
     assert_eq!(stats["broker_auth_refused"], refusals, "{stats}");
 
-    // The known gap (docs/fleet-server.md): rumqttd has no topic ACLs, so an
-    // authenticated device can publish on another device's topics. The
-    // server's payload check rejects a payload naming a device other than the
-    // topic's, but a payload consistent with the victim's topic gets through.
     let other = issue(&api, "emb-3").await;
     let intruder = connect(port, "emb-3", "emb-3", Some(("emb-3", &other)))
         .await
         .unwrap();
     hello_until_registered(&api, &intruder, "emb").await;
-    let victim: DeviceId = "emb-victim".parse().unwrap();
-    // Payload claims emb-3 on emb-victim's topic: rejected by the server.
-    intruder
-        .send(&victim, UpKind::Hello, &hello(&intruder.id, "mismatch"))
-        .await;
-    let t0 = Instant::now();
-    while api.get("/v1/stats").await.1["impersonations"] != 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "impersonation counted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Payload consistent with the victim's topic: accepted (the gap).
-    intruder
-        .send(&victim, UpKind::Hello, &hello(&victim, "forged"))
-        .await;
-    let t0 = Instant::now();
-    while api.get("/v1/devices/emb-victim").await.0 != 200 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the embedded broker forwards a forged but consistent message (known gap)"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     drop((dev, intruder));
     server.shutdown().await.unwrap();
@@ -689,4 +705,159 @@ async fn embedded_broker_with_device_auth_accepts_only_provisioned_devices() {
         connect(port, "emb-3", "emb-3", Some(("emb-3", &other))).await,
         "after shutdown",
     );
+}
+
+/// Waits until the broker has closed `dev`'s connection (its event loop ended).
+async fn closed_by_broker(dev: &Dev, what: &str) {
+    let t0 = Instant::now();
+    while !dev.task.is_finished() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: the connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_keeps_each_device_to_its_own_topics() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &k, BrokerConfig::Embedded { port: 0 });
+    cfg.device_auth = DeviceAuth::Required;
+    let server = Server::start(cfg).await.unwrap();
+    let api = Api::new(&server);
+    let port = server.broker_port();
+    let (attacker, victim) = ("gate-attacker", "gate-victim");
+    let a_pass = issue(&api, attacker).await;
+    let v_pass = issue(&api, victim).await;
+    let mut a = connect(port, attacker, attacker, Some((attacker, &a_pass)))
+        .await
+        .unwrap();
+    let mut v = connect(port, victim, victim, Some((victim, &v_pass)))
+        .await
+        .unwrap();
+    hello_until_registered(&api, &a, "attacker").await;
+    hello_until_registered(&api, &v, "victim").await;
+    v.subscribe(&topics::down_filter(&v.id)).await;
+    a.subscribe(&topics::down_filter(&a.id)).await;
+    // The attacker's second connection (its telemetry client id), opened
+    // afresh for each attempt: every violation closes it.
+    let second = format!("{attacker}-telemetry");
+    let open = || connect(port, attacker, &second, Some((attacker, &a_pass)));
+
+    // Publishing as the victim: well-formed messages naming the victim in
+    // topic and payload (the server's payload check would accept them), on
+    // its up/ topics (shown offline, a forged hello) and down/ topics (a
+    // rollback, a telemetry interval of a day).
+    let vid = v.id.clone();
+    let forged: Vec<(String, Vec<u8>)> = vec![
+        (
+            topics::up(&vid, UpKind::Status),
+            Up::Status(Status {
+                device_id: vid.clone(),
+                online: false,
+            })
+            .encode()
+            .unwrap(),
+        ),
+        (
+            topics::up(&vid, UpKind::Hello),
+            hello(&vid, "forged").encode().unwrap(),
+        ),
+        (
+            topics::down(&vid, DownKind::Command),
+            Down::Rollback {
+                reason: "forged".into(),
+            }
+            .encode()
+            .unwrap(),
+        ),
+        (
+            topics::down(&vid, DownKind::Command),
+            Down::Config(ConfigUpdate {
+                telemetry_interval_s: Some(86_400),
+                drift_interval_s: None,
+                drift_thresholds: None,
+            })
+            .encode()
+            .unwrap(),
+        ),
+    ];
+    for (topic, payload) in &forged {
+        let x = open().await.unwrap();
+        x.client
+            .publish(topic.clone(), QoS::AtLeastOnce, true, payload.clone())
+            .await
+            .unwrap();
+        closed_by_broker(&x, &format!("publish to {topic}")).await;
+    }
+    // Reading as the victim: its down/ filter, and everything.
+    for filter in [topics::down_filter(&vid), "edgefleet/#".to_string()] {
+        let x = open().await.unwrap();
+        x.client.subscribe(&filter, QoS::AtLeastOnce).await.unwrap();
+        closed_by_broker(&x, &format!("subscribe to {filter}")).await;
+    }
+    // A last will on the victim's status is refused at CONNECT.
+    let mut o = mqtt::options(&second, "127.0.0.1", port);
+    o.set_credentials(attacker, &a_pass);
+    o.set_last_will(rumqttc::LastWill::new(
+        topics::up(&vid, UpKind::Status),
+        b"{}".to_vec(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    refused_with(
+        connect_with(attacker, o).await,
+        ConnectReturnCode::NotAuthorized,
+        "last will on the victim's topic",
+    );
+
+    // Nothing reached the victim, the broker or the server.
+    let leaked = v.next_publish(Duration::from_millis(1500)).await;
+    assert!(
+        leaked.is_none(),
+        "the victim got a forged message: {leaked:?}"
+    );
+    a.send(&a.id, UpKind::Hello, &hello(&a.id, "after")).await;
+    hello_until_registered(&api, &a, "after").await;
+    let (st, d) = api.get(&format!("/v1/devices/{victim}")).await;
+    assert_eq!(st, 200);
+    assert_eq!(d["device"]["tags"], json!(["victim"]), "{d}");
+    assert_eq!(d["device"]["online"], true, "{d}");
+    let (_, stats) = api.get("/v1/stats").await;
+    assert_eq!(stats["broker_acl_denied"], 7, "{stats}");
+    assert_eq!(stats["impersonations"], 0, "{stats}");
+    assert_eq!(stats["broker_auth_refused"], 0, "{stats}");
+    let srv = server.state().mqtt.get().unwrap();
+
+    // Each device's own topics work end to end: the server's commands reach
+    // their device and only it.
+    for to_victim in [true, false] {
+        let (dev, other) = if to_victim {
+            (&mut v, &mut a)
+        } else {
+            (&mut a, &mut v)
+        };
+        let cmd = Down::Rollback {
+            reason: format!("for {}", dev.id),
+        };
+        srv.publish(
+            topics::down(&dev.id, DownKind::Command),
+            QoS::AtLeastOnce,
+            false,
+            cmd.encode().unwrap(),
+        )
+        .await
+        .unwrap();
+        let got = dev.next_publish(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(got.topic, topics::down(&dev.id, DownKind::Command));
+        assert_eq!(Down::decode(&got.payload).unwrap(), cmd);
+        let leaked = other.next_publish(Duration::from_millis(500)).await;
+        assert!(leaked.is_none(), "{} read {leaked:?}", other.id);
+    }
+    assert!(!a.task.is_finished() && !v.task.is_finished());
+
+    drop((a, v));
+    server.shutdown().await.unwrap();
 }

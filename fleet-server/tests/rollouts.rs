@@ -272,3 +272,89 @@ async fn rollout_through_mosquitto() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// Issue #20 (9): a device's rollback reason and its detail (here a trial
+/// load failure) are both kept and shown by `GET /v1/rollouts/{id}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollback_reason_and_detail_are_kept_and_shown() {
+    use edgefleet_protocol::messages::{EventKind, UpdateEvent};
+    use edgefleet_protocol::topics::UpKind;
+    use edgefleet_protocol::Up;
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let devs = fleet(
+        "ldf",
+        1,
+        &sim_config(&k, server.broker_port(), "ldf"),
+        sim::always(Behavior::Silent),
+    )
+    .await;
+    api.wait_registered("ldf", 1).await;
+    let sha = api.upload(bundle(&k, 2, 20_000)).await;
+    let id = api
+        .create_rollout(
+            json!({"bundle": sha, "selector": {"tag": "ldf"}, "waves": ["100%"],
+            "wave_timeout_s": 60, "max_failure_rate": 0.0}),
+        )
+        .await;
+    let release = server.state().rollouts.lock().unwrap()[&id].release.clone();
+    let detail = "load detector@2: model.bin: not an NNEF archive";
+    let ev = Up::Event(UpdateEvent {
+        device_id: devs[0].id.clone(),
+        rollout_id: Some(id.clone()),
+        release,
+        kind: EventKind::RolledBack,
+        reason: Some("load_failed".into()),
+        detail: Some(detail.into()),
+        seq: 1,
+    });
+    devs[0].publish(UpKind::Event, &ev).await.unwrap();
+    let r = wait_rollout(&server, &id, Duration::from_secs(20), finished).await;
+    assert!(matches!(r.state, RolloutState::Halted(_)), "{:?}", r.state);
+    let (code, v) = api.get(&format!("/v1/rollouts/{id}")).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        v["rollout"]["devices"][devs[0].id.as_str()],
+        json!({"wave": 0, "state": "rolled_back", "offered_ms": r.devices[devs[0].id.as_str()].offered_ms,
+               "reason": "load_failed", "detail": detail}),
+        "{v}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// A trial policy out of range or with an unknown field is a 400 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollout_with_a_bad_trial_policy_is_refused() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let sha = api.upload(bundle(&k, 2, 1_000)).await;
+    for (trial, field, says) in [
+        (
+            json!({"max_error_rate": 1.5}),
+            "trial.max_error_rate",
+            "outside 0..=1",
+        ),
+        (
+            json!({"max_p99_ratio": 0.5}),
+            "trial.max_p99_ratio",
+            "must be a number >= 1",
+        ),
+        (json!({"window": 5}), "body", "unknown field `window`"),
+    ] {
+        let (code, v) = api
+            .post("/v1/rollouts", json!({"bundle": sha, "trial": trial}))
+            .await;
+        assert_eq!(code, 400, "{trial}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(field) && msg.contains(says), "{trial}: {v}");
+    }
+    server.shutdown().await.unwrap();
+}

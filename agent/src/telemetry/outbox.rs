@@ -14,6 +14,13 @@
 //!   the persisted drop counter, which every later record carries as
 //!   `outbox_dropped`.
 //!
+//! Disk ceiling ([`Outbox::with_disk_limit`], the agent's `[storage]
+//! max_bytes`): when the store's files exceed five eighths of it at an
+//! append, the byte bound is halved for that append (to what is stored now
+//! / 2), so the oldest half of the waiting records is dropped and counted
+//! like any other drop; sled reuses the freed space a segment at a time,
+//! which the remaining three eighths leave room for.
+//!
 //! Design: an append is one atomic sled batch (record, dropped-oldest
 //! removals, `next_seq`, drop counter), so a crash never leaves a record
 //! without its sequence number being reserved. Power-cut guarantee: with
@@ -80,6 +87,8 @@ pub struct Outbox {
     cfg: OutboxConfig,
     state: Mutex<State>,
     notify: Arc<Notify>,
+    /// Store directory and its ceiling in bytes ([`Outbox::with_disk_limit`]).
+    disk: Option<(std::path::PathBuf, u64)>,
 }
 
 fn record_key(seq: u64) -> [u8; 9] {
@@ -104,6 +113,20 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>, Error> {
     })?;
     Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
         .map(u64::from_be_bytes))
+}
+
+/// Total size of the regular files under `p` (bytes; 0 if unreadable).
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 impl Outbox {
@@ -153,7 +176,35 @@ impl Outbox {
                 bytes,
             }),
             notify: Arc::new(Notify::new()),
+            disk: None,
         })
+    }
+
+    /// Enforces a ceiling on the files under `dir` (the sled store holding
+    /// this outbox): see the module docs. `max_bytes` is in bytes.
+    #[must_use]
+    pub fn with_disk_limit(mut self, dir: std::path::PathBuf, max_bytes: u64) -> Self {
+        self.disk = Some((dir, max_bytes));
+        self
+    }
+
+    /// The byte bound for the next append: the configured one, or half of
+    /// what is stored when the store's files are over the disk ceiling.
+    fn byte_budget(&self, stored: u64) -> u64 {
+        match &self.disk {
+            Some((dir, max)) => {
+                let used = dir_bytes(dir);
+                // Five eighths: sled frees dropped records' space a segment
+                // at a time, so the files go on growing for a while.
+                if used > *max / 8 * 5 {
+                    tracing::warn!(used, max, stored, "store over its disk ceiling: dropping the oldest half of the telemetry outbox");
+                    self.cfg.max_bytes.min(stored / 2)
+                } else {
+                    self.cfg.max_bytes
+                }
+            }
+            None => self.cfg.max_bytes,
+        }
     }
 
     /// Opens a sled database at `path` just for the outbox (tests, tools).
@@ -196,9 +247,10 @@ impl Outbox {
         let new_size = size(&record).map_err(|source| Error::Encode { seq, source })?;
         let mut batch = sled::Batch::default();
         let (mut len, mut bytes, mut dropped) = (st.len, st.bytes, st.dropped);
-        if len + 1 > self.cfg.max_records || bytes + new_size > self.cfg.max_bytes {
+        let max_bytes = self.byte_budget(bytes);
+        if len + 1 > self.cfg.max_records || bytes + new_size > max_bytes {
             for kv in self.tree.scan_prefix([RECORD_PREFIX]) {
-                if len < self.cfg.max_records && bytes + new_size <= self.cfg.max_bytes {
+                if len < self.cfg.max_records && bytes + new_size <= max_bytes {
                     break;
                 }
                 let (k, v) = kv.map_err(|source| Error::Store {
@@ -473,6 +525,36 @@ mod tests {
         assert!(o.bytes() <= cfg.max_bytes);
         assert_eq!(o.dropped(), 6);
         assert_eq!(o.peek(1).unwrap()[0].seq, 7);
+    }
+
+    /// Over the ceiling (records never acknowledged, a tiny ceiling), the
+    /// outbox drops its oldest records, counted, and the store stays near it.
+    #[test]
+    fn disk_ceiling_drops_oldest_when_the_store_is_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().to_path_buf();
+        let cap = 1024 * 1024;
+        // The agent's store uses 64 KiB segments (store::SEGMENT_SIZE).
+        let db = sled::Config::new()
+            .path(&p)
+            .segment_size(64 * 1024)
+            .open()
+            .unwrap();
+        let out = Outbox::open(&db, OutboxConfig::default())
+            .unwrap()
+            .with_disk_limit(p.clone(), cap);
+        let mut most = 0;
+        for i in 0..10_000 {
+            out.append(rec(i)).unwrap();
+            most = most.max(dir_bytes(&p));
+        }
+        out.flush().unwrap();
+        let used = dir_bytes(&p);
+        eprintln!("store {used} bytes at the end, {most} at most, ceiling {cap}");
+        assert!(out.dropped() > 0, "nothing dropped at {used} bytes");
+        assert!(most <= cap, "{most} bytes at most for a {cap}-byte ceiling");
+        let p10 = out.peek(10).unwrap();
+        assert_eq!(p10[0].seq, out.dropped() + 1, "the oldest were dropped");
     }
 
     #[test]

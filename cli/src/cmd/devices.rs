@@ -5,7 +5,12 @@ use super::bundles::Client;
 /// Subcommands of `edgefleet devices`.
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// List devices (optionally filtered).
+    /// List devices (optionally filtered): a table (id, online, target, active release,
+    /// update state, last seen, groups, tags), or the API's JSON with --json.
+    #[command(after_help = "Examples:
+  edgefleet devices list
+  edgefleet devices list --group line-3 --target rpi4
+  edgefleet devices list --json | jq -r '.devices[] | select(.online) | .id'")]
     List {
         /// Server connection.
         #[command(flatten)]
@@ -19,8 +24,13 @@ pub enum Command {
         /// Only this target profile.
         #[arg(long)]
         target: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
-    /// Show one device.
+    /// Show one device (JSON: registry entry and its rollouts).
+    #[command(after_help = "Example:
+  edgefleet devices show cam-17")]
     Show {
         /// Server connection.
         #[command(flatten)]
@@ -29,6 +39,8 @@ pub enum Command {
         id: String,
     },
     /// Add or remove operator tags.
+    #[command(after_help = "Example:
+  edgefleet devices tag cam-17 --add canary --remove line-2")]
     Tag {
         /// Server connection.
         #[command(flatten)]
@@ -43,6 +55,8 @@ pub enum Command {
         remove: Vec<String>,
     },
     /// Add or remove groups.
+    #[command(after_help = "Example:
+  edgefleet devices group cam-17 --add line-3   # then: edgefleet rollouts create --group line-3 ...")]
     Group {
         /// Server connection.
         #[command(flatten)]
@@ -115,6 +129,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             group,
             tag,
             target,
+            json,
         } => {
             let c = Client::new(conn);
             let mut q = Vec::new();
@@ -124,23 +139,10 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 }
             }
             let v = c.get("/v1/devices", &q)?;
-            println!(
-                "{:<24} {:<8} {:<20} {:<16} {:<12} groups",
-                "id", "online", "target", "active", "state"
-            );
-            for d in v["devices"].as_array().into_iter().flatten() {
-                let active = d["active"].as_object().map_or("-".to_string(), |a| {
-                    format!("{}#{}", a["model"].as_str().unwrap_or("?"), a["release"])
-                });
-                println!(
-                    "{:<24} {:<8} {:<20} {:<16} {:<12} {}",
-                    d["id"].as_str().unwrap_or(""),
-                    d["online"],
-                    d["target"].as_str().unwrap_or("-"),
-                    active,
-                    d["update_state"].as_str().unwrap_or("-"),
-                    d["groups"]
-                );
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", list_table(&v, super::table::now_ms()));
             }
         }
         Command::Show { conn, id } => Client::new(conn).print(&format!("/v1/devices/{id}"))?,
@@ -216,4 +218,81 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A release for people: `model version (release N)`, `-` when none.
+pub fn release(r: &serde_json::Value) -> String {
+    match r.as_object() {
+        Some(a) => format!(
+            "{} {} (release {})",
+            a.get("model").and_then(|m| m.as_str()).unwrap_or("?"),
+            a.get("version").and_then(|m| m.as_str()).unwrap_or("?"),
+            a.get("release").unwrap_or(&serde_json::Value::Null)
+        ),
+        None => "-".into(),
+    }
+}
+
+/// The `devices list` table of a `GET /v1/devices` answer, times relative to `now_ms`.
+pub fn list_table(v: &serde_json::Value, now_ms: u64) -> String {
+    use super::table;
+    let rows: Vec<Vec<String>> = v["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let mut tags: Vec<serde_json::Value> = Vec::new();
+            for k in ["tags", "operator_tags"] {
+                tags.extend(d[k].as_array().into_iter().flatten().cloned());
+            }
+            vec![
+                d["id"].as_str().unwrap_or("").to_string(),
+                if d["online"] == true { "yes" } else { "no" }.to_string(),
+                d["target"].as_str().unwrap_or("-").to_string(),
+                release(&d["active"]),
+                d["update_state"].as_str().unwrap_or("-").to_string(),
+                table::ago(now_ms, d["last_seen_ms"].as_u64().unwrap_or(0)),
+                table::list(&d["groups"]),
+                table::list(&serde_json::Value::Array(tags)),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "id",
+            "online",
+            "target",
+            "active",
+            "state",
+            "last seen",
+            "groups",
+            "tags",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_is_a_table_with_releases_and_ages() {
+        let now = 1_700_000_000_000u64;
+        let v = serde_json::json!({"devices": [
+            {"id": "cam-01", "online": true, "target": "rpi4",
+             "active": {"model": "silero_vad", "release": 2, "version": "1.1.0"},
+             "update_state": "idle", "last_seen_ms": now - 4_000,
+             "groups": ["line-3"], "tags": ["dock"], "operator_tags": ["canary"]},
+            {"id": "cam-02", "online": false, "target": null, "active": null,
+             "update_state": null, "last_seen_ms": now - 7_260_000,
+             "groups": [], "tags": [], "operator_tags": []}
+        ]});
+        assert_eq!(
+            list_table(&v, now),
+            "id      online  target  active                        state  last seen  groups  tags\n\
+             cam-01  yes     rpi4    silero_vad 1.1.0 (release 2)  idle   4s ago     line-3  dock,canary\n\
+             cam-02  no      -       -                             -      2h 1m ago  -       -\n"
+        );
+    }
 }

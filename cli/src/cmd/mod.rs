@@ -8,3 +8,4 @@ pub mod devices;
 pub mod keygen;
 pub mod rollouts;
 pub mod serve;
+pub mod table;

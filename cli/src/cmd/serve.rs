@@ -16,6 +16,14 @@ pub enum DeviceAuthArg {
 
 /// Arguments of `edgefleet serve`.
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  edgefleet serve --data server-data --trust keys/release.pub.pem --token secret   # API :8080, MQTT :1884
+  edgefleet serve --trust keys/release.pub.pem --token secret --device-auth off     # lab: any device may connect
+  edgefleet serve --trust keys/release.pub.pem --token secret \\
+      --broker mqtt://127.0.0.1:1883 --broker-auth edgefleet-server:PASS            # Mosquitto (docs/mosquitto.conf)
+
+Logs (stderr): info lines with an `event` field for uploads, rollouts, waves, halts, commits;
+more with --log-level debug or EDGEFLEET_LOG (docs/fleet-server.md, \"Logging\").")]
 pub struct Args {
     /// Data directory (sled store, bundles).
     #[arg(long, default_value = "edgefleet-data")]

@@ -25,13 +25,36 @@
 //!   class ids; p-value from the regularized upper incomplete gamma function
 //!   (Numerical Recipes in C, 2nd ed., §6.2).
 //!
+//! Trustworthy drift detection (issue #11), a self-contained API beside the
+//! monitor above: [`Binning`] (minimum bin width, minimum reference count),
+//! [`DecayedHistogram`] (exponentially decayed window instead of cumulative
+//! counts), [`Lag1Autocorrelation`] / [`effective_sample_size`] (AR(1)
+//! effective sample size), and [`DriftDetector`], whose tests
+//! ([`psi_null_threshold`], [`chi_square_homogeneity`]) have a stated
+//! false-alarm rate per evaluation with a [`Correction`] across features;
+//! every [`DriftTest`] reports its sample count, effective sample size,
+//! window, statistic, threshold, p-value and [`Verdict`].
+//!
 //! No I/O; everything is deterministic.
 
+mod binning;
+mod detector;
 mod extract;
 mod monitor;
 mod profile;
 mod stats;
+mod window;
 
+pub use binning::{
+    Binning, BinningRule, DEFAULT_MIN_BIN_COUNT, DEFAULT_MIN_WIDTH_IQR_FRACTION,
+    DEFAULT_MIN_WIDTH_RANGE_FRACTION,
+};
+pub use detector::{
+    chi2_upper_quantile, chi_square_homogeneity, effective_sample_size, psi_null_threshold,
+    psi_smoothed, Autocorrelation, Correction, DetectorConfig, DetectorReport, DetectorState,
+    DriftDetector, DriftTest, StreamState, TestConfig, TestKind, Verdict, WindowConfig,
+    PSI_PSEUDO_COUNT,
+};
 pub use extract::{default_selectors, extract, FeatureSelector, DEFAULT_MAX_VALUES_PER_SAMPLE};
 pub use monitor::{
     ClassDrift, ClassMonitor, DriftMonitor, DriftReport, DriftStatus, DriftThresholds,
@@ -44,6 +67,7 @@ pub use profile::{
 pub use stats::{
     chi2_p_value, chi_square, gamma_q, ks_binned, psi, ChiSquare, DEFAULT_PSI_EPSILON,
 };
+pub use window::{decay_factor, CategoricalLag1, DecayedHistogram, Lag1Autocorrelation};
 
 /// Errors of this crate. Each variant names the feature or field at fault.
 #[derive(Debug, thiserror::Error)]

@@ -197,7 +197,7 @@ const FPMIN: f64 = 1e-300;
 
 /// `ln Γ(x)` for `x > 0`, Lanczos approximation (NR §6.1 `gammln`,
 /// relative error < 2e-10).
-fn ln_gamma(x: f64) -> f64 {
+pub(crate) fn ln_gamma(x: f64) -> f64 {
     const COF: [f64; 6] = [
         76.180_091_729_471_46,
         -86.505_320_329_416_77,

@@ -35,3 +35,9 @@ pub const MQTT_MAX_PACKET_BYTES: usize = 1024 * 1024;
 /// MQTT keep-alive the agent uses (seconds); the broker publishes the last
 /// will after 1.5x this without traffic.
 pub const KEEP_ALIVE_S: u64 = 15;
+/// How often an agent publishes `up/heartbeat` by default (seconds;
+/// docs/specs/mqtt.md, "Heartbeat and liveness").
+pub const HEARTBEAT_INTERVAL_S: u64 = 30;
+/// The server marks a device offline when it has heard nothing from it for
+/// this long (seconds): three missed heartbeats at [`HEARTBEAT_INTERVAL_S`].
+pub const HEARTBEAT_TIMEOUT_S: u64 = 3 * HEARTBEAT_INTERVAL_S;

@@ -94,7 +94,10 @@ pub struct Status {
     pub online: bool,
 }
 
-/// Periodic liveness.
+/// Periodic liveness (QoS 0, every [`crate::HEARTBEAT_INTERVAL_S`] while
+/// connected); the server marks a device offline after
+/// [`crate::HEARTBEAT_TIMEOUT_S`] without any message. Like every message
+/// off the air it ignores unknown fields (docs/specs/mqtt.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Must equal the device id in the topic.
@@ -164,11 +167,12 @@ pub struct UpdateEvent {
     pub release: ReleaseRef,
     /// What happened.
     pub kind: EventKind,
-    /// Machine-readable reason for `rejected`, `failed`, `rolled_back`
-    /// (e.g. `golden_mismatch`, `nan_output`, `latency_budget`, `crash_loop`,
-    /// `error_rate`, `server_command`, or a bundle error code such as `bad_signature`).
+    /// Machine-readable reason for `rejected`, `failed`, `rolled_back`: a
+    /// trial verdict ([`rollback_reason`]: `load_failed`, `golden_mismatch`,
+    /// `nan_output`, `latency_budget`, `error_rate`, `crash_loop`,
+    /// `server_command`, `cancelled`), or a bundle error code such as `bad_signature`.
     pub reason: Option<String>,
-    /// Human-readable detail.
+    /// Human-readable detail (e.g. the load error, or the latencies compared).
     pub detail: Option<String>,
     /// Device-local sequence number (events are also stored and forwarded).
     pub seq: u64,
@@ -191,16 +195,45 @@ pub struct ChunkRequest {
 /// than this many chunk messages in flight).
 pub const MAX_CHUNKS_PER_REQUEST: u32 = 16;
 
-/// How the device should run the trial of an offered release.
+/// The `reason` codes of a trial that ends in `rolled_back` (docs/agent.md, "Trial").
+pub mod rollback_reason {
+    /// The candidate does not load (unreadable or invalid model file, tract
+    /// refuses it); the detail carries the load error.
+    pub const LOAD_FAILED: &str = "load_failed";
+    /// An output of a golden vector differs beyond tolerance.
+    pub const GOLDEN_MISMATCH: &str = "golden_mismatch";
+    /// The candidate produced NaN or Inf.
+    pub const NAN_OUTPUT: &str = "nan_output";
+    /// Latency over the target budget, or over `max_p99_ratio` x the reference.
+    pub const LATENCY_BUDGET: &str = "latency_budget";
+    /// More failed requests than `max_error_rate` allows (or a golden run failed).
+    pub const ERROR_RATE: &str = "error_rate";
+    /// The agent restarted twice during one trial.
+    pub const CRASH_LOOP: &str = "crash_loop";
+    /// The server ordered the rollback.
+    pub const SERVER_COMMAND: &str = "server_command";
+    /// The server cancelled the rollout during the trial.
+    pub const CANCELLED: &str = "cancelled";
+}
+
+/// How the device should run the trial of an offered release. Every field
+/// has a default ([`TrialPolicy::default`]), so a partial object is accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrialPolicy {
-    /// Trial window length (s).
+    /// Trial window length (s), 0..=[`TrialPolicy::MAX_WINDOW_S`].
     pub window_s: u64,
-    /// Minimum requests observed in the window before it may commit.
+    /// Minimum candidate requests observed before it may commit,
+    /// 0..=[`TrialPolicy::MAX_MIN_REQUESTS`].
     pub min_requests: u64,
-    /// Maximum error rate (0..1).
+    /// Maximum error rate of the candidate (0..=1).
     pub max_error_rate: f64,
-    /// Maximum ratio of new p99 latency to the previous model's.
+    /// Maximum ratio of the candidate's latency (p99 once there are 100
+    /// samples, p50 before) to its reference (>= 1): the previous release's
+    /// latency on the same inputs when the candidate is a new release of the
+    /// same model, else the candidate's own latency on its golden inputs
+    /// measured on the device when the trial starts. The target's latency
+    /// budget applies in every case.
     pub max_p99_ratio: f64,
     /// Shadow (old model serves, new one runs alongside) or serve (new model serves).
     pub mode: TrialMode,
@@ -225,6 +258,49 @@ impl Default for TrialPolicy {
             max_p99_ratio: 3.0,
             mode: TrialMode::Shadow,
         }
+    }
+}
+
+impl TrialPolicy {
+    /// Longest trial window (s): one day.
+    pub const MAX_WINDOW_S: u64 = 86_400;
+    /// Most requests a trial may demand before it commits.
+    pub const MAX_MIN_REQUESTS: u64 = 1_000_000;
+
+    /// Checks every field; the server runs this when a rollout is created
+    /// and the agent on every offer, so both refuse the same policies.
+    ///
+    /// # Errors
+    /// [`Error::Field`] naming the first field out of range: `window_s` over
+    /// [`Self::MAX_WINDOW_S`], `min_requests` over [`Self::MAX_MIN_REQUESTS`],
+    /// `max_error_rate` outside 0..=1, `max_p99_ratio` not a finite number >= 1.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |field: &'static str, reason: String| Err(Error::Field { field, reason });
+        if self.window_s > Self::MAX_WINDOW_S {
+            return bad(
+                "trial.window_s",
+                format!("= {} is over {} s", self.window_s, Self::MAX_WINDOW_S),
+            );
+        }
+        if self.min_requests > Self::MAX_MIN_REQUESTS {
+            return bad(
+                "trial.min_requests",
+                format!("= {} is over {}", self.min_requests, Self::MAX_MIN_REQUESTS),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            return bad(
+                "trial.max_error_rate",
+                format!("= {} is outside 0..=1", self.max_error_rate),
+            );
+        }
+        if !(self.max_p99_ratio.is_finite() && self.max_p99_ratio >= 1.0) {
+            return bad(
+                "trial.max_p99_ratio",
+                format!("= {} must be a number >= 1", self.max_p99_ratio),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -472,5 +548,66 @@ impl Down {
     /// [`Error::TooLarge`], [`Error::UnsupportedVersion`], [`Error::Malformed`].
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
         decode(bytes, "command")
+    }
+}
+
+#[cfg(test)]
+mod trial_policy_tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_policy_takes_the_defaults_for_the_rest() {
+        let p: TrialPolicy = serde_json::from_str(r#"{"window_s": 4, "mode": "serve"}"#)
+            .expect("partial policy parses");
+        assert_eq!(
+            p,
+            TrialPolicy {
+                window_s: 4,
+                mode: TrialMode::Serve,
+                ..TrialPolicy::default()
+            }
+        );
+    }
+
+    #[test]
+    fn validate_names_the_first_field_out_of_range() {
+        assert!(TrialPolicy::default().validate().is_ok());
+        let field = |p: TrialPolicy| match p.validate() {
+            Err(Error::Field { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let d = TrialPolicy::default;
+        assert_eq!(
+            field(TrialPolicy {
+                window_s: TrialPolicy::MAX_WINDOW_S + 1,
+                ..d()
+            }),
+            "trial.window_s"
+        );
+        assert_eq!(
+            field(TrialPolicy {
+                min_requests: TrialPolicy::MAX_MIN_REQUESTS + 1,
+                ..d()
+            }),
+            "trial.min_requests"
+        );
+        for r in [-0.1, 1.5, f64::NAN] {
+            assert_eq!(
+                field(TrialPolicy {
+                    max_error_rate: r,
+                    ..d()
+                }),
+                "trial.max_error_rate"
+            );
+        }
+        for r in [0.5, f64::INFINITY, f64::NAN] {
+            assert_eq!(
+                field(TrialPolicy {
+                    max_p99_ratio: r,
+                    ..d()
+                }),
+                "trial.max_p99_ratio"
+            );
+        }
     }
 }

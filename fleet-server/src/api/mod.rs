@@ -1,19 +1,25 @@
 //! The operator REST API under `/v1` (OpenAPI at `/v1/openapi.json`).
 //! Every route but `/v1/health` and `/v1/openapi.json` needs
 //! `Authorization: Bearer <token>`; errors are JSON `{"error": {code, message}}`.
+//!
+//! Request bodies and query strings refuse unknown fields with 400 naming the
+//! field ([`parse_body`], [`query`]): a misspelt selector must not select the
+//! whole fleet.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State as AxState};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Digest as _;
 
@@ -92,7 +98,59 @@ async fn auth(AxState(state): S, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-async fn list_devices(AxState(s): S, Query(sel): Query<Selector>) -> Result<Json<Value>> {
+/// Parses a JSON request body, refusing unknown fields at any depth with a
+/// 400 naming the field. Server types say `deny_unknown_fields`; protocol
+/// types a body embeds (`TrialPolicy`, `ConfigUpdate`, `DriftThresholds`)
+/// ignore unknown fields on the air for forward compatibility
+/// (docs/specs/mqtt.md), so the body's keys are also checked against what the
+/// parsed value keeps: a key it would drop is refused.
+///
+/// # Errors
+/// [`Error::BadRequest`] (`body`) for bad JSON, a schema error, or an unknown field.
+pub fn parse_body<T: DeserializeOwned + Serialize>(body: &[u8]) -> Result<T> {
+    let raw: Value = serde_json::from_slice(body)
+        .map_err(|e| Error::bad("body", format!("not a JSON document: {e}")))?;
+    let parsed: T =
+        serde_json::from_value(raw.clone()).map_err(|e| Error::bad("body", e.to_string()))?;
+    let kept = serde_json::to_value(&parsed).map_err(|e| Error::bad("body", e.to_string()))?;
+    match unknown_field(&raw, &kept) {
+        Some(path) => Err(Error::bad("body", format!("unknown field `{path}`"))),
+        None => Ok(parsed),
+    }
+}
+
+/// The first key path in `raw` that `kept` (the parsed value, serialised
+/// again) does not have, e.g. `trial.windw_s`.
+fn unknown_field(raw: &Value, kept: &Value) -> Option<String> {
+    match (raw, kept) {
+        (Value::Object(r), Value::Object(k)) => r.iter().find_map(|(key, rv)| match k.get(key) {
+            None => Some(key.clone()),
+            Some(kv) => unknown_field(rv, kv).map(|sub| format!("{key}.{sub}")),
+        }),
+        (Value::Array(r), Value::Array(k)) => r
+            .iter()
+            .zip(k)
+            .enumerate()
+            .find_map(|(i, (rv, kv))| unknown_field(rv, kv).map(|sub| format!("{i}.{sub}"))),
+        _ => None,
+    }
+}
+
+/// A query string's filters, or a 400 naming what is wrong (an unknown
+/// parameter included).
+///
+/// # Errors
+/// [`Error::BadRequest`] (`query`).
+pub fn query<T>(q: std::result::Result<Query<T>, QueryRejection>) -> Result<T> {
+    q.map(|Query(t)| t)
+        .map_err(|e| Error::bad("query", e.body_text()))
+}
+
+async fn list_devices(
+    AxState(s): S,
+    q: std::result::Result<Query<Selector>, QueryRejection>,
+) -> Result<Json<Value>> {
+    let sel = query(q)?;
     let devices: Vec<_> = s
         .registry
         .list()?
@@ -120,7 +178,8 @@ async fn show_device(AxState(s): S, Path(id): Path<String>) -> Result<Json<Value
 }
 
 /// `{"add": [..], "remove": [..]}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct Edit {
     #[serde(default)]
     add: Vec<String>,
@@ -152,19 +211,13 @@ fn edit(set: &mut BTreeSet<String>, e: &Edit) {
     }
 }
 
-async fn edit_tags(
-    AxState(s): S,
-    Path(id): Path<String>,
-    Json(e): Json<Edit>,
-) -> Result<Json<Value>> {
+async fn edit_tags(AxState(s): S, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>> {
+    let e: Edit = parse_body(&body)?;
     edit_device_set(&s, &id, &e, |d| &mut d.operator_tags)
 }
 
-async fn edit_groups(
-    AxState(s): S,
-    Path(id): Path<String>,
-    Json(e): Json<Edit>,
-) -> Result<Json<Value>> {
+async fn edit_groups(AxState(s): S, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>> {
+    let e: Edit = parse_body(&body)?;
     edit_device_set(&s, &id, &e, |d| &mut d.groups)
 }
 
@@ -173,11 +226,8 @@ async fn edit_groups(
 /// validates, persists and applies it without a restart
 /// (`agent/src/settings.rs`). Both sides run `ConfigUpdate::validate`, so an
 /// operator gets a 400 naming the field instead of a refusal on the device.
-async fn send_config(
-    AxState(s): S,
-    Path(id): Path<String>,
-    Json(c): Json<edgefleet_protocol::messages::ConfigUpdate>,
-) -> Result<Json<Value>> {
+async fn send_config(AxState(s): S, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>> {
+    let c: edgefleet_protocol::messages::ConfigUpdate = parse_body(&body)?;
     c.validate().map_err(|e| match e {
         edgefleet_protocol::Error::Field { field, reason } => Error::bad(field, reason),
         other => other.into(),
@@ -273,10 +323,13 @@ async fn upload_bundle(AxState(s): S, body: Bytes) -> Result<Json<Value>> {
         ));
     }
     let b = s.bundles.clone();
-    let info = tokio::task::spawn_blocking(move || b.upload(&body))
+    let up = tokio::task::spawn_blocking(move || b.upload_checked(&body))
         .await
         .map_err(|e| Error::Mqtt(e.to_string()))??;
-    Ok(Json(json!({ "bundle": info })))
+    let created = matches!(up, crate::bundles::Upload::Stored(_));
+    Ok(Json(
+        json!({ "bundle": up.into_info(), "created": created }),
+    ))
 }
 
 async fn list_bundles(AxState(s): S) -> Result<Json<Value>> {
@@ -308,8 +361,7 @@ fn rollout_json(r: &crate::rollout::Rollout, with_devices: bool) -> Value {
 }
 
 async fn create_rollout(AxState(s): S, body: Bytes) -> Result<Json<Value>> {
-    let spec: RolloutSpec =
-        serde_json::from_slice(&body).map_err(|e| Error::bad("body", e.to_string()))?;
+    let spec: RolloutSpec = parse_body(&body)?;
     let r = s.create_rollout(spec).await?;
     Ok(Json(json!({ "rollout": rollout_json(&r, true) })))
 }
@@ -340,7 +392,11 @@ async fn control_rollout(
     Ok(Json(json!({ "rollout": rollout_json(&r, false) })))
 }
 
-async fn telemetry(AxState(s): S, Query(q): Query<crate::telemetry::Query>) -> Result<Json<Value>> {
+async fn telemetry(
+    AxState(s): S,
+    q: std::result::Result<Query<crate::telemetry::Query>, QueryRejection>,
+) -> Result<Json<Value>> {
+    let q = query(q)?;
     Ok(Json(
         json!({ "telemetry": crate::telemetry::query(&s.store, &s.registry, &q)? }),
     ))
@@ -348,13 +404,18 @@ async fn telemetry(AxState(s): S, Query(q): Query<crate::telemetry::Query>) -> R
 
 /// Drift query filters.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DriftQuery {
     device: Option<String>,
     group: Option<String>,
     model: Option<String>,
 }
 
-async fn drift(AxState(s): S, Query(q): Query<DriftQuery>) -> Result<Json<Value>> {
+async fn drift(
+    AxState(s): S,
+    q: std::result::Result<Query<DriftQuery>, QueryRejection>,
+) -> Result<Json<Value>> {
+    let q = query(q)?;
     let v = crate::drift::query(
         &s,
         q.device.as_deref(),
@@ -376,5 +437,6 @@ async fn stats(AxState(s): S) -> Json<Value> {
         "telemetry_records": l(&st.telemetry_records), "telemetry_duplicates": l(&st.telemetry_duplicates),
         "chunks_sent": l(&st.chunks_sent), "offers_sent": l(&st.offers_sent),
         "broker_auth_refused": l(&st.broker_auth_refused),
+        "broker_acl_denied": l(&st.broker_acl_denied),
     }))
 }

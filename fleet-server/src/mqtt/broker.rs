@@ -5,63 +5,115 @@
 //! 15k connections and has no shutdown API. Fleets beyond a few thousand
 //! devices should use Mosquitto or EMQX (`serve --broker mqtt://HOST:PORT`).
 //!
-//! Device auth ([`crate::config::DeviceAuth::Required`]): every CONNECT goes
-//! through [`device_auth`] (rumqttd's external auth hook). rumqttd 0.20 has no
-//! topic ACLs: once connected, a device can publish and subscribe anywhere
-//! (docs/fleet-server.md, "Device isolation").
+//! How it is exposed depends on [`DeviceAuth`] ([`start`]):
+//! - [`DeviceAuth::Required`]: rumqttd listens on an internal loopback port
+//!   whose CONNECT hook admits only the server's own credentials
+//!   ([`server_only`]); the server's client connects there. Devices connect to
+//!   the public port, served by [`super::gate`], which authenticates each
+//!   CONNECT with the device's issued credentials and enforces the topic ACL
+//!   (rumqttd 0.20 has none) before relaying to rumqttd.
+//! - [`DeviceAuth::Off`] (lab mode): rumqttd listens on the public port
+//!   itself; anyone may connect, as any client id, and publish and subscribe
+//!   anywhere (docs/fleet-server.md, "Device isolation").
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::credentials::{BrokerAuth, Principal};
-use crate::{Error, Result, State};
+use super::gate;
+use crate::{DeviceAuth, Error, Result, State};
 
 /// A CONNECT check: (client id, username, password) -> accept.
 pub type ConnectCheck = Arc<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
 
-/// The device-auth check of a running server. It holds the state weakly (the
-/// broker thread outlives [`crate::Server::shutdown`]; it must not keep the
-/// store open): once the server is gone every connect is refused. Refusals
-/// are logged (client id, username, reason; never the password) and counted
-/// (`broker_auth_refused` in `/v1/stats`).
-pub fn device_auth(state: Weak<State>) -> ConnectCheck {
-    Arc::new(move |client_id: &str, username: &str, password: &str| {
-        let Some(st) = state.upgrade() else {
-            return false;
-        };
-        let Some((su, sp)) = &st.config.mqtt_credentials else {
-            return false;
-        };
-        let auth = BrokerAuth {
-            credentials: &st.credentials,
-            server: (su.as_str(), sp.as_str()),
-        };
-        match auth.check(client_id, username, password) {
-            Ok(Principal::Server) => {
-                tracing::debug!(client_id, "broker: server connected");
-                true
-            }
-            Ok(Principal::Device(_)) => {
-                tracing::debug!(client_id, username, "broker: device authenticated");
-                true
-            }
-            Err(r) => {
-                st.stats.broker_auth_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    client_id,
-                    username,
-                    reason = r.as_str(),
-                    "broker: connection refused"
-                );
-                false
-            }
+/// The internal port's CONNECT check: only `username` with `password` (the
+/// server's own login, which the gate also presents for every client it
+/// admitted). Passwords are compared as SHA-256 digests (constant time).
+pub fn server_only(username: String, password: String) -> ConnectCheck {
+    let want = Sha256::digest(password.as_bytes());
+    Arc::new(move |client_id: &str, user: &str, pass: &str| {
+        let ok = user == username && Sha256::digest(pass.as_bytes()) == want;
+        if !ok {
+            tracing::warn!(
+                client_id,
+                username = user,
+                "internal broker port: refused a login other than the server's"
+            );
         }
+        ok
     })
+}
+
+/// The running embedded broker.
+pub struct Embedded {
+    /// The port devices connect to (the gate's, or rumqttd's in lab mode).
+    pub public_port: u16,
+    /// The port the server's own client connects to (rumqttd's).
+    pub client_port: u16,
+    /// The gate's accept loop (`None` in lab mode).
+    pub gate: Option<JoinHandle<()>>,
+}
+
+/// Starts the embedded broker for `state` on public port `port` (0: a free
+/// one) as [`DeviceAuth`] says (module doc). With [`DeviceAuth::Required`]
+/// `state.config.mqtt_credentials` must be set (the server's login).
+///
+/// # Errors
+/// [`Error::Mqtt`] when rumqttd does not start, [`Error::Io`] when the
+/// public port cannot be bound.
+pub async fn start(
+    state: &Arc<State>,
+    port: u16,
+    auth: DeviceAuth,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Embedded> {
+    let spawn = |port: u16, check: Option<ConnectCheck>| async move {
+        tokio::task::spawn_blocking(move || spawn_embedded_with(port, check))
+            .await
+            .map_err(|e| Error::Mqtt(e.to_string()))?
+    };
+    match auth {
+        DeviceAuth::Off => {
+            tracing::warn!(
+                "device auth off (lab mode): the embedded broker admits anyone and does not \
+                 isolate devices from each other"
+            );
+            let p = spawn(port, None).await?;
+            Ok(Embedded {
+                public_port: p,
+                client_port: p,
+                gate: None,
+            })
+        }
+        DeviceAuth::Required => {
+            let login =
+                state.config.mqtt_credentials.clone().ok_or_else(|| {
+                    Error::Mqtt("device auth needs the server's broker login".into())
+                })?;
+            let listener = gate::bind(port).await?;
+            let public_port = listener
+                .local_addr()
+                .map_err(|e| Error::io("broker gate", e))?
+                .port();
+            let internal = spawn(0, Some(server_only(login.0.clone(), login.1.clone()))).await?;
+            let upstream = gate::Upstream {
+                port: internal,
+                login,
+            };
+            let task = gate::spawn(listener, upstream, Arc::downgrade(state), shutdown);
+            Ok(Embedded {
+                public_port,
+                client_port: internal,
+                gate: Some(task),
+            })
+        }
+    }
 }
 
 /// rumqttd configuration built in code: max payload >= the protocol's MQTT
@@ -130,7 +182,7 @@ pub fn spawn_embedded(port: u16) -> Result<u16> {
     spawn_embedded_with(port, None)
 }
 
-/// [`spawn_embedded`] with a CONNECT check (see [`device_auth`]).
+/// [`spawn_embedded`] with a CONNECT check (see [`server_only`]).
 ///
 /// # Errors
 /// [`Error::Mqtt`] when it does not accept within 5 s.

@@ -1,9 +1,12 @@
 //! The server's MQTT side: one rumqttc client subscribed to every device's
 //! `up/#`, a dispatcher that decodes with `Up::decode` (rejecting messages
 //! that claim another device's id) and routes to registry, rollouts,
-//! telemetry, drift and chunk serving.
+//! telemetry, drift and chunk serving; and the offline sweep (devices not
+//! heard from for the heartbeat timeout are marked offline).
 
+pub mod acl;
 pub mod broker;
+pub mod gate;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +53,7 @@ pub fn start(
         o.set_credentials(u, p);
     }
     let (client, mut el) = client(o, 100_000);
+    let shutdown_sweep = shutdown.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
     let sub = client.clone();
     let loop_task = tokio::spawn(async move {
@@ -83,7 +87,30 @@ pub fn start(
             handle(&st, &topic, &payload).await;
         }
     });
-    (client, vec![loop_task, dispatch])
+    let sweep = tokio::spawn(offline_sweep(state, shutdown_sweep));
+    (client, vec![loop_task, dispatch, sweep])
+}
+
+/// Marks devices offline after the heartbeat timeout
+/// ([`crate::Config::heartbeat_timeout_ms`]), checking every quarter of it
+/// (50 ms to 5 s).
+async fn offline_sweep(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let timeout = state.config.heartbeat_timeout_ms;
+    let period = Duration::from_millis((timeout / 4).clamp(50, 5000));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let reg = state.registry.clone();
+        let now = crate::store::now_ms();
+        match tokio::task::spawn_blocking(move || reg.expire(timeout, now)).await {
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "offline sweep failed"),
+        }
+    }
 }
 
 /// Handles one message from a device. Never panics on bad input: every
@@ -121,6 +148,11 @@ pub async fn handle(state: &Arc<State>, topic: &str, payload: &[u8]) {
 }
 
 async fn route(state: &Arc<State>, id: &DeviceId, msg: Up) -> crate::Result<()> {
+    match &msg {
+        // These record liveness themselves; the others only refresh last_seen.
+        Up::Hello(_) | Up::Status(_) | Up::Heartbeat(_) | Up::Event(_) => {}
+        _ => state.registry.seen(id.as_str())?,
+    }
     match msg {
         Up::Hello(h) => {
             let d = state.registry.hello(&h)?;
@@ -151,16 +183,8 @@ async fn route(state: &Arc<State>, id: &DeviceId, msg: Up) -> crate::Result<()> 
             crate::drift::ingest(state, &d).await?;
         }
         Up::Event(ev) => {
-            state.registry.touch(id.as_str())?;
-            if ev.kind == edgefleet_protocol::messages::EventKind::Committed {
-                // The registry shows the new release at once, not at the next heartbeat.
-                state.registry.update(id.as_str(), |d| {
-                    if d.active.as_ref() != Some(&ev.release) {
-                        d.previous = d.active.take();
-                        d.active = Some(ev.release.clone());
-                    }
-                })?;
-            }
+            // The registry shows a commit or rollback at once, not at the next heartbeat.
+            state.registry.event(&ev)?;
             state.on_event(&ev).await;
         }
         Up::ChunkRequest(r) => {

@@ -139,11 +139,17 @@ impl State {
                     r.state.is_active() && ev.rollout_id.as_ref().is_none_or(|id| *id == r.id)
                 })
                 .filter_map(|r| {
-                    r.apply_event(ev.device_id.as_str(), ev.kind, ev.reason.clone(), now)
-                        .then(|| {
-                            let a = r.step(now);
-                            (r.clone(), a)
-                        })
+                    r.apply_event(
+                        ev.device_id.as_str(),
+                        ev.kind,
+                        ev.reason.clone(),
+                        ev.detail.clone(),
+                        now,
+                    )
+                    .then(|| {
+                        let a = r.step(now);
+                        (r.clone(), a)
+                    })
                 })
                 .collect()
         };
@@ -193,7 +199,8 @@ impl State {
     /// Creates and starts a rollout.
     ///
     /// # Errors
-    /// [`Error::NotFound`] (bundle), [`Error::BadRequest`] (waves, rates),
+    /// [`Error::NotFound`] (bundle), [`Error::BadRequest`] (waves, rates,
+    /// a trial policy out of range: `TrialPolicy::validate`),
     /// [`Error::Conflict`] when a selected device is in another active rollout.
     pub async fn create_rollout(self: &Arc<Self>, spec: RolloutSpec) -> Result<Rollout> {
         let bundle = self
@@ -214,6 +221,13 @@ impl State {
         }
         if !(0.0..=1.0).contains(&spec.max_failure_rate) {
             return Err(Error::bad("max_failure_rate", "must be in 0..=1"));
+        }
+        match spec.trial.validate() {
+            Ok(()) => {}
+            Err(edgefleet_protocol::Error::Field { field, reason }) => {
+                return Err(Error::bad(field, reason))
+            }
+            Err(e) => return Err(Error::bad("trial", e.to_string())),
         }
         let release = bundle.release_ref();
         let devices: Vec<_> = self
@@ -269,6 +283,7 @@ impl State {
             map.insert(id, r.clone());
             (r, a)
         };
+        tracing::info!(event = "rollout_created", rollout = %r.id, bundle = %r.spec.bundle, release = r.release.release, devices = r.order.len(), "rollout created");
         self.commit(&r, a).await;
         Ok(r)
     }

@@ -94,8 +94,9 @@ pub fn order_devices(seed: u64, ids: impl IntoIterator<Item = String>) -> Vec<St
     v.into_iter().map(|(_, id)| id).collect()
 }
 
-/// What an operator asks for (`POST /v1/rollouts`).
+/// What an operator asks for (`POST /v1/rollouts`); unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RolloutSpec {
     /// Body SHA-256 of the uploaded bundle.
     pub bundle: String,
@@ -117,9 +118,46 @@ pub struct RolloutSpec {
     /// On halt, command `rollback` to the wave's committed devices.
     #[serde(default)]
     pub rollback_on_halt: bool,
-    /// Trial policy sent with the offer.
-    #[serde(default)]
+    /// Trial policy sent with the offer; fields left out take
+    /// [`TrialPolicy::default`]'s values, unknown ones are refused.
+    #[serde(default, deserialize_with = "strict_trial")]
     pub trial: TrialPolicy,
+}
+
+/// [`TrialPolicy`] as the REST body spells it: the same fields, unknown ones
+/// refused (the protocol type ignores them, for forward compatibility on MQTT).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StrictTrial {
+    window_s: u64,
+    min_requests: u64,
+    max_error_rate: f64,
+    max_p99_ratio: f64,
+    mode: edgefleet_protocol::messages::TrialMode,
+}
+
+impl Default for StrictTrial {
+    fn default() -> Self {
+        let d = TrialPolicy::default();
+        StrictTrial {
+            window_s: d.window_s,
+            min_requests: d.min_requests,
+            max_error_rate: d.max_error_rate,
+            max_p99_ratio: d.max_p99_ratio,
+            mode: d.mode,
+        }
+    }
+}
+
+fn strict_trial<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TrialPolicy, D::Error> {
+    let t = StrictTrial::deserialize(d)?;
+    Ok(TrialPolicy {
+        window_s: t.window_s,
+        min_requests: t.min_requests,
+        max_error_rate: t.max_error_rate,
+        max_p99_ratio: t.max_p99_ratio,
+        mode: t.mode,
+    })
 }
 
 fn default_waves() -> Vec<String> {
@@ -195,8 +233,12 @@ pub struct DeviceProgress {
     pub state: DeviceState,
     /// When the offer was (last) sent (server ms).
     pub offered_ms: Option<u64>,
-    /// Reason reported or assigned.
+    /// Reason reported or assigned (a device's `reason` code, e.g. `load_failed`).
     pub reason: Option<String>,
+    /// The device's human-readable detail of that reason (e.g. the load
+    /// error, or the latencies a trial compared); `None` when it sent none.
+    #[serde(default)]
+    pub detail: Option<String>,
 }
 
 /// A rollout and all its state (persisted as JSON on every transition).
@@ -280,6 +322,7 @@ impl Rollout {
                         state,
                         offered_ms: None,
                         reason: None,
+                        detail: None,
                     },
                 );
             }
@@ -333,6 +376,7 @@ impl Rollout {
 
     fn start_wave(&mut self, w: usize, now: u64, actions: &mut Vec<Action>) {
         self.current_wave = Some(w);
+        tracing::info!(event = "wave_started", rollout = %self.id, wave = w, devices = self.wave_devices(w).len(), "rollout wave started");
         self.log(
             now,
             format!("wave {w} started ({} devices)", self.wave_devices(w).len()),
@@ -414,6 +458,7 @@ impl Rollout {
             if w + 1 >= self.wave_ends.len() {
                 self.state = RolloutState::Completed;
                 self.log(now, "completed".into());
+                tracing::info!(event = "rollout_completed", rollout = %self.id, "rollout completed");
                 return actions;
             }
             self.start_wave(w + 1, now, &mut actions);
@@ -422,6 +467,7 @@ impl Rollout {
 
     fn halt(&mut self, w: usize, now: u64, reason: String, actions: &mut Vec<Action>) {
         self.state = RolloutState::Halted(reason.clone());
+        tracing::info!(event = "rollout_halted", rollout = %self.id, wave = w, %reason, "rollout halted");
         self.log(now, format!("halted: {reason}"));
         self.stop_devices(actions);
         if self.spec.rollback_on_halt {
@@ -450,12 +496,14 @@ impl Rollout {
         }
     }
 
-    /// Applies an update event from a device. Returns true when state changed.
+    /// Applies an update event from a device, keeping its `reason` and
+    /// `detail`. Returns true when state changed.
     pub fn apply_event(
         &mut self,
         device: &str,
         kind: EventKind,
         reason: Option<String>,
+        detail: Option<String>,
         now: u64,
     ) -> bool {
         let Some(d) = self.devices.get_mut(device) else {
@@ -472,6 +520,7 @@ impl Rollout {
         };
         d.state = new.clone();
         d.reason = reason;
+        d.detail = detail;
         self.updated_ms = now;
         true
     }
@@ -518,6 +567,7 @@ impl Rollout {
         }
         self.state = RolloutState::Paused;
         self.log(now, "paused".into());
+        tracing::info!(event = "rollout_paused", rollout = %self.id, "rollout paused");
         Ok(())
     }
 
@@ -531,6 +581,7 @@ impl Rollout {
         }
         self.state = RolloutState::Running;
         self.log(now, "resumed".into());
+        tracing::info!(event = "rollout_resumed", rollout = %self.id, "rollout resumed");
         Ok(())
     }
 
@@ -541,6 +592,7 @@ impl Rollout {
         }
         self.state = RolloutState::Aborted;
         self.log(now, "aborted".into());
+        tracing::info!(event = "rollout_aborted", rollout = %self.id, "rollout aborted");
         let mut actions = Vec::new();
         self.stop_devices(&mut actions);
         Ok(actions)
@@ -658,11 +710,11 @@ mod tests {
         let a = r.step(0);
         assert_eq!(offered(&a).len(), 1);
         assert!(r.step(1).is_empty());
-        assert!(r.apply_event(&offered(&a)[0], EventKind::Committed, None, 2));
+        assert!(r.apply_event(&offered(&a)[0], EventKind::Committed, None, None, 2));
         let a = r.step(2);
         assert_eq!(offered(&a).len(), 4);
         for d in offered(&a) {
-            r.apply_event(&d, EventKind::Committed, None, 3);
+            r.apply_event(&d, EventKind::Committed, None, None, 3);
         }
         let a = r.step(3);
         assert_eq!(offered(&a).len(), 5);
@@ -681,6 +733,7 @@ mod tests {
             &offered(&a)[0],
             EventKind::RolledBack,
             Some("golden_mismatch".into()),
+            None,
             1,
         );
         let a = r.step(1);
@@ -701,7 +754,7 @@ mod tests {
         let a = r.step(0);
         let ids = offered(&a);
         for d in &ids[..3] {
-            r.apply_event(d, EventKind::Committed, None, 1);
+            r.apply_event(d, EventKind::Committed, None, None, 1);
         }
         r.step(5_000);
         assert_eq!(r.state, RolloutState::Running);
@@ -719,9 +772,9 @@ mod tests {
     fn rollback_on_halt_targets_committed_wave_devices() {
         let mut r = rollout(4, &["100%"], 0.4, true);
         let ids = offered(&r.step(0));
-        r.apply_event(&ids[0], EventKind::Committed, None, 1);
-        r.apply_event(&ids[1], EventKind::Failed, None, 1);
-        r.apply_event(&ids[2], EventKind::Failed, None, 1);
+        r.apply_event(&ids[0], EventKind::Committed, None, None, 1);
+        r.apply_event(&ids[1], EventKind::Failed, None, None, 1);
+        r.apply_event(&ids[2], EventKind::Failed, None, None, 1);
         let a = r.step(2);
         assert!(a.contains(&Action::Rollback(ids[0].clone(), "rollout r halted".into())));
         assert!(a.contains(&Action::Cancel(ids[3].clone())));
@@ -732,7 +785,7 @@ mod tests {
         let mut r = rollout(3, &["1", "100%"], 0.0, false);
         let ids = offered(&r.step(0));
         r.pause(1).unwrap();
-        r.apply_event(&ids[0], EventKind::Committed, None, 2);
+        r.apply_event(&ids[0], EventKind::Committed, None, None, 2);
         assert!(r.step(3).is_empty());
         assert!(r.pause(3).is_err());
         r.resume(4).unwrap();
@@ -743,6 +796,58 @@ mod tests {
         let a = r.abort(101).unwrap();
         assert_eq!(a.len(), 2);
         assert!(r.abort(102).is_err());
+    }
+
+    #[test]
+    fn a_device_failure_keeps_its_reason_and_detail() {
+        let mut r = rollout(2, &["100%"], 1.0, false);
+        let ids = offered(&r.step(0));
+        assert!(r.apply_event(
+            &ids[0],
+            EventKind::RolledBack,
+            Some("load_failed".into()),
+            Some("load m@2: model.nnef.tar: not an archive".into()),
+            1,
+        ));
+        let d = &r.devices[&ids[0]];
+        assert_eq!(
+            (d.state.clone(), d.reason.as_deref(), d.detail.as_deref()),
+            (
+                DeviceState::RolledBack,
+                Some("load_failed"),
+                Some("load m@2: model.nnef.tar: not an archive")
+            )
+        );
+        // Rollouts stored before `detail` existed still load.
+        let mut v = serde_json::to_value(&r).unwrap();
+        v["devices"][&ids[0]]
+            .as_object_mut()
+            .unwrap()
+            .remove("detail");
+        let back: Rollout = serde_json::from_value(v).unwrap();
+        assert_eq!(back.devices[&ids[0]].detail, None);
+    }
+
+    #[test]
+    fn the_trial_policy_takes_defaults_and_refuses_unknown_fields() {
+        let spec: RolloutSpec = serde_json::from_str(
+            r#"{"bundle": "x", "trial": {"window_s": 3, "max_p99_ratio": 8.0}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            spec.trial,
+            TrialPolicy {
+                window_s: 3,
+                max_p99_ratio: 8.0,
+                ..TrialPolicy::default()
+            }
+        );
+        let e = serde_json::from_str::<RolloutSpec>(r#"{"bundle": "x", "trial": {"window": 3}}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field `window`"), "{e}");
+        // What the server stores reads back the same.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<RolloutSpec>(&json).unwrap(), spec);
     }
 
     #[test]
@@ -760,7 +865,7 @@ mod tests {
         r.pause(1).unwrap();
         assert_eq!(r.reoffer_on_idle_hello(canary), None, "paused");
         r.resume(2).unwrap();
-        r.apply_event(canary, EventKind::Committed, None, 3);
+        r.apply_event(canary, EventKind::Committed, None, None, 3);
         assert_eq!(r.reoffer_on_idle_hello(canary), None, "committed");
     }
 }

@@ -1,0 +1,413 @@
+//! The operator's list and rollout commands against a real `edgefleet serve`
+//! (issue #20): `devices|bundles|rollouts list` print aligned tables with
+//! human times and `--json` the API's JSON; `rollouts create --bundle` takes a
+//! hash prefix or the .efb file; `rollouts watch` follows a rollout to its end.
+//! Devices are the fleet server's simulated agents (`edgefleet_fleet_server::sim`)
+//! on the embedded broker with `--device-auth off`.
+//!
+//! ```sh
+//! cargo test -p edgefleet --test operator_cli
+//! ```
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgefleet_agent::testkit::{self, Kind};
+use edgefleet_bundle::{SigningKey, TrustStore};
+use edgefleet_fleet_server::sim;
+use serde_json::Value;
+
+const EXE: &str = env!("CARGO_BIN_EXE_edgefleet");
+const TOKEN: &str = "operator-cli-test-token";
+const TARGET: &str = "x86-avx2-gateway";
+const MODEL: &str = "testmodel";
+
+struct Server {
+    child: Child,
+    api: String,
+    mqtt_port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &Path, trust: &Path) -> Server {
+    let stdout = dir.join("server.out");
+    let child = Command::new(EXE)
+        .args(["serve", "--listen", "127.0.0.1:0", "--mqtt-port", "0"])
+        .args(["--device-auth", "off", "--token", TOKEN])
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--trust")
+        .arg(trust)
+        .env("EDGEFLEET_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+        .stderr(std::fs::File::create(dir.join("server.err")).expect("stderr file"))
+        .spawn()
+        .expect("start edgefleet serve");
+    // Owned at once, so a failed start still kills and reaps it (Drop).
+    let mut server = Server {
+        child,
+        api: String::new(),
+        mqtt_port: 0,
+    };
+    let t = Instant::now();
+    loop {
+        // "edgefleet fleet server: API http://127.0.0.1:PORT , MQTT port N"
+        let text = std::fs::read_to_string(&stdout).unwrap_or_default();
+        let api = text
+            .split("API http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next());
+        let port = text
+            .split("MQTT port ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok());
+        if let (Some(api), Some(mqtt_port)) = (api, port) {
+            server.api = format!("http://{api}");
+            server.mqtt_port = mqtt_port;
+            return server;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "server did not start: {}",
+            std::fs::read_to_string(dir.join("server.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `edgefleet ARGS` against the server.
+fn cli(server: &Server, args: &[&str]) -> Output {
+    Command::new(EXE)
+        .args(args)
+        .env("EDGEFLEET_SERVER", &server.api)
+        .env("EDGEFLEET_TOKEN", TOKEN)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run edgefleet")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed ({}): {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "should fail: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A table's cells: columns are separated by two or more spaces.
+fn cells(line: &str) -> Vec<String> {
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Each column starts at the same offset in every line (the header's).
+fn assert_aligned(table: &str) {
+    let lines: Vec<&str> = table.lines().collect();
+    let header = lines[0];
+    let starts: Vec<usize> = cells(header)
+        .iter()
+        .map(|h| header.find(h.as_str()).expect("header cell"))
+        .collect();
+    for line in &lines[1..] {
+        for &s in &starts[1..] {
+            assert!(
+                line.get(s - 2..s) == Some("  "),
+                "column at {s} not aligned in\n{table}"
+            );
+        }
+    }
+}
+
+fn human_age(s: &str) -> bool {
+    s == "just now" || s.ends_with(" ago")
+}
+
+#[test]
+fn list_commands_print_tables_and_rollouts_take_prefixes_and_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = SigningKey::generate();
+    let trust = dir.path().join("release.pub.pem");
+    key.write_pem_files(&dir.path().join("release.pem"), &trust)
+        .expect("keys");
+    let server = start_server(dir.path(), &trust);
+
+    // Three simulated devices that commit whatever they are offered.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let cfg = sim::SimConfig {
+        host: "127.0.0.1".into(),
+        port: server.mqtt_port,
+        trust: Arc::new(TrustStore::load(&trust).expect("trust")),
+        target: TARGET.into(),
+        tags: vec!["opcli".into()],
+        heartbeat: Duration::from_secs(5),
+        keep_payload: false,
+        initial: None,
+    };
+    let _devices: Vec<sim::SimDevice> = ["cam-1", "cam-2", "cam-3"]
+        .iter()
+        .map(|id| sim::spawn(id, cfg.clone(), sim::always(sim::Behavior::Commit)).expect("sim"))
+        .collect();
+    let t = Instant::now();
+    loop {
+        let v: Value = serde_json::from_str(&ok(&cli(&server, &["devices", "list", "--json"])))
+            .expect("devices --json is JSON");
+        if v["devices"].as_array().map_or(0, Vec::len) == 3 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "devices did not register: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // devices list: a table, one row per device, human "last seen".
+    let table = ok(&cli(&server, &["devices", "list"]));
+    assert_aligned(&table);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        cells(lines[0]),
+        [
+            "id",
+            "online",
+            "target",
+            "active",
+            "state",
+            "last seen",
+            "groups",
+            "tags"
+        ]
+    );
+    assert_eq!(lines.len(), 4, "{table}");
+    let row = cells(lines[1]);
+    assert_eq!(row[..3], ["cam-1", "yes", TARGET], "{table}");
+    assert!(human_age(&row[5]), "last seen `{}`", row[5]);
+    assert_eq!(row[7], "opcli", "{table}");
+
+    // bundles list: short hashes, sizes and upload ages; --json has the full hashes.
+    let b1 = dir.path().join("m-1.efb");
+    std::fs::write(
+        &b1,
+        testkit::bundle(Kind::Good, &key, MODEL, 1, TARGET, 1.0),
+    )
+    .expect("b1");
+    let b2 = dir.path().join("m-2.efb");
+    std::fs::write(
+        &b2,
+        testkit::bundle(Kind::Good, &key, MODEL, 2, TARGET, 2.0),
+    )
+    .expect("b2");
+    for b in [&b1, &b2] {
+        ok(&cli(
+            &server,
+            &["bundles", "upload", b.to_str().expect("utf-8")],
+        ));
+    }
+    let v: Value = serde_json::from_str(&ok(&cli(&server, &["bundles", "list", "--json"])))
+        .expect("bundles --json is JSON");
+    let sha_of = |release: u64| -> String {
+        v["bundles"]
+            .as_array()
+            .expect("bundles")
+            .iter()
+            .find(|b| b["release"] == release)
+            .and_then(|b| b["sha256"].as_str())
+            .expect("uploaded")
+            .to_string()
+    };
+    let (sha1, sha2) = (sha_of(1), sha_of(2));
+    assert_eq!(sha2.len(), 64);
+    let table = ok(&cli(&server, &["bundles", "list"]));
+    assert!(!table.trim_start().starts_with('{'), "{table}");
+    assert_aligned(&table);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        cells(lines[0]),
+        ["sha256", "model", "version", "release", "targets", "size", "uploaded"]
+    );
+    let row2 = lines
+        .iter()
+        .map(|l| cells(l))
+        .find(|r| r[0] == sha2[..12])
+        .unwrap_or_else(|| panic!("no row for {sha2} in\n{table}"));
+    assert_eq!(row2[1..5], [MODEL, "1.0.2", "2", TARGET], "{table}");
+    assert!(
+        row2[5].ends_with("KiB") || row2[5].ends_with(" B"),
+        "{table}"
+    );
+    assert!(human_age(&row2[6]), "{table}");
+
+    // --bundle: bad arguments are refused naming the problem, before any rollout.
+    let e = err(&cli(
+        &server,
+        &[
+            "rollouts",
+            "create",
+            "--bundle",
+            "deadbeefdead",
+            "--tag",
+            "opcli",
+        ],
+    ));
+    assert!(
+        e.contains("bundle `deadbeefdead`: no bundle on the server has a hash starting with it"),
+        "{e}"
+    );
+    let e = err(&cli(
+        &server,
+        &[
+            "rollouts",
+            "create",
+            "--bundle",
+            &sha2[..5],
+            "--tag",
+            "opcli",
+        ],
+    ));
+    assert!(e.contains("at least 8 hex digits"), "{e}");
+    let stray = dir.path().join("stray.efb");
+    std::fs::write(
+        &stray,
+        testkit::bundle(Kind::Good, &key, MODEL, 3, TARGET, 3.0),
+    )
+    .expect("b3");
+    let e = err(&cli(
+        &server,
+        &[
+            "rollouts",
+            "create",
+            "--bundle",
+            stray.to_str().expect("utf-8"),
+            "--tag",
+            "opcli",
+        ],
+    ));
+    assert!(e.contains("is not on the server: upload it first"), "{e}");
+
+    // A unique 8-digit prefix names release 2; watch follows it to the end.
+    assert_ne!(sha1[..8], sha2[..8], "test bundles share a prefix: rerun");
+    let out = ok(&cli(
+        &server,
+        &[
+            "rollouts",
+            "create",
+            "--bundle",
+            &sha2[..8],
+            "--tag",
+            "opcli",
+            "--waves",
+            "1,100%",
+        ],
+    ));
+    let id = out
+        .strip_prefix("rollout ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("create said: {out}"))
+        .to_string();
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|l| l.ends_with("created: 3 devices")),
+        "{out}"
+    );
+    let watched = ok(&cli(
+        &server,
+        &["rollouts", "watch", &id, "--interval-s", "0.2"],
+    ));
+    assert!(
+        !watched.contains('\u{1b}'),
+        "escape codes off a terminal:\n{watched}"
+    );
+    let last: Vec<&str> = watched.lines().rev().take(4).collect::<Vec<_>>();
+    assert!(
+        watched.contains(&format!(
+            "rollout {id}  {MODEL} 1.0.2 (release 2)  completed  wave 2/2  committed 3, failed 0, in progress 0 of 3"
+        )),
+        "{watched}"
+    );
+    // Wave rows: number (`>` marks the current), devices, committed, failed, in progress.
+    let row = |l: &str| -> Vec<String> {
+        let mut c = cells(l);
+        c[0] = c[0].trim_start_matches('>').to_string();
+        c
+    };
+    assert_eq!(row(last[0]), ["2", "2", "2", "0", "0"], "{watched}");
+    assert_eq!(row(last[1]), ["1", "1", "1", "0", "0"], "{watched}");
+
+    // rollouts list: the finished rollout in a table; --json is the API's.
+    let table = ok(&cli(&server, &["rollouts", "list"]));
+    assert_aligned(&table);
+    let row = table
+        .lines()
+        .map(cells)
+        .find(|r| r[0] == id)
+        .unwrap_or_else(|| panic!("no {id} in\n{table}"));
+    assert_eq!(
+        row[..8],
+        [
+            id.as_str(),
+            "completed",
+            &format!("{MODEL} 1.0.2 (release 2)"),
+            "3",
+            "2/2",
+            "3",
+            "0",
+            "0"
+        ],
+        "{table}"
+    );
+    assert!(human_age(&row[8]) && human_age(&row[9]), "{table}");
+    let v: Value = serde_json::from_str(&ok(&cli(&server, &["rollouts", "list", "--json"])))
+        .expect("rollouts --json is JSON");
+    assert_eq!(v["rollouts"][0]["id"], id.as_str());
+
+    // The uploaded file names its bundle too (all devices already run it).
+    let out = ok(&cli(
+        &server,
+        &[
+            "rollouts",
+            "create",
+            "--bundle",
+            b2.to_str().expect("utf-8"),
+            "--tag",
+            "opcli",
+        ],
+    ));
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|l| l.ends_with("created: 3 devices")),
+        "{out}"
+    );
+    let second = out.split_whitespace().nth(1).expect("id").to_string();
+    let v: Value = serde_json::from_str(&ok(&cli(&server, &["rollouts", "show", &second])))
+        .expect("show is JSON");
+    assert_eq!(v["rollout"]["bundle"], sha2.as_str());
+}
