@@ -46,7 +46,7 @@ fn build_model(kind: Kind, k: f32) -> tp::TractResult<tp::TypedModel> {
             m.wire_node("y", ops::math::mul(), &[s[0], kc])?
         }
         Kind::Slow => {
-            const N: usize = 1 << 17;
+            const N: usize = 1 << 19;
             let ones = m.add_const(
                 "ones",
                 tp::Tensor::from_shape(&[N, 4], &vec![1.0f32 / N as f32; N * 4])?,
