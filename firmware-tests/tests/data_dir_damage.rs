@@ -10,6 +10,7 @@
 //! release 2 as `downgrade`, and never install it.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

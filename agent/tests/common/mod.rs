@@ -1,5 +1,6 @@
 //! Shared harness: brokers, a fake fleet server speaking the protocol crate,
-//! and the real agent binary as a child process.
+//! and the real agent binary as a child process. firmware-tests includes this
+//! file too (`#[path]`), where the agent is its `fw-agent` binary.
 #![allow(dead_code, clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashMap;
@@ -11,6 +12,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgefleet_agent::testkit::{self, Kind};
+
+/// The agent binary of the package under test: `edgefleet-agent` in the
+/// agent's tests, `fw-agent` (the same `agent::run`) in firmware-tests.
+fn agent_bin() -> &'static str {
+    match (
+        option_env!("CARGO_BIN_EXE_edgefleet-agent"),
+        option_env!("CARGO_BIN_EXE_fw-agent"),
+    ) {
+        (Some(p), _) | (None, Some(p)) => p,
+        (None, None) => unreachable!("built by cargo test with an agent binary"),
+    }
+}
 use edgefleet_bundle::payload::{Tensor, TensorData};
 use edgefleet_bundle::{Policy, SigningKey, TrustStore, UnverifiedBundle};
 use edgefleet_protocol::chunk::ChunkData;
@@ -359,13 +372,49 @@ request_timeout_ms = 5000
         self.dir.path()
     }
 
+    /// A new agent on a copy of this one's directory (keys, bundles, data),
+    /// with its own device id and API port; the copy is not running.
+    pub fn copy_as(&self, name: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(self.path(), dir.path());
+        let _ = std::fs::remove_file(dir.path().join("agent.log"));
+        let _ = std::fs::remove_file(dir.path().join("agent.sock"));
+        let id = DeviceId::new(&format!(
+            "t{}-{}-{name}",
+            std::process::id(),
+            rand::random::<u16>()
+        ))
+        .unwrap();
+        let http = free_port();
+        let config = dir.path().join("agent.toml");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(self.id.as_str(), id.as_str())
+            .replace(
+                &format!("127.0.0.1:{}", self.http),
+                &format!("127.0.0.1:{http}"),
+            );
+        std::fs::write(&config, text).unwrap();
+        Agent {
+            dir,
+            id,
+            key: {
+                let p = self.path().join("release.key.pem");
+                SigningKey::from_pem(&std::fs::read_to_string(&p).unwrap(), &p).unwrap()
+            },
+            http,
+            config,
+            child: None,
+            extra_env: vec![],
+        }
+    }
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path().join("agent.log"))
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
+        let mut cmd = Command::new(agent_bin());
         cmd.arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -499,6 +548,21 @@ impl Drop for Traffic {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// Copies a directory tree (regular files and directories).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            copy_dir(&e.path(), &t);
+        } else if ft.is_file() {
+            std::fs::copy(e.path(), t).unwrap();
         }
     }
 }

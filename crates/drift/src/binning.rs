@@ -123,7 +123,7 @@ fn quantile(v: &[f64], p: f64) -> f64 {
 
 /// Drops edges closer than `w` to the previously kept edge, summing the
 /// counts of merged bins.
-fn merge_narrow(edges: &[f64], counts: &[u64], w: f64) -> (Vec<f64>, Vec<u64>) {
+pub(crate) fn merge_narrow(edges: &[f64], counts: &[u64], w: f64) -> (Vec<f64>, Vec<u64>) {
     let mut e_out: Vec<f64> = Vec::with_capacity(edges.len());
     let mut c_out: Vec<u64> = vec![counts.first().copied().unwrap_or(0)];
     for (i, &e) in edges.iter().enumerate() {
@@ -145,7 +145,7 @@ fn merge_narrow(edges: &[f64], counts: &[u64], w: f64) -> (Vec<f64>, Vec<u64>) {
 
 /// Merges bins with `0 < count < min` into their smaller neighbour until none
 /// is left or one edge remains.
-fn merge_sparse(edges: &mut Vec<f64>, counts: &mut Vec<u64>, min: u64) {
+pub(crate) fn merge_sparse(edges: &mut Vec<f64>, counts: &mut Vec<u64>, min: u64) {
     while edges.len() > 1 {
         let Some(j) = (0..counts.len())
             .filter(|&j| counts[j] > 0 && counts[j] < min)
