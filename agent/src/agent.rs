@@ -198,7 +198,14 @@ fn open_store(
 ) -> anyhow::Result<(Store, Slots)> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("data_dir {}", cfg.data_dir.display()))?;
-    let opened = Store::open_limited(&cfg.data_dir.join("store"), cfg.storage.max_bytes)?;
+    let opened = match Store::open_limited(&cfg.data_dir.join("store"), cfg.storage.max_bytes) {
+        Err(crate::store::StoreError::InUse { lock, .. }) => anyhow::bail!(
+            "data_dir {} is in use by another agent (lock held on {})",
+            cfg.data_dir.display(),
+            lock.display()
+        ),
+        r => r?,
+    };
     if let Some(q) = &opened.quarantined {
         tracing::error!(quarantine = %q.display(), "store was corrupt or stale: quarantined and rebuilt from slot.json");
     }

@@ -91,8 +91,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// JSON infer request.
+/// JSON infer request (unknown fields are refused: a misspelt `stream`
+/// would otherwise be dropped silently).
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct InferRequest {
     /// Inputs.
     pub inputs: Vec<Tensor>,
@@ -141,6 +143,41 @@ async fn run(
     }
 }
 
+/// Refuses a named input the model does not have, or one given twice
+/// (unnamed inputs are positional), naming it and listing the model's inputs.
+fn check_input_names(
+    spec: &edgefleet_bundle::payload::ModelSpec,
+    inputs: &[Tensor],
+) -> Result<(), ApiError> {
+    let known = || {
+        spec.inputs
+            .iter()
+            .map(|s| format!("`{}`", s.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (i, t) in inputs.iter().enumerate() {
+        if t.name.is_empty() {
+            continue;
+        }
+        if !spec.inputs.iter().any(|s| s.name == t.name) {
+            return Err(ApiError::BadRequest(format!(
+                "unknown input `{}`; the model's inputs: {}",
+                t.name,
+                known()
+            )));
+        }
+        if inputs[..i].iter().any(|u| u.name == t.name) {
+            return Err(ApiError::BadRequest(format!(
+                "input `{}` is given twice; the model's inputs: {}",
+                t.name,
+                known()
+            )));
+        }
+    }
+    Ok(())
+}
+
 async fn infer(
     State(st): State<ApiState>,
     headers: HeaderMap,
@@ -153,6 +190,8 @@ async fn infer(
     if !binary {
         let req: InferRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("request JSON: {e}")))?;
+        let model = st.engine.serving().ok_or(ApiError::NoModel)?;
+        check_input_names(&model.spec, &req.inputs)?;
         let r = run(&st, req.inputs, req.stream).await?;
         return Ok(Json(InferResponse {
             release: r.release,

@@ -22,6 +22,9 @@ pub const ENV: &str = "EDGEFLEET_LOG";
 /// [`ENV`] says otherwise.
 pub const DEFAULT_LEVEL: &str = "info";
 
+/// The levels `--log-level` takes, for messages.
+pub const LEVELS: &str = "error, warn, info, debug, trace, off";
+
 /// The `--log-level` option; flatten it into an entry point's arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
@@ -88,6 +91,22 @@ fn level_name(l: LevelFilter) -> &'static str {
 /// # Errors
 /// [`LogError`] naming the text when it is neither a level nor a valid directive.
 pub fn filter(spec: &str) -> Result<EnvFilter, LogError> {
+    let t = spec.trim();
+    // A bare word is a (misspelt) level, not a target name: `EnvFilter`
+    // would take `verbose` as "everything under target `verbose`" and so
+    // silently turn every other line off.
+    if !t.is_empty()
+        && !t.contains(['=', ',', '['])
+        && !t.contains("::")
+        && t.parse::<LevelFilter>().is_err()
+    {
+        return Err(LogError {
+            spec: spec.to_string(),
+            reason: format!(
+                "expected one of the levels {LEVELS}, or a directive such as `info,edgefleet_agent::update=debug`"
+            ),
+        });
+    }
     let d = directive(spec);
     EnvFilter::builder().parse(&d).map_err(|e| LogError {
         spec: spec.to_string(),
@@ -123,6 +142,31 @@ mod tests {
         assert_eq!(directive("off"), "warn,edgefleet=off,rumqttd=off");
         assert_eq!(directive(""), "warn,edgefleet=info,rumqttd=off");
         assert_eq!(LogArgs::default().log_level, DEFAULT_LEVEL);
+    }
+
+    #[test]
+    fn a_misspelt_level_is_refused_naming_it_and_the_levels() {
+        for bad in ["verbose", "debg", " Verbose "] {
+            let e = filter(bad).expect_err(bad);
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "--log-level / EDGEFLEET_LOG: `{bad}` is not a log level or an EnvFilter directive: \
+                     expected one of the levels error, warn, info, debug, trace, off, \
+                     or a directive such as `info,edgefleet_agent::update=debug`"
+                )
+            );
+        }
+        for good in [
+            "debug",
+            "WARN",
+            "off",
+            "edgefleet_agent::update",
+            "rumqttd=off",
+            "",
+        ] {
+            assert!(filter(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -60,6 +60,21 @@ pub struct SlotsMeta {
     pub epoch: u64,
 }
 
+/// For people: `active a, previous -, staged b, epoch 3`.
+impl std::fmt::Display for SlotsMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |s: &Option<SlotName>| s.map_or("-", |s| s.as_str());
+        write!(
+            f,
+            "active {}, previous {}, staged {}, epoch {}",
+            n(&self.active),
+            n(&self.previous),
+            n(&self.staged),
+            self.epoch
+        )
+    }
+}
+
 /// `slot.json`: what a slot holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlotInfo {
@@ -149,7 +164,7 @@ impl Slots {
                 let mut m = recover_meta(&root);
                 m.epoch = store.guard_epoch();
                 if m.active.is_some() {
-                    tracing::warn!(?m, "slot roles recovered from slot.json files");
+                    tracing::warn!(roles = %m, "slot roles recovered from slot.json files");
                     store.put_json(keys::SLOTS, &m)?;
                 }
                 m
@@ -400,5 +415,21 @@ pub fn recover_meta(root: &Path) -> SlotsMeta {
         previous: committed.len().eq(&2).then(|| committed[0].1),
         staged: None,
         epoch: 0,
+    }
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::*;
+
+    #[test]
+    fn roles_read_as_words() {
+        let m = SlotsMeta {
+            active: Some(SlotName::A),
+            previous: None,
+            staged: Some(SlotName::B),
+            epoch: 3,
+        };
+        assert_eq!(m.to_string(), "active a, previous -, staged b, epoch 3");
     }
 }

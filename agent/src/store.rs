@@ -49,6 +49,15 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+    /// Another process (a running agent) holds the store's lock. Nothing was
+    /// changed on disk.
+    #[error("{path} is in use by another agent (lock held on {lock})")]
+    InUse {
+        /// The store directory.
+        path: PathBuf,
+        /// The locked file.
+        lock: PathBuf,
+    },
     /// Moving a corrupt store aside failed.
     #[error("store {path}: cannot quarantine: {source}")]
     Quarantine {
@@ -85,6 +94,28 @@ pub enum StoreError {
         reason: String,
     },
 }
+
+impl StoreError {
+    /// Whether this is sled failing to take the store's lock (another
+    /// process holds it): not corruption.
+    fn is_lock_conflict(&self) -> bool {
+        match self {
+            StoreError::Sled { source, .. } => is_lock_conflict(source),
+            _ => false,
+        }
+    }
+}
+
+/// Whether sled failed because another handle holds the directory lock
+/// (sled reports it as an `Other` I/O error with this text).
+fn is_lock_conflict(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock"))
+}
+
+/// How long [`Store::open_limited`] waits for a held lock before refusing
+/// (sled's flusher thread can hold it for a moment after the last handle
+/// of a previous run in this process dropped).
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Keys of the default tree.
 pub mod keys {
@@ -310,6 +341,8 @@ fn maybe_compact(dir: &Path, max_bytes: u64) {
         Ok(after) => {
             tracing::info!(store = %dir.display(), before = size, after, "store compacted")
         }
+        // Held by another process: the open that follows says so.
+        Err(e) if e.is_lock_conflict() => {}
         Err(e) => tracing::warn!(store = %dir.display(), error = %e, "store not compacted"),
     }
 }
@@ -394,32 +427,61 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if even a fresh store cannot be created.
     pub fn open_limited(dir: &Path, max_bytes: u64) -> Result<Opened, StoreError> {
-        maybe_compact(dir, max_bytes);
-        match Self::open_plain(dir) {
-            Ok(store) => Ok(Opened {
-                store,
-                quarantined: None,
-            }),
-            Err(e) => {
-                let ts = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                let parent = dir.parent().unwrap_or(Path::new("."));
-                let q = parent.join(format!("quarantine-{ts}-{}", rand::random::<u16>()));
-                tracing::error!(store = %dir.display(), quarantine = %q.display(), error = %e, "store will not open; quarantining it");
-                std::fs::rename(dir, &q).map_err(|source| StoreError::Quarantine {
-                    path: dir.into(),
-                    source,
-                })?;
-                let store = Self::open_sled(dir)?;
-                store.sync_guard()?;
-                Ok(Opened {
-                    store,
-                    quarantined: Some(q),
-                })
+        Self::open_waiting(dir, max_bytes, LOCK_WAIT)
+    }
+
+    /// [`Store::open_limited`], waiting up to `lock_wait` for a lock another
+    /// handle holds before refusing with [`StoreError::InUse`]; a store in
+    /// use is never quarantined.
+    fn open_waiting(
+        dir: &Path,
+        max_bytes: u64,
+        lock_wait: std::time::Duration,
+    ) -> Result<Opened, StoreError> {
+        let t0 = std::time::Instant::now();
+        loop {
+            maybe_compact(dir, max_bytes);
+            match Self::open_plain(dir) {
+                Ok(store) => {
+                    return Ok(Opened {
+                        store,
+                        quarantined: None,
+                    })
+                }
+                Err(e) if e.is_lock_conflict() => {
+                    if t0.elapsed() >= lock_wait {
+                        return Err(StoreError::InUse {
+                            path: dir.into(),
+                            lock: dir.join("db"),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Self::quarantine(dir, e),
             }
         }
+    }
+
+    /// Moves the store at `dir`, which failed with `e`, aside and creates an
+    /// empty one.
+    fn quarantine(dir: &Path, e: StoreError) -> Result<Opened, StoreError> {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let q = parent.join(format!("quarantine-{ts}-{}", rand::random::<u16>()));
+        tracing::error!(store = %dir.display(), quarantine = %q.display(), error = %e, "store will not open; quarantining it");
+        std::fs::rename(dir, &q).map_err(|source| StoreError::Quarantine {
+            path: dir.into(),
+            source,
+        })?;
+        let store = Self::open_sled(dir)?;
+        store.sync_guard()?;
+        Ok(Opened {
+            store,
+            quarantined: Some(q),
+        })
     }
 
     fn open_plain(dir: &Path) -> Result<Store, StoreError> {
@@ -739,6 +801,46 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn store_in_use_is_refused_not_quarantined() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("store");
+        let first = Store::open(&p).expect("open").store;
+        first.put_json("k", &42).expect("put");
+        let before = names(d.path());
+        let t0 = std::time::Instant::now();
+        let err = Store::open_waiting(&p, u64::MAX, std::time::Duration::from_millis(300))
+            .expect_err("second open of a held store");
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(300));
+        match &err {
+            StoreError::InUse { path, lock } => {
+                assert_eq!(path, &p);
+                assert_eq!(lock, &p.join("db"));
+            }
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} is in use by another agent (lock held on {})",
+                p.display(),
+                p.join("db").display()
+            )
+        );
+        assert_eq!(names(d.path()), before);
+        assert!(!before.iter().any(|n| n.starts_with("quarantine-")));
+        assert_eq!(first.get_json::<i32>("k").expect("get"), Some(42));
+    }
 
     #[test]
     fn values_survive_reopen() {

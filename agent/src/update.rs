@@ -986,10 +986,10 @@ impl Updater {
             event = "trial_started",
             release = %release,
             slot = slot.as_str(),
-            ?mode,
-            ?policy,
+            mode = %mode,
+            policy = %policy,
             same_model = reference.same_model,
-            own_ms = ?reference.own_ms,
+            own_ms = %reference.own_ms.map_or("-".into(), |v| format!("{v:.3}")),
             "trial started"
         );
     }

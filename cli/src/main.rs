@@ -25,6 +25,21 @@ struct Cli {
     /// Logging (the same options and defaults as `edgefleet-agent`).
     #[command(flatten)]
     log: edgefleet_agent::logging::LogArgs,
+    /// Fleet server URL, for the commands that talk to it (devices, bundles,
+    /// rollouts); given before or after the subcommand.
+    // Design: global, so `edgefleet --server URL bundles upload` works; each of
+    // those commands also declares it (`cmd::bundles::Conn`, same id), and clap
+    // hands the value given here down to it (a value on the command line beats
+    // the environment and the default, wherever it was given).
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEFLEET_SERVER",
+        default_value = cmd::bundles::DEFAULT_SERVER,
+        value_name = "URL"
+    )]
+    #[allow(dead_code)]
+    server: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -165,6 +180,34 @@ mod tests {
             Vec::<&str>::new(),
             "subcommands without an example"
         );
+    }
+
+    fn server_of(args: &[&str]) -> String {
+        let cli = Cli::try_parse_from(args).expect("parses");
+        match cli.command {
+            Command::Bundles(cmd::bundles::Command::Upload { conn, .. }) => conn.server,
+            _ => panic!("not bundles upload"),
+        }
+    }
+
+    #[test]
+    fn server_is_a_global_option() {
+        let up = ["bundles", "upload", "--token", "t", "a.efb"];
+        let before: Vec<&str> = ["edgefleet", "--server", "http://fleet:9000"]
+            .into_iter()
+            .chain(up)
+            .collect();
+        assert_eq!(server_of(&before), "http://fleet:9000");
+        let after: Vec<&str> = ["edgefleet"]
+            .into_iter()
+            .chain(up)
+            .chain(["--server", "http://fleet:9001"])
+            .collect();
+        assert_eq!(server_of(&after), "http://fleet:9001");
+        if std::env::var_os("EDGEFLEET_SERVER").is_none() {
+            let none: Vec<&str> = ["edgefleet"].into_iter().chain(up).collect();
+            assert_eq!(server_of(&none), cmd::bundles::DEFAULT_SERVER);
+        }
     }
 
     #[test]

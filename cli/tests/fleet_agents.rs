@@ -233,7 +233,7 @@ impl ServerProc {
             )
             .spawn()
             .expect("start edgefleet serve");
-        // "edgefleet fleet server: API http://127.0.0.1:PORT , MQTT port N"
+        // "edgefleet fleet server: API http://127.0.0.1:PORT, MQTT port N"
         let (api, port) = wait_until(
             Duration::from_secs(30),
             || format!("the server to start; log:\n{}", tail(&log, 30)),
@@ -245,7 +245,7 @@ impl ServerProc {
                 let api = text
                     .split("API http://")
                     .nth(1)?
-                    .split_whitespace()
+                    .split([',', ' ', '\n'])
                     .next()?;
                 let port = text.split("MQTT port ").nth(1)?.split_whitespace().next()?;
                 Some((api.parse().ok()?, port.parse().ok()?))
@@ -787,13 +787,13 @@ fn bad_release_halts_at_the_canary() {
         .flatten()
         .find(|(_, d)| d["wave"] == 0)
         .map(|(id, _)| id.clone())
-        .expect("a canary in wave 0");
+        .expect("a canary in the first wave (index 0)");
     assert!(
         r["state"]["state"] == "halted"
             && r["state"]["reason"]
                 .as_str()
-                .is_some_and(|s| s.starts_with("wave 0")),
-        "expected a halt at wave 0: {}\n{}",
+                .is_some_and(|s| s.starts_with("wave 1 of ")),
+        "expected a halt at wave 1: {}\n{}",
         summary(&r),
         fleet.logs(&[canary.as_str()])
     );
@@ -904,7 +904,7 @@ fn silent_agent_fails_its_wave_at_the_timeout() {
         r["state"]["state"] == "halted"
             && r["state"]["reason"]
                 .as_str()
-                .is_some_and(|s| s.starts_with("wave 0: 1 of 5")),
+                .is_some_and(|s| s.starts_with("wave 1 of 1: 1 of 5 devices failed")),
         "{}",
         summary(&r)
     );

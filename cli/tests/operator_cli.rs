@@ -47,7 +47,8 @@ fn start_server(dir: &Path, trust: &Path) -> Server {
         .arg(dir.join("data"))
         .arg("--trust")
         .arg(trust)
-        .env("EDGEFLEET_LOG", "warn")
+        .env("EDGEFLEET_LOG", "warn,edgefleet_fleet_server=info")
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&stdout).expect("stdout file"))
         .stderr(std::fs::File::create(dir.join("server.err")).expect("stderr file"))
@@ -61,12 +62,12 @@ fn start_server(dir: &Path, trust: &Path) -> Server {
     };
     let t = Instant::now();
     loop {
-        // "edgefleet fleet server: API http://127.0.0.1:PORT , MQTT port N"
+        // "edgefleet fleet server: API http://127.0.0.1:PORT, MQTT port N"
         let text = std::fs::read_to_string(&stdout).unwrap_or_default();
         let api = text
             .split("API http://")
             .nth(1)
-            .and_then(|r| r.split_whitespace().next());
+            .and_then(|r| r.split([',', ' ', '\n']).next());
         let port = text
             .split("MQTT port ")
             .nth(1)
@@ -146,6 +147,62 @@ fn assert_aligned(table: &str) {
 
 fn human_age(s: &str) -> bool {
     s == "just now" || s.ends_with(" ago")
+}
+
+#[test]
+fn serve_prints_its_addresses_and_logs_its_stop_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = SigningKey::generate();
+    let trust = dir.path().join("release.pub.pem");
+    key.write_pem_files(&dir.path().join("release.pem"), &trust)
+        .expect("keys");
+    let mut server = start_server(dir.path(), &trust);
+    let out = std::fs::read_to_string(dir.path().join("server.out")).expect("stdout");
+    assert_eq!(
+        out.lines().next(),
+        Some(
+            format!(
+                "edgefleet fleet server: {}, MQTT port {}",
+                server.api.replacen("http://", "API http://", 1),
+                server.mqtt_port
+            )
+            .as_str()
+        )
+    );
+    let st = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = server.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(dir.path().join("server.err")).expect("stderr");
+    let tails: Vec<&str> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once(" INFO edgefleet_fleet_server: ")
+                .map(|(_, t)| t)
+        })
+        .filter(|t| t.starts_with("shutting down") || t.starts_with("fleet server stopped"))
+        .collect();
+    assert_eq!(
+        tails,
+        [
+            "shutting down signal=\"SIGTERM\"",
+            "fleet server stopped event=\"server_stopped\""
+        ],
+        "{log}"
+    );
 }
 
 #[test]

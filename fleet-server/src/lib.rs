@@ -223,7 +223,7 @@ impl Server {
             let _ = t.await;
         }
         self.state.store.flush()?;
-        tracing::info!("fleet server stopped");
+        tracing::info!(event = "server_stopped", "fleet server stopped");
         Ok(())
     }
 }
@@ -237,7 +237,7 @@ pub fn serve_blocking(config: Config) -> Result<()> {
     rt.block_on(async move {
         let server = Server::start(config).await?;
         println!(
-            "edgefleet fleet server: API http://{} , MQTT port {}",
+            "edgefleet fleet server: API http://{}, MQTT port {}",
             server.api_addr(),
             server.broker_port()
         );
@@ -249,8 +249,19 @@ pub fn serve_blocking(config: Config) -> Result<()> {
                 "device auth required: devices connect with credentials from `edgefleet devices credentials ID`"
             );
         }
-        let _ = tokio::signal::ctrl_c().await;
+        let signal = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        };
         println!("shutting down");
+        tracing::info!(signal, "shutting down");
         server.shutdown().await
     })
 }

@@ -250,7 +250,13 @@ impl Registry {
 fn log_changes(before: Option<&Device>, after: &Device, why: &'static str) {
     let id = after.id.as_str();
     if before.is_none() {
-        tracing::info!(event = "device_registered", device = id, target = ?after.target, cause = why, "device registered");
+        tracing::info!(
+            event = "device_registered",
+            device = id,
+            target = after.target.as_deref().unwrap_or("-"),
+            cause = why,
+            "device registered"
+        );
     }
     let was_online = before.is_some_and(|d| d.online);
     if after.online != was_online {

@@ -68,7 +68,7 @@ async fn bad_release_halts_at_canary_and_leaves_others_untouched() {
         .await;
     let r = wait_rollout(&server, &id, Duration::from_secs(20), finished).await;
     assert!(
-        matches!(&r.state, RolloutState::Halted(why) if why.starts_with("wave 0")),
+        matches!(&r.state, RolloutState::Halted(why) if why.starts_with("wave 1 of ")),
         "{:?}",
         r.state
     );

@@ -123,3 +123,25 @@ fn help_documents_the_log_options_and_a_bad_level_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn a_misspelt_level_is_refused_with_exit_2_listing_the_levels() {
+    for bad in ["verbose", "debg"] {
+        let o = Command::new(EXE)
+            .args(PREFIX)
+            .args(["--config", "x.toml", "--log-level", bad])
+            .env_remove("EDGEFLEET_LOG")
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            e.trim_end(),
+            format!(
+                "error: --log-level / EDGEFLEET_LOG: `{bad}` is not a log level or an EnvFilter \
+                 directive: expected one of the levels error, warn, info, debug, trace, off, \
+                 or a directive such as `info,edgefleet_agent::update=debug`"
+            )
+        );
+    }
+}

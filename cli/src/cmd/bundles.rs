@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
+/// The fleet server URL when neither `--server` nor `EDGEFLEET_SERVER` gives one.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
 /// Where the fleet API is and how to authenticate.
 #[derive(clap::Args, Clone)]
 pub struct Conn {
@@ -13,7 +16,8 @@ pub struct Conn {
     #[arg(
         long,
         env = "EDGEFLEET_SERVER",
-        default_value = "http://127.0.0.1:8080"
+        default_value = DEFAULT_SERVER,
+        value_name = "URL"
     )]
     pub server: String,
     /// Operator bearer token.

@@ -76,7 +76,11 @@ pub enum Command {
   edgefleet devices credentials cam-17            # new secret (the old one stops working)
   edgefleet devices credentials cam-17 --revoke   # the device can no longer connect
 
-Put the secret in the agent's config ([broker] username = \"cam-17\", password = \"...\").
+  edgefleet devices credentials cam-17 --broker-url mqtt://10.0.0.5:1884 > cam-17.broker.toml
+
+It prints a complete [broker] table (url, username, password) for the agent's agent.toml:
+replace that file's [broker] table with it. Running it again rotates the secret: the
+device's current password stops working.
 With an external Mosquitto, also add it to the broker's password file:
   mosquitto_passwd -b /etc/mosquitto/edgefleet.passwd cam-17 SECRET   # then reload mosquitto")]
     Credentials {
@@ -88,6 +92,10 @@ With an external Mosquitto, also add it to the broker's password file:
         /// Revoke the credentials instead.
         #[arg(long)]
         revoke: bool,
+        /// MQTT URL the agent connects to, printed as the table's `url`
+        /// [default: the --server host, port 1884 (`serve`'s default --mqtt-port)].
+        #[arg(long, value_name = "URL")]
+        broker_url: Option<String>,
     },
     /// Change a device's runtime settings (sent as `Down::Config`, QoS 1; the
     /// agent persists them and applies them without a restart).
@@ -170,7 +178,13 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             )?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        Command::Credentials { conn, id, revoke } => {
+        Command::Credentials {
+            conn,
+            id,
+            revoke,
+            broker_url,
+        } => {
+            let broker_url = broker_url.unwrap_or_else(|| default_broker_url(&conn.server));
             let c = Client::new(conn);
             let path = format!("/v1/devices/{id}/credentials");
             if revoke {
@@ -188,7 +202,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 eprintln!("rotated: the previous secret of {id} no longer works");
             }
             eprintln!("the secret is shown once; the server keeps only a salted hash");
-            println!("[broker]\nusername = \"{user}\"\npassword = \"{pass}\"");
+            print!("{}", broker_table(&broker_url, user, pass));
         }
         Command::Config {
             conn,
@@ -218,6 +232,28 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The embedded broker's URL on the host of `server` (the API URL), at
+/// `serve`'s default MQTT port.
+pub fn default_broker_url(server: &str) -> String {
+    let host = reqwest::Url::parse(server)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_else(|| "127.0.0.1".into());
+    format!("mqtt://{host}:1884")
+}
+
+/// The agent.toml `[broker]` table `devices credentials` prints (JSON string
+/// escapes are valid TOML basic strings).
+pub fn broker_table(url: &str, user: &str, pass: &str) -> String {
+    let q = |s: &str| serde_json::Value::from(s).to_string();
+    format!(
+        "[broker]\nurl = {}\nusername = {}\npassword = {}\n",
+        q(url),
+        q(user),
+        q(pass)
+    )
 }
 
 /// A release for people: `model version (release N)`, `-` when none.
@@ -275,6 +311,24 @@ pub fn list_table(v: &serde_json::Value, now_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_print_a_complete_broker_table() {
+        assert_eq!(
+            default_broker_url("http://127.0.0.1:8080"),
+            "mqtt://127.0.0.1:1884"
+        );
+        assert_eq!(
+            default_broker_url("https://fleet.example:443/"),
+            "mqtt://fleet.example:1884"
+        );
+        assert_eq!(default_broker_url("not a url"), "mqtt://127.0.0.1:1884");
+        let t = broker_table("mqtt://127.0.0.1:1884", "cam-01", "ab\"c");
+        assert_eq!(
+            t,
+            "[broker]\nurl = \"mqtt://127.0.0.1:1884\"\nusername = \"cam-01\"\npassword = \"ab\\\"c\"\n"
+        );
+    }
 
     #[test]
     fn the_list_is_a_table_with_releases_and_ages() {

@@ -149,9 +149,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             });
             let v = client.post_json("/v1/rollouts", &body)?;
             println!(
-                "rollout {} created: {} devices",
-                v["rollout"]["id"].as_str().unwrap_or("?"),
-                v["rollout"]["devices_total"]
+                "{}",
+                created_line(
+                    v["rollout"]["id"].as_str().unwrap_or("?"),
+                    v["rollout"]["devices_total"].as_u64().unwrap_or(0)
+                )
             );
             println!("{}", trial_summary(&v["rollout"]["spec"]["trial"]));
         }
@@ -256,6 +258,12 @@ pub fn list_table(v: &Value, now_ms: u64) -> String {
     )
 }
 
+/// What `rollouts create` prints first: `rollout ID created: 1 device`.
+pub fn created_line(id: &str, devices: u64) -> String {
+    let s = if devices == 1 { "" } else { "s" };
+    format!("rollout {id} created: {devices} device{s}")
+}
+
 /// What `rollouts watch` shows of one `GET /v1/rollouts/{id}` answer: a
 /// summary line, then a table of the waves (`>` marks the current one).
 pub fn progress(r: &Value, now_ms: u64) -> String {
@@ -349,6 +357,13 @@ fn watch(client: &Client, id: &str, interval_s: f64) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn created_counts_devices_in_words() {
+        assert_eq!(created_line("r-1", 1), "rollout r-1 created: 1 device");
+        assert_eq!(created_line("r-1", 0), "rollout r-1 created: 0 devices");
+        assert_eq!(created_line("r-1", 5), "rollout r-1 created: 5 devices");
+    }
 
     fn halted(now: u64) -> Value {
         serde_json::json!({

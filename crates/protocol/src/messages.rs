@@ -249,6 +249,27 @@ pub enum TrialMode {
     Serve,
 }
 
+impl std::fmt::Display for TrialMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrialMode::Shadow => "shadow",
+            TrialMode::Serve => "serve",
+        })
+    }
+}
+
+/// For people: `serve, window 5 s, min 10 requests, max error rate 0.01,
+/// max latency ratio 3`.
+impl std::fmt::Display for TrialPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}, window {} s, min {} requests, max error rate {}, max latency ratio {}",
+            self.mode, self.window_s, self.min_requests, self.max_error_rate, self.max_p99_ratio
+        )
+    }
+}
+
 impl Default for TrialPolicy {
     fn default() -> Self {
         TrialPolicy {
@@ -554,6 +575,20 @@ impl Down {
 #[cfg(test)]
 mod trial_policy_tests {
     use super::*;
+
+    #[test]
+    fn the_policy_reads_as_words() {
+        let p = TrialPolicy {
+            mode: TrialMode::Serve,
+            window_s: 5,
+            min_requests: 10,
+            ..TrialPolicy::default()
+        };
+        assert_eq!(
+            p.to_string(),
+            "serve, window 5 s, min 10 requests, max error rate 0.01, max latency ratio 3"
+        );
+    }
 
     #[test]
     fn a_partial_policy_takes_the_defaults_for_the_rest() {

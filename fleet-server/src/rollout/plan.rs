@@ -374,13 +374,17 @@ impl Rollout {
         self.history.push(format!("{now} {what}"));
     }
 
+    /// A wave for people: 1-based, `wave 1 of 3` (the `wave` field of log
+    /// lines and the API's `current_wave` are 0-based indexes).
+    fn wave_name(&self, w: usize) -> String {
+        format!("wave {} of {}", w + 1, self.wave_ends.len())
+    }
+
     fn start_wave(&mut self, w: usize, now: u64, actions: &mut Vec<Action>) {
         self.current_wave = Some(w);
-        tracing::info!(event = "wave_started", rollout = %self.id, wave = w, devices = self.wave_devices(w).len(), "rollout wave started");
-        self.log(
-            now,
-            format!("wave {w} started ({} devices)", self.wave_devices(w).len()),
-        );
+        let (name, n) = (self.wave_name(w), self.wave_devices(w).len());
+        tracing::info!(event = "wave_started", rollout = %self.id, wave = w, devices = n, "rollout {name} started");
+        self.log(now, format!("{name} started ({})", plural(n, "device")));
         let ids: Vec<String> = self.wave_devices(w).to_vec();
         for id in ids {
             if let Some(d) = self.devices.get_mut(&id) {
@@ -426,7 +430,11 @@ impl Rollout {
                 }
             }
             if timed_out > 0 {
-                self.log(now, format!("wave {w}: {timed_out} devices timed out"));
+                let name = self.wave_name(w);
+                self.log(
+                    now,
+                    format!("{name}: {} timed out", plural(timed_out, "device")),
+                );
             }
             let c = self.wave_counts(w);
             let rate = c.failed as f64 / c.size.max(1) as f64;
@@ -435,7 +443,8 @@ impl Rollout {
                     w,
                     now,
                     format!(
-                        "wave {w}: {} of {} devices failed ({:.1}% > {:.1}%)",
+                        "{}: {} of {} devices failed ({:.1}% > {:.1}%)",
+                        self.wave_name(w),
                         c.failed,
                         c.size,
                         rate * 100.0,
@@ -451,8 +460,10 @@ impl Rollout {
             self.log(
                 now,
                 format!(
-                    "wave {w} passed: {} committed, {} failed",
-                    c.committed, c.failed
+                    "{} passed: {} committed, {} failed",
+                    self.wave_name(w),
+                    c.committed,
+                    c.failed
                 ),
             );
             if w + 1 >= self.wave_ends.len() {
@@ -588,7 +599,13 @@ impl Rollout {
     /// Operator abort: cancels outstanding offers.
     pub fn abort(&mut self, now: u64) -> Result<Vec<Action>, String> {
         if !self.state.is_active() {
-            return Err(format!("rollout is {:?}, already finished", self.state));
+            let state = match &self.state {
+                RolloutState::Completed => "completed",
+                RolloutState::Halted(_) => "halted",
+                RolloutState::Aborted => "aborted",
+                RolloutState::Running | RolloutState::Paused => "active",
+            };
+            return Err(format!("rollout is {state}, already finished"));
         }
         self.state = RolloutState::Aborted;
         self.log(now, "aborted".into());
@@ -621,6 +638,15 @@ impl Rollout {
             ),
         );
         actions
+    }
+}
+
+/// `1 device`, `3 devices`.
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
     }
 }
 
@@ -737,8 +763,27 @@ mod tests {
             1,
         );
         let a = r.step(1);
-        assert!(matches!(r.state, RolloutState::Halted(_)));
+        assert_eq!(
+            r.state,
+            RolloutState::Halted("wave 1 of 2: 1 of 1 devices failed (100.0% > 0.0%)".into())
+        );
+        let texts: Vec<&str> = r
+            .history
+            .iter()
+            .map(|h| h.split_once(' ').map_or("", |(_, t)| t))
+            .collect();
+        assert_eq!(
+            texts[1..],
+            [
+                "wave 1 of 2 started (1 device)",
+                "halted: wave 1 of 2: 1 of 1 devices failed (100.0% > 0.0%)"
+            ]
+        );
         assert!(offered(&a).is_empty());
+        assert_eq!(
+            r.abort(2),
+            Err("rollout is halted, already finished".to_string())
+        );
         assert_eq!(
             r.devices
                 .values()
