@@ -641,6 +641,25 @@ impl Updater {
             }
             return;
         }
+        // Design: an offer is delivered at least once (QoS 1, and a restarted
+        // server re-sends the offers of waves in progress): an offer of the
+        // release this device already runs committed is answered as committed,
+        // not refused as a downgrade of itself.
+        if self.engine.active().is_some_and(|m| m.release == o.release) {
+            tracing::info!(
+                event = "offer_already_active",
+                release = %label(&o.release),
+                rollout = %o.rollout_id,
+                "update offer for the active release: reported committed"
+            );
+            return self.report(
+                EventKind::Committed,
+                o.release.clone(),
+                Some(o.rollout_id.clone()),
+                None,
+                Some("already active".into()),
+            );
+        }
         if let Ok(Some(why)) = self.store.refused(&o.release.model, o.release.release) {
             return reject(
                 self,

@@ -53,9 +53,25 @@ fn install_trial_commit(port: u16, name: &str) {
         (2, vec![2.0, 4.0, 6.0, 8.0])
     );
     assert_eq!(a.model()["release"]["release"], 2);
-    // A replay of the committed release is below the raised floor.
+    // The same offer again (QoS 1 redelivery, a restarted server re-sending
+    // its wave): answered as committed, already active, nothing installed.
     server.offer(&a.id, &b, &a.key, trial(1, 5));
-    let e = server.wait_event(&a.id, 2, &[EventKind::Rejected], T);
+    let deadline = std::time::Instant::now() + T;
+    while server.kinds(&a.id, 2).len() < 6 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        server.kinds(&a.id, 2)[5..],
+        [EventKind::Committed],
+        "{}",
+        a.log()
+    );
+    let last = server.events.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.detail.as_deref(), Some("already active"));
+    // A replay of an older release is below the raised floor.
+    let b1 = testkit::bundle(Kind::Good, &a.key, MODEL, 1, TARGET, 1.0);
+    server.offer(&a.id, &b1, &a.key, trial(1, 5));
+    let e = server.wait_event(&a.id, 1, &[EventKind::Rejected], T);
     assert_eq!(e.reason.as_deref(), Some("downgrade"));
     // Graceful shutdown and restart keep release 2.
     assert!(a.sigterm().success());

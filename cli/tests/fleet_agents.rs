@@ -426,7 +426,7 @@ fn summary(r: &Value) -> String {
         .into_iter()
         .flatten()
         .filter(|(_, d)| d["state"] != "committed")
-        .map(|(id, d)| format!("{id}: {} {}", d["state"], d["reason"]))
+        .map(|(id, d)| format!("{id}: {} {} {}", d["state"], d["reason"], d["detail"]))
         .collect();
     format!(
         "state {}, waves {}, history {:#}, not committed: {not_committed:#?}",
@@ -743,7 +743,7 @@ fn rollout_to_50_agents_in_waves_completes() {
     }
     let history = r["history"].to_string();
     let passed: Vec<usize> = (0..4)
-        .filter_map(|w| history.find(&format!("wave {w} passed")))
+        .filter_map(|w| history.find(&format!("wave {} of 4 passed", w + 1)))
         .collect();
     assert!(
         passed.len() == 4 && passed.windows(2).all(|p| p[0] < p[1]),
@@ -1337,7 +1337,7 @@ fn rollouts_create_trial_flags_reach_the_agents_policy() {
         .find(|l| l.contains("event=\"trial_started\""))
         .unwrap_or_else(|| panic!("no trial_started line:\n{}", tail(&agent.log(), 40)));
     assert!(
-        line.contains(&format!("policy={want:?}")) && line.contains("mode=Serve"),
+        line.contains(&format!("policy={want} ")) && line.contains("mode=serve"),
         "{line}"
     );
 }
