@@ -1218,47 +1218,37 @@ fn check_budget(s: &TrialStats, budget_ms: f64) -> Option<Event> {
     })
 }
 
-/// `max_p99_ratio` against the candidate's reference. A new release of the
-/// model that was active is compared with that release on the same inputs
-/// (shadow baseline); a different model, or a trial with no baseline (serve
-/// mode, first install), with its own median on its golden inputs measured
-/// on this device at trial start: another model's latency says nothing about
-/// whether this one runs as it should.
+/// `max_p99_ratio` against the previous release of the same model, measured
+/// on the same inputs (shadow baseline). A different model, or a trial with no
+/// baseline (serve mode, first install), is judged by the target's budget
+/// alone ([`check_budget`]): another model's latency says nothing about this
+/// one, and its own golden-input median at trial start
+/// ([`LatencyReference::own_ms`], logged with `trial_started`) measures the
+/// machine's load as much as the model (a demo beside a `cargo build` rolled
+/// back a first install of ppocr cls at p50 49 ms against its own 3.6 ms).
 ///
 /// Design: the p99 of fewer than [`P99_MIN_SAMPLES`] requests is their
 /// maximum, i.e. one scheduler hiccup (a loaded 2-core CI machine stalled a
 /// 0.01 ms model for 3.6 ms); below that the ratio compares medians, which a
-/// really slower model moves too. The own reference is a median, so it is
-/// always compared with the candidate's median. References are floored at
+/// really slower model moves too. The baseline is floored at
 /// [`RATIO_FLOOR_MS`]: sub-millisecond latencies are scheduler noise.
 fn check_ratio(s: &TrialStats, r: &LatencyReference, p: &TrialPolicy) -> Option<Event> {
     let n = s.candidate.requests;
-    let (label, new, base, what) = if r.same_model && s.baseline.requests >= MIN_SAMPLES {
-        let (q, label) = if n.min(s.baseline.requests) >= P99_MIN_SAMPLES {
-            (0.99, "p99")
-        } else {
-            (0.5, "p50")
-        };
-        (
-            label,
-            s.candidate.quantile_ms(q),
-            s.baseline.quantile_ms(q),
-            "the previous release's",
-        )
+    if !r.same_model || s.baseline.requests < MIN_SAMPLES {
+        return None;
+    }
+    let (q, label) = if n.min(s.baseline.requests) >= P99_MIN_SAMPLES {
+        (0.99, "p99")
     } else {
-        (
-            "p50",
-            s.candidate.quantile_ms(0.5),
-            r.own_ms?,
-            "its own golden-input median at trial start,",
-        )
+        (0.5, "p50")
     };
-    let base = base.max(RATIO_FLOOR_MS);
+    let new = s.candidate.quantile_ms(q);
+    let base = s.baseline.quantile_ms(q).max(RATIO_FLOOR_MS);
     (new > p.max_p99_ratio * base).then(|| {
         trial_failed(
             rollback_reason::LATENCY_BUDGET,
             format!(
-                "{label} {new:.2} ms over {} x {what} {base:.2} ms",
+                "{label} {new:.2} ms over {} x the previous release's {base:.2} ms",
                 p.max_p99_ratio
             ),
         )
@@ -1613,8 +1603,8 @@ mod tests {
 
     #[test]
     fn a_heavier_different_model_within_the_budget_passes() {
-        // 50 ms per request, shadowing a 1 ms model of another name: the
-        // ratio is judged against its own 40 ms golden median, not the 1 ms.
+        // 50 ms per request, shadowing a 1 ms model of another name: judged
+        // by the budget, not against the 1 ms.
         let s = observed(&[50.0; 20], &[1.0; 20]);
         let own = LatencyReference {
             same_model: false,
@@ -1652,7 +1642,7 @@ mod tests {
                 && detail.ends_with("over 3 x the previous release's 1.00 ms"),
             "{detail}"
         );
-        // In serve mode there is no baseline: its own median is the reference.
+        // In serve mode there is no baseline: the budget alone applies.
         let serve = observed(&[50.0; 20], &[]);
         assert_eq!(
             judge(&serve, &same, &TrialPolicy::default(), BUDGET_MS, OVER),
@@ -1661,18 +1651,18 @@ mod tests {
     }
 
     #[test]
-    fn a_different_model_slower_than_its_own_measurement_or_the_budget_fails() {
+    fn a_different_model_is_judged_by_the_budget_alone() {
         let p = TrialPolicy::default();
+        // 5 x slower than its own golden median at trial start (a busy
+        // machine), inside the budget: passes.
         let slow = observed(&[50.0; 20], &[1.0; 20]);
         let own10 = LatencyReference {
             same_model: false,
             own_ms: Some(10.0),
         };
-        let (reason, detail) = failure(judge(&slow, &own10, &p, BUDGET_MS, OVER));
-        assert_eq!(reason, "latency_budget");
-        assert!(
-            detail.ends_with("over 3 x its own golden-input median at trial start, 10.00 ms"),
-            "{detail}"
+        assert_eq!(
+            judge(&slow, &own10, &p, BUDGET_MS, OVER),
+            Some(Event::TrialPassed)
         );
         let over_budget = observed(&[150.0; 20], &[1.0; 20]);
         let own140 = LatencyReference {
