@@ -85,6 +85,12 @@ const GROUPS: [Group; 3] = [
 const TARGETS: [&str; 2] = ["rpi4", "x86-avx2-gateway"];
 /// File that marks a directory as the demo's own (emptied on the next run).
 const DEMO_MARKER: &str = ".edgefleet-demo";
+/// Trial latency budget (ms) of the demo's agents. Design: every agent runs on
+/// one shared machine, so p99 reflects the whole fleet's load, not the model:
+/// beside a `cargo build` a first install of ppocr cls on x86-avx2-gateway
+/// (budget 100 ms) was rolled back for `latency_budget`.
+const DEMO_LATENCY_BUDGET_MS: f64 = 2000.0;
+
 /// PSI alarm threshold (devices and the server's drift rule).
 const PSI_ALARM: f64 = 0.25;
 /// Recurrent-state inputs: fed by the runtime, not by an input source.
@@ -519,6 +525,9 @@ data_dir = "{data}"
 target = "{target}"
 target_profile = "{profile}"
 trusted_keys = ["{trust}"]
+# The demo's agents share this machine's cores (24 on 2 in CI): the profile's
+# budget is for a device that owns its CPU, so trials here use a wider one.
+latency_budget_ms = {DEMO_LATENCY_BUDGET_MS:.1}
 telemetry_interval_s = 2
 drift_interval_s = 4
 tags = ["{target}", "demo"]
