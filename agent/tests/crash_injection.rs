@@ -255,8 +255,10 @@ fn corrupt_store_is_quarantined_and_last_good_model_serves() {
             .starts_with("quarantine-")
     });
     assert!(quarantined, "{}", a.log());
-    // The recovered floor still refuses a replay of release 2.
-    server.offer(&a.id, &b, &a.key, trial(1, 5));
-    let e = server.wait_event(&a.id, 2, &[EventKind::Rejected], T);
+    // The recovered floor still refuses a replay of release 1 (an offer of
+    // release 2, active, is answered committed: already active).
+    let b1 = testkit::bundle(Kind::Good, &a.key, MODEL, 1, TARGET, 1.0);
+    server.offer(&a.id, &b1, &a.key, trial(1, 5));
+    let e = server.wait_event(&a.id, 1, &[EventKind::Rejected], T);
     assert_eq!(e.reason.as_deref(), Some("downgrade"));
 }
