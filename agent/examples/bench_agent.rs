@@ -188,11 +188,11 @@ fn main() {
 
     // The local HTTP API, binary form, keep-alive.
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
-    let state = ApiState {
-        engine: engine.clone(),
-        status: Arc::new(Mutex::new(StatusInfo::default())),
+    let state = ApiState::new(
+        engine.clone(),
+        Arc::new(Mutex::new(StatusInfo::default())),
         timeout,
-    };
+    );
     let addr = rt
         .block_on(edgefleet_agent::api::serve(
             state,

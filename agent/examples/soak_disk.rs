@@ -181,7 +181,8 @@ target = "{TARGET}"
 trusted_keys = ["release.pub.pem"]
 initial_bundle = "initial.efb"
 telemetry_interval_s = 1
-drift_interval_s = 10
+[drift]
+report_interval_s = 10
 [broker]
 url = "mqtt://127.0.0.1:{port}"
 [api]

@@ -1,5 +1,6 @@
 //! Wiring: store, slots, engine, updater thread, MQTT session, local API,
-//! input sources, telemetry (outbox + publisher) and drift (`crate::pipeline`).
+//! input sources, telemetry (outbox + publisher), drift (`crate::pipeline`)
+//! and data capture (`crate::capture`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,12 +49,23 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         s.previous = meta.previous.and_then(|x| slots.info(x)).map(|i| i.release);
     }
 
-    let (settings_tx, settings_rx) =
-        tokio::sync::watch::channel(crate::settings::at_boot(&cfg, &store));
+    let boot_settings = crate::settings::at_boot(&cfg, &store);
+    let (settings_tx, settings_rx) = tokio::sync::watch::channel(boot_settings);
+    let capture = Arc::new(Mutex::new(
+        crate::capture::Capture::open(
+            &cfg.data_dir.join(crate::capture::CAPTURE_DIR),
+            cfg.device_id.clone(),
+            cfg.capture,
+            boot_settings.capture,
+        )
+        .context("data capture")?,
+    ));
+    let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel();
     let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel();
     let (in_tx, in_rx) = std::sync::mpsc::channel();
     let publish_tx = up_tx.clone();
     let drift_tx = up_tx.clone();
+    let capture_tx = up_tx.clone();
     let outbox = Arc::new(
         Outbox::open(store.db(), outbox_config(&cfg.storage))
             .context("telemetry outbox")?
@@ -94,6 +106,10 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         credentials: credentials.clone(),
         target: cfg.target.clone(),
         tags: cfg.tags.clone(),
+        capture: Some(crate::mqtt::CaptureLink {
+            capture: capture.clone(),
+            acks: ack_tx,
+        }),
     };
     let mqtt = tokio::spawn(crate::mqtt::run(
         settings,
@@ -116,16 +132,36 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         settings_rx.clone(),
         shutdown.clone(),
     );
+    let uploader = tokio::spawn(crate::capture::run_uploader(
+        capture.clone(),
+        store
+            .db()
+            .open_tree(crate::capture::PROGRESS_TREE)
+            .context("capture upload progress")?,
+        crate::capture::UploaderConfig {
+            chunk_bytes: cfg.capture.chunk_bytes as usize,
+            ..crate::capture::UploaderConfig::new(cfg.device_id.clone())
+        },
+        Arc::new(move |up| {
+            let _ = capture_tx.send(up);
+        }),
+        ack_rx,
+        shutdown.clone(),
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let drift = pipeline::spawn_drift(
-        engine.clone(),
-        store.db().clone(),
-        cfg.device_id.clone(),
+        pipeline::DriftSetup {
+            engine: engine.clone(),
+            db: store.db().clone(),
+            device_id: cfg.device_id.clone(),
+            base: crate::drift::DriftConfig::from_section(&cfg.drift),
+            capture: Some(capture.clone()),
+            publish: Arc::new(move |up| {
+                let _ = drift_tx.send(up);
+            }),
+            stop: stop.clone(),
+        },
         settings_rx,
-        Arc::new(move |up| {
-            let _ = drift_tx.send(up);
-        }),
-        stop.clone(),
     );
     let sources = pipeline::spawn_sources(
         &engine,
@@ -135,9 +171,12 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
     );
 
     let api_state = ApiState {
-        engine: engine.clone(),
-        status,
-        timeout: Duration::from_millis(cfg.api.request_timeout_ms),
+        capture: Some(capture.clone()),
+        ..ApiState::new(
+            engine.clone(),
+            status,
+            Duration::from_millis(cfg.api.request_timeout_ms),
+        )
     };
     let addr = crate::api::serve(
         api_state,
@@ -155,6 +194,7 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
     let _ = in_tx.send(Input::Shutdown);
     let _ = tokio::task::spawn_blocking(move || upd.join()).await;
     let _ = tokio::time::timeout(Duration::from_secs(3), mqtt).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), uploader).await;
     for t in telemetry {
         let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
     }

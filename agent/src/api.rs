@@ -4,7 +4,8 @@
 //!
 //! | route | |
 //! |---|---|
-//! | `POST /v1/infer` | JSON `{"inputs":[Tensor...], "stream":"id"?}` -> `{"release":{..},"outputs":[Tensor...]}`; or binary (below) |
+//! | `POST /v1/infer` | JSON `{"inputs":[Tensor...], "stream":"id"?}` -> `{"release":{..},"outputs":[Tensor...],"request_id":"..."}`; or binary (below) |
+//! | `POST /v1/feedback` | `{"request_id":"...","label":N}` -> `{"request_id","release","answer","label","agreed"}`; 404 unknown or expired id, 400 naming the bad field, 409 already labelled |
 //! | `GET /v1/model` | active release, its `model.json`, trial and update state |
 //! | `GET /healthz` | 200 while a verified, self-tested model answers requests ([`Engine::ready`]: the active model, or the candidate serving a first install), else 503 |
 //! | `GET /metrics` | Prometheus text (docs/specs/telemetry.md); names from `edgefleet_protocol::telemetry::names` only |
@@ -15,6 +16,11 @@
 //! an optional `x-edgefleet-stream` header names the stream. The reply is
 //! every output in order, raw little-endian f32/i64, with the answering
 //! release in the `x-edgefleet-release` header (`model@release`).
+//!
+//! Every successful inference carries its request id (`crate::feedback`,
+//! format `<16 hex boot id>-<n>`) in the `x-edgefleet-request-id` header
+//! (both forms) and the JSON field `request_id`; post a ground-truth label
+//! for it to `/v1/feedback`.
 //!
 //! A full queue answers 503 with `Retry-After: 1`; a request not answered
 //! within the configured timeout answers 504.
@@ -32,7 +38,12 @@ use edgefleet_bundle::payload::{DType, Tensor, TensorData};
 use edgefleet_protocol::messages::ReleaseRef;
 use serde::{Deserialize, Serialize};
 
+use crate::capture::Capture;
 use crate::engine::{label, Engine, SubmitError};
+use crate::feedback::{Answer, Feedback, FeedbackError};
+
+/// Header carrying the request id of an inference.
+pub const REQUEST_ID_HEADER: &str = "x-edgefleet-request-id";
 
 /// What the agent reports about itself (shared with the updater and MQTT).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -54,6 +65,23 @@ pub struct ApiState {
     pub status: Arc<Mutex<StatusInfo>>,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Request ids and labels.
+    pub feedback: Arc<Feedback>,
+    /// Data capture (labels are attached to captured samples), if running.
+    pub capture: Option<Arc<Mutex<Capture>>>,
+}
+
+impl ApiState {
+    /// State with a fresh [`Feedback`] memory and no capture.
+    pub fn new(engine: Arc<Engine>, status: Arc<Mutex<StatusInfo>>, timeout: Duration) -> Self {
+        ApiState {
+            engine,
+            status,
+            timeout,
+            feedback: Arc::new(Feedback::default()),
+            capture: None,
+        }
+    }
 }
 
 /// The API error type.
@@ -61,6 +89,10 @@ pub struct ApiState {
 pub enum ApiError {
     /// 400.
     BadRequest(String),
+    /// 404.
+    NotFound(String),
+    /// 409.
+    Conflict(String),
     /// 503 + Retry-After.
     Saturated,
     /// 503, no model.
@@ -75,6 +107,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (code, msg) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::Saturated => {
                 return (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -110,26 +144,84 @@ pub struct InferResponse {
     pub release: ReleaseRef,
     /// Outputs.
     pub outputs: Vec<Tensor>,
+    /// The request id for `/v1/feedback` (also in `x-edgefleet-request-id`).
+    #[serde(default)]
+    pub request_id: String,
+}
+
+/// `POST /v1/feedback` body: a ground-truth label for a served request.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    /// The inference's request id.
+    pub request_id: String,
+    /// Class id (classifier) or 0/1 (probability output).
+    pub label: u64,
+}
+
+/// `POST /v1/feedback` answer.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct FeedbackResponse {
+    /// The request id.
+    pub request_id: String,
+    /// Release that answered the request.
+    pub release: ReleaseRef,
+    /// The model's answer in label units.
+    pub answer: u64,
+    /// The label received.
+    pub label: u64,
+    /// `answer == label`.
+    pub agreed: bool,
 }
 
 /// The router.
 pub fn app(state: ApiState) -> Router {
     Router::new()
         .route("/v1/infer", post(infer))
+        .route("/v1/feedback", post(feedback))
         .route("/v1/model", get(model))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
+/// Runs a request under a new request id and remembers the model's answer
+/// for feedback; returns the reply and the id.
 async fn run(
     st: &ApiState,
     inputs: Vec<Tensor>,
     stream: Option<String>,
+) -> Result<(crate::engine::Reply, String), ApiError> {
+    let id = st.feedback.new_id();
+    let r = run_tagged(st, inputs, stream, &id).await?;
+    let answer = spec_of(&st.engine, &r.release).and_then(|spec| Answer::of(&spec, &r.outputs));
+    st.feedback.record(&id, r.release.clone(), answer);
+    Ok((r, id))
+}
+
+/// The spec of the loaded model that is `release` (active or trial).
+fn spec_of(engine: &Engine, release: &ReleaseRef) -> Option<edgefleet_bundle::payload::ModelSpec> {
+    engine
+        .active()
+        .filter(|m| &m.release == release)
+        .or_else(|| {
+            engine
+                .trial()
+                .map(|t| t.model.clone())
+                .filter(|m| &m.release == release)
+        })
+        .map(|m| m.spec.clone())
+}
+
+async fn run_tagged(
+    st: &ApiState,
+    inputs: Vec<Tensor>,
+    stream: Option<String>,
+    id: &str,
 ) -> Result<crate::engine::Reply, ApiError> {
     let rx = st
         .engine
-        .submit(inputs, stream, st.timeout)
+        .submit_with_id(inputs, stream, st.timeout, Some(id.to_string()))
         .map_err(|e| match e {
             SubmitError::Saturated => ApiError::Saturated,
             SubmitError::NoModel => ApiError::NoModel,
@@ -192,12 +284,19 @@ async fn infer(
             .map_err(|e| ApiError::BadRequest(format!("request JSON: {e}")))?;
         let model = st.engine.serving().ok_or(ApiError::NoModel)?;
         check_input_names(&model.spec, &req.inputs)?;
-        let r = run(&st, req.inputs, req.stream).await?;
-        return Ok(Json(InferResponse {
-            release: r.release,
-            outputs: r.outputs,
-        })
-        .into_response());
+        let (r, id) = run(&st, req.inputs, req.stream).await?;
+        return Ok((
+            [(
+                header::HeaderName::from_static(REQUEST_ID_HEADER),
+                id.clone(),
+            )],
+            Json(InferResponse {
+                release: r.release,
+                outputs: r.outputs,
+                request_id: id,
+            }),
+        )
+            .into_response());
     }
     let model = st.engine.serving().ok_or(ApiError::NoModel)?;
     let stream = headers
@@ -249,7 +348,7 @@ async fn infer(
             body.len()
         )));
     }
-    let r = run(&st, inputs, stream).await?;
+    let (r, id) = run(&st, inputs, stream).await?;
     let mut out = Vec::new();
     for t in &r.outputs {
         match &t.data {
@@ -268,10 +367,77 @@ async fn infer(
                 header::HeaderName::from_static("x-edgefleet-release"),
                 label(&r.release),
             ),
+            (header::HeaderName::from_static(REQUEST_ID_HEADER), id),
         ],
         out,
     )
         .into_response())
+}
+
+/// Parses a feedback body, naming the field at fault.
+fn parse_feedback(body: &[u8]) -> Result<FeedbackRequest, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("request JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::BadRequest("request JSON: expected an object".into()))?;
+    if let Some(k) = obj.keys().find(|k| *k != "request_id" && *k != "label") {
+        return Err(ApiError::BadRequest(format!(
+            "unknown field `{k}`, expected `request_id` and `label`"
+        )));
+    }
+    let request_id = match obj.get("request_id") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "field `request_id` must be a non-empty string".into(),
+            ))
+        }
+        None => return Err(ApiError::BadRequest("missing field `request_id`".into())),
+    };
+    let label = match obj.get("label") {
+        Some(l) => l.as_u64().ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "field `label` = {l} must be a non-negative integer (class id, or 0/1)"
+            ))
+        })?,
+        None => return Err(ApiError::BadRequest("missing field `label`".into())),
+    };
+    Ok(FeedbackRequest { request_id, label })
+}
+
+async fn feedback(State(st): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
+    let req = parse_feedback(&body)?;
+    let accepted = match st.feedback.label(&req.request_id, req.label) {
+        Ok(a) => a,
+        Err(e @ FeedbackError::Unknown(..)) => {
+            if let Ok(mut s) = st.engine.stats.lock() {
+                s.record_unknown_feedback();
+            }
+            return Err(ApiError::NotFound(e.to_string()));
+        }
+        Err(e @ FeedbackError::BadLabel(_)) => return Err(ApiError::BadRequest(e.to_string())),
+        Err(e @ FeedbackError::AlreadyLabelled(_)) => {
+            return Err(ApiError::Conflict(e.to_string()))
+        }
+    };
+    if let Ok(mut s) = st.engine.stats.lock() {
+        s.record_feedback(&accepted.release, accepted.agreed);
+    }
+    if let Some(c) = &st.capture {
+        let r = c.lock().map(|mut c| c.label(&req.request_id, req.label));
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "label not attached to the captured sample");
+        }
+    }
+    Ok(Json(FeedbackResponse {
+        request_id: req.request_id,
+        release: accepted.release,
+        answer: accepted.answer,
+        label: req.label,
+        agreed: accepted.agreed,
+    })
+    .into_response())
 }
 
 async fn model(State(st): State<ApiState>) -> Response {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use edgefleet_bundle::TrustStore;
-use edgefleet_drift::DriftThresholds;
+use edgefleet_drift::{Autocorrelation, Correction, TestConfig, WindowConfig};
 use edgefleet_protocol::DeviceId;
 use serde::Deserialize;
 
@@ -118,9 +118,6 @@ fn default_batch() -> usize {
 fn default_telemetry() -> u64 {
     30
 }
-fn default_drift() -> u64 {
-    300
-}
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -147,12 +144,12 @@ pub struct Config {
     /// Telemetry interval (s).
     #[serde(default = "default_telemetry")]
     pub telemetry_interval_s: u64,
-    /// Drift report interval (s).
-    #[serde(default = "default_drift")]
-    pub drift_interval_s: u64,
-    /// Drift thresholds.
+    /// Drift detection (`[drift]`, docs/agent.md "Drift").
     #[serde(default)]
-    pub drift_thresholds: Option<DriftThresholds>,
+    pub drift: DriftSection,
+    /// Data capture limits (`[capture]`, docs/agent.md "Data capture").
+    #[serde(default)]
+    pub capture: CaptureSection,
     /// Operator tags reported in Hello.
     #[serde(default)]
     pub tags: Vec<String>,
@@ -165,6 +162,161 @@ pub struct Config {
     /// Disk-use ceiling of the data directory's store (`[storage]`).
     #[serde(default)]
     pub storage: StorageConfig,
+}
+
+/// `[drift]`: the drift detector's settings (docs/agent.md, "Drift"). The
+/// test settings (`alpha` .. `min_effective_per_bin`) are the defaults the
+/// server's `ConfigUpdate.drift_test` may override at run time; the window
+/// settings are fixed while a release is active.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftSection {
+    /// Period of the regular drift reports (s, >= 1). Default 300.
+    pub report_interval_s: u64,
+    /// Evaluate the tests every this many inferences (>= 1). Default 50.
+    pub check_every: u64,
+    /// Save the detector state every this many inferences (>= 1). Default 500.
+    pub persist_every: u64,
+    /// Window half-life in inferences ([`WindowConfig::half_life`]). Default 2000.
+    pub half_life: f64,
+    /// Half-life of the autocorrelation estimate in inferences
+    /// ([`WindowConfig::rho_half_life`]). Default 16000.
+    pub rho_half_life: f64,
+    /// False-alarm probability of one evaluation, in (0, 0.5]. Default 0.01.
+    pub alpha: f64,
+    /// `bonferroni` (default), `benjamini_hochberg` or `none`.
+    pub correction: Correction,
+    /// Fixed AR(1) coefficient in [0, 1); absent: estimated online.
+    pub rho: Option<f64>,
+    /// Window units below which a test reports insufficient data (>= 1). Default 100.
+    pub min_samples: f64,
+    /// Effective samples needed per bin (>= 0). Default 5.
+    pub min_effective_per_bin: f64,
+}
+
+impl Default for DriftSection {
+    fn default() -> Self {
+        let w = WindowConfig::default();
+        let t = TestConfig::default();
+        DriftSection {
+            report_interval_s: 300,
+            check_every: 50,
+            persist_every: 500,
+            half_life: w.half_life,
+            rho_half_life: w.rho_half_life,
+            alpha: t.alpha,
+            correction: t.correction,
+            rho: None,
+            min_samples: t.min_samples,
+            min_effective_per_bin: t.min_effective_per_bin,
+        }
+    }
+}
+
+impl DriftSection {
+    /// The window settings.
+    pub fn window(&self) -> WindowConfig {
+        WindowConfig {
+            half_life: self.half_life,
+            rho_half_life: self.rho_half_life,
+        }
+    }
+
+    /// The test settings.
+    pub fn test(&self) -> TestConfig {
+        TestConfig {
+            alpha: self.alpha,
+            correction: self.correction,
+            autocorrelation: self
+                .rho
+                .map_or(Autocorrelation::Estimate, Autocorrelation::Fixed),
+            min_samples: self.min_samples,
+            min_effective_per_bin: self.min_effective_per_bin,
+        }
+    }
+
+    /// Checks every value; `Err((key, reason))` names the first bad key.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if self.report_interval_s == 0 {
+            return Err(("drift.report_interval_s", "must be at least 1".into()));
+        }
+        if self.check_every == 0 || self.persist_every == 0 {
+            return Err((
+                "drift.check_every",
+                "check_every and persist_every must be at least 1".into(),
+            ));
+        }
+        if !positive(self.half_life) || !positive(self.rho_half_life) {
+            return Err((
+                "drift.half_life",
+                format!(
+                    "half_life = {} and rho_half_life = {} must be positive numbers",
+                    self.half_life, self.rho_half_life
+                ),
+            ));
+        }
+        if !(self.alpha > 0.0 && self.alpha <= 0.5) {
+            return Err((
+                "drift.alpha",
+                format!("= {} is outside (0, 0.5]", self.alpha),
+            ));
+        }
+        if let Some(r) = self.rho {
+            if !(0.0..1.0).contains(&r) {
+                return Err(("drift.rho", format!("= {r} is outside [0, 1)")));
+            }
+        }
+        if !(self.min_samples.is_finite() && self.min_samples >= 1.0) {
+            return Err((
+                "drift.min_samples",
+                format!("= {} must be at least 1", self.min_samples),
+            ));
+        }
+        if !(self.min_effective_per_bin.is_finite() && self.min_effective_per_bin >= 0.0) {
+            return Err((
+                "drift.min_effective_per_bin",
+                format!(
+                    "= {} must be a non-negative number",
+                    self.min_effective_per_bin
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Smallest accepted `capture.max_bytes` (bytes).
+pub const MIN_CAPTURE_BYTES: u64 = 64 * 1024;
+
+/// `[capture]`: the device owner's limits on data capture (docs/agent.md,
+/// "Data capture"). Whether anything is captured is the server's
+/// `ConfigUpdate.capture` (off by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureSection {
+    /// Disk cap of `data_dir/capture` (bytes): closed batches waiting for
+    /// upload plus the open batch are never more. Default 16 MiB; at least
+    /// [`MIN_CAPTURE_BYTES`].
+    pub max_bytes: u64,
+    /// A batch is closed at this many samples (1..=10000). Default 50.
+    pub batch_samples: u32,
+    /// ... or when its first sample is this old (s, >= 1). Default 60.
+    pub batch_age_s: u64,
+    /// Upload chunk size (bytes, 256..=262144; smaller for thin links).
+    /// Default 262144 (`MAX_CAPTURE_CHUNK_BYTES`).
+    pub chunk_bytes: u32,
+}
+
+impl Default for CaptureSection {
+    fn default() -> Self {
+        CaptureSection {
+            max_bytes: 16 * 1024 * 1024,
+            batch_samples: 50,
+            batch_age_s: 60,
+            chunk_bytes: 256 * 1024,
+        }
+    }
 }
 
 /// Smallest accepted `storage.max_bytes` (bytes): room for the update state,
@@ -247,6 +399,31 @@ impl Config {
         }
         if c.telemetry_interval_s == 0 {
             return Err(invalid("telemetry_interval_s", "must be at least 1".into()));
+        }
+        c.drift.check().map_err(|(k, r)| invalid(k, r))?;
+        if c.capture.max_bytes < MIN_CAPTURE_BYTES {
+            return Err(invalid(
+                "capture.max_bytes",
+                format!(
+                    "{} bytes is below the minimum of {MIN_CAPTURE_BYTES}",
+                    c.capture.max_bytes
+                ),
+            ));
+        }
+        if !(1..=10_000).contains(&c.capture.batch_samples) || c.capture.batch_age_s == 0 {
+            return Err(invalid(
+                "capture.batch_samples",
+                format!(
+                    "batch_samples = {} must be in 1..=10000 and batch_age_s = {} at least 1",
+                    c.capture.batch_samples, c.capture.batch_age_s
+                ),
+            ));
+        }
+        if !(256..=256 * 1024).contains(&c.capture.chunk_bytes) {
+            return Err(invalid(
+                "capture.chunk_bytes",
+                format!("= {} is outside 256..=262144", c.capture.chunk_bytes),
+            ));
         }
         if c.storage.max_bytes < MIN_STORAGE_BYTES {
             return Err(invalid(
@@ -361,6 +538,37 @@ path = "x.bin"
             .expect_err("unknown key");
         let s = e.to_string();
         assert!(s.contains("/x/agent.toml") && s.contains("bogus"), "{s}");
+    }
+
+    #[test]
+    fn drift_and_capture_sections() {
+        let c = Config::parse(GOOD, Path::new("a.toml")).expect("parses");
+        assert_eq!(c.drift, DriftSection::default());
+        assert_eq!(c.capture, CaptureSection::default());
+        let text = format!(
+            "{GOOD}[drift]\nalpha = 0.001\ncorrection = \"benjamini_hochberg\"\nrho = 0.5\n[capture]\nmax_bytes = 1048576\nchunk_bytes = 1024\n"
+        );
+        let c = Config::parse(&text, Path::new("a.toml")).expect("parses");
+        let t = c.drift.test();
+        assert_eq!(t.alpha, 0.001);
+        assert_eq!(t.correction, Correction::BenjaminiHochberg);
+        assert_eq!(t.autocorrelation, Autocorrelation::Fixed(0.5));
+        assert_eq!(
+            (c.capture.max_bytes, c.capture.chunk_bytes),
+            (1_048_576, 1024)
+        );
+        for (extra, key) in [
+            ("[drift]\nalpha = 0.9\n", "drift.alpha"),
+            ("[drift]\nrho = 1.0\n", "drift.rho"),
+            ("[drift]\ncheck_every = 0\n", "drift.check_every"),
+            ("[drift]\npsi_alarm = 0.2\n", "psi_alarm"),
+            ("[capture]\nmax_bytes = 10\n", "capture.max_bytes"),
+            ("[capture]\nchunk_bytes = 1\n", "capture.chunk_bytes"),
+            ("[capture]\nmode = \"on_alarm\"\n", "mode"),
+        ] {
+            let e = Config::parse(&format!("{GOOD}{extra}"), Path::new("a.toml")).expect_err(extra);
+            assert!(e.to_string().contains(key), "{extra}: {e}");
+        }
     }
 
     #[test]

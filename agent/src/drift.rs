@@ -1,29 +1,35 @@
 //! The agent's drift component: streams the active release's live inputs and
-//! outputs through an [`edgefleet_drift::DriftMonitor`] built from the
-//! bundle's reference profile (`drift_reference.json`) and produces
-//! [`DriftMessage`]s (docs/specs/telemetry.md, "Drift reports").
+//! outputs through an [`edgefleet_drift::DriftDetector`] built from the
+//! bundle's reference profile (`drift_reference.json`, binned with
+//! [`BinningRule::default`]) and produces [`DriftMessage`]s
+//! (docs/specs/telemetry.md, "Drift reports").
 //!
-//! - [`AgentDrift::observe`] counts one inference (every input and output
+//! - [`AgentDrift::observe`] feeds one inference (every input and output
 //!   tensor; for a classifier, the argmax of output 0 along its last axis per
-//!   row). Every `check_every` samples it evaluates the report and, when the
-//!   overall status *becomes* `alarm`, returns a report with `alarm: true`
-//!   at once (edge-triggered: one report per transition into alarm, re-armed
-//!   when the status leaves alarm). Below `min_samples` the status is
-//!   `insufficient_data`, which never alarms.
+//!   row). Every `check_every` inferences it evaluates the tests and, when the
+//!   overall verdict *becomes* `drift`, returns a report with `alarm: true` at
+//!   once (edge-triggered: one report per transition into drift, re-armed
+//!   when the verdict leaves drift). `insufficient_data` and `no_data` never
+//!   alarm.
 //! - [`AgentDrift::poll_periodic`] returns a report every `report_interval`.
-//! - State (counts, report `seq`, the alarm edge) is saved in sled tree
-//!   [`TREE_NAME`] on every report, every `persist_every` samples and by
-//!   [`AgentDrift::persist`]; on open it is restored only if it belongs to the
-//!   same release, so a model change starts from empty counts. Counts are
-//!   cumulative from the model's activation (no sliding window), which gives
-//!   the statistics the most samples; a restart keeps them.
+//! - The windows are exponentially decayed (half-life
+//!   [`WindowConfig::half_life`] inferences), not cumulative, so a device's
+//!   history does not dilute a recent shift; the false-alarm rate per
+//!   evaluation is the detector's [`TestConfig::alpha`] (see
+//!   `edgefleet_drift::detector`).
+//! - State ([`DetectorState`], report `seq`, the alarm edge) is saved in sled
+//!   tree [`TREE_NAME`] on every report, every `persist_every` inferences and
+//!   by [`AgentDrift::persist`]; on open it is restored only if it belongs to
+//!   the same release, so a model change (commit, rollback) starts fresh
+//!   windows; `seq` continues across releases.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgefleet_bundle::payload::{ModelSpec, Task, Tensor, TensorData};
 use edgefleet_drift::{
-    DriftMonitor, DriftReport, DriftStatus, DriftThresholds, MonitorState, ReferenceProfile,
+    BinningRule, DataQuality, DetectorConfig, DetectorReport, DetectorState, DriftDetector,
+    ReferenceProfile, TestConfig, Verdict, WindowConfig,
 };
 use edgefleet_protocol::messages::{DriftMessage, ReleaseRef};
 use edgefleet_protocol::DeviceId;
@@ -73,25 +79,48 @@ pub enum DriftError {
 /// Settings of the drift component.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DriftConfig {
-    /// Alarm thresholds (including `min_samples`).
-    pub thresholds: DriftThresholds,
+    /// Window settings (fixed per release).
+    pub window: WindowConfig,
+    /// Test settings (the server's `ConfigUpdate.drift_test` replaces them).
+    pub test: TestConfig,
     /// Period of the regular reports.
     pub report_interval: Duration,
-    /// Evaluate the alarm condition every this many samples (>= 1).
+    /// Evaluate the tests every this many inferences (>= 1).
     pub check_every: u64,
-    /// Save the counts every this many samples (>= 1).
+    /// Save the state every this many inferences (>= 1).
     pub persist_every: u64,
 }
 
 impl Default for DriftConfig {
-    /// Default thresholds, a report every 5 minutes, alarm check every 50
-    /// samples, persist every 500 samples.
+    /// Default window and tests, a report every 5 minutes, a check every 50
+    /// inferences, the state saved every 500.
     fn default() -> Self {
         DriftConfig {
-            thresholds: DriftThresholds::default(),
+            window: WindowConfig::default(),
+            test: TestConfig::default(),
             report_interval: Duration::from_secs(300),
             check_every: 50,
             persist_every: 500,
+        }
+    }
+}
+
+impl DriftConfig {
+    /// The settings of `[drift]` in agent.toml.
+    pub fn from_section(s: &crate::config::DriftSection) -> Self {
+        DriftConfig {
+            window: s.window(),
+            test: s.test(),
+            report_interval: Duration::from_secs(s.report_interval_s.max(1)),
+            check_every: s.check_every.max(1),
+            persist_every: s.persist_every.max(1),
+        }
+    }
+
+    fn detector(&self) -> DetectorConfig {
+        DetectorConfig {
+            window: self.window,
+            test: self.test,
         }
     }
 }
@@ -101,7 +130,9 @@ struct Saved {
     release: ReleaseRef,
     seq: u64,
     alarmed: bool,
-    state: MonitorState,
+    state: DetectorState,
+    #[serde(default)]
+    quality: DataQuality,
 }
 
 /// Reads and validates `drift_reference.json`.
@@ -119,13 +150,32 @@ pub fn load_reference(path: &Path) -> Result<ReferenceProfile, DriftError> {
     })
 }
 
-/// Drift monitoring of the active release.
+/// Device clock in ms since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Largest `statistic / threshold` over the tests with a verdict (a test
+/// alarms when its statistic reaches its threshold, so `>= 1` is drift);
+/// 0 when no test has a verdict. This is the `/metrics` drift gauge.
+pub fn max_ratio(r: &DetectorReport) -> f64 {
+    r.tests
+        .iter()
+        .filter_map(|t| match t.threshold {
+            Some(th) if th > 0.0 && t.statistic.is_finite() => Some(t.statistic / th),
+            _ => None,
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Drift detection of the active release.
 #[derive(Debug)]
 pub struct AgentDrift {
     device_id: DeviceId,
     release: ReleaseRef,
-    monitor: DriftMonitor,
-    profile: ReferenceProfile,
+    detector: DriftDetector,
     classifier: bool,
     tree: sled::Tree,
     cfg: DriftConfig,
@@ -133,14 +183,19 @@ pub struct AgentDrift {
     seq: u64,
     alarmed: bool,
     samples: u64,
+    quality: DataQuality,
     last_report: Instant,
 }
 
+fn is_classifier(spec: &ModelSpec) -> bool {
+    matches!(spec.task, Task::Classifier { .. })
+}
+
 impl AgentDrift {
-    /// Opens drift monitoring of `release` with `profile`. `spec` tells
-    /// whether the model is a classifier. Saved counts are restored if they
-    /// belong to the same release and match the profile; otherwise they are
-    /// discarded (model change) but the report `seq` continues.
+    /// Opens drift detection of `release` with `profile`. `spec` tells
+    /// whether the model is a classifier. A saved state is restored if it
+    /// belongs to the same release and matches the profile; otherwise it is
+    /// discarded (model change: fresh windows) but the report `seq` continues.
     ///
     /// # Errors
     /// [`DriftError::Store`].
@@ -158,18 +213,26 @@ impl AgentDrift {
                 op: "open tree",
                 source,
             })?;
-        let mut monitor = DriftMonitor::new(profile, cfg.thresholds);
+        let cfg = DriftConfig {
+            check_every: cfg.check_every.max(1),
+            persist_every: cfg.persist_every.max(1),
+            ..cfg
+        };
+        let mut detector =
+            DriftDetector::from_profile(profile, &BinningRule::default(), cfg.detector());
         let saved: Option<Saved> = tree
             .get(STATE_KEY)
             .map_err(|source| DriftError::Store { op: "read", source })?
             .and_then(|v| serde_json::from_slice(&v).ok());
-        let mut seq = 0;
-        let mut alarmed = false;
+        let (mut seq, mut alarmed, mut quality) = (0, false, DataQuality::default());
         if let Some(s) = saved {
             seq = s.seq;
             if s.release == release {
-                match monitor.restore(&s.state) {
-                    Ok(()) => alarmed = s.alarmed,
+                match detector.restore(&s.state) {
+                    Ok(()) => {
+                        alarmed = s.alarmed;
+                        quality = s.quality;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "drift state does not match the profile; starting empty")
                     }
@@ -179,18 +242,14 @@ impl AgentDrift {
         let d = AgentDrift {
             device_id,
             release,
-            monitor,
-            profile: profile.clone(),
-            classifier: matches!(spec.task, Task::Classifier { .. }),
+            detector,
+            classifier: is_classifier(spec),
             tree,
-            cfg: DriftConfig {
-                check_every: cfg.check_every.max(1),
-                persist_every: cfg.persist_every.max(1),
-                ..cfg
-            },
+            cfg,
             seq,
             alarmed,
             samples: 0,
+            quality,
             last_report: Instant::now(),
         };
         d.persist()?;
@@ -198,7 +257,8 @@ impl AgentDrift {
     }
 
     /// Switches to a new active release (after a commit or a rollback): the
-    /// counts and the alarm edge start empty; `seq` continues.
+    /// windows, the data-quality counters and the alarm edge start empty;
+    /// `seq` continues.
     ///
     /// # Errors
     /// [`DriftError::Store`].
@@ -209,33 +269,28 @@ impl AgentDrift {
         spec: &ModelSpec,
     ) -> Result<(), DriftError> {
         self.release = release;
-        self.monitor = DriftMonitor::new(profile, self.cfg.thresholds);
-        self.profile = profile.clone();
-        self.classifier = matches!(spec.task, Task::Classifier { .. });
+        self.detector =
+            DriftDetector::from_profile(profile, &BinningRule::default(), self.cfg.detector());
+        self.classifier = is_classifier(spec);
         self.alarmed = false;
         self.samples = 0;
+        self.quality = DataQuality::default();
         self.last_report = Instant::now();
         self.persist()
     }
 
-    /// Changes the thresholds (server `ConfigUpdate`), keeping the counts.
-    pub fn set_thresholds(&mut self, t: DriftThresholds) {
-        let state = self.monitor.snapshot();
-        // Rebuild with the new thresholds; restoring on the same profile cannot fail.
-        let mut m = DriftMonitor::new(&self.profile, t);
-        if m.restore(&state).is_ok() {
-            self.monitor = m;
-            self.cfg.thresholds = t;
-        }
+    /// Changes the test settings and the report interval (server
+    /// `ConfigUpdate`), keeping the windows; the window settings,
+    /// `check_every` and `persist_every` stay as opened. Tests use the new
+    /// settings from the next evaluation on.
+    pub fn set_config(&mut self, c: DriftConfig) {
+        self.cfg.test = c.test;
+        self.cfg.report_interval = c.report_interval;
     }
 
-    /// Changes thresholds and report interval (server `ConfigUpdate`),
-    /// keeping the counts; `check_every`/`persist_every` stay as opened.
-    pub fn set_config(&mut self, c: DriftConfig) {
-        if c.thresholds != self.cfg.thresholds {
-            self.set_thresholds(c.thresholds);
-        }
-        self.cfg.report_interval = c.report_interval;
+    /// The settings in force.
+    pub fn config(&self) -> &DriftConfig {
+        &self.cfg
     }
 
     /// The release being monitored.
@@ -243,40 +298,26 @@ impl AgentDrift {
         &self.release
     }
 
-    /// Counts one inference. Returns an alarm report (already persisted,
-    /// `alarm: true`) when the overall status has just become `alarm`.
+    /// Feeds one inference. Returns an alarm report (already persisted,
+    /// `alarm: true`) when the overall verdict has just become `drift`.
     ///
     /// # Errors
-    /// [`DriftError::Store`] when saving the state fails (the counts are kept).
+    /// [`DriftError::Store`] when saving the state fails (the windows are kept).
     pub fn observe(
         &mut self,
         inputs: &[Tensor],
         outputs: &[Tensor],
     ) -> Result<Option<DriftMessage>, DriftError> {
-        for t in inputs {
-            with_f32(t, |d| self.monitor.observe_input(&t.name, &t.shape, d));
-        }
-        for t in outputs {
-            with_f32(t, |d| self.monitor.observe_output(&t.name, &t.shape, d));
-        }
-        if self.classifier {
-            if let Some(t) = outputs.first() {
-                with_f32(t, |d| {
-                    for class in argmax_rows(&t.shape, d) {
-                        self.monitor.observe_class(class);
-                    }
-                });
-            }
-        }
+        self.observe_tensors(inputs, outputs);
         self.samples += 1;
         if self.samples % self.cfg.check_every == 0 {
-            let report = self.monitor.report();
-            let is_alarm = report.status == DriftStatus::Alarm;
-            if is_alarm && !self.alarmed {
+            let report = self.evaluate();
+            let drift = report.verdict == Verdict::Drift;
+            if drift && !self.alarmed {
                 self.alarmed = true;
                 return self.message(report, true).map(Some);
             }
-            if !is_alarm && self.alarmed {
+            if !drift {
                 self.alarmed = false;
             }
         }
@@ -284,6 +325,36 @@ impl AgentDrift {
             self.persist()?;
         }
         Ok(None)
+    }
+
+    fn observe_tensors(&mut self, inputs: &[Tensor], outputs: &[Tensor]) {
+        self.quality.samples += 1;
+        let mut non_finite = false;
+        for t in inputs {
+            with_f32(t, |d| {
+                non_finite |= d.iter().any(|x| !x.is_finite());
+                self.detector.observe_input(&t.name, &t.shape, d);
+            });
+        }
+        if non_finite {
+            self.quality.non_finite += 1;
+        }
+        for t in outputs {
+            with_f32(t, |d| self.detector.observe_output(&t.name, &t.shape, d));
+        }
+        if self.classifier {
+            if let Some(t) = outputs.first() {
+                with_f32(t, |d| {
+                    for class in argmax_rows(&t.shape, d) {
+                        self.detector.observe_class(class);
+                    }
+                });
+            }
+        }
+    }
+
+    fn evaluate(&self) -> DetectorReport {
+        self.detector.evaluate_with(&self.cfg.test)
     }
 
     /// A regular report if `report_interval` has passed since the last report.
@@ -297,24 +368,31 @@ impl AgentDrift {
         self.report_now().map(Some)
     }
 
-    /// A regular report now (`alarm: false`; `report.status` still says
-    /// whether the statistics are in alarm).
+    /// A regular report now (`alarm: false`; `report.verdict` still says
+    /// whether the tests find drift). It does not move the alarm edge: an
+    /// alarm is sent by [`AgentDrift::observe`] when a check finds the
+    /// verdict has become drift.
     ///
     /// # Errors
     /// [`DriftError::Store`].
     pub fn report_now(&mut self) -> Result<DriftMessage, DriftError> {
-        let report = self.monitor.report();
-        self.alarmed = report.status == DriftStatus::Alarm;
+        let report = self.evaluate();
         self.message(report, false)
     }
 
-    /// The current statistics without sending anything (for `/metrics`'s
-    /// per-feature PSI gauge).
-    pub fn current(&self) -> DriftReport {
-        self.monitor.report()
+    /// The current tests without sending anything (for `/metrics`).
+    pub fn current(&self) -> DetectorReport {
+        self.evaluate()
     }
 
-    fn message(&mut self, report: DriftReport, alarm: bool) -> Result<DriftMessage, DriftError> {
+    /// Data-quality counters since the release was activated. Counted here
+    /// (inferences, inferences with a non-finite input) until the drift
+    /// crate's detector counts them itself.
+    pub fn quality(&self) -> DataQuality {
+        self.quality
+    }
+
+    fn message(&mut self, report: DetectorReport, alarm: bool) -> Result<DriftMessage, DriftError> {
         self.seq += 1;
         self.last_report = Instant::now();
         self.persist()?;
@@ -323,12 +401,15 @@ impl AgentDrift {
             release: self.release.clone(),
             seq: self.seq,
             alarm,
+            ts_ms: now_ms(),
             report,
+            quality: self.quality(),
         })
     }
 
-    /// Saves counts, `seq` and the alarm edge (not fsynced: sled's periodic
-    /// flush, or the agent's flush on shutdown, makes it durable).
+    /// Saves the detector state, data-quality counters, `seq` and the alarm
+    /// edge (not fsynced: sled's periodic flush, or the agent's flush on
+    /// shutdown, makes it durable).
     ///
     /// # Errors
     /// [`DriftError::Store`], [`DriftError::Encode`].
@@ -337,7 +418,8 @@ impl AgentDrift {
             release: self.release.clone(),
             seq: self.seq,
             alarmed: self.alarmed,
-            state: self.monitor.snapshot(),
+            state: self.detector.snapshot(),
+            quality: self.quality,
         };
         let bytes = serde_json::to_vec(&saved).map_err(DriftError::Encode)?;
         self.tree
@@ -382,145 +464,4 @@ pub fn argmax_rows(shape: &[usize], data: &[f32]) -> Vec<usize> {
             best
         })
         .collect()
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use edgefleet_bundle::payload::{ModelFormat, TensorSpec};
-    use edgefleet_drift::ProfileBuilder;
-
-    fn spec(classifier: bool) -> ModelSpec {
-        let ts = |n: &str, s: Vec<usize>| TensorSpec {
-            name: n.into(),
-            dtype: edgefleet_bundle::payload::DType::F32,
-            shape: s,
-        };
-        ModelSpec {
-            name: "m".into(),
-            format: ModelFormat::Nnef,
-            file: "model.nnef.tar".into(),
-            inputs: vec![ts("x", vec![1, 4])],
-            outputs: vec![ts("y", vec![1, 3])],
-            state: vec![],
-            task: if classifier {
-                Task::Classifier {
-                    labels: vec!["a".into(), "b".into(), "c".into()],
-                }
-            } else {
-                Task::Other
-            },
-            batch_axis: None,
-        }
-    }
-
-    fn rel(n: u64) -> ReleaseRef {
-        ReleaseRef {
-            model: "m".into(),
-            release: n,
-            version: format!("1.0.{n}"),
-        }
-    }
-
-    fn sample(i: u64, shift: f32) -> (Vec<Tensor>, Vec<Tensor>) {
-        let v = ((i * 7919) % 100) as f32 / 100.0 + shift;
-        let x = Tensor::f32("x", vec![1, 4], vec![v, v * 0.5, 1.0 - v, v]);
-        let c = (i % 3) as usize;
-        let mut y = vec![0.0; 3];
-        y[if shift > 0.0 { 2 } else { c }] = 1.0;
-        (vec![x], vec![Tensor::f32("y", vec![1, 3], y)])
-    }
-
-    fn profile() -> ReferenceProfile {
-        let mut b = ProfileBuilder::new(10);
-        for i in 0..500 {
-            let (x, y) = sample(i, 0.0);
-            let TensorData::F32(xd) = &x[0].data else {
-                unreachable!()
-            };
-            let TensorData::F32(yd) = &y[0].data else {
-                unreachable!()
-            };
-            b.add_input("x", &[1, 4], xd);
-            b.add_output("y", &[1, 3], yd);
-            b.add_class(argmax_rows(&[1, 3], yd)[0]);
-        }
-        b.set_class_labels(vec!["a".into(), "b".into(), "c".into()]);
-        b.finish().unwrap()
-    }
-
-    fn cfg() -> DriftConfig {
-        DriftConfig {
-            thresholds: DriftThresholds {
-                min_samples: 100,
-                ..DriftThresholds::default()
-            },
-            report_interval: Duration::from_secs(3600),
-            check_every: 10,
-            persist_every: 50,
-        }
-    }
-
-    #[test]
-    fn insufficient_then_edge_triggered_alarm_and_persisted() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let dev = DeviceId::new("dev-1").unwrap();
-        let p = profile();
-        let mut d = AgentDrift::open(&db, dev.clone(), rel(1), &p, &spec(true), cfg()).unwrap();
-        // In-distribution: no alarm.
-        for i in 0..300 {
-            let (x, y) = sample(i, 0.0);
-            assert!(d.observe(&x, &y).unwrap().is_none());
-        }
-        assert_eq!(d.report_now().unwrap().report.status, DriftStatus::Ok);
-        d.reset_for_model(rel(1), &p, &spec(true)).unwrap();
-        // Shifted: no alarm below min_samples, then exactly one alarm report.
-        let mut alarms = Vec::new();
-        for i in 0..400 {
-            let (x, y) = sample(i, 3.0);
-            if let Some(m) = d.observe(&x, &y).unwrap() {
-                alarms.push((i, m));
-            }
-        }
-        assert_eq!(alarms.len(), 1, "edge-triggered");
-        let (at, m) = &alarms[0];
-        assert!(
-            *at + 1 >= 100,
-            "no alarm below min_samples (fired at sample {at})"
-        );
-        assert!(m.alarm && m.report.status == DriftStatus::Alarm);
-        assert!(m
-            .report
-            .features
-            .iter()
-            .all(|f| f.psi.is_finite() && f.current_samples == *at + 1));
-        assert!(m.report.classes.as_ref().unwrap().current_samples == *at + 1);
-        let seq = m.seq;
-        d.persist().unwrap();
-        drop(d);
-        // Restart: counts and seq restored.
-        let mut d = AgentDrift::open(&db, dev.clone(), rel(1), &p, &spec(true), cfg()).unwrap();
-        let r = d.report_now().unwrap();
-        assert_eq!(r.seq, seq + 1);
-        assert_eq!(r.report.features[0].current_samples, 400);
-        // Model change: counts reset, seq continues.
-        drop(d);
-        let mut d = AgentDrift::open(&db, dev, rel(2), &p, &spec(true), cfg()).unwrap();
-        let r = d.report_now().unwrap();
-        assert_eq!(r.seq, seq + 2);
-        assert_eq!(r.report.status, DriftStatus::InsufficientData);
-        assert_eq!(r.report.features[0].current_samples, 0);
-    }
-
-    #[test]
-    fn argmax_per_row() {
-        assert_eq!(
-            argmax_rows(&[2, 3], &[0.1, 0.9, 0.0, f32::NAN, 0.2, 0.5]),
-            vec![1, 2]
-        );
-        assert!(argmax_rows(&[], &[1.0]).is_empty());
-        assert!(argmax_rows(&[2, 3], &[1.0]).is_empty());
-    }
 }

@@ -49,6 +49,7 @@ type ReplyTx = tokio::sync::oneshot::Sender<Result<Reply, RunError>>;
 struct Job {
     inputs: Vec<Tensor>,
     stream: Option<String>,
+    request_id: Option<String>,
     reply: ReplyTx,
     enqueued: Instant,
     deadline: Instant,
@@ -63,6 +64,9 @@ pub struct DriftSample {
     pub inputs: Vec<Tensor>,
     /// The outputs.
     pub outputs: Vec<Tensor>,
+    /// The local API request id (`crate::feedback`), if the request came
+    /// through the API.
+    pub request_id: Option<String>,
 }
 
 /// Capacity of the drift channel (samples); beyond it samples are dropped.
@@ -79,8 +83,13 @@ pub struct DriftTap {
     pub sent: AtomicU64,
     /// Samples dropped because the channel was full.
     pub dropped: AtomicU64,
-    /// Last PSI per drift feature (for `/metrics`), written by the drift thread.
+    /// Per drift test, the last statistic / threshold (for `/metrics`),
+    /// written by the drift thread.
     pub psi: Mutex<Vec<(String, f64)>>,
+    /// Samples kept by data capture (for `/metrics`), written by the drift thread.
+    pub captured_samples: AtomicU64,
+    /// Bytes of capture batches on disk (for `/metrics`), written by the drift thread.
+    pub capture_pending_bytes: AtomicU64,
 }
 
 impl DriftTap {
@@ -336,6 +345,8 @@ impl Engine {
                 .unwrap_or_default(),
             drift_psi: self.drift.psi.lock().map(|p| p.clone()).unwrap_or_default(),
             model_ready: self.ready(),
+            captured_samples: self.drift.captured_samples.load(Ordering::Relaxed),
+            capture_pending_bytes: self.drift.capture_pending_bytes.load(Ordering::Relaxed),
         };
         let depth = u32::try_from(self.queue_depth()).unwrap_or(u32::MAX);
         self.stats
@@ -407,6 +418,21 @@ impl Engine {
         stream: Option<String>,
         timeout: Duration,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<Reply, RunError>>, SubmitError> {
+        self.submit_with_id(inputs, stream, timeout, None)
+    }
+
+    /// As [`Engine::submit`], tagging the request with the local API's
+    /// request id (handed to the drift thread with the sample, for capture).
+    ///
+    /// # Errors
+    /// As [`Engine::submit`].
+    pub fn submit_with_id(
+        &self,
+        inputs: Vec<Tensor>,
+        stream: Option<String>,
+        timeout: Duration,
+        request_id: Option<String>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Reply, RunError>>, SubmitError> {
         if self.serving().is_none() {
             return Err(SubmitError::NoModel);
         }
@@ -416,6 +442,7 @@ impl Engine {
         match self.tx.try_send(Job {
             inputs,
             stream,
+            request_id,
             reply,
             enqueued: now,
             deadline: now + timeout,
@@ -471,6 +498,7 @@ impl Engine {
                 release,
                 inputs: job.inputs,
                 outputs,
+                request_id: job.request_id,
             });
         }
     }

@@ -4,9 +4,11 @@
 
 pub mod agent;
 pub mod api;
+pub mod capture;
 pub mod config;
 pub mod drift;
 pub mod engine;
+pub mod feedback;
 pub mod inputs;
 pub mod logging;
 pub mod mqtt;

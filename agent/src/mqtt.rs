@@ -52,6 +52,7 @@ pub fn route(id: &DeviceId, up: &Up) -> (String, QoS, bool) {
         Up::Drift(_) => (UpKind::Drift, QoS::AtLeastOnce, false),
         Up::Event(_) => (UpKind::Event, QoS::AtLeastOnce, false),
         Up::ChunkRequest(_) => (UpKind::ChunkRequest, QoS::AtLeastOnce, false),
+        Up::CaptureChunk(_) => (UpKind::Capture, QoS::AtLeastOnce, false),
     };
     (topics::up(id, kind), qos, retain)
 }
@@ -71,6 +72,39 @@ pub struct MqttSettings {
     pub target: String,
     /// Tags (Hello).
     pub tags: Vec<String>,
+    /// Where capture commands go (`None`: they are logged and dropped).
+    pub capture: Option<CaptureLink>,
+}
+
+/// Data capture's side of the session: `Down::CaptureRequest` goes to the
+/// capture state, `Down::CaptureAck` to the uploader.
+#[derive(Debug, Clone)]
+pub struct CaptureLink {
+    /// The capture state.
+    pub capture: Arc<Mutex<crate::capture::Capture>>,
+    /// The uploader's ack queue.
+    pub acks: tokio::sync::mpsc::UnboundedSender<edgefleet_protocol::capture::CaptureAck>,
+}
+
+impl CaptureLink {
+    /// Handles a capture command; any other command is given back.
+    pub fn handle(&self, d: Down) -> Option<Down> {
+        match d {
+            Down::CaptureAck(a) => {
+                let _ = self.acks.send(a);
+                None
+            }
+            Down::CaptureRequest(r) => {
+                match self.capture.lock().map(|mut c| c.request(&r)) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(event = "capture_refused", "{e}"),
+                    Err(_) => tracing::error!("capture state poisoned"),
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
 }
 
 /// Outgoing queue handle.
@@ -197,7 +231,7 @@ pub async fn run(
                     }));
                     let _ = up_tx.send(Up::Status(Status { device_id: id.clone(), online: true }));
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => handle(&id, &p.topic, &p.payload, &inbound),
+                Ok(Event::Incoming(Packet::Publish(p))) => handle(&id, &p.topic, &p.payload, &inbound, s.capture.as_ref()),
                 Ok(_) => {}
                 Err(e) => {
                     connected.store(false, Ordering::Relaxed);
@@ -264,7 +298,13 @@ pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-fn handle(id: &DeviceId, topic: &str, payload: &[u8], inbound: &std::sync::mpsc::Sender<Input>) {
+fn handle(
+    id: &DeviceId,
+    topic: &str,
+    payload: &[u8],
+    inbound: &std::sync::mpsc::Sender<Input>,
+    capture: Option<&CaptureLink>,
+) {
     let input = match topics::parse(topic) {
         Ok(Topic::Down(d, DownKind::Command)) if &d == id => Down::decode(payload)
             .map(Input::Down)
@@ -274,6 +314,16 @@ fn handle(id: &DeviceId, topic: &str, payload: &[u8], inbound: &std::sync::mpsc:
             .map_err(|e| e.to_string()),
         Ok(_) => Err("not a down topic of this device".into()),
         Err(e) => Err(e.to_string()),
+    };
+    let input = match input {
+        Ok(Input::Down(d @ (Down::CaptureAck(_) | Down::CaptureRequest(_)))) => match capture {
+            Some(c) => match c.handle(d) {
+                Some(other) => Ok(Input::Down(other)),
+                None => return,
+            },
+            None => Err("data capture is not running".into()),
+        },
+        other => other,
     };
     match input {
         Ok(i) => {

@@ -8,10 +8,11 @@
 //!   [`Publisher`] drains the outbox over its own MQTT connection;
 //! - [`spawn_drift`]: a thread that receives successful inferences from the
 //!   engine's bounded drift channel and runs [`AgentDrift`] for the active
-//!   release, publishing `up/drift` periodically and on alarm.
+//!   release, publishing `up/drift` periodically and on alarm, and offers
+//!   them to data capture ([`crate::capture`]) while it wants samples.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgefleet_bundle::payload::DRIFT_REFERENCE;
@@ -19,7 +20,8 @@ use edgefleet_protocol::messages::{DriftMessage, ReleaseRef, Up};
 use edgefleet_protocol::{DeviceId, KEEP_ALIVE_S, MQTT_MAX_PACKET_BYTES};
 use rumqttc::MqttOptions;
 
-use crate::drift::{load_reference, AgentDrift, DriftConfig};
+use crate::capture::{Capture, CapturedSample, Offered};
+use crate::drift::{load_reference, max_ratio, now_ms, AgentDrift, DriftConfig};
 use crate::engine::{Engine, SubmitError, DRIFT_CHANNEL_CAPACITY};
 use crate::inputs::{from_config, InputSource};
 use crate::settings::RuntimeSettings;
@@ -288,29 +290,61 @@ pub fn spawn_telemetry(
     vec![pub_task, loop_task]
 }
 
+/// What the drift thread works with.
+pub struct DriftSetup {
+    /// The engine (its drift channel and active release).
+    pub engine: Arc<Engine>,
+    /// The store's database (drift state tree).
+    pub db: sled::Db,
+    /// This device.
+    pub device_id: DeviceId,
+    /// agent.toml `[drift]` ([`DriftConfig::from_section`]).
+    pub base: DriftConfig,
+    /// Data capture, if running.
+    pub capture: Option<Arc<Mutex<Capture>>>,
+    /// Queues an up message.
+    pub publish: Arc<dyn Fn(Up) + Send + Sync>,
+    /// Ends the thread when set.
+    pub stop: Arc<AtomicBool>,
+}
+
 /// Starts the drift thread. It connects the engine's drift channel
 /// (capacity [`DRIFT_CHANNEL_CAPACITY`]; the engine drops samples when it is
 /// full and counts them in `engine.drift.dropped`), follows the engine's
 /// active release (loading the active slot's `drift_reference.json` on every
-/// change; without one, drift is off for that release and no sample is
-/// copied), and sends each [`DriftMessage`] through `publish` (QoS 1 on
-/// `up/drift`): every `settings.drift_interval`, and at once on an alarm
-/// edge. Thresholds and interval follow `settings` (server `Down::Config`).
+/// change; without one, drift is off for that release), and sends each
+/// [`DriftMessage`] through `publish` (QoS 1 on `up/drift`): every
+/// `settings.drift_interval`, and at once on an alarm edge. Test settings,
+/// the interval and the capture policy follow `settings` (server
+/// `Down::Config`); `base` gives the rest (agent.toml `[drift]`). Samples are
+/// copied from the engine while drift is on or `capture` wants samples; an
+/// alarm opens a capture quota.
 pub fn spawn_drift(
-    engine: Arc<Engine>,
-    db: sled::Db,
-    device_id: DeviceId,
+    setup: DriftSetup,
     mut settings: tokio::sync::watch::Receiver<RuntimeSettings>,
-    publish: Arc<dyn Fn(Up) + Send + Sync>,
-    stop: Arc<AtomicBool>,
 ) -> Option<std::thread::JoinHandle<()>> {
+    let DriftSetup {
+        engine,
+        db,
+        device_id,
+        base,
+        capture,
+        publish,
+        stop,
+    } = setup;
     let rx = engine.drift.connect(DRIFT_CHANNEL_CAPACITY)?;
-    let drift_config = |s: &RuntimeSettings| DriftConfig {
-        thresholds: s.drift_thresholds,
+    let drift_config = move |s: &RuntimeSettings| DriftConfig {
+        test: s.drift_test,
         report_interval: s.drift_interval.max(Duration::from_secs(1)),
-        ..DriftConfig::default()
+        ..base
     };
-    let cfg = drift_config(&settings.borrow_and_update());
+    let first = *settings.borrow_and_update();
+    let cfg = drift_config(&first);
+    if let Some(c) = &capture {
+        if let Ok(mut c) = c.lock() {
+            c.set_policy(first.capture);
+        }
+    }
     std::thread::Builder::new()
         .name("drift".into())
         .spawn(move || {
@@ -320,32 +354,28 @@ pub fn spawn_drift(
                 device_id,
                 cfg,
                 publish,
+                capture,
                 drift: None,
                 on: false,
                 seen: None,
-                last_psi: Instant::now(),
+                last_gauge: Instant::now(),
             };
-            loop {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
+            while !stop.load(Ordering::Relaxed) {
                 let sample = match rx.recv_timeout(Duration::from_millis(250)) {
                     Ok(s) => Some(s),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 };
                 if settings.has_changed().unwrap_or(false) {
-                    w.cfg = drift_config(&settings.borrow_and_update());
-                    if let Some(d) = &mut w.drift {
-                        d.set_config(w.cfg);
-                    }
-                    tracing::info!(thresholds = ?w.cfg.thresholds, interval_s = w.cfg.report_interval.as_secs(), "drift settings changed");
+                    let s = *settings.borrow_and_update();
+                    w.apply_settings(drift_config(&s), &s);
                 }
                 w.follow_active();
                 if let Some(s) = sample {
-                    w.observe(&s.release, &s.inputs, &s.outputs);
+                    w.observe(s);
                 }
                 w.periodic();
+                w.update_tap();
             }
             if let Some(d) = &w.drift {
                 if let Err(e) = d.persist() {
@@ -363,16 +393,50 @@ struct DriftWorker {
     device_id: DeviceId,
     cfg: DriftConfig,
     publish: Arc<dyn Fn(Up) + Send + Sync>,
-    /// The monitor (kept across releases so `seq` continues; `on` says
+    capture: Option<Arc<Mutex<Capture>>>,
+    /// The detector (kept across releases so `seq` continues; `on` says
     /// whether it follows the active release).
     drift: Option<AgentDrift>,
     on: bool,
     /// The active release last seen.
     seen: Option<ReleaseRef>,
-    last_psi: Instant,
+    last_gauge: Instant,
 }
 
 impl DriftWorker {
+    fn apply_settings(&mut self, cfg: DriftConfig, s: &RuntimeSettings) {
+        self.cfg = cfg;
+        if let Some(d) = &mut self.drift {
+            d.set_config(cfg);
+        }
+        if let Some(c) = &self.capture {
+            if let Ok(mut c) = c.lock() {
+                c.set_policy(s.capture);
+            }
+        }
+        tracing::info!(test = ?cfg.test, interval_s = cfg.report_interval.as_secs(), capture = ?s.capture.mode, "drift settings changed");
+    }
+
+    /// Copies samples from the engine while drift is on or capture wants them.
+    fn update_tap(&self) {
+        let (wants, captured, pending) = self
+            .capture
+            .as_ref()
+            .and_then(|c| {
+                c.lock()
+                    .ok()
+                    .map(|c| (c.wants(), c.counters().captured, c.pending_bytes()))
+            })
+            .unwrap_or((false, 0, 0));
+        let tap = &self.engine.drift;
+        tap.captured_samples.store(captured, Ordering::Relaxed);
+        tap.capture_pending_bytes.store(pending, Ordering::Relaxed);
+        self.engine
+            .drift
+            .enabled
+            .store(self.on || wants, Ordering::Relaxed);
+    }
+
     fn follow_active(&mut self) {
         let active = self.engine.active();
         let rel = active.as_ref().map(|m| m.release.clone());
@@ -381,20 +445,19 @@ impl DriftWorker {
         }
         self.seen.clone_from(&rel);
         self.on = false;
-        self.engine.drift.enabled.store(false, Ordering::Relaxed);
         if let Ok(mut p) = self.engine.drift.psi.lock() {
             p.clear();
         }
         let Some(m) = active else { return };
         let path = m.dir.join(DRIFT_REFERENCE);
         if !path.exists() {
-            tracing::info!(release = %crate::engine::label(&m.release), "no drift reference in the bundle: drift monitoring off");
+            tracing::info!(release = %crate::engine::label(&m.release), "no drift reference in the bundle: drift detection off");
             return;
         }
         let profile = match load_reference(&path) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(error = %e, "drift monitoring off");
+                tracing::warn!(error = %e, "drift detection off");
                 return;
             }
         };
@@ -415,10 +478,9 @@ impl DriftWorker {
         match r {
             Ok(()) => {
                 self.on = true;
-                self.engine.drift.enabled.store(true, Ordering::Relaxed);
-                tracing::info!(release = %crate::engine::label(&m.release), features = profile.features().count(), "drift monitoring on");
+                tracing::info!(release = %crate::engine::label(&m.release), features = profile.features().count(), "drift detection on");
             }
-            Err(e) => tracing::warn!(error = %e, "drift monitoring off"),
+            Err(e) => tracing::warn!(error = %e, "drift detection off"),
         }
     }
 
@@ -426,32 +488,60 @@ impl DriftWorker {
         tracing::info!(
             seq = m.seq,
             alarm = m.alarm,
-            status = ?m.report.status,
-            max_psi = m.report.max_psi,
+            verdict = ?m.report.verdict,
+            max_ratio = max_ratio(&m.report),
             dropped_samples = self.engine.drift.dropped.load(Ordering::Relaxed),
             "drift report"
         );
+        if m.alarm {
+            if let Some(c) = &self.capture {
+                if let Ok(mut c) = c.lock() {
+                    c.on_alarm(m.seq);
+                }
+            }
+        }
         (self.publish)(Up::Drift(m));
     }
 
-    fn observe(
-        &mut self,
-        release: &ReleaseRef,
-        inputs: &[edgefleet_bundle::payload::Tensor],
-        outputs: &[edgefleet_bundle::payload::Tensor],
-    ) {
+    fn observe(&mut self, s: crate::engine::DriftSample) {
+        self.offer_capture(&s);
         if !self.on {
             return;
         }
         let Some(d) = &mut self.drift else { return };
         // A trial candidate serving (mode = serve) is not the active release.
-        if d.release() != release {
+        if d.release() != &s.release {
             return;
         }
-        match d.observe(inputs, outputs) {
+        match d.observe(&s.inputs, &s.outputs) {
             Ok(Some(m)) => self.send(m),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "drift state not saved"),
+        }
+    }
+
+    fn offer_capture(&self, s: &crate::engine::DriftSample) {
+        let Some(c) = &self.capture else { return };
+        let Ok(mut c) = c.lock() else { return };
+        if !c.wants() {
+            return;
+        }
+        let sample = CapturedSample {
+            request_id: s.request_id.clone(),
+            ts_ms: now_ms(),
+            inputs: s.inputs.clone(),
+            outputs: s.outputs.clone(),
+            label: None,
+        };
+        match c.offer(&s.release, sample) {
+            Ok(Offered::CapFull) => {
+                tracing::debug!(
+                    dropped = c.counters().dropped_cap,
+                    "capture: disk cap reached, sample dropped"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "capture: sample not stored"),
         }
     }
 
@@ -462,23 +552,31 @@ impl DriftWorker {
         let Some(d) = &mut self.drift else { return };
         match d.poll_periodic() {
             Ok(Some(m)) => {
-                self.publish_psi(&m.report);
+                self.publish_gauge(&m.report);
                 self.send(m);
             }
             Ok(None) => {
-                if self.last_psi.elapsed() >= Duration::from_secs(5) {
+                if self.last_gauge.elapsed() >= Duration::from_secs(5) {
                     let r = d.current();
-                    self.publish_psi(&r);
+                    self.publish_gauge(&r);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "drift report failed"),
         }
     }
 
-    fn publish_psi(&mut self, r: &edgefleet_drift::DriftReport) {
-        self.last_psi = Instant::now();
+    /// The `/metrics` drift gauge: per test, statistic / threshold.
+    fn publish_gauge(&mut self, r: &edgefleet_drift::DetectorReport) {
+        self.last_gauge = Instant::now();
         if let Ok(mut p) = self.engine.drift.psi.lock() {
-            *p = r.features.iter().map(|f| (f.name.clone(), f.psi)).collect();
+            *p = r
+                .tests
+                .iter()
+                .filter_map(|t| {
+                    let th = t.threshold.filter(|th| *th > 0.0)?;
+                    Some((t.name.clone(), t.statistic / th))
+                })
+                .collect();
         }
     }
 }

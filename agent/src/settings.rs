@@ -1,14 +1,16 @@
 //! Runtime settings the fleet server may change with `Down::Config`
 //! (docs/specs/mqtt.md, `edgefleet_protocol::messages::ConfigUpdate`):
-//! the telemetry interval, the drift report interval and the drift
-//! thresholds. They start from agent.toml; a server update is validated,
-//! persisted in the store (key [`STORE_KEY`], so it survives restarts and
-//! power cuts) and published on a `tokio::sync::watch` channel that the
-//! telemetry loop and the drift thread follow without a restart.
+//! the telemetry interval, the drift report interval, the drift test
+//! settings and the data-capture policy. They start from agent.toml (capture:
+//! off); a server update is validated, persisted in the store (key
+//! [`STORE_KEY`], so it survives restarts and power cuts) and published on a
+//! `tokio::sync::watch` channel that the telemetry loop, the drift thread and
+//! data capture follow without a restart.
 
 use std::time::Duration;
 
-use edgefleet_drift::DriftThresholds;
+use edgefleet_drift::TestConfig;
+use edgefleet_protocol::capture::CapturePolicy;
 use edgefleet_protocol::messages::ConfigUpdate;
 
 use crate::config::Config;
@@ -24,17 +26,20 @@ pub struct RuntimeSettings {
     pub telemetry_interval: Duration,
     /// Regular drift report period.
     pub drift_interval: Duration,
-    /// Drift alarm thresholds.
-    pub drift_thresholds: DriftThresholds,
+    /// Drift test settings (false-alarm rate, correction, minimum samples).
+    pub drift_test: TestConfig,
+    /// Data capture policy (off unless the server switched it on).
+    pub capture: CapturePolicy,
 }
 
 impl RuntimeSettings {
-    /// The settings agent.toml gives.
+    /// The settings agent.toml gives (capture off).
     pub fn from_config(cfg: &Config) -> Self {
         RuntimeSettings {
             telemetry_interval: Duration::from_secs(cfg.telemetry_interval_s),
-            drift_interval: Duration::from_secs(cfg.drift_interval_s),
-            drift_thresholds: cfg.drift_thresholds.unwrap_or_default(),
+            drift_interval: Duration::from_secs(cfg.drift.report_interval_s),
+            drift_test: cfg.drift.test(),
+            capture: CapturePolicy::default(),
         }
     }
 
@@ -48,7 +53,8 @@ impl RuntimeSettings {
         Ok(RuntimeSettings {
             telemetry_interval: secs(u.telemetry_interval_s, self.telemetry_interval),
             drift_interval: secs(u.drift_interval_s, self.drift_interval),
-            drift_thresholds: u.drift_thresholds.unwrap_or(self.drift_thresholds),
+            drift_test: u.drift_test.unwrap_or(self.drift_test),
+            capture: u.capture.unwrap_or(self.capture),
         })
     }
 }
@@ -65,8 +71,11 @@ pub fn persist(store: &Store, u: &ConfigUpdate) -> Result<ConfigUpdate, StoreErr
     if u.drift_interval_s.is_some() {
         all.drift_interval_s = u.drift_interval_s;
     }
-    if u.drift_thresholds.is_some() {
-        all.drift_thresholds = u.drift_thresholds;
+    if u.drift_test.is_some() {
+        all.drift_test = u.drift_test;
+    }
+    if u.capture.is_some() {
+        all.capture = u.capture;
     }
     store.put_json(STORE_KEY, &all)?;
     Ok(all)
@@ -99,21 +108,28 @@ pub fn at_boot(cfg: &Config, store: &Store) -> RuntimeSettings {
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+    use edgefleet_protocol::capture::CaptureMode;
 
     fn base() -> RuntimeSettings {
         RuntimeSettings {
             telemetry_interval: Duration::from_secs(10),
             drift_interval: Duration::from_secs(30),
-            drift_thresholds: DriftThresholds::default(),
+            drift_test: TestConfig::default(),
+            capture: CapturePolicy::default(),
         }
     }
 
     #[test]
     fn apply_table() {
-        let t = |f: fn(&mut DriftThresholds)| {
-            let mut d = DriftThresholds::default();
+        let t = |f: fn(&mut TestConfig)| {
+            let mut d = TestConfig::default();
             f(&mut d);
             Some(d)
+        };
+        let c = |f: fn(&mut CapturePolicy)| {
+            let mut p = CapturePolicy::default();
+            f(&mut p);
+            Some(p)
         };
         let cases: Vec<(ConfigUpdate, Result<(), &str>)> = vec![
             (ConfigUpdate::default(), Ok(())),
@@ -140,41 +156,49 @@ mod tests {
             ),
             (
                 ConfigUpdate {
-                    drift_thresholds: t(|d| d.psi_alarm = f64::NAN),
+                    drift_test: t(|d| d.alpha = 0.05),
                     ..Default::default()
                 },
-                Err("psi_alarm"),
+                Ok(()),
             ),
             (
                 ConfigUpdate {
-                    drift_thresholds: t(|d| d.ks_alarm = 1.5),
+                    drift_test: t(|d| d.alpha = f64::NAN),
                     ..Default::default()
                 },
-                Err("ks_alarm"),
+                Err("drift_test.alpha"),
             ),
             (
                 ConfigUpdate {
-                    drift_thresholds: t(|d| d.chi2_p_alarm = 0.0),
+                    drift_test: t(|d| d.min_samples = 0.0),
                     ..Default::default()
                 },
-                Err("chi2_p_alarm"),
+                Err("drift_test.min_samples"),
             ),
             (
                 ConfigUpdate {
-                    drift_thresholds: t(|d| d.min_samples = 0),
+                    capture: c(|p| p.mode = CaptureMode::OnAlarm),
                     ..Default::default()
                 },
-                Err("min_samples"),
+                Ok(()),
+            ),
+            (
+                ConfigUpdate {
+                    capture: c(|p| p.max_samples_per_minute = 0),
+                    ..Default::default()
+                },
+                Err("capture.max_samples_per_minute"),
             ),
         ];
         for (u, want) in cases {
             match (base().apply(&u), want) {
                 (Ok(s), Ok(())) => {
-                    if let Some(v) = u.telemetry_interval_s {
-                        assert_eq!(s.telemetry_interval, Duration::from_secs(v));
-                    } else {
-                        assert_eq!(s.telemetry_interval, base().telemetry_interval);
-                    }
+                    let want_t = u
+                        .telemetry_interval_s
+                        .map_or(base().telemetry_interval, Duration::from_secs);
+                    assert_eq!(s.telemetry_interval, want_t);
+                    assert_eq!(s.drift_test, u.drift_test.unwrap_or_default());
+                    assert_eq!(s.capture, u.capture.unwrap_or_default());
                 }
                 (Err(e), Err(field)) => assert!(e.contains(field), "{e} should name {field}"),
                 (got, want) => panic!("{u:?}: got {got:?}, want {want:?}"),
@@ -185,12 +209,17 @@ mod tests {
     #[test]
     fn persist_merges_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
+        let on = CapturePolicy {
+            mode: CaptureMode::OnAlarm,
+            ..CapturePolicy::default()
+        };
         {
             let store = Store::open(dir.path()).unwrap().store;
             persist(
                 &store,
                 &ConfigUpdate {
                     telemetry_interval_s: Some(3),
+                    capture: Some(on),
                     ..Default::default()
                 },
             )
@@ -205,6 +234,7 @@ mod tests {
             .unwrap();
             assert_eq!(all.telemetry_interval_s, Some(3));
             assert_eq!(all.drift_interval_s, Some(7));
+            assert_eq!(all.capture, Some(on));
             store.flush().unwrap();
         }
         let store = Store::open(dir.path()).unwrap().store;
@@ -212,5 +242,6 @@ mod tests {
         let s = base().apply(&u).unwrap();
         assert_eq!(s.telemetry_interval, Duration::from_secs(3));
         assert_eq!(s.drift_interval, Duration::from_secs(7));
+        assert_eq!(s.capture, on, "the capture policy survives a restart");
     }
 }

@@ -1108,6 +1108,7 @@ mod tests {
             cpu_percent: 3.5,
             uptime_s: 3600,
             outbox_dropped: 0,
+            feedback: None,
         }
     }
 

@@ -606,6 +606,9 @@ impl Updater {
             }
             Down::Rollback { reason } => self.step(Event::RollbackCommand(reason)),
             Down::Config(c) => self.on_config(&c),
+            // Data capture is handled by the MQTT session (crate::capture);
+            // these never reach the updater there.
+            Down::CaptureRequest(_) | Down::CaptureAck(_) => {}
         }
     }
 

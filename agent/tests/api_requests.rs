@@ -38,11 +38,11 @@ fn serve(
     let engine = Engine::start(1, 16, 1);
     engine.set_active(Some(Arc::new(model)));
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let state = ApiState {
+    let state = ApiState::new(
         engine,
-        status: Arc::new(Mutex::new(StatusInfo::default())),
-        timeout: Duration::from_secs(5),
-    };
+        Arc::new(Mutex::new(StatusInfo::default())),
+        Duration::from_secs(5),
+    );
     let addr = rt
         .block_on(edgefleet_agent::api::serve(
             state,

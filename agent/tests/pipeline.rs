@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use edgefleet_agent::testkit::{self, Kind};
 use edgefleet_bundle::{BundleBuilder, SigningKey};
-use edgefleet_drift::{DriftStatus, ProfileBuilder};
+use edgefleet_drift::{ProfileBuilder, Verdict};
 use edgefleet_protocol::messages::{DriftMessage, Up};
 use edgefleet_protocol::telemetry::TelemetryRecord;
 use edgefleet_protocol::topics::{self, UpKind};
@@ -133,11 +133,10 @@ fn subscribe(port: u16, dev: &DeviceId) -> Arc<Mutex<Seen>> {
 /// An agent with the reference bundle and a replay source with `transform` lines.
 fn agent(name: &str, port: u16, transform: &str) -> Agent {
     let extra = format!(
-        r#"drift_interval_s = 2
-[drift_thresholds]
-psi_alarm = 0.25
-ks_alarm = 0.2
-chi2_p_alarm = 0.001
+        r#"[drift]
+report_interval_s = 2
+check_every = 10
+alpha = 0.001
 min_samples = 100
 [[inputs]]
 kind = "replay"
@@ -186,10 +185,10 @@ fn replay_source_feeds_telemetry_and_drift() {
     wait_for(&seen, &a, "3 telemetry records with requests", |s| {
         s.telemetry.iter().filter(|r| r.requests > 0).count() >= 3
     });
-    wait_for(&seen, &a, "a drift report with samples", |s| {
-        s.drift
-            .iter()
-            .any(|d| d.report.features.iter().all(|f| f.current_samples > 0))
+    wait_for(&seen, &a, "a drift report with a verdict", |s| {
+        s.drift.iter().any(|d| {
+            d.report.verdict == Verdict::Ok && d.report.tests.iter().all(|t| t.observed >= 100)
+        })
     });
     {
         let s = seen.lock().unwrap();
@@ -211,16 +210,17 @@ fn replay_source_feeds_telemetry_and_drift() {
             assert!(!d.alarm, "in-distribution replay raised an alarm: {d:#?}");
             assert!(
                 matches!(
-                    d.report.status,
-                    DriftStatus::Ok | DriftStatus::InsufficientData
+                    d.report.verdict,
+                    Verdict::Ok | Verdict::InsufficientData | Verdict::NoData
                 ),
                 "{d:#?}"
             );
             assert!(d
                 .report
-                .features
+                .tests
                 .iter()
-                .all(|f| f.reference_samples > 0 && f.psi.is_finite()));
+                .all(|t| t.reference_samples > 0.0 && t.statistic.is_finite()));
+            assert_eq!(d.release.release, 1);
         }
         let seqs: Vec<u64> = s.drift.iter().map(|d| d.seq).collect();
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
@@ -254,13 +254,21 @@ fn shifted_replay_raises_a_drift_alarm() {
     });
     let s = seen.lock().unwrap();
     let d = s.drift.iter().find(|d| d.alarm).unwrap();
-    assert_eq!(d.report.status, DriftStatus::Alarm, "{d:#?}");
+    assert_eq!(d.report.verdict, Verdict::Drift, "{d:#?}");
     assert_eq!(d.release.release, 1);
+    let drifting: Vec<_> = d
+        .report
+        .tests
+        .iter()
+        .filter(|t| t.verdict == Verdict::Drift)
+        .collect();
+    assert!(!drifting.is_empty(), "{d:#?}");
     assert!(
-        d.report.features.iter().all(|f| f.current_samples >= 100),
-        "no alarm below min_samples: {d:#?}"
+        drifting
+            .iter()
+            .all(|t| t.window_samples >= 100.0 && t.statistic >= t.threshold.unwrap()),
+        "no alarm below min_samples, each over its threshold: {d:#?}"
     );
-    assert!(d.report.max_psi >= 0.25, "{d:#?}");
     assert_eq!(
         s.drift.iter().filter(|d| d.alarm).count(),
         1,

@@ -143,6 +143,7 @@ fn record(i: u64) -> TelemetryRecord {
         cpu_percent: 12.5,
         uptime_s: i * 10,
         outbox_dropped: 0,
+        feedback: None,
     }
 }
 

@@ -85,6 +85,40 @@ enum Command {
   edgefleet rollouts watch r-0001"
     )]
     Rollouts(cmd::rollouts::Command),
+    /// Drift statistics per device and feature, with thresholds and verdicts.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet drift show
+  edgefleet drift show --device vad-rpi4-06 --feature output.logit"
+    )]
+    Drift(cmd::drift::Command),
+    /// Retraining requests opened by the drift rule (open and closed, with members).
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet retraining list
+  edgefleet retraining list --state open --json"
+    )]
+    Retraining(cmd::drift::RetrainingCommand),
+    /// Data capture for retraining, per group (off by default).
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet capture enable --group line-3 --max-samples-per-alarm 200
+  edgefleet capture request --group line-3 --samples 100
+  edgefleet capture disable --group line-3"
+    )]
+    Capture(cmd::capture::Command),
+    /// Versioned datasets cut from captured data.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet datasets create --group line-3 --model silero_vad
+  edgefleet datasets list
+  edgefleet datasets download ds-3f5a9c1e0b7d2a64 --out data/line-3"
+    )]
+    Datasets(cmd::datasets::Command),
     /// Run a whole fleet on real models: compile, serve, 20+ agents, rollouts, drift.
     Demo(cmd::demo::Args),
     /// Run the device agent (same code as the `edgefleet-agent` binary).
@@ -106,6 +140,10 @@ fn main() -> std::process::ExitCode {
         Command::Devices(c) => cmd::devices::run(c),
         Command::Bundles(c) => cmd::bundles::run(c),
         Command::Rollouts(c) => cmd::rollouts::run(c),
+        Command::Drift(c) => cmd::drift::run(c),
+        Command::Retraining(c) => cmd::drift::run_retraining(c),
+        Command::Capture(c) => cmd::capture::run(c),
+        Command::Datasets(c) => cmd::datasets::run(c),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Agent(a) => cmd::agent::run(a),
     };

@@ -1,6 +1,8 @@
 //! Runs `edgefleet demo --exit` end to end and checks the facts of its
 //! summary: v1 on every device, v2 on none, the canaries' rollback reasons,
-//! drift alarms only on the shifted devices, a retraining request.
+//! no alarm while the fleet replays held-out data, drift alarms and open
+//! retraining requests exactly on the shifted devices, their captured data
+//! in a dataset on the server.
 //!
 //! Needs the real models (scripts/fetch-models, run by the demo itself and by
 //! scripts/test) and takes a few minutes on 2 cores.
@@ -67,29 +69,54 @@ fn demo_runs_end_to_end_and_its_summary_holds() {
         assert!(dev.starts_with("vad-"), "{dev} rolled back");
         assert_eq!(why, "golden_mismatch", "{dev}");
     }
-    // Drift alarms exactly on the shifted devices; a retraining request opened.
-    let mut shifted: Vec<&str> = s["shifted_devices"]
-        .as_array()
-        .expect("shifted")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let mut alarmed: Vec<&str> = s["drift_alarm_devices"]
-        .as_array()
-        .expect("alarmed")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    shifted.sort();
-    alarmed.sort();
+    // Quiet phase on held-out data: no alarm, no retraining request.
+    let q = &s["quiet"];
+    assert!(q["timed_out"].is_null(), "quiet phase: {}", q["timed_out"]);
     assert_eq!(
-        alarmed, shifted,
+        strings(&q["alarms"]),
+        Vec::<String>::new(),
+        "quiet alarms: {q}"
+    );
+    assert_eq!(q["retraining_requests"], 0, "quiet retraining requests");
+    // Drift alarms exactly on the shifted devices; the open retraining
+    // requests list exactly them.
+    let shifted = strings(&s["shifted_devices"]);
+    assert!(
+        s["shift"]["timed_out"].is_null(),
+        "shift: {}",
+        s["shift"]["timed_out"]
+    );
+    assert_eq!(
+        strings(&s["drift_alarm_devices"]),
+        shifted,
         "drift alarms must appear on the shifted devices only"
     );
-    assert!(
-        s["retraining_requests"]
-            .as_array()
-            .is_some_and(|r| !r.is_empty()),
-        "no retraining request"
-    );
+    let open = s["shift"]["open_requests"]
+        .as_object()
+        .expect("open requests");
+    let mut listed: Vec<String> = open.values().flat_map(strings).collect();
+    listed.sort();
+    assert_eq!(listed, shifted, "retraining requests: {open:?}");
+    // Captured data reached the server, only from alarmed devices, in a dataset.
+    let c = &s["capture"];
+    assert!(c["timed_out"].is_null(), "capture: {}", c["timed_out"]);
+    assert_eq!(strings(&c["devices"]), shifted, "captured from: {c}");
+    assert!(c["samples"].as_u64().unwrap_or(0) > 0, "{c}");
+    let datasets = c["datasets"].as_array().expect("datasets");
+    assert!(!datasets.is_empty(), "no dataset cut");
+    for d in datasets {
+        assert!(d["provenance"]["samples"].as_u64().unwrap_or(0) > 0, "{d}");
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out
 }

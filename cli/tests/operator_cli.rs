@@ -1,7 +1,9 @@
 //! The operator's list and rollout commands against a real `edgefleet serve`
 //! (issue #20): `devices|bundles|rollouts list` print aligned tables with
 //! human times and `--json` the API's JSON; `rollouts create --bundle` takes a
-//! hash prefix or the .efb file; `rollouts watch` follows a rollout to its end.
+//! hash prefix or the .efb file; `rollouts watch` follows a rollout to its end;
+//! `drift show`, `retraining list`, `capture enable|show|request|disable` and
+//! `datasets create|list|show|download` (issue #11).
 //! Devices are the fleet server's simulated agents (`edgefleet_fleet_server::sim`)
 //! on the embedded broker with `--device-auth off`.
 //!
@@ -39,10 +41,16 @@ impl Drop for Server {
 }
 
 fn start_server(dir: &Path, trust: &Path) -> Server {
+    start_server_with(dir, trust, &[])
+}
+
+/// `edgefleet serve` with `extra` arguments.
+fn start_server_with(dir: &Path, trust: &Path, extra: &[&str]) -> Server {
     let stdout = dir.join("server.out");
     let child = Command::new(EXE)
         .args(["serve", "--listen", "127.0.0.1:0", "--mqtt-port", "0"])
         .args(["--device-auth", "off", "--token", TOKEN])
+        .args(extra)
         .arg("--data")
         .arg(dir.join("data"))
         .arg("--trust")
@@ -467,4 +475,337 @@ fn list_commands_print_tables_and_rollouts_take_prefixes_and_files() {
     let v: Value = serde_json::from_str(&ok(&cli(&server, &["rollouts", "show", &second])))
         .expect("show is JSON");
     assert_eq!(v["rollout"]["bundle"], sha2.as_str());
+}
+
+/// A drift report of `dev` for release 1 of `MODEL`: one PSI test on `input.rms`.
+fn drift_report(
+    dev: &sim::SimDevice,
+    seq: u64,
+    drift: bool,
+    statistic: f64,
+) -> edgefleet_protocol::Up {
+    use edgefleet_drift::{Correction, DetectorReport, DriftTest, TestKind, Verdict};
+    let verdict = if drift { Verdict::Drift } else { Verdict::Ok };
+    edgefleet_protocol::Up::Drift(edgefleet_protocol::messages::DriftMessage {
+        device_id: dev.id.clone(),
+        release: release(),
+        seq,
+        alarm: drift,
+        ts_ms: 0,
+        report: DetectorReport {
+            tests: vec![DriftTest {
+                name: "input.rms".into(),
+                kind: TestKind::Psi,
+                observed: 900,
+                window_samples: 850.0,
+                effective_samples: 80.0,
+                rho: 0.8,
+                half_life: 2000.0,
+                reference_samples: 2000.0,
+                statistic,
+                dof: 9,
+                level: Some(0.01),
+                threshold: Some(0.35),
+                p_value: Some(if drift { 1e-8 } else { 0.6 }),
+                other_mass: None,
+                verdict,
+            }],
+            alpha: 0.01,
+            correction: Correction::Bonferroni,
+            tests_with_verdict: 1,
+            verdict,
+        },
+        quality: edgefleet_drift::DataQuality::default(),
+    })
+}
+
+fn release() -> edgefleet_protocol::messages::ReleaseRef {
+    edgefleet_protocol::messages::ReleaseRef {
+        model: MODEL.into(),
+        release: 1,
+        version: "1.0.0".into(),
+    }
+}
+
+/// Polls `edgefleet ARGS` until `pred` holds on its stdout.
+fn until(server: &Server, args: &[&str], pred: impl Fn(&str) -> bool) -> String {
+    let t = Instant::now();
+    loop {
+        let out = ok(&cli(server, args));
+        if pred(&out) {
+            return out;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "`edgefleet {}` never matched:\n{out}",
+            args.join(" ")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn drift_retraining_capture_and_dataset_commands() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = SigningKey::generate();
+    let trust = dir.path().join("release.pub.pem");
+    key.write_pem_files(&dir.path().join("release.pem"), &trust)
+        .expect("keys");
+    let server = start_server_with(
+        dir.path(),
+        &trust,
+        &["--drift-min-devices", "1", "--drift-fraction", "0.1"],
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let cfg = sim::SimConfig {
+        host: "127.0.0.1".into(),
+        port: server.mqtt_port,
+        trust: Arc::new(TrustStore::load(&trust).expect("trust")),
+        target: TARGET.into(),
+        tags: vec!["drcli".into()],
+        heartbeat: Duration::from_secs(5),
+        keep_payload: false,
+        initial: None,
+    };
+    let devs: Vec<sim::SimDevice> = ["cam-a", "cam-b"]
+        .iter()
+        .map(|id| sim::spawn(id, cfg.clone(), sim::always(sim::Behavior::Commit)).expect("sim"))
+        .collect();
+    until(&server, &["devices", "list", "--json"], |o| {
+        serde_json::from_str::<Value>(o).expect("JSON")["devices"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+    });
+    for d in ["cam-a", "cam-b"] {
+        ok(&cli(&server, &["devices", "group", d, "--add", "line"]));
+    }
+
+    // Capture is off until enabled: requests are refused naming the reason.
+    let e = err(&cli(
+        &server,
+        &["capture", "request", "--group", "line", "--samples", "5"],
+    ));
+    assert!(e.contains("409") && e.contains("capture is off"), "{e}");
+    let v: Value = serde_json::from_str(&ok(&cli(
+        &server,
+        &[
+            "capture",
+            "enable",
+            "--group",
+            "line",
+            "--max-samples-per-alarm",
+            "30",
+        ],
+    )))
+    .expect("JSON");
+    assert_eq!(v["sent_to"], serde_json::json!(["cam-a", "cam-b"]), "{v}");
+    assert_eq!(v["policy"]["max_samples_per_alarm"], 30);
+    let v: Value =
+        serde_json::from_str(&ok(&cli(&server, &["capture", "show", "--group", "line"])))
+            .expect("JSON");
+    assert_eq!(v["policy"]["mode"], "on_alarm");
+    let v: Value = serde_json::from_str(&ok(&cli(
+        &server,
+        &["capture", "request", "--group", "line", "--samples", "5"],
+    )))
+    .expect("JSON");
+    assert_eq!(v["sent_to"], serde_json::json!(["cam-a", "cam-b"]), "{v}");
+
+    // Drift: cam-a drifts, cam-b does not.
+    rt.block_on(async {
+        devs[0]
+            .publish(
+                edgefleet_protocol::topics::UpKind::Drift,
+                &drift_report(&devs[0], 1, true, 0.9),
+            )
+            .await
+            .expect("publish");
+        devs[1]
+            .publish(
+                edgefleet_protocol::topics::UpKind::Drift,
+                &drift_report(&devs[1], 1, false, 0.05),
+            )
+            .await
+            .expect("publish");
+    });
+    let table = until(&server, &["drift", "show"], |o| o.lines().count() == 3);
+    assert_aligned(&table);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        cells(lines[0]),
+        [
+            "device",
+            "release",
+            "feature",
+            "statistic",
+            "threshold",
+            "p-value",
+            "n_eff",
+            "verdict",
+            "received"
+        ]
+    );
+    let rows: Vec<Vec<String>> = lines[1..].iter().map(|l| cells(l)).collect();
+    assert_eq!(
+        rows[0][..8],
+        [
+            "cam-a",
+            "testmodel@1",
+            "input.rms",
+            "0.9",
+            "0.35",
+            "1.000e-8",
+            "80",
+            "drift"
+        ],
+        "{table}"
+    );
+    assert_eq!(
+        rows[1][..8],
+        [
+            "cam-b",
+            "testmodel@1",
+            "input.rms",
+            "0.05",
+            "0.35",
+            "0.6",
+            "80",
+            "ok"
+        ],
+        "{table}"
+    );
+    assert!(human_age(&rows[0][8]), "{table}");
+    let one = ok(&cli(
+        &server,
+        &[
+            "drift",
+            "show",
+            "--device",
+            "cam-b",
+            "--feature",
+            "input.rms",
+        ],
+    ));
+    assert_eq!(one.lines().count(), 2, "{one}");
+    let e = err(&cli(&server, &["drift", "show", "--limit", "0"]));
+    assert!(e.contains("limit"), "{e}");
+
+    let table = until(&server, &["retraining", "list"], |o| o.lines().count() == 2);
+    assert_aligned(&table);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        cells(lines[0]),
+        ["id", "group", "model", "state", "drifting", "members", "opened", "closed"]
+    );
+    let row = cells(lines[1]);
+    assert_eq!(
+        row[1..6],
+        ["line", "testmodel", "open", "cam-a", "cam-a"],
+        "{table}"
+    );
+
+    // Capture upload from cam-a, then a dataset from it.
+    let bytes: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let cid = edgefleet_bundle::sha256(&bytes).to_hex();
+    let chunk = edgefleet_protocol::capture::CaptureChunk {
+        device_id: devs[0].id.clone(),
+        capture_id: cid.clone(),
+        index: 0,
+        total: 1,
+        meta: Some(edgefleet_protocol::capture::CaptureMeta {
+            release: release(),
+            reason: edgefleet_protocol::capture::CaptureReason::DriftAlarm { drift_seq: 1 },
+            samples: 12,
+            labelled: 3,
+            from_ms: 10,
+            to_ms: 20,
+            bytes: bytes.len() as u64,
+        }),
+        data: bytes.clone(),
+    };
+    rt.block_on(async {
+        devs[0]
+            .publish(
+                edgefleet_protocol::topics::UpKind::Capture,
+                &edgefleet_protocol::Up::CaptureChunk(chunk),
+            )
+            .await
+            .expect("publish");
+    });
+    let t = Instant::now();
+    while !devs[0].status().capture_acks.iter().any(|a| a.complete) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            devs[0].status().capture_acks
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v: Value = serde_json::from_str(&ok(&cli(
+        &server,
+        &["datasets", "create", "--group", "line", "--model", MODEL],
+    )))
+    .expect("JSON");
+    assert_eq!(v["created"], true, "{v}");
+    let id = v["dataset"]["id"].as_str().expect("id").to_string();
+    let table = ok(&cli(&server, &["datasets", "list"]));
+    assert_aligned(&table);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    let row = cells(lines[1]);
+    assert_eq!(
+        row[..9],
+        [
+            id.as_str(),
+            "line",
+            MODEL,
+            "1",
+            "1",
+            "12",
+            "3",
+            "4.9 KiB",
+            "cam-a"
+        ],
+        "{table}"
+    );
+    let v: Value =
+        serde_json::from_str(&ok(&cli(&server, &["datasets", "show", &id]))).expect("JSON");
+    assert_eq!(v["dataset"]["batches"][0]["capture_id"], cid.as_str());
+    let out = dir.path().join("ds");
+    ok(&cli(
+        &server,
+        &[
+            "datasets",
+            "download",
+            &id,
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
+    ));
+    assert_eq!(
+        std::fs::read(out.join(format!("{cid}.bin"))).expect("batch"),
+        bytes
+    );
+    let e = err(&cli(&server, &["datasets", "show", "ds-0000000000000000"]));
+    assert!(e.contains("404"), "{e}");
+
+    // Disabled again: requests are refused.
+    let v: Value = serde_json::from_str(&ok(&cli(
+        &server,
+        &["capture", "disable", "--group", "line"],
+    )))
+    .expect("JSON");
+    assert_eq!(
+        (
+            v["policy"]["mode"].clone(),
+            v["policy"]["max_samples_per_alarm"].clone()
+        ),
+        (serde_json::json!("off"), serde_json::json!(30))
+    );
+    let e = err(&cli(
+        &server,
+        &["capture", "request", "--group", "line", "--samples", "5"],
+    ));
+    assert!(e.contains("capture is off"), "{e}");
 }

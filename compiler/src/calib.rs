@@ -186,10 +186,20 @@ fn normal(rng: &mut rand::rngs::StdRng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
-/// The synthetic utterance: 16 kHz mono in [-1, 1].
+/// The synthetic utterance: 16 kHz mono in [-1, 1] ([`speech_like_seeded`]
+/// with seed 16000).
 pub fn speech_like(samples: usize) -> Vec<f32> {
+    speech_like_seeded(samples, 16000)
+}
+
+/// A synthetic utterance drawn with `seed`: 16 kHz mono in [-1, 1], voiced
+/// segments (glottal pulses at 90-220 Hz through three vowel formant
+/// resonators), fricatives and pauses in a fixed 7-segment rhythm with random
+/// lengths and pitch. Different seeds give different utterances of the same
+/// kind (held-out data for a reference built from another seed).
+pub fn speech_like_seeded(samples: usize, seed: u64) -> Vec<f32> {
     let sr = 16000.0f32;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(16000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // Vowel formant targets (F1, F2, F3) in Hz: a, i, u, e, o.
     let vowels = [
         (730.0, 1090.0, 2440.0),
@@ -333,9 +343,31 @@ const TEXT: &str =
     "INVOICE NO 20240117 TOTAL DUE 1458 EUR PAYMENT WITHIN 30 DAYS THANK YOU FOR YOUR ORDER \
 SHIP TO WAREHOUSE 7 DOCK B QUANTITY 250 UNIT PRICE 5 83 REFERENCE ZX9 QUALITY CHECKED BY JK";
 
+/// What generated pages say and which layouts they get ([`text_image_styled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageStyle<'a> {
+    /// Words rendered, separated by spaces (A-Z and 0-9; other characters
+    /// leave a blank cell).
+    pub text: &'a str,
+    /// Added to a page's index before it seeds the layout (margin, first
+    /// word, ink darkness, line spacing) and the sensor noise: page sets with
+    /// bases further apart than their length share no page.
+    pub seed_base: u64,
+}
+
+impl Default for PageStyle<'_> {
+    /// The invoice text of [`text_image`], base 0.
+    fn default() -> Self {
+        PageStyle {
+            text: TEXT,
+            seed_base: 0,
+        }
+    }
+}
+
 /// Renders text lines into a grey image (0 = black, 255 = white), `h` x `w`;
 /// seed 0 renders without sensor noise.
-fn render_page(h: usize, w: usize, scale: usize, seed: u64) -> Vec<f32> {
+fn render_page(h: usize, w: usize, scale: usize, seed: u64, text: &str) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let noise = if seed == 0 { 0.0 } else { 1.0 };
     let mut img: Vec<f32> = (0..h * w)
@@ -345,7 +377,8 @@ fn render_page(h: usize, w: usize, scale: usize, seed: u64) -> Vec<f32> {
             225.0 + 20.0 * (1.0 - 0.6 * x - 0.4 * y) + noise * 3.0 * normal(&mut rng)
         })
         .collect();
-    let words: Vec<&str> = TEXT.split(' ').collect();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let words = if words.is_empty() { vec![" "] } else { words };
     let line_h = 9 * scale;
     let margin = 2 * scale + (seed as usize % 3) * scale;
     let mut y = margin;
@@ -403,16 +436,27 @@ fn rotate(img: &[f32], n: usize, quarter_turns: usize) -> Vec<f32> {
 
 /// A normalised [N, 3, H, W] f32 text image for case `i`.
 pub fn text_image(spec: &TensorSpec, i: usize, lines: Lines) -> Vec<f32> {
+    text_image_styled(spec, i, lines, &PageStyle::default())
+}
+
+/// [`text_image`] with another text and layout seed: a held-out page set of
+/// the same kind (same font, scale, lighting and ink range) but other pages.
+pub fn text_image_styled(
+    spec: &TensorSpec,
+    i: usize,
+    lines: Lines,
+    style: &PageStyle<'_>,
+) -> Vec<f32> {
     let (n, h, w) = (spec.shape[0], spec.shape[2], spec.shape[3]);
     let line = h <= 64;
     let mut out = Vec::with_capacity(spec.len());
     for b in 0..n {
-        let seed = (i * n + b) as u64;
+        let seed = style.seed_base + (i * n + b) as u64;
         let mut img = if line {
             let scale = (h / 12).max(1);
-            render_page(h, w, scale, seed)
+            render_page(h, w, scale, seed, style.text)
         } else {
-            render_page(h, w, ((h.min(w)) / 110).max(1), seed)
+            render_page(h, w, ((h.min(w)) / 110).max(1), seed, style.text)
         };
         if line && lines == Lines::UprightAndTurned && i % 2 == 1 {
             img.reverse();

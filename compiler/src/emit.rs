@@ -8,8 +8,10 @@ use std::time::Instant;
 use edgefleet_bundle::payload::{
     GoldenCase, GoldenVectors, ModelFormat, ModelSpec, Tensor, TensorData,
 };
+use edgefleet_drift::{default_features, ReferenceProfile, TensorRole};
 use serde::Serialize;
 
+use crate::gate::Judged;
 use crate::runtime::{self, Outputs, Runner};
 use crate::{CompileOptions, Compiled, Error, Report};
 
@@ -175,31 +177,106 @@ pub fn golden(spec: &ModelSpec, cases: &[Vec<TensorData>], outs: &[Outputs]) -> 
     }
 }
 
-/// Drift reference from the calibration inputs and the compiled outputs.
+/// What each input and output tensor is to the model, which decides its
+/// drift features ([`edgefleet_drift::default_features`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftRoles {
+    /// Role per `spec.inputs` entry.
+    pub inputs: Vec<TensorRole>,
+    /// Role per `spec.outputs` entry.
+    pub outputs: Vec<TensorRole>,
+}
+
+impl DriftRoles {
+    /// Roles from the spec and how the gate judges output 0:
+    /// * state inputs and outputs (`spec.state`): [`TensorRole::State`];
+    /// * other inputs: [`TensorRole::Input`];
+    /// * output 0 of a classifier or a CTC recogniser:
+    ///   [`TensorRole::ClassifierOutput`]; of a declared probability map:
+    ///   [`TensorRole::ProbabilityOutput`];
+    /// * any other output whose reference values all lie in `[0, 1]` (the
+    ///   Silero speech probability): [`TensorRole::ProbabilityOutput`];
+    /// * else [`TensorRole::Output`].
+    pub fn of(spec: &ModelSpec, judged: Judged, outs: &[Outputs]) -> Self {
+        let state_in = |n: &str| spec.state.iter().any(|b| b.input == n);
+        let state_out = |n: &str| spec.state.iter().any(|b| b.output == n);
+        let inputs = spec
+            .inputs
+            .iter()
+            .map(|s| {
+                if state_in(&s.name) {
+                    TensorRole::State
+                } else {
+                    TensorRole::Input
+                }
+            })
+            .collect();
+        let outputs = spec
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if state_out(&s.name) {
+                    return TensorRole::State;
+                }
+                match (i, judged) {
+                    (0, Judged::Classifier { .. } | Judged::Ctc { .. }) => {
+                        return TensorRole::ClassifierOutput
+                    }
+                    (0, Judged::ProbabilityMap { .. }) => return TensorRole::ProbabilityOutput,
+                    _ => {}
+                }
+                let unit = !outs.is_empty()
+                    && outs.iter().all(|o| {
+                        o.get(i)
+                            .is_some_and(|d| d.iter().all(|v| (0.0..=1.0).contains(v)))
+                    });
+                if unit {
+                    TensorRole::ProbabilityOutput
+                } else {
+                    TensorRole::Output
+                }
+            })
+            .collect();
+        Self { inputs, outputs }
+    }
+}
+
+/// Bins per feature before the minimum-width and minimum-count merges
+/// ([`edgefleet_drift::BinningRule`]): 10, the detector's default target.
+pub const DRIFT_BINS: usize = 10;
+
+/// Drift reference from the held-out reference cases run the way the
+/// device runs them (`cases` and `outs` of one pass, in order): one
+/// summary value per feature per case, features chosen by `roles`
+/// ([`edgefleet_drift::default_features`]; state tensors and `i64` inputs
+/// get none), plus the predicted-class distribution of a classifier.
 ///
 /// # Errors
-/// [`Error::Drift`].
+/// [`Error::Drift`] naming the feature without data.
 pub fn drift(
     spec: &ModelSpec,
     cases: &[Vec<TensorData>],
     outs: &[Outputs],
     classes: Option<usize>,
     labels: &[String],
-) -> Result<Vec<u8>, Error> {
-    let state: Vec<&str> = spec.state.iter().map(|s| s.input.as_str()).collect();
-    let state_out: Vec<&str> = spec.state.iter().map(|s| s.output.as_str()).collect();
-    let mut b = edgefleet_drift::ProfileBuilder::new(16);
+    roles: &DriftRoles,
+) -> Result<ReferenceProfile, Error> {
+    let mut b = edgefleet_drift::ProfileBuilder::new(DRIFT_BINS);
+    for (s, r) in spec.inputs.iter().zip(&roles.inputs) {
+        b.set_input_features(&s.name, default_features(*r, &s.shape));
+    }
+    for (s, r) in spec.outputs.iter().zip(&roles.outputs) {
+        b.set_output_features(&s.name, default_features(*r, &s.shape));
+    }
     for (c, o) in cases.iter().zip(outs) {
-        for (s, d) in spec.inputs.iter().zip(c) {
-            if state.contains(&s.name.as_str()) {
-                continue;
-            }
-            if let TensorData::F32(v) = d {
+        for ((s, d), r) in spec.inputs.iter().zip(c).zip(&roles.inputs) {
+            if let (TensorData::F32(v), false) = (d, *r == TensorRole::State) {
                 b.add_input(&s.name, &s.shape, v);
             }
         }
-        for (s, d) in spec.outputs.iter().zip(o) {
-            if !state_out.contains(&s.name.as_str()) {
+        for ((s, d), r) in spec.outputs.iter().zip(o).zip(&roles.outputs) {
+            if *r != TensorRole::State {
                 b.add_output(&s.name, &s.shape, d);
             }
         }
@@ -212,8 +289,7 @@ pub fn drift(
     if classes.is_some() {
         b.set_class_labels(labels.to_vec());
     }
-    let p = b.finish().map_err(|e| Error::Drift(e.to_string()))?;
-    Ok(p.to_json())
+    b.finish().map_err(|e| Error::Drift(e.to_string()))
 }
 
 /// The readable report table.
@@ -232,6 +308,24 @@ pub fn report_txt(r: &Report) -> String {
     let _ = writeln!(s, "folded constants  {:?}", r.specialise.folded_consts);
     let _ = writeln!(s, "resolved If       {}", r.specialise.resolved_ifs.len());
     let _ = writeln!(s, "calibration       {}", r.calibration);
+    let d = &r.drift_reference;
+    let _ = writeln!(
+        s,
+        "drift reference   {} ({}): {} gate cases, {} reference inferences (warm-up {}), features {}",
+        d.split,
+        d.rule,
+        d.calibration_cases,
+        d.samples,
+        d.warmup_cases,
+        d.features
+            .iter()
+            .map(|f| format!("{} (m_eff {:.0})", f.name, f.effective_samples))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(n) = &d.note {
+        let _ = writeln!(s, "drift note        {n}");
+    }
     let _ = writeln!(
         s,
         "gate              max_abs_error <= {}, mean_cosine >= {}, top1 >= {}, mask_iou >= {}, box_f1 >= {}, sequence_agreement >= {}",

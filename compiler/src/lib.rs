@@ -192,6 +192,49 @@ pub struct Report {
     pub gate: edgefleet_targets::Gate,
     /// How the gate judged output 0 (element-wise, classifier, or a declared task).
     pub judged: gate::Judged,
+    /// How the drift reference was built: held-out cases, sample counts,
+    /// features.
+    pub drift_reference: DriftReferenceReport,
+}
+
+/// Where the drift reference's data came from and what it holds
+/// (`compile_report.json`, `drift_reference`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DriftReferenceReport {
+    /// `held_out`: the reference cases are disjoint from the gate's
+    /// (quantization-calibration) cases; `shared`: too few cases to hold
+    /// any out, both use all of them (see `note`).
+    pub split: String,
+    /// The rule that split the cases, in words.
+    pub rule: String,
+    /// Cases the gate and golden vectors used.
+    pub calibration_cases: usize,
+    /// Cases the reference was built from (inferences per feature).
+    pub reference_cases: usize,
+    /// Cases run before the kept pass to warm a recurrent state up (0 for
+    /// stateless models).
+    pub warmup_cases: usize,
+    /// Reference samples (inferences) recorded in the profile.
+    pub samples: u64,
+    /// Per feature: name, what it measures, samples and effective samples.
+    pub features: Vec<DriftFeatureReport>,
+    /// Why the reference is smaller than recommended or shared, if it is.
+    pub note: Option<String>,
+}
+
+/// One drift feature in the compile report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DriftFeatureReport {
+    /// Feature name (`input:input:rms_db`).
+    pub name: String,
+    /// What it measures.
+    pub description: String,
+    /// Reference inferences.
+    pub samples: u64,
+    /// Lag-1 autocorrelation of the reference sequence.
+    pub rho: f64,
+    /// `samples (1 - rho) / (1 + rho)`: the `m` of the PSI null's `1/m`.
+    pub effective_samples: f64,
 }
 
 /// A compiled model: payload files ready to pack.
@@ -310,6 +353,109 @@ fn run_as_device(
     Ok((cases, outs))
 }
 
+/// The full input list of one calibration case in `specs` order: state
+/// inputs from `prev`'s bound output (zeros without one), data inputs from
+/// the case (zeros when missing), `i64` inputs truncated.
+fn case_inputs(
+    specs: &[TensorSpec],
+    outputs: &[TensorSpec],
+    state: &[StateBinding],
+    case: &calib::Case,
+    prev: Option<&Outputs>,
+) -> Vec<TensorData> {
+    specs
+        .iter()
+        .map(|spec| {
+            if let Some(b) = state.iter().find(|b| b.input == spec.name) {
+                let oi = outputs.iter().position(|o| o.name == b.output).unwrap_or(0);
+                TensorData::F32(prev.map_or_else(|| vec![0.0; spec.len()], |p| p[oi].clone()))
+            } else {
+                let v = case
+                    .get(&spec.name)
+                    .cloned()
+                    .unwrap_or_else(|| vec![0.0; spec.len()]);
+                match spec.dtype {
+                    edgefleet_bundle::payload::DType::F32 => TensorData::F32(v),
+                    edgefleet_bundle::payload::DType::I64 => {
+                        TensorData::I64(v.iter().map(|x| *x as i64).collect())
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+/// The calibration cases split into the gate's part and the drift
+/// reference's part ([`DriftReferenceReport`] fields filled but for the
+/// counts of the kept pass and the features).
+struct CaseSplit {
+    calibration: Vec<calib::Case>,
+    reference: Vec<calib::Case>,
+    report: DriftReferenceReport,
+}
+
+/// Splits loaded or generated cases. Generated: `generated` cases calibrate
+/// (the same cases as without a reference) and the rest, further into the
+/// same generated stream or pages, are the reference. A directory: a quarter
+/// of the cases (at least 32, at most 256) calibrate, chosen by
+/// [`split_cases`], the rest are the reference; too few cases are shared.
+fn split_calibration(all: Vec<calib::Case>, generated: Option<usize>) -> CaseSplit {
+    let n = all.len();
+    let report =
+        |split: &str, rule: String, cal: usize, reference: usize, note| DriftReferenceReport {
+            split: split.into(),
+            rule,
+            calibration_cases: cal,
+            reference_cases: reference,
+            warmup_cases: 0,
+            samples: 0,
+            features: Vec::new(),
+            note,
+        };
+    if let Some(k) = generated.filter(|&k| k < n) {
+        let mut calibration = all;
+        let reference = calibration.split_off(k);
+        let rule = format!(
+            "generated: the first {k} cases calibrate, the next {} (later in the same generated audio / other pages) are the reference",
+            reference.len()
+        );
+        return CaseSplit {
+            report: report("held_out", rule, k, reference.len(), None),
+            calibration,
+            reference,
+        };
+    }
+    let k = (n / 4).clamp(32, 256);
+    match split_cases(n, k) {
+        Some((cal, reference)) => {
+            let rule = format!(
+                "directory: blocks of {SPLIT_BLOCK} consecutive cases shuffled with seed {SPLIT_SEED:#x}; {} cases calibrate, {} are the reference",
+                cal.len(),
+                reference.len()
+            );
+            let pick = |idx: &[usize]| -> Vec<calib::Case> { idx.iter().map(|&i| all[i].clone()).collect() };
+            CaseSplit {
+                report: report("held_out", rule, cal.len(), reference.len(), None),
+                calibration: pick(&cal),
+                reference: pick(&reference),
+            }
+        }
+        None => CaseSplit {
+            report: report(
+                "shared",
+                "every case calibrates and is the reference".into(),
+                n,
+                n,
+                Some(format!(
+                    "only {n} calibration cases: at least {MIN_CASES_TO_SPLIT} are needed to hold some out, so the drift reference is the calibration data itself"
+                )),
+            ),
+            calibration: all.clone(),
+            reference: all,
+        },
+    }
+}
+
 /// `case` with each state input (`spec.state`) replaced by the bound output
 /// of `prev`, or zeros when there is no previous run.
 fn thread_state(case: &[TensorData], prev: Option<&Outputs>, spec: &ModelSpec) -> Vec<TensorData> {
@@ -327,6 +473,79 @@ fn thread_state(case: &[TensorData], prev: Option<&Outputs>, spec: &ModelSpec) -
         });
     }
     inputs
+}
+
+/// Seed of the calibration / reference split ([`split_cases`]).
+pub const SPLIT_SEED: u64 = 0x0e_d9ef_1ee7;
+
+/// Consecutive cases are assigned to one side together in blocks of this
+/// many, so that a recurrent model's reference stream stays mostly
+/// continuous (state threaded across neighbouring windows).
+pub const SPLIT_BLOCK: usize = 16;
+
+/// Below this many cases nothing is held out: the gate and the reference
+/// both use every case (and the report says so).
+pub const MIN_CASES_TO_SPLIT: usize = 64;
+
+/// Recommended minimum effective reference size `m_eff` (reference
+/// inferences corrected for their lag-1 autocorrelation). The PSI null
+/// threshold is `(1/n_eff + 1/m_eff) · χ²_{B-1}` (Yurdakul 2018), so the
+/// reference's own sampling noise adds `1/m_eff` to the scale: at 100 it
+/// adds 0.01, about 3.5 times the `1/n_eff` of a default window at ρ = 0.94
+/// (half-life 4000: `n_eff ≈ 357`) -- the threshold stays valid (the false
+/// alarm rate does not change), it only loses sensitivity. Below this the
+/// report's `drift_reference.note` says so; audio models should get a few
+/// thousand reference windows (ρ ≈ 0.9 gives `m_eff ≈ samples / 19`).
+pub const RECOMMENDED_REFERENCE_EFFECTIVE: f64 = 100.0;
+
+/// Extra generated cases held out for the reference when no calibration
+/// directory is given, by the largest data input's size: 1024 for inputs of
+/// at most 10,000 values (audio windows: about 33 s of audio), 32 up to
+/// 100,000, 8 above (large images).
+pub fn generated_reference_cases(largest_input: usize) -> usize {
+    if largest_input > 100_000 {
+        8
+    } else if largest_input > 10_000 {
+        32
+    } else {
+        1024
+    }
+}
+
+/// Splits `n` cases into (calibration, reference) index lists, each in
+/// ascending order: the cases form blocks of [`SPLIT_BLOCK`] consecutive
+/// cases, the blocks are shuffled by a Fisher–Yates shuffle driven by
+/// SplitMix64 seeded with [`SPLIT_SEED`] (deterministic, independent of any
+/// crate's RNG), and the first blocks up to `calibration` cases go to the
+/// calibration side. Returns `None` (share all cases) when
+/// `n < MIN_CASES_TO_SPLIT` or fewer than [`SPLIT_BLOCK`] cases would be left
+/// on either side.
+pub fn split_cases(n: usize, calibration: usize) -> Option<(Vec<usize>, Vec<usize>)> {
+    let blocks = n.div_ceil(SPLIT_BLOCK);
+    let take = calibration.div_ceil(SPLIT_BLOCK);
+    if n < MIN_CASES_TO_SPLIT || take == 0 || take + 1 > blocks {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..blocks).collect();
+    let mut state = SPLIT_SEED;
+    let mut next = || {
+        // SplitMix64 (G. Steele, D. Lea & C. Flood, OOPSLA 2014).
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..blocks).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    let mut calib_blocks: Vec<usize> = order[..take].to_vec();
+    calib_blocks.sort_unstable();
+    let is_calib = |c: usize| calib_blocks.binary_search(&(c / SPLIT_BLOCK)).is_ok();
+    let (cal, reference): (Vec<usize>, Vec<usize>) = (0..n).partition(|&c| is_calib(c));
+    (cal.len() >= SPLIT_BLOCK.min(calibration) && reference.len() >= SPLIT_BLOCK)
+        .then_some((cal, reference))
 }
 
 /// Bytes of `b` compressed as a bundle body is (zstd 19,
@@ -521,7 +740,7 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
             (
                 calib::generate(
                     &data_inputs,
-                    n_cases,
+                    n_cases + generated_reference_cases(largest),
                     // A CTC recogniser reads lines after the orientation classifier
                     // turned them upright: it is not calibrated on upside-down text.
                     if matches!(ov.task, Some(edgefleet_targets::Task::Ctc { .. })) {
@@ -534,6 +753,16 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
             )
         }
     };
+    // Design: the drift reference is built on cases the gate never saw
+    // (issue #11), so that it describes data, not the calibration set.
+    let split = split_calibration(cases, opts.calibration.is_none().then_some(n_cases));
+    let cases = split.calibration;
+    let reference_cases: Vec<Vec<TensorData>> = split
+        .reference
+        .iter()
+        .map(|c| case_inputs(&reference.inputs, &reference.outputs, &state, c, None))
+        .collect();
+    let mut drift_report = split.report;
     // Full input lists; state threaded from the reference's own outputs.
     let pb = progress(
         opts.progress,
@@ -544,34 +773,13 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
     let mut ref_out: Vec<Outputs> = Vec::with_capacity(cases.len());
     let mut prev: Option<Outputs> = None;
     for c in &cases {
-        let inputs: Vec<TensorData> = reference
-            .inputs
-            .iter()
-            .map(|spec| {
-                if let Some(b) = state.iter().find(|b| b.input == spec.name) {
-                    let oi = reference
-                        .outputs
-                        .iter()
-                        .position(|o| o.name == b.output)
-                        .unwrap_or(0);
-                    TensorData::F32(
-                        prev.as_ref()
-                            .map_or_else(|| vec![0.0; spec.len()], |p| p[oi].clone()),
-                    )
-                } else {
-                    let v = c
-                        .get(&spec.name)
-                        .cloned()
-                        .unwrap_or_else(|| vec![0.0; spec.len()]);
-                    match spec.dtype {
-                        edgefleet_bundle::payload::DType::F32 => TensorData::F32(v),
-                        edgefleet_bundle::payload::DType::I64 => {
-                            TensorData::I64(v.iter().map(|x| *x as i64).collect())
-                        }
-                    }
-                }
-            })
-            .collect();
+        let inputs = case_inputs(
+            &reference.inputs,
+            &reference.outputs,
+            &state,
+            c,
+            prev.as_ref(),
+        );
         let o = reference.run(&inputs)?;
         pb.inc(1);
         prev = Some(o.clone());
@@ -1039,8 +1247,40 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         batch_axis: None,
     };
     let golden = emit::golden(&spec, &full, &compiled_out);
-    let (drift_in, drift_out) = run_as_device(&model_onnx, &full, &spec, path)?;
-    let drift = emit::drift(&spec, &drift_in, &drift_out, classes, &labels)?;
+    let (drift_in, drift_out) = run_as_device(&model_onnx, &reference_cases, &spec, path)?;
+    let roles = emit::DriftRoles::of(&spec, judged, &drift_out);
+    let profile = emit::drift(&spec, &drift_in, &drift_out, classes, &labels, &roles)?;
+    drift_report.warmup_cases = if spec.state.is_empty() {
+        0
+    } else {
+        reference_cases.len()
+    };
+    drift_report.samples = profile.sample_count;
+    drift_report.features = profile
+        .features()
+        .map(|f| DriftFeatureReport {
+            name: f.name.clone(),
+            description: f.description.clone(),
+            samples: f.samples,
+            rho: f.rho,
+            effective_samples: f.effective_samples,
+        })
+        .collect();
+    if let Some(small) = profile
+        .features()
+        .filter(|f| f.effective_samples < RECOMMENDED_REFERENCE_EFFECTIVE)
+        .min_by(|a, b| a.effective_samples.total_cmp(&b.effective_samples))
+    {
+        let msg = format!(
+            "feature {} has an effective reference size of {:.0} (< {RECOMMENDED_REFERENCE_EFFECTIVE}): its drift test is valid but insensitive; give more calibration cases",
+            small.name, small.effective_samples
+        );
+        drift_report.note = Some(match drift_report.note.take() {
+            Some(n) => format!("{n}; {msg}"),
+            None => msg,
+        });
+    }
+    let drift = profile.to_json();
     timings.insert("total".into(), ms(t_all));
     let report = Report {
         model: name.clone(),
@@ -1058,6 +1298,7 @@ pub fn build(opts: &CompileOptions, target: &TargetProfile) -> Result<Compiled, 
         timings_ms: timings,
         gate: target.gate,
         judged,
+        drift_reference: drift_report,
     };
     let json = |v: &dyn erased::Json| v.to_vec();
     let files = vec![
@@ -1143,4 +1384,29 @@ pub fn compile(
         bundle_path,
         bundle_bytes: bundle.len(),
     })
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn split_is_disjoint_seeded_and_block_wise() {
+        let (cal, reference) = split_cases(200, 50).expect("200 cases split");
+        assert_eq!(cal.len() + reference.len(), 200);
+        assert!(cal.iter().all(|c| !reference.contains(c)));
+        assert_eq!(cal.len(), 64, "4 blocks of 16 (50 rounded up to blocks)");
+        for c in &cal {
+            // Whole blocks go to one side.
+            let b = c / SPLIT_BLOCK;
+            assert!(cal.contains(&(b * SPLIT_BLOCK)));
+        }
+        assert_eq!(
+            split_cases(200, 50),
+            Some((cal, reference)),
+            "deterministic"
+        );
+        assert_eq!(split_cases(40, 32), None, "too few cases");
+        assert_eq!(split_cases(64, 64), None, "nothing left for the reference");
+    }
 }

@@ -67,31 +67,37 @@ pub enum DeviceAuth {
     Required,
 }
 
-/// The drift rule: open a retraining request when PSI is above `psi_threshold`
-/// on at least `min_fraction` of a group's devices and on at least `min_devices`.
+/// The drift rule (docs/fleet-server.md, "Drift rule"): a retraining request
+/// opens for `(group, model)` when at least `min_devices` devices, and at
+/// least `min_fraction` of the group, drift (their latest report with a
+/// verdict, within `window_s`, of the release they run, says `drift`); it
+/// follows the drifting set while open and closes after `close_after_s` with
+/// no drifting member. The devices' own tests decide `drift` (each report
+/// carries its statistics, thresholds and false-alarm level).
 #[derive(Debug, Clone)]
 pub struct DriftRule {
-    /// PSI threshold (a device counts when its report's `max_psi` is above it).
-    pub psi_threshold: f64,
     /// Fraction of the group's devices (0..1).
     pub min_fraction: f64,
-    /// Minimum number of drifting devices.
+    /// Minimum number of drifting devices (a request never opens on none).
     pub min_devices: usize,
     /// Only reports received in this window count (seconds).
     pub window_s: u64,
-    /// HTTP POST target for the drift summary (JSON).
+    /// An open request closes after this long with no drifting member (seconds).
+    pub close_after_s: u64,
+    /// HTTP POST target for the drift summary (JSON), when a request opens.
     pub webhook: Option<String>,
-    /// Command run with the summary JSON on stdin (and in `EDGEFLEET_DRIFT_SUMMARY`).
+    /// Command run with the summary JSON on stdin (and in
+    /// `EDGEFLEET_DRIFT_SUMMARY`), when a request opens.
     pub command: Option<String>,
 }
 
 impl Default for DriftRule {
     fn default() -> Self {
         DriftRule {
-            psi_threshold: 0.25,
             min_fraction: 0.3,
             min_devices: 3,
             window_s: 3600,
+            close_after_s: 600,
             webhook: None,
             command: None,
         }

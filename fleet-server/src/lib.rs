@@ -6,15 +6,21 @@
 //! - [`api`]: axum router under `/v1` ([`app`]), bearer auth, OpenAPI;
 //! - [`mqtt`]: the server's MQTT client and dispatcher, the embedded broker;
 //! - [`rollout`]: wave maths and gate ([`rollout::plan`], pure) and the engine;
-//! - [`store`]: sled trees; [`registry`], [`bundles`], [`telemetry`], [`drift`];
+//! - [`store`]: sled trees; [`registry`], [`bundles`], [`telemetry`];
+//! - [`drift`]: drift reports, their time series and the drift rule
+//!   (retraining requests that follow the drifting cohort);
+//! - [`capture`]: per-group capture policies and the chunked upload intake;
+//!   [`datasets`]: versioned, content-hashed datasets cut from capture batches;
 //! - [`credentials`]: per-device broker secrets (salted hashes) and the
 //!   embedded broker's connect check;
 //! - [`sim`]: simulated devices (test support, benchmark, demo).
 
 pub mod api;
 pub mod bundles;
+pub mod capture;
 pub mod config;
 pub mod credentials;
+pub mod datasets;
 pub mod drift;
 mod error;
 pub mod mqtt;
@@ -79,6 +85,10 @@ pub struct State {
     pub mqtt: OnceLock<rumqttc::AsyncClient>,
     /// Counters.
     pub stats: Stats,
+    /// Serialises drift rule evaluations (reports and the tick).
+    pub drift_rule_lock: tokio::sync::Mutex<()>,
+    /// Serialises dataset cuts.
+    pub datasets_lock: Mutex<()>,
 }
 
 impl State {
@@ -109,6 +119,8 @@ impl State {
             rollouts: Mutex::new(rollouts),
             mqtt: OnceLock::new(),
             stats: Stats::default(),
+            drift_rule_lock: tokio::sync::Mutex::new(()),
+            datasets_lock: Mutex::new(()),
             config,
         }))
     }
@@ -165,6 +177,7 @@ impl Server {
         tasks.extend(gate);
         let _ = state.mqtt.set(client);
         tasks.push(rollout::engine::spawn(state.clone(), rx.clone()));
+        tasks.push(drift::spawn_tick(state.clone(), rx.clone()));
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| Error::io(listen.to_string(), e))?;

@@ -78,6 +78,12 @@ pub struct SimStatus {
     pub rollbacks: u64,
     /// Last error (verification etc.).
     pub last_error: Option<String>,
+    /// `Down::Config` messages received, oldest first.
+    pub configs: Vec<edgefleet_protocol::messages::ConfigUpdate>,
+    /// `Down::CaptureRequest` messages received, oldest first.
+    pub capture_requests: Vec<edgefleet_protocol::capture::CaptureRequest>,
+    /// `Down::CaptureAck` messages received, oldest first.
+    pub capture_acks: Vec<edgefleet_protocol::capture::CaptureAck>,
 }
 
 /// A running simulated device.
@@ -126,6 +132,7 @@ impl SimDevice {
                 cpu_percent: 5.0,
                 uptime_s: 1,
                 outbox_dropped: 0,
+                feedback: None,
             })
             .collect();
         let m = Up::Telemetry(TelemetryBatch {
@@ -365,7 +372,9 @@ impl Agent {
                     self.heartbeat();
                 }
             }
-            Down::Config(_) => {}
+            Down::Config(c) => self.set_status(|s| s.configs.push(c)),
+            Down::CaptureRequest(r) => self.set_status(|s| s.capture_requests.push(r)),
+            Down::CaptureAck(a) => self.set_status(|s| s.capture_acks.push(a)),
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use edgefleet_fleet_server::sim::{self, Behavior};
 use edgefleet_fleet_server::{BrokerConfig, Server};
-use edgefleet_protocol::messages::{DriftMessage, Hello, ReleaseRef};
+use edgefleet_protocol::messages::Hello;
 use edgefleet_protocol::topics::{self, UpKind};
 use edgefleet_protocol::Up;
 use serde_json::json;
@@ -164,6 +164,7 @@ async fn impersonation_is_rejected_and_telemetry_deduplicated_and_drift_rule_fir
             cpu_percent: 0.0,
             uptime_s: 0,
             outbox_dropped: 0,
+            feedback: None,
         }],
     });
     devs[1].publish(UpKind::Telemetry, &dup).await.unwrap();
@@ -178,44 +179,26 @@ async fn impersonation_is_rejected_and_telemetry_deduplicated_and_drift_rule_fir
             .await;
         assert_eq!(st, 200);
     }
-    // Reports without a verdict (fewer than the device's min_samples) never count,
-    // however high their PSI: three of them open no retraining request.
-    let drift = |d: &edgefleet_protocol::DeviceId, seq: u64, status, max_psi| {
-        Up::Drift(DriftMessage {
-            device_id: d.clone(),
-            release: ReleaseRef {
-                model: "detector".into(),
-                release: 1,
-                version: "1.1.0".into(),
-            },
-            seq,
-            alarm: status == edgefleet_drift::DriftStatus::Alarm,
-            report: edgefleet_drift::DriftReport {
-                features: vec![],
-                classes: None,
-                status,
-                max_psi,
-            },
-        })
-    };
+    // Reports without a verdict (too few samples) never count, however high
+    // their statistic: three of them open no retraining request.
+    use edgefleet_drift::Verdict;
     for d in &devs {
-        let m = drift(
+        let m = drift_report(
             &d.id,
+            release(1),
             100,
-            edgefleet_drift::DriftStatus::InsufficientData,
-            0.9,
+            Verdict::InsufficientData,
+            &[("input.rms", 0.9, Verdict::InsufficientData)],
         );
         d.publish(UpKind::Drift, &m).await.unwrap();
     }
-    let t0 = Instant::now();
-    loop {
-        let (_, d) = api.get("/v1/drift?group=lobby").await;
-        if d["drift"].as_array().is_some_and(|a| a.len() == 3) {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "drift {d}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        &api,
+        "/v1/drift?group=lobby",
+        Duration::from_secs(10),
+        |d| d["drift"].as_array().is_some_and(|a| a.len() == 3),
+    )
+    .await;
     let (_, r) = api.get("/v1/retraining").await;
     assert_eq!(
         r["requests"].as_array().map(Vec::len),
@@ -223,22 +206,13 @@ async fn impersonation_is_rejected_and_telemetry_deduplicated_and_drift_rule_fir
         "insufficient-data reports opened a request: {r}"
     );
     for (i, d) in devs.iter().enumerate().take(2) {
-        let m = Up::Drift(DriftMessage {
-            device_id: d.id.clone(),
-            release: ReleaseRef {
-                model: "detector".into(),
-                release: 1,
-                version: "1.1.0".into(),
-            },
-            seq: i as u64,
-            alarm: true,
-            report: edgefleet_drift::DriftReport {
-                features: vec![],
-                classes: None,
-                status: edgefleet_drift::DriftStatus::Alarm,
-                max_psi: 0.6,
-            },
-        });
+        let m = drift_report(
+            &d.id,
+            release(1),
+            101 + i as u64,
+            Verdict::Drift,
+            &[("input.rms", 0.6, Verdict::Drift)],
+        );
         d.publish(UpKind::Drift, &m).await.unwrap();
     }
 
@@ -402,8 +376,9 @@ async fn every_request_body_and_query_refuses_unknown_fields() {
         .unwrap();
     let trial = json!({"window_s": 5, "min_requests": 1, "max_error_rate": 0.1,
         "max_p99_ratio": 3.0, "mode": "shadow", "windw_s": 9});
-    let thresholds = json!({"psi_alarm": 0.2, "ks_alarm": 0.2, "chi2_p_alarm": 0.01,
-        "min_samples": 10, "psi": 1.0});
+    let drift_test = json!({"alpha": 0.01, "correction": "bonferroni",
+        "autocorrelation": {"kind": "estimate"}, "min_samples": 100.0,
+        "min_effective_per_bin": 5.0, "alfa": 1.0});
     let bodies = [
         (
             "/v1/rollouts",
@@ -433,8 +408,24 @@ async fn every_request_body_and_query_refuses_unknown_fields() {
         ),
         (
             "/v1/devices/d1/config",
-            json!({"drift_thresholds": thresholds}),
-            "drift_thresholds.psi",
+            json!({"drift_test": drift_test}),
+            "drift_test.alfa",
+        ),
+        (
+            "/v1/devices/d1/config",
+            json!({"capture": {"mode": "on_alarm", "max_samples_per_alarm": 10,
+                "max_samples_per_minute": 10, "max_bytes": 1}}),
+            "capture.max_bytes",
+        ),
+        (
+            "/v1/groups/lobby/capture/requests",
+            json!({"samples": 5, "sample": 5}),
+            "sample",
+        ),
+        (
+            "/v1/datasets",
+            json!({"group": "lobby", "model": "m", "modle": "m"}),
+            "modle",
         ),
     ];
     for (path, body, field) in bodies {
@@ -462,6 +453,8 @@ async fn every_request_body_and_query_refuses_unknown_fields() {
         ("/v1/devices?tg=lobby", "tg"),
         ("/v1/telemetry?devce=d1", "devce"),
         ("/v1/drift?grp=lobby", "grp"),
+        ("/v1/drift?feature=x&limt=3", "limt"),
+        ("/v1/retraining?stat=open", "stat"),
     ] {
         let r = http
             .get(format!("{base}{path}"))

@@ -777,8 +777,7 @@ async fn embedded_broker_keeps_each_device_to_its_own_topics() {
             topics::down(&vid, DownKind::Command),
             Down::Config(ConfigUpdate {
                 telemetry_interval_s: Some(86_400),
-                drift_interval_s: None,
-                drift_thresholds: None,
+                ..ConfigUpdate::default()
             })
             .encode()
             .unwrap(),

@@ -118,6 +118,7 @@ impl Dev {
                 cpu_percent: 0.0,
                 uptime_s: 0,
                 outbox_dropped: 0,
+                feedback: None,
             }],
         })
     }

@@ -11,7 +11,13 @@
 //!   `shape` (the compiler takes it from the model spec, which a replay source
 //!   does not have).
 //!
-//! Cases are replayed in file-name order and loop forever.
+//! Cases are replayed in file-name order and loop forever, starting at case
+//! `start_offset` (modulo the number of cases; default 0). Devices that replay
+//! the same recording from different offsets see the same distribution but
+//! not the same windows at the same time (the demo gives each device its own).
+//!
+//! Keys of the `[[inputs]]` table other than those of [`REPLAY_KEYS`] are
+//! refused (a misspelt transform would otherwise replay undrifted data).
 //!
 //! Transforms, applied in this order to every tensor of rank 4 (`rotate90`)
 //! or every tensor (the others): `rotate90` (k quarter turns counter-clockwise
@@ -39,9 +45,29 @@ pub struct ReplayConfig {
     pub rate_hz: Option<f64>,
     /// Shape of `.f32` files without a sidecar `.json`.
     pub shape: Option<Vec<usize>>,
+    /// Index of the first case replayed (taken modulo the number of cases).
+    pub start_offset: u64,
     /// The transforms.
     pub transforms: Transforms,
 }
+
+/// Keys a `kind = "replay"` table may hold (`name` is the pipeline's: the
+/// source's log name and stream id).
+pub const REPLAY_KEYS: [&str; 13] = [
+    "kind",
+    "name",
+    "dir",
+    "inputs",
+    "input",
+    "rate_hz",
+    "shape",
+    "start_offset",
+    "noise_std",
+    "gain",
+    "offset",
+    "rotate90",
+    "seed",
+];
 
 /// Drift-experiment transforms (all off by default).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -64,6 +90,14 @@ impl ReplayConfig {
     /// # Errors
     /// [`InputError::Config`].
     pub fn from_toml(v: &toml::Value) -> Result<Self, InputError> {
+        if let Some(t) = v.as_table() {
+            if let Some(k) = t.keys().find(|k| !REPLAY_KEYS.contains(&k.as_str())) {
+                return Err(InputError::Config(format!(
+                    "replay: unknown key `{k}` (expected one of {})",
+                    REPLAY_KEYS.join(", ")
+                )));
+            }
+        }
         let dir = v
             .get("dir")
             .and_then(toml::Value::as_str)
@@ -123,6 +157,7 @@ impl ReplayConfig {
             inputs,
             rate_hz: super::get_f64(v, "rate_hz")?,
             shape,
+            start_offset: super::get_u64(v, "start_offset")?.unwrap_or(0),
             transforms: Transforms {
                 noise_std: noise_std as f32,
                 gain: super::get_f64(v, "gain")?.map(|g| g as f32),
@@ -249,9 +284,10 @@ impl Replay {
             }
             out.push(window);
         }
+        let next = (cfg.start_offset % out.len() as u64) as usize;
         Ok(Replay {
             cases: out,
-            next: 0,
+            next,
             pacer: Pacer::new(cfg.rate_hz),
             transforms: cfg.transforms.clone(),
             rng: rand::rngs::StdRng::seed_from_u64(cfg.transforms.seed),
@@ -369,6 +405,65 @@ mod tests {
         let (s3, r3) = rotate90(&[1, 1, 2, 3], &d, 3);
         let (s4, r4) = rotate90(&s3, &r3, 1);
         assert_eq!((s4, r4), (vec![1, 1, 2, 3], d.to_vec()));
+    }
+
+    /// A directory of `n` one-value cases `0000.npy..` holding 0.0, 1.0, ...
+    fn numbered_cases(n: usize) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..n {
+            std::fs::write(
+                dir.path().join(format!("{i:04}.npy")),
+                edgefleet_bundle::npy::write_npy(&[1, 1], &[i as f32]),
+            )
+            .unwrap();
+        }
+        dir
+    }
+
+    fn replay_from(text: &str) -> Result<Replay, InputError> {
+        let v: toml::Value = toml::from_str(text).unwrap();
+        Replay::open(&ReplayConfig::from_toml(&v)?)
+    }
+
+    #[test]
+    fn start_offset_picks_the_first_case_and_wraps() {
+        let dir = numbered_cases(5);
+        let first = |offset: u64| {
+            let mut r = replay_from(&format!(
+                "kind = 'replay'\ndir = '{}'\nstart_offset = {offset}",
+                dir.path().display()
+            ))
+            .unwrap();
+            (0..6)
+                .map(|_| f32s(&r.next_window().unwrap()[0])[0])
+                .collect::<Vec<f32>>()
+        };
+        assert_eq!(first(0), vec![0.0, 1.0, 2.0, 3.0, 4.0, 0.0]);
+        assert_eq!(first(3), vec![3.0, 4.0, 0.0, 1.0, 2.0, 3.0]);
+        // Modulo the number of cases.
+        assert_eq!(first(12), first(2));
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_refused_by_name() {
+        let dir = numbered_cases(1);
+        let base = format!("kind = 'replay'\ndir = '{}'\n", dir.path().display());
+        let e = replay_from(&format!("{base}noise_sdt = 0.5")).unwrap_err();
+        assert!(
+            matches!(&e, InputError::Config(m) if m.contains("`noise_sdt`")),
+            "{e}"
+        );
+        let e = replay_from(&format!("{base}start_offset = -1")).unwrap_err();
+        assert!(
+            matches!(&e, InputError::Config(m) if m.contains("start_offset")),
+            "{e}"
+        );
+        // Every documented key is accepted.
+        replay_from(&format!(
+            "{base}name = 'r'\ninputs = ['input']\nrate_hz = 0\nstart_offset = 2\n\
+             noise_std = 0.1\ngain = 1.0\noffset = 0.0\nrotate90 = 0\nseed = 1"
+        ))
+        .unwrap();
     }
 
     #[test]

@@ -435,6 +435,7 @@ mod tests {
             cpu_percent: 0.0,
             uptime_s: 0,
             outbox_dropped: 0,
+            feedback: None,
         }
     }
 

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use edgefleet_protocol::capture::FeedbackSummary;
 use edgefleet_protocol::messages::ReleaseRef;
 use edgefleet_protocol::telemetry::{names, LatencySummary, TelemetryRecord};
 use hdrhistogram::Histogram;
@@ -38,6 +39,7 @@ struct Counters {
     errors: u64,
     rejected: u64,
     latency_us: Histogram<u64>,
+    feedback: FeedbackSummary,
 }
 
 impl Counters {
@@ -47,10 +49,14 @@ impl Counters {
             errors: 0,
             rejected: 0,
             latency_us: new_histogram(),
+            feedback: FeedbackSummary::default(),
         }
     }
     fn is_idle(&self) -> bool {
-        self.requests == 0 && self.errors == 0 && self.rejected == 0
+        self.requests == 0
+            && self.errors == 0
+            && self.rejected == 0
+            && self.feedback == FeedbackSummary::default()
     }
 }
 
@@ -63,6 +69,12 @@ struct Lifetime {
     rejected: u64,
     latency_sum_us: u64,
     latency_count: u64,
+    /// Feedback labels received (Prometheus counter, never reset).
+    labels_total: u64,
+    /// Labels and agreements since the release was last activated (the
+    /// online-accuracy gauge).
+    labelled_since_active: u64,
+    agreed_since_active: u64,
     /// Latency of the previous interval, merged with the current one for the
     /// summary quantiles (a window of one to two telemetry intervals).
     prev_interval_us: Histogram<u64>,
@@ -193,10 +205,15 @@ pub struct MetricsExtras {
     pub outbox_dropped: u64,
     /// Rollbacks so far per reason (`golden_mismatch`, `nan_output`, ...).
     pub rollbacks: Vec<(String, u64)>,
-    /// Last PSI per drift feature name.
+    /// Per drift test (feature name or `classes`): the last
+    /// `statistic / threshold` (>= 1 is drift; see `crate::drift::max_ratio`).
     pub drift_psi: Vec<(String, f64)>,
     /// True when the model is loaded and passed its self-test.
     pub model_ready: bool,
+    /// Samples kept by data capture so far.
+    pub captured_samples: u64,
+    /// Bytes of capture batches on disk waiting for upload (open batch included).
+    pub capture_pending_bytes: u64,
 }
 
 /// Request statistics per release plus the process gauges. Not synchronised:
@@ -236,7 +253,35 @@ impl Stats {
     /// Sets the release in the active slot (`None`: no model). Requests
     /// recorded without an explicit release are attributed to it.
     pub fn set_active_release(&mut self, release: Option<ReleaseRef>) {
+        if release != self.active {
+            // Design: online accuracy is per activation of a release, so a
+            // rollback to a release starts its accuracy afresh.
+            if let Some(l) = self.lifetime.get_mut(&key(release.as_ref())) {
+                l.labelled_since_active = 0;
+                l.agreed_since_active = 0;
+            }
+        }
         self.active = release;
+    }
+
+    /// Records a feedback label for a request `release` answered; `agreed`
+    /// when it equals the model's answer.
+    pub fn record_feedback(&mut self, release: &ReleaseRef, agreed: bool) {
+        let (c, l) = self.entry(Some(release));
+        c.feedback.labelled += 1;
+        l.labels_total += 1;
+        l.labelled_since_active += 1;
+        if agreed {
+            c.feedback.agreed += 1;
+            l.agreed_since_active += 1;
+        }
+    }
+
+    /// Records a label for a request id the agent does not remember
+    /// (counted on the active release's record).
+    pub fn record_unknown_feedback(&mut self) {
+        let (c, _) = self.entry(None);
+        c.feedback.unknown_request += 1;
     }
 
     /// The release in the active slot.
@@ -259,6 +304,9 @@ impl Stats {
             rejected: 0,
             latency_sum_us: 0,
             latency_count: 0,
+            labels_total: 0,
+            labelled_since_active: 0,
+            agreed_since_active: 0,
             prev_interval_us: new_histogram(),
         });
         (c, l)
@@ -339,6 +387,7 @@ impl Stats {
                     cpu_percent: process.cpu_percent,
                     uptime_s,
                     outbox_dropped: 0,
+                    feedback: (c.feedback != FeedbackSummary::default()).then_some(c.feedback),
                 });
             }
             if let Some(l) = self.lifetime.get_mut(&k) {
@@ -501,7 +550,7 @@ impl Stats {
             &mut o,
             names::DRIFT_PSI,
             "gauge",
-            "Last PSI per drift feature.",
+            "Per drift test: last statistic divided by its alarm threshold (>= 1 is drift).",
         );
         for (feature, psi) in &extras.drift_psi {
             let _ = writeln!(
@@ -517,7 +566,67 @@ impl Stats {
             "1 when the model is loaded and passed its self-test.",
             if extras.model_ready { 1.0 } else { 0.0 },
         );
+        self.render_feedback(&mut o);
+        header(
+            &mut o,
+            names::CAPTURED_SAMPLES_TOTAL,
+            "counter",
+            "Samples kept by data capture.",
+        );
+        let _ = writeln!(
+            o,
+            "{} {}",
+            names::CAPTURED_SAMPLES_TOTAL,
+            extras.captured_samples
+        );
+        gauge(
+            &mut o,
+            names::CAPTURE_PENDING_BYTES,
+            "Bytes of capture batches on disk waiting for upload.",
+            extras.capture_pending_bytes as f64,
+        );
         o
+    }
+
+    fn render_feedback(&self, o: &mut String) {
+        let rel_label = |r: &Option<ReleaseRef>| match r {
+            Some(r) => escape(&format!("{}@{}", r.model, r.version)),
+            None => "none".to_string(),
+        };
+        header(
+            o,
+            names::FEEDBACK_LABELS_TOTAL,
+            "counter",
+            "Feedback labels received for served requests.",
+        );
+        for l in self.lifetime.values().filter(|l| l.labels_total > 0) {
+            let _ = writeln!(
+                o,
+                "{}{{release=\"{}\"}} {}",
+                names::FEEDBACK_LABELS_TOTAL,
+                rel_label(&l.release),
+                l.labels_total
+            );
+        }
+        header(
+            o,
+            names::ONLINE_ACCURACY,
+            "gauge",
+            "Labels agreeing with the model's answer / labels, since the release was activated.",
+        );
+        for l in self
+            .lifetime
+            .values()
+            .filter(|l| l.labelled_since_active > 0)
+        {
+            let _ = writeln!(
+                o,
+                "{}{{release=\"{}\"}} {}",
+                names::ONLINE_ACCURACY,
+                rel_label(&l.release),
+                l.agreed_since_active as f64 / l.labelled_since_active as f64
+            );
+        }
     }
 }
 
@@ -630,7 +739,17 @@ mod tests {
             rollbacks: vec![("nan_output".into(), 1)],
             drift_psi: vec![("input.x".into(), 0.3)],
             model_ready: true,
+            captured_samples: 7,
+            capture_pending_bytes: 1024,
         };
+        s.record_feedback(
+            &ReleaseRef {
+                model: "k\"w".into(),
+                release: 1,
+                version: "1.0.0".into(),
+            },
+            true,
+        );
         let text = s.render_prometheus(&extras);
         let all = [
             names::REQUESTS_TOTAL,
@@ -646,6 +765,10 @@ mod tests {
             names::ROLLBACKS_TOTAL,
             names::DRIFT_PSI,
             names::MODEL_READY,
+            names::FEEDBACK_LABELS_TOTAL,
+            names::ONLINE_ACCURACY,
+            names::CAPTURED_SAMPLES_TOTAL,
+            names::CAPTURE_PENDING_BYTES,
         ];
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
@@ -662,5 +785,50 @@ mod tests {
         assert!(text.contains("edgefleet_agent_inference_latency_seconds{release=\"k\\\"w@1.0.0\",quantile=\"0.5\"} 0.003"), "{text}");
         assert!(text.contains("edgefleet_agent_outbox_dropped_total 2"));
         assert!(text.contains("edgefleet_agent_model_ready 1"));
+        assert!(text.contains("edgefleet_agent_captured_samples_total 7"));
+        assert!(text.contains("edgefleet_agent_capture_pending_bytes 1024"));
+        assert!(
+            text.contains("edgefleet_agent_online_accuracy{release=\"k\\\"w@1.0.0\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn feedback_counts_per_release_and_reset_on_activation() {
+        let mut s = Stats::new();
+        s.set_active_release(Some(rel(1)));
+        for agreed in [true, true, false] {
+            s.record_feedback(&rel(1), agreed);
+        }
+        s.record_unknown_feedback();
+        let r = s.snapshot_and_reset();
+        assert_eq!(
+            r.feedback,
+            Some(FeedbackSummary {
+                labelled: 3,
+                agreed: 2,
+                unknown_request: 1
+            })
+        );
+        assert_eq!(s.snapshot_and_reset().feedback, None, "interval reset");
+        let text = s.render_prometheus(&MetricsExtras::default());
+        assert!(
+            text.contains("edgefleet_agent_feedback_labels_total{release=\"m@1.0.1\"} 3"),
+            "{text}"
+        );
+        let acc = format!(
+            "edgefleet_agent_online_accuracy{{release=\"m@1.0.1\"}} {}",
+            2.0 / 3.0
+        );
+        assert!(text.contains(&acc), "{text}");
+        // A model change and back: accuracy starts afresh, the counter does not.
+        s.set_active_release(Some(rel(2)));
+        s.set_active_release(Some(rel(1)));
+        let text = s.render_prometheus(&MetricsExtras::default());
+        assert!(!text.contains("edgefleet_agent_online_accuracy{"), "{text}");
+        assert!(
+            text.contains("edgefleet_agent_feedback_labels_total{release=\"m@1.0.1\"} 3"),
+            "{text}"
+        );
     }
 }

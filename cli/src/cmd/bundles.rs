@@ -83,6 +83,31 @@ impl Client {
             .with_context(|| format!("POST {}", self.url(path)))?;
         self.check(r, &format!("POST {path}"))
     }
+    /// PUT JSON.
+    pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .put(self.url(path))
+            .bearer_auth(&self.conn.token)
+            .json(body)
+            .send()
+            .with_context(|| format!("PUT {}", self.url(path)))?;
+        self.check(r, &format!("PUT {path}"))
+    }
+    /// GET raw bytes (an error answer is JSON and becomes the error).
+    pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.conn.token)
+            .send()
+            .with_context(|| format!("GET {}", self.url(path)))?;
+        if !r.status().is_success() {
+            self.check(r, &format!("GET {path}"))?;
+            bail!("GET {path}: unexpected answer");
+        }
+        Ok(r.bytes().with_context(|| format!("GET {path}"))?.to_vec())
+    }
     /// DELETE.
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
         let r = self

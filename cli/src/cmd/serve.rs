@@ -63,9 +63,10 @@ pub struct Args {
     /// Operator bearer token.
     #[arg(long, env = "EDGEFLEET_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// Drift rule: PSI threshold.
-    #[arg(long, default_value_t = 0.25)]
-    pub drift_psi: f64,
+    /// Drift rule: an open retraining request closes after this many seconds
+    /// with no drifting member (the devices' own tests decide `drift`).
+    #[arg(long, default_value_t = 600)]
+    pub drift_close_after_s: u64,
     /// Drift rule: fraction of a group's devices.
     #[arg(long, default_value_t = 0.3)]
     pub drift_fraction: f64,
@@ -105,7 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .with_context(|| format!("reading signing key {}", k.display()))?;
         c.signing_key = Some(std::sync::Arc::new(key));
     }
-    c.drift_rule.psi_threshold = a.drift_psi;
+    c.drift_rule.close_after_s = a.drift_close_after_s;
     c.drift_rule.min_fraction = a.drift_fraction;
     c.drift_rule.min_devices = a.drift_min_devices;
     c.drift_rule.webhook = a.drift_webhook;

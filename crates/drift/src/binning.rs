@@ -234,8 +234,9 @@ impl Binning {
     /// as described on [`BinningRule`] (`target_bins` is ignored; bins only
     /// merge, so the merged counts are exact). The width uses the profile's
     /// recorded 1/25/75/99 % quantiles; missing ones count as a zero range.
-    /// `reference_samples` is the profile's `samples` (calibration tensors,
-    /// not values: values inside one tensor are not independent).
+    /// `reference_samples` is the profile's `effective_samples` (reference
+    /// inferences corrected for their lag-1 autocorrelation, not values:
+    /// values inside one tensor are not independent).
     pub fn from_profile(p: &FeatureProfile, rule: &BinningRule) -> Self {
         let q = |prob| profile_quantile(p, prob).unwrap_or(0.0);
         let w = rule.min_width(q(0.01), q(0.25), q(0.75), q(0.99));
@@ -244,7 +245,7 @@ impl Binning {
         Self {
             edges,
             reference_counts: counts,
-            reference_samples: p.samples as f64,
+            reference_samples: p.effective_samples,
             min_width: w,
         }
     }

@@ -23,7 +23,7 @@ use crate::extract::{extract, FeatureSelector, DEFAULT_MAX_VALUES_PER_SAMPLE};
 use crate::profile::ReferenceProfile;
 use crate::stats::{chi2_p_value, ln_gamma};
 use crate::window::{CategoricalLag1, DecayedHistogram, Lag1Autocorrelation};
-use crate::Error;
+use crate::{DataQuality, Error};
 
 /// Pseudo-count added to every bin of both sides before [`psi_smoothed`]
 /// takes logarithms: `p_i = (c_i + ½) / (Σc + B/2)`, the Jeffreys /
@@ -270,20 +270,30 @@ pub enum Autocorrelation {
 pub struct WindowConfig {
     /// Half-life of the current window in observations (units); the window
     /// holds about `2.885 · half_life` units ([`DecayedHistogram`]).
-    /// Non-positive or infinite: cumulative counts. Default 2000.
+    /// Non-positive or infinite: cumulative counts. Default 4000.
+    ///
+    /// Design: 4000 inferences (about 2 minutes of 32 ms audio windows) is
+    /// the shortest half-life at which a stream with lag-1 autocorrelation
+    /// 0.99 still reaches `n_eff = 11540 · 0.01 / 1.99 ≈ 58` effective
+    /// samples, above the `5 · 10` that [`TestConfig::min_effective_per_bin`]
+    /// needs for 10 bins (at 2000 such a stream never got a verdict). A
+    /// large shift still alarms within a few hundred inferences: its mass
+    /// lands in bins the reference barely occupies. Measured in
+    /// `crates/drift/tests/detector.rs` (`default_config_*`).
     pub half_life: f64,
     /// Half-life of the autocorrelation estimate's memory, in observations.
     /// Longer than the window so that `ρ` is estimated precisely (its
     /// standard error is about `sqrt((1 - ρ²) / pairs)`, M. S. Bartlett,
-    /// *J. R. Stat. Soc. Suppl.* 8, 1946). Default 16000.
+    /// *J. R. Stat. Soc. Suppl.* 8, 1946). Default 32000 (8 window
+    /// half-lives).
     pub rho_half_life: f64,
 }
 
 impl Default for WindowConfig {
     fn default() -> Self {
         Self {
-            half_life: 2000.0,
-            rho_half_life: 16000.0,
+            half_life: 4000.0,
+            rho_half_life: 32000.0,
         }
     }
 }
@@ -417,6 +427,8 @@ pub struct DetectorReport {
 struct FeatureStream {
     name: String,
     source: Option<(bool, String, FeatureSelector)>,
+    /// Reference range widened by half of it on each side (data quality).
+    range: Option<(f64, f64)>,
     binning: Binning,
     reference: Vec<f64>,
     window: DecayedHistogram,
@@ -444,14 +456,19 @@ pub struct StreamState {
     pub class_lag1: Option<CategoricalLag1>,
 }
 
-/// Persistable state of a [`DriftDetector`] (windows and estimators only;
-/// the reference comes from the bundle). `O(bins)` per stream.
+/// Persistable state of a [`DriftDetector`] (windows, estimators and
+/// data-quality counters; the reference comes from the bundle). `O(bins)`
+/// per stream.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct DetectorState {
     /// Features in detector order.
     pub features: Vec<StreamState>,
     /// The class stream, if any.
     pub classes: Option<StreamState>,
+    /// Data-quality counters ([`DriftDetector::quality`]); zero in states
+    /// saved before they existed.
+    #[serde(default)]
+    pub quality: DataQuality,
 }
 
 /// Streaming drift detector with stated false-alarm rate (see the module
@@ -462,6 +479,14 @@ pub struct DriftDetector {
     features: Vec<FeatureStream>,
     classes: Option<ClassStream>,
     max_values: usize,
+    quality: DataQuality,
+    /// The input tensor whose observation starts a new inference for
+    /// [`DataQuality::samples`]: the first profiled input tensor.
+    primary_input: Option<String>,
+    /// `quality.samples` at the last inference counted as non-finite / out
+    /// of range (each inference counts at most once in each).
+    non_finite_at: u64,
+    out_of_range_at: u64,
 }
 
 fn to_f64(v: &[u64]) -> Vec<f64> {
@@ -490,13 +515,20 @@ impl DriftDetector {
             features: Vec::new(),
             classes: None,
             max_values: DEFAULT_MAX_VALUES_PER_SAMPLE,
+            quality: DataQuality::default(),
+            primary_input: None,
+            non_finite_at: 0,
+            out_of_range_at: 0,
         }
     }
 
     /// Detector for every feature and the classes of a shipped profile,
     /// features binned by [`Binning::from_profile`] under `rule`. Observe
     /// with [`DriftDetector::observe_input`] / `observe_output` /
-    /// `observe_class`; a feature's unit is one inference (sample).
+    /// `observe_class`; a feature's unit is one inference (sample): a
+    /// [`FeatureSelector::Summary`] feature contributes its one value, a
+    /// legacy raw-value selector spreads the inference's unit weight over
+    /// the bins of its values.
     pub fn from_profile(
         profile: &ReferenceProfile,
         rule: &BinningRule,
@@ -506,8 +538,12 @@ impl DriftDetector {
         let n_in = profile.inputs.len();
         for (i, f) in profile.features().enumerate() {
             let idx = d.add_feature(&f.name, Binning::from_profile(f, rule));
-            d.features[idx].source = Some((i >= n_in, f.tensor.clone(), f.selector.clone()));
+            let half = (f.max - f.min) / 2.0;
+            let stream = &mut d.features[idx];
+            stream.source = Some((i >= n_in, f.tensor.clone(), f.selector.clone()));
+            stream.range = Some((f.min - half, f.max + half));
         }
+        d.primary_input = profile.inputs.first().map(|f| f.tensor.clone());
         if let Some(c) = &profile.classes {
             let m = c.counts.iter().sum::<u64>() as f64;
             d.set_classes(&c.counts, m);
@@ -525,6 +561,7 @@ impl DriftDetector {
         self.features.push(FeatureStream {
             name: name.to_string(),
             source: None,
+            range: None,
             reference,
             window: DecayedHistogram::new(bins, w.half_life),
             lag1: Lag1Autocorrelation::new(w.rho_half_life),
@@ -595,23 +632,64 @@ impl DriftDetector {
         }
     }
 
-    fn observe_tensor(&mut self, outputs: bool, tensor: &str, shape: &[usize], data: &[f32]) {
+    /// Observes the features of one tensor; returns whether a value fell
+    /// outside its feature's widened reference range.
+    fn observe_tensor(
+        &mut self,
+        outputs: bool,
+        tensor: &str,
+        shape: &[usize],
+        data: &[f32],
+    ) -> bool {
+        let mut out_of_range = false;
         for i in 0..self.features.len() {
-            let xs = match &self.features[i].source {
+            let f = &self.features[i];
+            let xs = match &f.source {
                 Some((o, t, sel)) if *o == outputs && t == tensor => {
                     extract(shape, data, sel, self.max_values)
                 }
                 _ => continue,
             };
+            if let Some((lo, hi)) = f.range {
+                out_of_range |= xs.iter().any(|&x| x < lo || x > hi);
+            }
             self.observe_sample(i, &xs);
         }
+        out_of_range
     }
 
     /// Observes one sample of input tensor `tensor` for every feature built
     /// by [`DriftDetector::from_profile`] on it (values via [`extract`], one
-    /// unit per feature). Unknown tensors are ignored.
+    /// unit per feature). Unknown tensors are ignored by the tests.
+    ///
+    /// Data quality ([`DriftDetector::quality`]): observing the *primary*
+    /// input (the profile's first input feature's tensor) starts a new
+    /// inference (`samples + 1`); the inference is counted once as
+    /// `non_finite` if any input tensor observed for it (the primary one
+    /// and those after it, profiled or not, e.g. a recurrent state) holds a
+    /// NaN or infinity, and once as `out_of_range` if a feature value of it
+    /// falls outside the reference's `[min, max]` widened by half of
+    /// `max - min` on each side. Observe the primary input first.
     pub fn observe_input(&mut self, tensor: &str, shape: &[usize], data: &[f32]) {
-        self.observe_tensor(false, tensor, shape, data);
+        if self.primary_input.as_deref() == Some(tensor) {
+            self.quality.samples += 1;
+        }
+        let current = self.quality.samples;
+        if current > 0 && self.non_finite_at != current && data.iter().any(|v| !v.is_finite()) {
+            self.quality.non_finite += 1;
+            self.non_finite_at = current;
+        }
+        let out = self.observe_tensor(false, tensor, shape, data);
+        if out && current > 0 && self.out_of_range_at != current {
+            self.quality.out_of_range += 1;
+            self.out_of_range_at = current;
+        }
+    }
+
+    /// Data-quality counters since creation, [`DriftDetector::reset`] or the
+    /// restored state (see [`DriftDetector::observe_input`] for what counts).
+    pub fn quality(&self) -> DataQuality {
+        self.quality
     }
 
     /// As [`DriftDetector::observe_input`], for output tensors.
@@ -629,8 +707,12 @@ impl DriftDetector {
         }
     }
 
-    /// Empties every window and estimator.
+    /// Empties every window and estimator and zeroes the data-quality
+    /// counters.
     pub fn reset(&mut self) {
+        self.quality = DataQuality::default();
+        self.non_finite_at = 0;
+        self.out_of_range_at = 0;
         for f in &mut self.features {
             f.window.reset();
             f.lag1.reset();
@@ -842,6 +924,7 @@ impl DriftDetector {
                 lag1: None,
                 class_lag1: Some(c.lag1.clone()),
             }),
+            quality: self.quality,
         }
     }
 
@@ -894,6 +977,9 @@ impl DriftDetector {
                 c.lag1 = l.clone();
             }
         }
+        self.quality = state.quality;
+        self.non_finite_at = 0;
+        self.out_of_range_at = 0;
         Ok(())
     }
 }

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::summary::SummaryStat;
+
 /// Default upper bound on the number of values [`extract`] takes from one
 /// tensor for one feature (one sample). Bounds per-sample CPU cost on the
 /// device and memory in the [`crate::ProfileBuilder`].
@@ -23,6 +25,44 @@ pub enum FeatureSelector {
         /// Coordinate (0-based) along `axis`.
         index: usize,
     },
+    /// One scalar per inference: a [`SummaryStat`] of the whole tensor, or
+    /// of index `channel` along axis 1 (see [`crate::summary`]). The
+    /// features the compiler ships ([`crate::default_features`]).
+    Summary {
+        /// The statistic.
+        stat: SummaryStat,
+        /// Channel along axis 1, or the whole tensor when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        channel: Option<usize>,
+    },
+}
+
+impl FeatureSelector {
+    /// Whether this selector yields one value per inference (a
+    /// [`FeatureSelector::Summary`]) rather than raw tensor values.
+    pub fn is_summary(&self) -> bool {
+        matches!(self, FeatureSelector::Summary { .. })
+    }
+
+    /// What the feature measures, in words (recorded in the profile).
+    pub fn description(&self) -> String {
+        match self {
+            FeatureSelector::Whole => {
+                "raw tensor values (legacy, not one value per inference)".into()
+            }
+            FeatureSelector::Channel { axis, index } => {
+                format!("raw tensor values of index {index} along axis {axis} (legacy)")
+            }
+            FeatureSelector::Summary {
+                stat,
+                channel: None,
+            } => stat.description().to_string(),
+            FeatureSelector::Summary {
+                stat,
+                channel: Some(c),
+            } => format!("{} (channel {c})", stat.description()),
+        }
+    }
 }
 
 /// Extracts the values of one feature from a tensor, as `f64`.
@@ -32,6 +72,9 @@ pub enum FeatureSelector {
 ///   empty shape `[]` is a scalar with one element).
 /// * `sel`: which elements form the feature.
 /// * `max_values`: upper bound on the number of values returned.
+///
+/// A [`FeatureSelector::Summary`] gives its single value
+/// ([`SummaryStat::compute`]), or nothing when that is undefined.
 ///
 /// Returns an empty vector (never panics) when `data.len()` does not match
 /// `shape`, when a [`FeatureSelector::Channel`] names an axis or index out of
@@ -55,10 +98,13 @@ pub fn extract(
     if data.len() != total || max_values == 0 {
         return Vec::new();
     }
+    if let FeatureSelector::Summary { stat, channel } = *sel {
+        return stat.compute(shape, data, channel).into_iter().collect();
+    }
     // Selected elements are, for o in 0..outer and i in 0..inner:
     // data[(o * dim + index) * inner + i].
     let (outer, dim, index, inner) = match *sel {
-        FeatureSelector::Whole => (1, 1, 0, total),
+        FeatureSelector::Whole | FeatureSelector::Summary { .. } => (1, 1, 0, total),
         FeatureSelector::Channel { axis, index } => {
             if axis >= shape.len() || index >= shape[axis] {
                 return Vec::new();
@@ -100,9 +146,19 @@ pub fn default_selectors(shape: &[usize]) -> Vec<FeatureSelector> {
 
 /// Feature name for a selector: `"{prefix}:{tensor}"` for `Whole`,
 /// `"{prefix}:{tensor}:ch{index}"` for channel axis 1, else
-/// `"{prefix}:{tensor}:axis{axis}:{index}"`.
+/// `"{prefix}:{tensor}:axis{axis}:{index}"`; summaries append the
+/// statistic's [`SummaryStat::as_str`]: `"{prefix}:{tensor}:rms_db"`,
+/// `"{prefix}:{tensor}:ch{c}:mean"`.
 pub(crate) fn feature_name(prefix: &str, tensor: &str, sel: &FeatureSelector) -> String {
     match *sel {
+        FeatureSelector::Summary {
+            stat,
+            channel: None,
+        } => format!("{prefix}:{tensor}:{}", stat.as_str()),
+        FeatureSelector::Summary {
+            stat,
+            channel: Some(c),
+        } => format!("{prefix}:{tensor}:ch{c}:{}", stat.as_str()),
         FeatureSelector::Whole => format!("{prefix}:{tensor}"),
         FeatureSelector::Channel { axis: 1, index } => format!("{prefix}:{tensor}:ch{index}"),
         FeatureSelector::Channel { axis, index } => format!("{prefix}:{tensor}:axis{axis}:{index}"),

@@ -43,6 +43,7 @@ mod extract;
 mod monitor;
 mod profile;
 mod stats;
+pub mod summary;
 mod window;
 
 pub use binning::{
@@ -67,7 +68,20 @@ pub use profile::{
 pub use stats::{
     chi2_p_value, chi_square, gamma_q, ks_binned, psi, ChiSquare, DEFAULT_PSI_EPSILON,
 };
+pub use summary::{default_features, SummaryStat, TensorRole};
 pub use window::{decay_factor, CategoricalLag1, DecayedHistogram, Lag1Autocorrelation};
+
+/// Data-quality counters of the inputs a release served (since activation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct DataQuality {
+    /// Inferences observed.
+    pub samples: u64,
+    /// Inferences whose inputs held a NaN or infinity.
+    pub non_finite: u64,
+    /// Inferences with an input feature outside the reference's observed
+    /// range widened by half of it on each side.
+    pub out_of_range: u64,
+}
 
 /// Errors of this crate. Each variant names the feature or field at fault.
 #[derive(Debug, thiserror::Error)]

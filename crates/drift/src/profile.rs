@@ -10,7 +10,13 @@ use crate::extract::{
 use crate::Error;
 
 /// The only [`ReferenceProfile::format_version`] this crate reads and writes.
-pub const PROFILE_FORMAT_VERSION: u32 = 1;
+///
+/// Version 2 (issue #11) added per-feature `description`, `min`, `max`,
+/// `rho` and `effective_samples`, and summary selectors
+/// ([`FeatureSelector::Summary`]). Profiles travel inside bundles compiled
+/// by the same build as the agent, so older versions are refused with
+/// [`Error::UnsupportedVersion`] rather than converted.
+pub const PROFILE_FORMAT_VERSION: u32 = 2;
 
 /// Probabilities at which [`FeatureProfile::quantiles`] are recorded.
 pub const PROFILE_QUANTILES: [f64; 7] = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99];
@@ -22,6 +28,7 @@ pub const PROFILE_QUANTILES: [f64; 7] = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99
 /// `edges[i-1] <= x < edges[i]`; bin `k` holds `x >= edges[k-1]`. The first
 /// and last bins are open-ended, so every finite value falls in some bin.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct FeatureProfile {
     /// Unique name: `"input:{tensor}"`, `"input:{tensor}:ch{c}"` (channel
     /// along axis 1), `"input:{tensor}:axis{a}:{i}"`, or the same with
@@ -31,6 +38,9 @@ pub struct FeatureProfile {
     pub tensor: String,
     /// How values are taken from the tensor (see [`extract`]).
     pub selector: FeatureSelector,
+    /// What the feature measures, in words
+    /// ([`FeatureSelector::description`]).
+    pub description: String,
     /// Interior bin edges, finite and strictly increasing, at least one
     /// (units of the tensor's values). See the type docs for the convention.
     pub edges: Vec<f64>,
@@ -47,10 +57,25 @@ pub struct FeatureProfile {
     pub mean: f64,
     /// Population standard deviation (divisor `count`) of the values.
     pub std: f64,
+    /// Smallest reference value.
+    pub min: f64,
+    /// Largest reference value. The data-quality "out of range" check uses
+    /// `[min - (max - min)/2, max + (max - min)/2]`.
+    pub max: f64,
+    /// Lag-1 autocorrelation of the per-sample values (the sample's mean for
+    /// multi-value selectors) in the order the samples were added, clamped
+    /// to `[0, 1)` (0 with fewer than 3 samples or no variation).
+    pub rho: f64,
+    /// Effective number of independent reference samples,
+    /// `samples (1 - rho) / (1 + rho)` ([`crate::effective_sample_size`]):
+    /// the `m` of the `1/m` term of the PSI null threshold
+    /// ([`crate::psi_null_threshold`]).
+    pub effective_samples: f64,
 }
 
 /// Reference distribution of the model's predicted class.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ClassProfile {
     /// Label per class id (index = class id). Same length as `counts`.
     pub labels: Vec<String>,
@@ -62,11 +87,12 @@ pub struct ClassProfile {
 /// outputs on calibration data, plus the predicted-class distribution.
 /// Serialised as JSON ([`ReferenceProfile::to_json`]) into bundles.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ReferenceProfile {
-    /// Format version; always [`PROFILE_FORMAT_VERSION`] (1).
+    /// Format version; always [`PROFILE_FORMAT_VERSION`] (2).
     pub format_version: u32,
-    /// Number of calibration samples (max of the per-feature `samples`, and
-    /// of the number of classes recorded).
+    /// Number of reference samples (inferences): the max of the per-feature
+    /// `samples` and of the number of classes recorded.
     pub sample_count: u64,
     /// Profiles of input features.
     pub inputs: Vec<FeatureProfile>,
@@ -138,6 +164,32 @@ impl FeatureProfile {
         }
         finite(name, "mean", self.mean)?;
         finite(name, "std", self.std)?;
+        finite(name, "min", self.min)?;
+        finite(name, "max", self.max)?;
+        finite(name, "effective_samples", self.effective_samples)?;
+        let invalid = |field: &'static str, reason: String| Error::InvalidStatistic {
+            feature: name.clone(),
+            field,
+            reason,
+        };
+        if self.min > self.max {
+            return Err(invalid(
+                "min",
+                format!("min {} exceeds max {}", self.min, self.max),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.rho) {
+            return Err(invalid("rho", format!("{} outside [0, 1]", self.rho)));
+        }
+        if self.effective_samples < 0.0 || self.effective_samples > self.samples as f64 {
+            return Err(invalid(
+                "effective_samples",
+                format!(
+                    "{} outside [0, samples = {}]",
+                    self.effective_samples, self.samples
+                ),
+            ));
+        }
         if self.std < 0.0 {
             return Err(Error::InvalidStatistic {
                 feature: name.clone(),
@@ -177,6 +229,18 @@ impl ReferenceProfile {
     /// [`Error::Json`] if the bytes are not a JSON profile; otherwise any
     /// error of [`ReferenceProfile::validate`].
     pub fn from_json(bytes: &[u8]) -> Result<Self, Error> {
+        // The version first, so that a profile of another format is named
+        // as such instead of failing on its first unknown field.
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u32,
+        }
+        let v: Version = serde_json::from_slice(bytes).map_err(Error::Json)?;
+        if v.format_version != PROFILE_FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                found: v.format_version,
+            });
+        }
         let p: Self = serde_json::from_slice(bytes).map_err(Error::Json)?;
         p.validate()?;
         Ok(p)
@@ -192,7 +256,8 @@ impl ReferenceProfile {
     /// Checks all invariants.
     ///
     /// # Errors
-    /// [`Error::UnsupportedVersion`] if `format_version != 1`; any
+    /// [`Error::UnsupportedVersion`] if `format_version` is not
+    /// [`PROFILE_FORMAT_VERSION`]; any
     /// [`FeatureProfile::validate`] error; [`Error::DuplicateFeature`] if two
     /// features (inputs and outputs together) share a name;
     /// [`Error::ClassMismatch`] if `labels.len() != counts.len()`.
@@ -234,6 +299,9 @@ struct FeatureAcc {
     selector: FeatureSelector,
     values: Vec<f64>,
     samples: u64,
+    /// Per-sample value (mean of the sample's values), in order, for the
+    /// lag-1 autocorrelation.
+    sample_values: Vec<f64>,
 }
 
 /// Builds a [`ReferenceProfile`] from calibration samples.
@@ -247,6 +315,7 @@ pub struct ProfileBuilder {
     inputs: Vec<FeatureAcc>,
     outputs: Vec<FeatureAcc>,
     index: HashMap<String, (bool, usize)>,
+    selectors: HashMap<(bool, String), Vec<FeatureSelector>>,
     class_counts: Vec<u64>,
     class_labels: Option<Vec<String>>,
 }
@@ -262,6 +331,7 @@ impl ProfileBuilder {
             inputs: Vec::new(),
             outputs: Vec::new(),
             index: HashMap::new(),
+            selectors: HashMap::new(),
             class_counts: Vec::new(),
             class_labels: None,
         }
@@ -273,9 +343,27 @@ impl ProfileBuilder {
         self
     }
 
+    /// Sets the features of input tensor `tensor` (replacing
+    /// [`default_selectors`]); an empty list profiles nothing for it (e.g. a
+    /// recurrent state). The compiler passes
+    /// [`crate::default_features`]. Call before adding samples of it.
+    pub fn set_input_features(&mut self, tensor: &str, selectors: Vec<FeatureSelector>) {
+        self.selectors
+            .insert((false, tensor.to_string()), selectors);
+    }
+
+    /// As [`ProfileBuilder::set_input_features`], for an output tensor.
+    pub fn set_output_features(&mut self, tensor: &str, selectors: Vec<FeatureSelector>) {
+        self.selectors.insert((true, tensor.to_string()), selectors);
+    }
+
     fn add(&mut self, is_output: bool, tensor: &str, shape: &[usize], data: &[f32]) {
         let prefix = if is_output { "output" } else { "input" };
-        for sel in default_selectors(shape) {
+        let selectors = match self.selectors.get(&(is_output, tensor.to_string())) {
+            Some(s) => s.clone(),
+            None => default_selectors(shape),
+        };
+        for sel in selectors {
             let name = feature_name(prefix, tensor, &sel);
             let list_len = if is_output {
                 self.outputs.len()
@@ -298,11 +386,16 @@ impl ProfileBuilder {
                     selector: sel.clone(),
                     values: Vec::new(),
                     samples: 0,
+                    sample_values: Vec::new(),
                 });
             }
             let acc = &mut list[i];
-            acc.values
-                .extend(extract(shape, data, &sel, self.max_values));
+            let xs = extract(shape, data, &sel, self.max_values);
+            if !xs.is_empty() {
+                acc.sample_values
+                    .push(xs.iter().sum::<f64>() / xs.len() as f64);
+            }
+            acc.values.extend(xs);
             acc.samples += 1;
         }
     }
@@ -445,9 +538,12 @@ fn build_feature(acc: FeatureAcc, bins: usize) -> Result<FeatureProfile, Error> 
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+    let rho = lag1(&acc.sample_values);
+    let effective_samples = crate::effective_sample_size(acc.samples as f64, rho);
     Ok(FeatureProfile {
         name: acc.name,
         tensor: acc.tensor,
+        description: acc.selector.description(),
         selector: acc.selector,
         edges,
         counts,
@@ -459,5 +555,30 @@ fn build_feature(acc: FeatureAcc, bins: usize) -> Result<FeatureProfile, Error> 
         samples: acc.samples,
         mean,
         std: var.sqrt(),
+        min: v[0],
+        max: v[v.len() - 1],
+        rho,
+        effective_samples,
     })
+}
+
+/// Sample lag-1 autocorrelation `Σ(x_t - x̄)(x_{t+1} - x̄) / Σ(x_t - x̄)²`
+/// (G. Box & G. Jenkins, *Time Series Analysis*, 1970, eq. 2.1.12), clamped
+/// to `[0, 0.999]`; 0 for fewer than 3 values or no variation.
+pub(crate) fn lag1(x: &[f64]) -> f64 {
+    if x.len() < 3 {
+        return 0.0;
+    }
+    let m = x.iter().sum::<f64>() / x.len() as f64;
+    let den: f64 = x.iter().map(|v| (v - m) * (v - m)).sum();
+    if den <= 0.0 || !den.is_finite() {
+        return 0.0;
+    }
+    let num: f64 = x.windows(2).map(|w| (w[0] - m) * (w[1] - m)).sum();
+    let r = num / den;
+    if r.is_finite() {
+        r.clamp(0.0, 0.999)
+    } else {
+        0.0
+    }
 }

@@ -49,7 +49,7 @@ fn run_monitor(p: &ReferenceProfile, samples: usize, shift: f64, seed: u64) -> D
 #[test]
 fn builder_profile_shape() {
     let p = gaussian_profile(500);
-    assert_eq!(p.format_version, 1);
+    assert_eq!(p.format_version, 2);
     assert_eq!(p.sample_count, 500);
     assert_eq!(p.inputs.len(), 1);
     let f = &p.inputs[0];
@@ -192,6 +192,7 @@ fn binning_convention() {
         name: "input:x".into(),
         tensor: "x".into(),
         selector: FeatureSelector::Whole,
+        description: "raw values".into(),
         edges: vec![0.0, 1.0],
         counts: vec![1, 1, 1],
         quantiles: vec![],
@@ -199,6 +200,10 @@ fn binning_convention() {
         samples: 1,
         mean: 0.0,
         std: 0.0,
+        min: -1.0,
+        max: 2.0,
+        rho: 0.0,
+        effective_samples: 1.0,
     };
     assert_eq!(f.bin_of(-5.0), 0);
     assert_eq!(f.bin_of(0.0), 1);
@@ -224,11 +229,26 @@ fn from_json_rejects_bad_edges_naming_feature() {
     assert!(err.to_string().contains("output:probs"), "{err}");
 
     let mut p = gaussian_profile(100);
-    p.format_version = 2;
+    p.format_version = 1;
     assert!(matches!(
         ReferenceProfile::from_json(&p.to_json()),
-        Err(Error::UnsupportedVersion { found: 2 })
+        Err(Error::UnsupportedVersion { found: 1 })
     ));
+    // A version-1 profile (no description/min/max/rho fields) is refused by
+    // its version, not by its first missing field.
+    let v1 = br#"{"format_version": 1, "sample_count": 3, "inputs": [], "outputs": [],
+                  "classes": null, "legacy_field": true}"#;
+    let err = ReferenceProfile::from_json(v1).unwrap_err();
+    assert!(
+        err.to_string().contains("unsupported format_version 1"),
+        "{err}"
+    );
+    // Unknown fields in a current profile are refused, naming the field.
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&gaussian_profile(100).to_json()).unwrap();
+    json["inputs"][0]["surprise"] = serde_json::json!(1);
+    let err = ReferenceProfile::from_json(json.to_string().as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("surprise"), "{err}");
     assert!(matches!(
         ReferenceProfile::from_json(b"{"),
         Err(Error::Json(_))

@@ -4,6 +4,7 @@
 //! - [`topics`]: the topic layout under [`TOPIC_PREFIX`] and the device id rules;
 //! - [`messages`]: JSON control messages (device -> server `Up`, server -> device `Down`);
 //! - [`chunk`]: the binary bundle-chunk message;
+//! - [`capture`]: data capture for retraining (policy, chunks, acks, feedback);
 //! - [`telemetry`]: metric names (the telemetry spec in code) and record types.
 //!
 //! Size limits are constants here so both sides use the same numbers:
@@ -12,6 +13,7 @@
 //! which is larger, so an oversized message reaches the decoder and is
 //! rejected there instead of tearing down the MQTT session.
 
+pub mod capture;
 pub mod chunk;
 mod error;
 pub mod messages;

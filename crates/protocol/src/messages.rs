@@ -41,6 +41,8 @@ pub enum Up {
     Event(UpdateEvent),
     /// A request for bundle chunks.
     ChunkRequest(ChunkRequest),
+    /// One chunk of a capture batch (`up/capture`).
+    CaptureChunk(crate::capture::CaptureChunk),
 }
 
 /// Server -> device commands.
@@ -61,6 +63,10 @@ pub enum Down {
     },
     /// Change runtime settings.
     Config(ConfigUpdate),
+    /// Capture the next inferences now (operator request).
+    CaptureRequest(crate::capture::CaptureRequest),
+    /// The server's answer to a capture chunk.
+    CaptureAck(crate::capture::CaptureAck),
 }
 
 /// Sent after every connect.
@@ -119,7 +125,7 @@ pub struct TelemetryBatch {
     pub records: Vec<TelemetryRecord>,
 }
 
-/// A drift report.
+/// A drift report (docs/specs/telemetry.md, "Drift reports").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriftMessage {
     /// Must equal the device id in the topic.
@@ -128,10 +134,15 @@ pub struct DriftMessage {
     pub release: ReleaseRef,
     /// Device-local sequence number of this report.
     pub seq: u64,
-    /// True when sent because a statistic crossed its alarm threshold.
+    /// True when sent because the verdict became `drift` (edge-triggered).
     pub alarm: bool,
-    /// The statistics with their sample counts.
-    pub report: edgefleet_drift::DriftReport,
+    /// Device clock at the evaluation (ms since the Unix epoch; informational).
+    pub ts_ms: u64,
+    /// Every test with its sample count, effective sample size, window,
+    /// statistic, threshold, p-value and verdict, and the overall verdict.
+    pub report: edgefleet_drift::DetectorReport,
+    /// Data-quality counters since the release was activated.
+    pub quality: edgefleet_drift::DataQuality,
 }
 
 /// What happened in the update state machine.
@@ -387,8 +398,10 @@ pub struct ConfigUpdate {
     pub telemetry_interval_s: Option<u64>,
     /// Drift report interval (s).
     pub drift_interval_s: Option<u64>,
-    /// Drift thresholds.
-    pub drift_thresholds: Option<edgefleet_drift::DriftThresholds>,
+    /// Drift test settings (false-alarm rate, correction, minimum samples).
+    pub drift_test: Option<edgefleet_drift::TestConfig>,
+    /// Data capture for retraining (off unless set by the operator).
+    pub capture: Option<crate::capture::CapturePolicy>,
 }
 
 impl ConfigUpdate {
@@ -424,29 +437,40 @@ impl ConfigUpdate {
                 );
             }
         }
-        let Some(t) = &self.drift_thresholds else {
+        if let Some(c) = &self.capture {
+            c.validate()?;
+        }
+        let Some(t) = &self.drift_test else {
             return Ok(());
         };
-        if !(t.psi_alarm.is_finite() && t.psi_alarm > 0.0) {
+        if !(t.alpha > 0.0 && t.alpha <= 0.5) {
             return bad(
-                "drift_thresholds.psi_alarm",
-                format!("= {} must be a positive number", t.psi_alarm),
+                "drift_test.alpha",
+                format!("= {} is outside (0, 0.5]", t.alpha),
             );
         }
-        if !(t.ks_alarm > 0.0 && t.ks_alarm <= 1.0) {
+        if !(t.min_samples.is_finite() && t.min_samples >= 1.0) {
             return bad(
-                "drift_thresholds.ks_alarm",
-                format!("= {} is outside (0, 1]", t.ks_alarm),
+                "drift_test.min_samples",
+                format!("= {} must be at least 1", t.min_samples),
             );
         }
-        if !(t.chi2_p_alarm > 0.0 && t.chi2_p_alarm < 1.0) {
+        if !(t.min_effective_per_bin.is_finite() && t.min_effective_per_bin >= 0.0) {
             return bad(
-                "drift_thresholds.chi2_p_alarm",
-                format!("= {} is outside (0, 1)", t.chi2_p_alarm),
+                "drift_test.min_effective_per_bin",
+                format!(
+                    "= {} must be a non-negative number",
+                    t.min_effective_per_bin
+                ),
             );
         }
-        if t.min_samples == 0 {
-            return bad("drift_thresholds.min_samples", "must be at least 1".into());
+        if let edgefleet_drift::Autocorrelation::Fixed(r) = t.autocorrelation {
+            if !(0.0..1.0).contains(&r) {
+                return bad(
+                    "drift_test.autocorrelation",
+                    format!("fixed rho = {r} is outside [0, 1)"),
+                );
+            }
         }
         Ok(())
     }
@@ -551,6 +575,7 @@ impl Up {
             Up::Drift(m) => &m.device_id,
             Up::Event(m) => &m.device_id,
             Up::ChunkRequest(m) => &m.device_id,
+            Up::CaptureChunk(m) => &m.device_id,
         }
     }
 }
@@ -569,6 +594,23 @@ impl Down {
     /// [`Error::TooLarge`], [`Error::UnsupportedVersion`], [`Error::Malformed`].
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
         decode(bytes, "command")
+    }
+}
+
+/// Serde helper: `Vec<u8>` as standard base64 in JSON.
+pub(crate) mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
     }
 }
 

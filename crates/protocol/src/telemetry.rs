@@ -38,6 +38,15 @@ pub mod names {
     pub const DRIFT_PSI: &str = "edgefleet_agent_drift_psi";
     /// Gauge: 1 when the model is loaded and passed its self-test.
     pub const MODEL_READY: &str = "edgefleet_agent_model_ready";
+    /// Counter: feedback labels received for served requests.
+    pub const FEEDBACK_LABELS_TOTAL: &str = "edgefleet_agent_feedback_labels_total";
+    /// Gauge: online accuracy of the active release, `agreed / labelled` over
+    /// the labels received since activation.
+    pub const ONLINE_ACCURACY: &str = "edgefleet_agent_online_accuracy";
+    /// Counter: samples kept by data capture.
+    pub const CAPTURED_SAMPLES_TOTAL: &str = "edgefleet_agent_captured_samples_total";
+    /// Gauge: bytes of capture batches on disk waiting for upload.
+    pub const CAPTURE_PENDING_BYTES: &str = "edgefleet_agent_capture_pending_bytes";
 }
 
 /// Latency quantiles over one telemetry interval (milliseconds), from an HDR histogram.
@@ -86,4 +95,8 @@ pub struct TelemetryRecord {
     pub uptime_s: u64,
     /// Records the outbox dropped so far (oldest first) because of its disk bound.
     pub outbox_dropped: u64,
+    /// Ground-truth feedback received in the interval (online accuracy =
+    /// `agreed / labelled`); `None` when no label arrived.
+    #[serde(default)]
+    pub feedback: Option<crate::capture::FeedbackSummary>,
 }

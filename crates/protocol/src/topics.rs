@@ -100,6 +100,8 @@ pub enum UpKind {
     Event,
     /// `up/chunk_req`: bundle chunk requests (QoS 1).
     ChunkRequest,
+    /// `up/capture`: capture batch chunks (QoS 1).
+    Capture,
 }
 
 /// Server -> device topic kinds.
@@ -113,7 +115,7 @@ pub enum DownKind {
 
 impl UpKind {
     /// All kinds.
-    pub const ALL: [UpKind; 7] = [
+    pub const ALL: [UpKind; 8] = [
         UpKind::Hello,
         UpKind::Status,
         UpKind::Heartbeat,
@@ -121,6 +123,7 @@ impl UpKind {
         UpKind::Drift,
         UpKind::Event,
         UpKind::ChunkRequest,
+        UpKind::Capture,
     ];
     /// The last topic level.
     pub fn as_str(self) -> &'static str {
@@ -132,6 +135,7 @@ impl UpKind {
             UpKind::Drift => "drift",
             UpKind::Event => "event",
             UpKind::ChunkRequest => "chunk_req",
+            UpKind::Capture => "capture",
         }
     }
 }

@@ -194,6 +194,7 @@ fn arb_record() -> impl Strategy<Value = TelemetryRecord> {
                 cpu_percent: 12.5,
                 uptime_s: 100,
                 outbox_dropped: 0,
+                feedback: None,
             },
         )
 }

@@ -54,6 +54,14 @@ pub fn app(state: Arc<State>) -> Router {
         .route("/v1/telemetry", get(telemetry))
         .route("/v1/drift", get(drift))
         .route("/v1/retraining", get(retraining))
+        .route(
+            "/v1/groups/{group}/capture",
+            get(show_capture).put(set_capture),
+        )
+        .route("/v1/groups/{group}/capture/requests", post(request_capture))
+        .route("/v1/datasets", get(list_datasets).post(create_dataset))
+        .route("/v1/datasets/{id}", get(show_dataset))
+        .route("/v1/datasets/{id}/batches/{capture_id}", get(dataset_batch))
         .route("/v1/stats", get(stats))
         .layer(DefaultBodyLimit::max(1 << 30))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -100,7 +108,7 @@ async fn auth(AxState(state): S, req: Request, next: Next) -> Response {
 
 /// Parses a JSON request body, refusing unknown fields at any depth with a
 /// 400 naming the field. Server types say `deny_unknown_fields`; protocol
-/// types a body embeds (`TrialPolicy`, `ConfigUpdate`, `DriftThresholds`)
+/// types a body embeds (`TrialPolicy`, `ConfigUpdate`, `TestConfig`)
 /// ignore unknown fields on the air for forward compatibility
 /// (docs/specs/mqtt.md), so the body's keys are also checked against what the
 /// parsed value keeps: a key it would drop is refused.
@@ -218,20 +226,21 @@ async fn edit_tags(AxState(s): S, Path(id): Path<String>, body: Bytes) -> Result
 
 async fn edit_groups(AxState(s): S, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>> {
     let e: Edit = parse_body(&body)?;
-    edit_device_set(&s, &id, &e, |d| &mut d.groups)
+    let out = edit_device_set(&s, &id, &e, |d| &mut d.groups)?;
+    // Its effective capture policy may have changed with its groups.
+    crate::capture::resend(&s, &id).await;
+    Ok(out)
 }
 
 /// Sends `Down::Config` (QoS 1, docs/specs/mqtt.md) to a registered device:
-/// telemetry interval, drift report interval, drift thresholds. The agent
+/// telemetry interval, drift report interval, drift test settings, capture
+/// policy. The agent
 /// validates, persists and applies it without a restart
 /// (`agent/src/settings.rs`). Both sides run `ConfigUpdate::validate`, so an
 /// operator gets a 400 naming the field instead of a refusal on the device.
 async fn send_config(AxState(s): S, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>> {
     let c: edgefleet_protocol::messages::ConfigUpdate = parse_body(&body)?;
-    c.validate().map_err(|e| match e {
-        edgefleet_protocol::Error::Field { field, reason } => Error::bad(field, reason),
-        other => other.into(),
-    })?;
+    c.validate().map_err(crate::capture::field_error)?;
     s.registry.get(&id)?.ok_or_else(|| Error::NotFound {
         what: "device",
         id: id.clone(),
@@ -402,31 +411,96 @@ async fn telemetry(
     ))
 }
 
-/// Drift query filters.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DriftQuery {
-    device: Option<String>,
-    group: Option<String>,
-    model: Option<String>,
-}
-
 async fn drift(
     AxState(s): S,
-    q: std::result::Result<Query<DriftQuery>, QueryRejection>,
+    q: std::result::Result<Query<crate::drift::Query>, QueryRejection>,
 ) -> Result<Json<Value>> {
     let q = query(q)?;
-    let v = crate::drift::query(
-        &s,
-        q.device.as_deref(),
-        q.group.as_deref(),
-        q.model.as_deref(),
-    )?;
-    Ok(Json(json!({ "drift": v })))
+    let (reports, series) = crate::drift::query(&s, &q)?;
+    Ok(Json(json!({ "drift": reports, "series": series })))
 }
 
-async fn retraining(AxState(s): S) -> Result<Json<Value>> {
-    Ok(Json(json!({ "requests": crate::drift::requests(&s)? })))
+async fn retraining(
+    AxState(s): S,
+    q: std::result::Result<Query<crate::drift::RequestQuery>, QueryRejection>,
+) -> Result<Json<Value>> {
+    let q = query(q)?;
+    Ok(Json(
+        json!({ "requests": crate::drift::requests_matching(&s, &q)? }),
+    ))
+}
+
+fn check_group(group: &str) -> Result<()> {
+    check_names("group", std::slice::from_ref(&group.to_string()))
+}
+
+async fn show_capture(AxState(s): S, Path(group): Path<String>) -> Result<Json<Value>> {
+    check_group(&group)?;
+    let stored = crate::capture::policy(&s, &group)?;
+    Ok(Json(json!({
+        "group": group,
+        "policy": stored.unwrap_or_default(),
+        "stored": stored.is_some(),
+    })))
+}
+
+async fn set_capture(AxState(s): S, Path(group): Path<String>, body: Bytes) -> Result<Json<Value>> {
+    check_group(&group)?;
+    let p: edgefleet_protocol::capture::CapturePolicy = parse_body(&body)?;
+    let sent = crate::capture::set_policy(&s, &group, p).await?;
+    Ok(Json(
+        json!({ "group": group, "policy": p, "sent_to": sent }),
+    ))
+}
+
+/// `POST /v1/groups/{group}/capture/requests` body.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureRequestBody {
+    samples: u32,
+}
+
+async fn request_capture(
+    AxState(s): S,
+    Path(group): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>> {
+    check_group(&group)?;
+    let b: CaptureRequestBody = parse_body(&body)?;
+    let (id, sent) = crate::capture::request(&s, &group, b.samples).await?;
+    Ok(Json(json!({
+        "request_id": id, "group": group, "samples": b.samples, "sent_to": sent
+    })))
+}
+
+async fn create_dataset(AxState(s): S, body: Bytes) -> Result<Json<Value>> {
+    let b: crate::datasets::CreateDataset = parse_body(&body)?;
+    let (d, created) = crate::datasets::create(&s, &b)?;
+    Ok(Json(json!({ "dataset": d, "created": created })))
+}
+
+async fn list_datasets(AxState(s): S) -> Result<Json<Value>> {
+    Ok(Json(json!({ "datasets": crate::datasets::list(&s)? })))
+}
+
+async fn show_dataset(AxState(s): S, Path(id): Path<String>) -> Result<Json<Value>> {
+    let d = crate::datasets::get(&s, &id)?.ok_or_else(|| Error::NotFound {
+        what: "dataset",
+        id: id.clone(),
+    })?;
+    Ok(Json(json!({ "dataset": d })))
+}
+
+async fn dataset_batch(
+    AxState(s): S,
+    Path((id, capture_id)): Path<(String, String)>,
+) -> Result<Response> {
+    let st = s.clone();
+    let bytes =
+        tokio::task::spawn_blocking(move || crate::datasets::batch_bytes(&st, &id, &capture_id))
+            .await
+            .map_err(|e| Error::Mqtt(e.to_string()))??;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 async fn stats(AxState(s): S) -> Json<Value> {

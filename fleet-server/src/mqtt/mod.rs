@@ -1,7 +1,7 @@
 //! The server's MQTT side: one rumqttc client subscribed to every device's
 //! `up/#`, a dispatcher that decodes with `Up::decode` (rejecting messages
 //! that claim another device's id) and routes to registry, rollouts,
-//! telemetry, drift and chunk serving; and the offline sweep (devices not
+//! telemetry, drift, capture intake and chunk serving; and the offline sweep (devices not
 //! heard from for the heartbeat timeout are marked offline).
 
 pub mod acl;
@@ -160,6 +160,8 @@ async fn route(state: &Arc<State>, id: &DeviceId, msg: Up) -> crate::Result<()> 
             if h.update_state == "idle" {
                 state.on_idle_hello(id.as_str()).await;
             }
+            // A device that was offline when its group's policy changed gets it now.
+            crate::capture::resend(state, id.as_str()).await;
         }
         Up::Status(s) => {
             state.registry.status(&s)?;
@@ -191,6 +193,7 @@ async fn route(state: &Arc<State>, id: &DeviceId, msg: Up) -> crate::Result<()> 
             let st = state.clone();
             tokio::spawn(async move { serve_chunks(&st, r).await });
         }
+        Up::CaptureChunk(c) => crate::capture::on_chunk(state, c).await,
     }
     Ok(())
 }

@@ -2,8 +2,13 @@
 //!
 //! Trees: `devices` (id -> [`crate::registry::Device`]), `bundles` (body sha
 //! -> [`crate::bundles::BundleInfo`]), `rollouts` (id -> [`crate::rollout::Rollout`]),
-//! `telemetry` and `drift` (`device \0 seq_be` -> record), `retraining`,
-//! `credentials` (device id -> [`crate::credentials::Stored`], a salted hash).
+//! `telemetry` and `drift_reports` (`device \0 seq_be` -> record), `retraining`
+//! (id -> [`crate::drift::RetrainRequest`]), `credentials` (device id ->
+//! [`crate::credentials::Stored`], a salted hash), `capture_policies` (group ->
+//! [`edgefleet_protocol::capture::CapturePolicy`]), `capture_uploads` and
+//! `capture_chunks` (uploads in progress), `captures` (`device \0 capture_id`
+//! -> [`crate::capture::CaptureBatch`]), `datasets` (id ->
+//! [`crate::datasets::Dataset`]).
 
 use std::path::Path;
 
@@ -24,12 +29,22 @@ pub struct Store {
     pub rollouts: sled::Tree,
     /// Telemetry records.
     pub telemetry: sled::Tree,
-    /// Drift reports.
+    /// Drift reports ([`crate::drift::DriftRecord`]).
     pub drift: sled::Tree,
     /// Retraining requests.
     pub retraining: sled::Tree,
     /// Device broker credentials (salted hashes only).
     pub credentials: sled::Tree,
+    /// Capture policy per group.
+    pub capture_policies: sled::Tree,
+    /// Capture uploads in progress (`device \0 capture_id` -> header).
+    pub capture_uploads: sled::Tree,
+    /// Chunks of uploads in progress (`device \0 capture_id \0 index_be` -> bytes).
+    pub capture_chunks: sled::Tree,
+    /// Completed capture batches (`device \0 capture_id` -> metadata).
+    pub captures: sled::Tree,
+    /// Datasets (id -> dataset).
+    pub datasets: sled::Tree,
 }
 
 impl Store {
@@ -47,9 +62,15 @@ impl Store {
             bundles: db.open_tree("bundles")?,
             rollouts: db.open_tree("rollouts")?,
             telemetry: db.open_tree("telemetry")?,
-            drift: db.open_tree("drift")?,
-            retraining: db.open_tree("retraining")?,
+            // Design: a new tree name; reports of the retired format stay unread.
+            drift: db.open_tree("drift_reports")?,
+            retraining: db.open_tree("retraining_requests")?,
             credentials: db.open_tree("credentials")?,
+            capture_policies: db.open_tree("capture_policies")?,
+            capture_uploads: db.open_tree("capture_uploads")?,
+            capture_chunks: db.open_tree("capture_chunks")?,
+            captures: db.open_tree("captures")?,
+            datasets: db.open_tree("datasets")?,
             db,
         })
     }

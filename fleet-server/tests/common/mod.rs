@@ -173,3 +173,87 @@ pub fn finished(r: &Rollout) -> bool {
 pub fn is_completed(r: &Rollout) -> bool {
     r.state == RolloutState::Completed
 }
+
+/// The release `detector` release 1 (the model of [`bundle`]).
+pub fn release(n: u64) -> edgefleet_protocol::messages::ReleaseRef {
+    edgefleet_protocol::messages::ReleaseRef {
+        model: "detector".into(),
+        release: n,
+        version: format!("1.{n}.0"),
+    }
+}
+
+/// A drift report of `device` for `rel` whose overall verdict is `verdict`,
+/// with one PSI test per `(feature, statistic, verdict)`.
+pub fn drift_report(
+    device: &edgefleet_protocol::DeviceId,
+    rel: edgefleet_protocol::messages::ReleaseRef,
+    seq: u64,
+    verdict: edgefleet_drift::Verdict,
+    tests: &[(&str, f64, edgefleet_drift::Verdict)],
+) -> edgefleet_protocol::Up {
+    use edgefleet_drift::{Correction, DetectorReport, DriftTest, TestKind, Verdict};
+    let tests: Vec<DriftTest> = tests
+        .iter()
+        .map(|&(name, statistic, v)| {
+            let has = matches!(v, Verdict::Ok | Verdict::Drift);
+            DriftTest {
+                name: name.into(),
+                kind: TestKind::Psi,
+                observed: 500,
+                window_samples: 480.0,
+                effective_samples: 60.0,
+                rho: 0.78,
+                half_life: 2000.0,
+                reference_samples: 2000.0,
+                statistic,
+                dof: 9,
+                level: has.then_some(0.005),
+                threshold: has.then_some(0.4),
+                p_value: has.then_some(if v == Verdict::Drift { 1e-6 } else { 0.5 }),
+                other_mass: None,
+                verdict: v,
+            }
+        })
+        .collect();
+    edgefleet_protocol::Up::Drift(edgefleet_protocol::messages::DriftMessage {
+        device_id: device.clone(),
+        release: rel,
+        seq,
+        alarm: verdict == Verdict::Drift,
+        ts_ms: 1_700_000_000_000 + seq,
+        report: DetectorReport {
+            tests_with_verdict: tests
+                .iter()
+                .filter(|t| matches!(t.verdict, Verdict::Ok | Verdict::Drift))
+                .count(),
+            tests,
+            alpha: 0.01,
+            correction: Correction::Bonferroni,
+            verdict,
+        },
+        quality: edgefleet_drift::DataQuality {
+            samples: 500,
+            non_finite: 1,
+            out_of_range: 2,
+        },
+    })
+}
+
+/// Polls `GET path` until `pred` holds on the answer (generous timeout).
+pub async fn wait_for(
+    api: &Api,
+    path: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let (_, v) = api.get(path).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(t0.elapsed() < timeout, "GET {path} never matched: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,215 @@
+//! The demo's input data: a calibration set (the compiler's reference) and a
+//! held-out set (what the devices replay), drawn from different sources of
+//! the same kind, so that an unshifted device sees data that is *not* the
+//! reference but comes from the same distribution (issue #11).
+//!
+//! - Audio (Silero VAD, 16 kHz windows): utterances from espeak-ng when it is
+//!   installed (else the compiler's synthetic voice,
+//!   [`calib::speech_like_seeded`]), each at a random level, separated by
+//!   pauses of random length holding low noise. The two sets use disjoint
+//!   sentences, disjoint voices, different speeds, and different seeds for
+//!   levels, pauses and noise; the distributions of those draws are the same.
+//! - Pages and text lines (PP-OCR det and cls): [`calib::text_image_styled`]
+//!   with a different text and a layout seed base far from the other set's.
+//!
+//! Both sets are written in the compiler's calibration format (one `.npy` per
+//! window, file-name order = time order), which the agent's replay source reads.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use edgefleet_bundle::payload::TensorSpec;
+use edgefleet_compiler::calib;
+
+/// Which of the two data sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The compiler's calibration set: the drift reference.
+    Calibration,
+    /// What the devices replay: never seen by the compiler.
+    HeldOut,
+}
+
+/// Audio windows per set (576-sample windows: about 83 s of audio).
+pub const AUDIO_WINDOWS: usize = 2400;
+/// Text lines (OCR cls) per set.
+pub const LINE_CASES: usize = 160;
+/// Pages (OCR det) per set.
+pub const PAGE_CASES: usize = 24;
+
+/// Sentences, voices, speeds and seed of one audio set.
+struct AudioSource {
+    sentences: &'static [&'static str],
+    /// espeak-ng voice names (`--voices=en` lists them).
+    voices: &'static [&'static str],
+    /// Words per minute.
+    speeds: &'static [u32],
+    seed: u64,
+}
+
+fn audio_source(split: Split) -> AudioSource {
+    match split {
+        Split::Calibration => AudioSource {
+            sentences: &[
+                "edge devices keep their models healthy",
+                "the canary rolls back by itself",
+                "one two three four five six seven",
+                "drift alarms open a retraining request",
+                "please leave a message after the tone",
+                "the meeting starts at nine in room four",
+                "turn left at the next junction",
+                "battery level is low please connect the charger",
+            ],
+            voices: &["en-us", "en-gb", "en-us+f3", "en-gb+m3"],
+            speeds: &[145, 160, 175],
+            seed: 0xCA11B,
+        },
+        Split::HeldOut => AudioSource {
+            sentences: &[
+                "the weather tomorrow will be cloudy with light rain",
+                "your order has been shipped and will arrive on monday",
+                "eight nine ten eleven twelve thirteen",
+                "the door on the left is an emergency exit",
+                "a new software version is ready to install",
+                "the train to the airport leaves from platform two",
+                "remember to save your work before closing",
+                "temperature in the server room is normal",
+            ],
+            voices: &["en-gb-x-rp", "en-029", "en-us+f2", "en-gb-scotland"],
+            speeds: &[140, 155, 170],
+            seed: 0x0004_E1D0_u64,
+        },
+    }
+}
+
+/// Writes `split`'s windows for a model input `spec` of group `group`
+/// (`vad`: audio; otherwise text lines or pages) into `dir`, one `NNNN.npy`
+/// per window.
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_set(dir: &Path, group: &str, spec: &TensorSpec, split: Split) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |i: usize, data: &[f32]| {
+        let p = dir.join(format!("{i:04}.npy"));
+        std::fs::write(&p, calib::write_npy(&spec.shape, data))
+            .with_context(|| format!("writing {}", p.display()))
+    };
+    if group == "vad" {
+        let n = spec.len();
+        let audio = speech_audio(n * AUDIO_WINDOWS, &audio_source(split));
+        for (i, w) in audio.chunks_exact(n).enumerate() {
+            write(i, w)?;
+        }
+        return Ok(());
+    }
+    let (text, seed_base) = match split {
+        Split::Calibration => (CALIBRATION_TEXT, 0),
+        Split::HeldOut => (HELD_OUT_TEXT, 100_000),
+    };
+    let style = calib::PageStyle { text, seed_base };
+    let count = if spec.shape.get(2).is_some_and(|h| *h <= 64) {
+        LINE_CASES
+    } else {
+        PAGE_CASES
+    };
+    for i in 0..count {
+        write(
+            i,
+            &calib::text_image_styled(spec, i, calib::Lines::UprightAndTurned, &style),
+        )?;
+    }
+    Ok(())
+}
+
+const CALIBRATION_TEXT: &str = "INVOICE NO 20240117 TOTAL DUE 1458 EUR PAYMENT WITHIN 30 DAYS \
+THANK YOU FOR YOUR ORDER SHIP TO WAREHOUSE 7 DOCK B QUANTITY 250 UNIT PRICE 5 83 REFERENCE ZX9 \
+QUALITY CHECKED BY JK";
+
+const HELD_OUT_TEXT: &str = "DELIVERY NOTE 88172 RECEIVED BY STORE 12 ITEMS 48 WEIGHT 310 KG \
+CARRIER NORTHLINE ROUTE 5 PALLET 3 OF 9 SIGNED AT GATE 4 BATCH QX71 EXPIRY 2026 06 HANDLE WITH \
+CARE CONTACT DESK 2 FOR RETURNS";
+
+/// `samples` of 16 kHz mono: utterances at a random level (0.5-1.0 of the
+/// voice's own), each followed by a pause of 0.25-0.75 s of noise at
+/// 0.1-0.3 % of full scale.
+fn speech_audio(samples: usize, src: &AudioSource) -> Vec<f32> {
+    let mut rng = SplitMix64(src.seed);
+    let mut out = Vec::with_capacity(samples + 32_000);
+    let mut k = 0usize;
+    while out.len() < samples {
+        let sentence = src.sentences[k % src.sentences.len()];
+        // Voices and speeds cycle at other periods than sentences: every
+        // combination occurs.
+        let voice = src.voices[(k / src.sentences.len() + k) % src.voices.len()];
+        let speed = src.speeds[k % src.speeds.len()];
+        let spoken = espeak(sentence, voice, speed)
+            .unwrap_or_else(|| calib::speech_like_seeded(24_000, src.seed ^ k as u64));
+        let level = rng.uniform(0.5, 1.0) as f32;
+        out.extend(spoken.iter().map(|x| x * level));
+        let pause = (rng.uniform(4_000.0, 12_000.0)) as usize;
+        let noise = rng.uniform(0.001, 0.003) as f32;
+        out.extend((0..pause).map(|_| rng.uniform(-1.0, 1.0) as f32 * noise));
+        k += 1;
+    }
+    out.truncate(samples);
+    out
+}
+
+/// `text` spoken by espeak-ng `voice` at `speed` words per minute, as 16 kHz
+/// mono in [-1, 1]; `None` when espeak-ng is missing or fails.
+fn espeak(text: &str, voice: &str, speed: u32) -> Option<Vec<f32>> {
+    let o = Command::new("espeak-ng")
+        .args(["--stdout", "-v", voice, "-s", &speed.to_string(), text])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !o.status.success() || o.stdout.len() < 44 {
+        return None;
+    }
+    // espeak-ng writes a 22050 Hz 16-bit mono WAV; resample linearly to 16 kHz.
+    let pcm: Vec<f32> = o.stdout[44..]
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect();
+    let ratio = 22_050.0 / 16_000.0;
+    let n = (pcm.len() as f64 / ratio) as usize;
+    Some(
+        (0..n)
+            .map(|i| {
+                let x = i as f64 * ratio;
+                let j = x as usize;
+                let f = (x - j as f64) as f32;
+                pcm[j] * (1.0 - f) + pcm.get(j + 1).copied().unwrap_or(0.0) * f
+            })
+            .collect(),
+    )
+}
+
+/// A per-device seed from its id (FNV-1a, 64 bit): the replay start offset
+/// and the transforms' noise seed.
+pub fn device_seed(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// SplitMix64 (S. Vigna, public domain): the demo's reproducible draws, so
+/// that the data do not depend on another crate's generator.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[lo, hi)`.
+    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
