@@ -7,7 +7,9 @@
 //! Needs the real models (scripts/fetch-models, run by the demo itself and by
 //! scripts/test) and takes a few minutes on 2 cores.
 
+mod support;
 use std::process::Command;
+use support::strings;
 
 use serde_json::Value;
 
@@ -107,16 +109,4 @@ fn demo_runs_end_to_end_and_its_summary_holds() {
     for d in datasets {
         assert!(d["provenance"]["samples"].as_u64().unwrap_or(0) > 0, "{d}");
     }
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    let mut out: Vec<String> = v
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {v}"))
-        .iter()
-        .filter_map(Value::as_str)
-        .map(str::to_string)
-        .collect();
-    out.sort();
-    out
 }

@@ -16,7 +16,9 @@
 //!
 //! Needs the real models (scripts/fetch-models, run by the demo itself).
 
+mod support;
 use std::process::Command;
+use support::strings;
 
 use serde_json::Value;
 
@@ -51,18 +53,6 @@ fn soak(per_group: usize, soak_s: u64, targets: &str) -> Value {
         std::fs::write(&p, serde_json::to_vec_pretty(&s).expect("json")).expect("keep");
     }
     s
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    let mut out: Vec<String> = v
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {v}"))
-        .iter()
-        .filter_map(Value::as_str)
-        .map(str::to_string)
-        .collect();
-    out.sort();
-    out
 }
 
 /// The soak's acceptance, on a summary: see the module doc.
