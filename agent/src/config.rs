@@ -177,10 +177,10 @@ pub struct DriftSection {
     pub check_every: u64,
     /// Save the detector state every this many inferences (>= 1). Default 500.
     pub persist_every: u64,
-    /// Window half-life in inferences ([`WindowConfig::half_life`]). Default 2000.
+    /// Window half-life in inferences ([`WindowConfig::half_life`]). Default 4000.
     pub half_life: f64,
     /// Half-life of the autocorrelation estimate in inferences
-    /// ([`WindowConfig::rho_half_life`]). Default 16000.
+    /// ([`WindowConfig::rho_half_life`]). Default 32000.
     pub rho_half_life: f64,
     /// False-alarm probability of one evaluation, in (0, 0.5]. Default 0.01.
     pub alpha: f64,

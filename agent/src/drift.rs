@@ -184,6 +184,9 @@ pub struct AgentDrift {
     alarmed: bool,
     samples: u64,
     quality: DataQuality,
+    /// The profile's primary input tensor, observed first (see
+    /// [`DriftDetector::observe_input`]).
+    primary: Option<String>,
     last_report: Instant,
 }
 
@@ -250,6 +253,7 @@ impl AgentDrift {
             alarmed,
             samples: 0,
             quality,
+            primary: profile.inputs.first().map(|f| f.tensor.clone()),
             last_report: Instant::now(),
         };
         d.persist()?;
@@ -275,6 +279,7 @@ impl AgentDrift {
         self.alarmed = false;
         self.samples = 0;
         self.quality = DataQuality::default();
+        self.primary = profile.inputs.first().map(|f| f.tensor.clone());
         self.last_report = Instant::now();
         self.persist()
     }
@@ -330,7 +335,13 @@ impl AgentDrift {
     fn observe_tensors(&mut self, inputs: &[Tensor], outputs: &[Tensor]) {
         self.quality.samples += 1;
         let mut non_finite = false;
-        for t in inputs {
+        // The detector starts an inference at its primary input: observe it first.
+        let primary = self.primary.as_deref();
+        let ordered = inputs
+            .iter()
+            .filter(|t| Some(t.name.as_str()) == primary)
+            .chain(inputs.iter().filter(|t| Some(t.name.as_str()) != primary));
+        for t in ordered {
             with_f32(t, |d| {
                 non_finite |= d.iter().any(|x| !x.is_finite());
                 self.detector.observe_input(&t.name, &t.shape, d);
@@ -385,11 +396,16 @@ impl AgentDrift {
         self.evaluate()
     }
 
-    /// Data-quality counters since the release was activated. Counted here
-    /// (inferences, inferences with a non-finite input) until the drift
-    /// crate's detector counts them itself.
+    /// Data-quality counters since the release was activated: inferences and
+    /// inferences with a non-finite input counted here (every inference,
+    /// also for a profile without input features), inferences with an input
+    /// feature out of the reference's range from the detector
+    /// ([`DriftDetector::quality`]).
     pub fn quality(&self) -> DataQuality {
-        self.quality
+        DataQuality {
+            out_of_range: self.detector.quality().out_of_range,
+            ..self.quality
+        }
     }
 
     fn message(&mut self, report: DetectorReport, alarm: bool) -> Result<DriftMessage, DriftError> {

@@ -85,7 +85,7 @@ pub struct DriftTap {
     pub dropped: AtomicU64,
     /// Per drift test, the last statistic / threshold (for `/metrics`),
     /// written by the drift thread.
-    pub psi: Mutex<Vec<(String, f64)>>,
+    pub ratios: Mutex<Vec<(String, f64)>>,
     /// Samples kept by data capture (for `/metrics`), written by the drift thread.
     pub captured_samples: AtomicU64,
     /// Bytes of capture batches on disk (for `/metrics`), written by the drift thread.
@@ -343,7 +343,12 @@ impl Engine {
                 .lock()
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
                 .unwrap_or_default(),
-            drift_psi: self.drift.psi.lock().map(|p| p.clone()).unwrap_or_default(),
+            drift_ratio: self
+                .drift
+                .ratios
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default(),
             model_ready: self.ready(),
             captured_samples: self.drift.captured_samples.load(Ordering::Relaxed),
             capture_pending_bytes: self.drift.capture_pending_bytes.load(Ordering::Relaxed),

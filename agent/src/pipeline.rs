@@ -445,7 +445,7 @@ impl DriftWorker {
         }
         self.seen.clone_from(&rel);
         self.on = false;
-        if let Ok(mut p) = self.engine.drift.psi.lock() {
+        if let Ok(mut p) = self.engine.drift.ratios.lock() {
             p.clear();
         }
         let Some(m) = active else { return };
@@ -568,7 +568,7 @@ impl DriftWorker {
     /// The `/metrics` drift gauge: per test, statistic / threshold.
     fn publish_gauge(&mut self, r: &edgefleet_drift::DetectorReport) {
         self.last_gauge = Instant::now();
-        if let Ok(mut p) = self.engine.drift.psi.lock() {
+        if let Ok(mut p) = self.engine.drift.ratios.lock() {
             *p = r
                 .tests
                 .iter()

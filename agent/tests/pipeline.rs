@@ -236,7 +236,7 @@ fn replay_source_feeds_telemetry_and_drift() {
     let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n > 100, "{line}");
     assert!(
-        metrics.contains("edgefleet_agent_drift_psi{feature="),
+        metrics.contains("edgefleet_agent_drift_ratio{feature="),
         "{metrics}"
     );
     assert!(a.sigterm().success(), "{}", a.log());

@@ -127,6 +127,10 @@ fn report_shape_edge_triggered_alarm_restart_and_model_change() {
     assert_eq!(r.report.verdict, Verdict::Ok, "{r:#?}");
     assert_eq!(r.quality.samples, 3000);
     assert_eq!(r.quality.non_finite, 0);
+    assert_eq!(
+        r.quality.out_of_range, 0,
+        "uniform [0, 1) is inside the reference range"
+    );
     assert!(r.ts_ms > 1_600_000_000_000);
     // One test per reference feature, then the class test; each auditable.
     let names: Vec<&str> = r.report.tests.iter().map(|t| t.name.as_str()).collect();
@@ -177,6 +181,8 @@ fn report_shape_edge_triggered_alarm_restart_and_model_change() {
     assert_eq!(r.report.verdict, Verdict::Drift);
     assert!(r.report.tests.iter().all(|t| t.observed == 700), "{r:#?}");
     assert_eq!(r.quality.samples, 700);
+    // +3 lies outside [0, 1) widened by half its width: every row, restored too.
+    assert_eq!(r.quality.out_of_range, 700);
 
     // Leaving drift (tests without enough data) re-arms; back in drift alarms again.
     d.set_config(DriftConfig {
@@ -223,4 +229,6 @@ fn few_samples_never_alarm_and_non_finite_inputs_are_counted() {
     assert!(d.observe(&x, &y).unwrap().is_none());
     assert_eq!(d.quality().samples, 9);
     assert_eq!(d.quality().non_finite, 1);
+    // The 8 shifted rows are out of range; the NaN row (others 0.0) is not.
+    assert_eq!(d.quality().out_of_range, 8);
 }

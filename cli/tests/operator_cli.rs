@@ -243,7 +243,14 @@ fn list_commands_print_tables_and_rollouts_take_prefixes_and_files() {
     loop {
         let v: Value = serde_json::from_str(&ok(&cli(&server, &["devices", "list", "--json"])))
             .expect("devices --json is JSON");
-        if v["devices"].as_array().map_or(0, Vec::len) == 3 {
+        // Registered is not enough: a row exists from the first message,
+        // `online` and `target` come with the device's hello and status.
+        let ready = v["devices"].as_array().is_some_and(|d| {
+            d.len() == 3
+                && d.iter()
+                    .all(|d| d["online"] == true && d["target"] == TARGET)
+        });
+        if ready {
             break;
         }
         assert!(

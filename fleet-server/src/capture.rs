@@ -358,6 +358,11 @@ pub fn intake(state: &State, c: &CaptureChunk, now: u64) -> Result<CaptureAck> {
         let why = format!("total changed from {} to {}", up.total, c.total);
         return reject(state, c, why);
     }
+    if c.index == 0 && up.meta.is_none() {
+        if let Some(why) = over_quota(state, &key, c.meta.as_ref())? {
+            return reject(state, c, why);
+        }
+    }
     if c.index == 0 {
         up.meta = c.meta.clone();
     }
@@ -374,6 +379,48 @@ pub fn intake(state: &State, c: &CaptureChunk, now: u64) -> Result<CaptureAck> {
         .map(|d| d.groups.into_iter().collect())
         .unwrap_or_default();
     complete(state, c, &up, groups, now)
+}
+
+/// Bytes capture holds on the server: stored batches plus the announced
+/// size of every upload in progress other than `except`.
+///
+/// # Errors
+/// Store errors.
+pub fn used_bytes(state: &State, except: &[u8]) -> Result<u64> {
+    let stored: u64 = batches(state)?.iter().map(|b| b.bytes).sum();
+    let mut pending = 0u64;
+    for kv in state.store.capture_uploads.iter() {
+        let (k, v) = kv?;
+        if k.as_ref() == except {
+            continue;
+        }
+        if let Ok(Upload { meta: Some(m), .. }) = serde_json::from_slice::<Upload>(&v) {
+            pending = pending.saturating_add(m.bytes);
+        }
+    }
+    Ok(stored.saturating_add(pending))
+}
+
+/// `Some(reason)` when a new upload of `meta.bytes` would take capture past
+/// [`crate::Config::capture_max_bytes`].
+fn over_quota(state: &State, key: &[u8], meta: Option<&CaptureMeta>) -> Result<Option<String>> {
+    let Some(m) = meta else { return Ok(None) };
+    let max = state.config.capture_max_bytes;
+    let used = used_bytes(state, key)?;
+    if used.saturating_add(m.bytes) <= max {
+        return Ok(None);
+    }
+    tracing::warn!(
+        event = "capture_quota_full",
+        used,
+        max,
+        bytes = m.bytes,
+        "capture quota full"
+    );
+    Ok(Some(format!(
+        "the server's capture quota is full: {used} of {max} bytes in use, this batch needs {}",
+        m.bytes
+    )))
 }
 
 /// Smallest index in `0..total` not stored (`total` when all are).

@@ -136,7 +136,16 @@ pub struct Config {
     /// [`edgefleet_protocol::HEARTBEAT_TIMEOUT_S`], three missed heartbeats).
     /// The sweep runs every quarter of it (50 ms to 5 s).
     pub heartbeat_timeout_ms: u64,
+    /// Ceiling of the disk space capture batches may take on the server
+    /// (bytes: stored batches plus uploads in progress). A new upload that
+    /// would go past it is rejected with the reason; stored batches are
+    /// never deleted to make room (datasets name them). Default
+    /// [`DEFAULT_CAPTURE_MAX_BYTES`].
+    pub capture_max_bytes: u64,
 }
+
+/// Default [`Config::capture_max_bytes`]: 10 GiB.
+pub const DEFAULT_CAPTURE_MAX_BYTES: u64 = 10 << 30;
 
 impl Config {
     /// A config with defaults for everything but the essentials.
@@ -154,6 +163,7 @@ impl Config {
             tick_ms: 200,
             drift_rule: DriftRule::default(),
             heartbeat_timeout_ms: edgefleet_protocol::HEARTBEAT_TIMEOUT_S * 1000,
+            capture_max_bytes: DEFAULT_CAPTURE_MAX_BYTES,
         }
     }
 }

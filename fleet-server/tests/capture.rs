@@ -335,3 +335,69 @@ async fn capture_policies_requests_uploads_and_datasets() {
     assert_eq!(st, 404);
     server.shutdown().await.unwrap();
 }
+
+/// The server-wide quota (`Config::capture_max_bytes`): stored batches and
+/// uploads in progress count; a new upload past it is rejected with the
+/// reason and nothing of it is kept; an upload already under way completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capture_quota_counts_stored_and_pending_uploads() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), &k, BrokerConfig::Embedded { port: 0 });
+    c.capture_max_bytes = 1_000_000;
+    let server = Server::start(c).await.unwrap();
+    let api = Api::new(&server);
+    let sc = sim_config(&k, server.broker_port(), "quota");
+    let devs = fleet("quota", 1, &sc, sim::always(Behavior::Commit)).await;
+    api.wait_registered("quota", 1).await;
+    let (st, _) = api
+        .post("/v1/devices/quota-0/groups", json!({"add": ["line"]}))
+        .await;
+    assert_eq!(st, 200);
+    let (st, v) = put(&api, "/v1/groups/line/capture", policy(50)).await;
+    assert_eq!(st, 200, "{v}");
+    let d = &devs[0];
+
+    // 500 kB stored, then 300 kB under way: 800 kB of 1 MB in use.
+    let stored = batch(500_000, 10);
+    for i in 0..stored.total() {
+        send(d, stored.chunk(d, i)).await;
+    }
+    assert!(dir
+        .path()
+        .join(format!("captures/quota-0/{}.bin", stored.id))
+        .exists());
+    let pending = batch(300_000, 10);
+    assert_eq!(next(&send(d, pending.chunk(d, 0)).await), (1, false, false));
+
+    // 400 kB more would make 1.2 MB: rejected, naming the quota.
+    let over = batch(400_000, 10);
+    let a = send(d, over.chunk(d, 0)).await;
+    let why = a.rejected.as_deref().unwrap_or_default();
+    assert!(why.contains("capture quota is full"), "{a:?}");
+    assert!(why.contains("800000 of 1000000"), "{why}");
+    assert_eq!(next(&send(d, over.chunk(d, 1)).await), (0, false, false));
+
+    // 150 kB fits exactly beside them (950 kB); the pending upload completes
+    // (its own announced size is not counted twice).
+    let fits = batch(150_000, 10);
+    assert_eq!(next(&send(d, fits.chunk(d, 0)).await), (1, true, false));
+    assert_eq!(next(&send(d, pending.chunk(d, 1)).await), (2, true, false));
+    let (st, v) = api
+        .post(
+            "/v1/datasets",
+            json!({"group": "line", "model": "detector"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let mut ids: Vec<&str> = v["dataset"]["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["capture_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut want = vec![stored.id.as_str(), pending.id.as_str(), fits.id.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want, "exactly the batches within the quota");
+}

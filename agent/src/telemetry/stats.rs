@@ -207,7 +207,7 @@ pub struct MetricsExtras {
     pub rollbacks: Vec<(String, u64)>,
     /// Per drift test (feature name or `classes`): the last
     /// `statistic / threshold` (>= 1 is drift; see `crate::drift::max_ratio`).
-    pub drift_psi: Vec<(String, f64)>,
+    pub drift_ratio: Vec<(String, f64)>,
     /// True when the model is loaded and passed its self-test.
     pub model_ready: bool,
     /// Samples kept by data capture so far.
@@ -548,15 +548,15 @@ impl Stats {
         }
         header(
             &mut o,
-            names::DRIFT_PSI,
+            names::DRIFT_RATIO,
             "gauge",
             "Per drift test: last statistic divided by its alarm threshold (>= 1 is drift).",
         );
-        for (feature, psi) in &extras.drift_psi {
+        for (feature, ratio) in &extras.drift_ratio {
             let _ = writeln!(
                 o,
-                "{}{{feature=\"{}\"}} {psi}",
-                names::DRIFT_PSI,
+                "{}{{feature=\"{}\"}} {ratio}",
+                names::DRIFT_RATIO,
                 escape(feature)
             );
         }
@@ -737,7 +737,7 @@ mod tests {
             outbox_records: 4,
             outbox_dropped: 2,
             rollbacks: vec![("nan_output".into(), 1)],
-            drift_psi: vec![("input.x".into(), 0.3)],
+            drift_ratio: vec![("input.x".into(), 0.3)],
             model_ready: true,
             captured_samples: 7,
             capture_pending_bytes: 1024,
@@ -763,7 +763,7 @@ mod tests {
             names::OUTBOX_RECORDS,
             names::OUTBOX_DROPPED_TOTAL,
             names::ROLLBACKS_TOTAL,
-            names::DRIFT_PSI,
+            names::DRIFT_RATIO,
             names::MODEL_READY,
             names::FEEDBACK_LABELS_TOTAL,
             names::ONLINE_ACCURACY,

@@ -300,6 +300,7 @@ impl Default for WindowConfig {
 
 /// Test settings, used at each [`DriftDetector::evaluate`].
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TestConfig {
     /// Target false-alarm probability of one evaluation of a stationary
     /// stream, across all tests (after [`TestConfig::correction`]).

@@ -3,8 +3,9 @@
 //! * The **compiler** feeds calibration samples to a [`ProfileBuilder`] and
 //!   ships the resulting [`ReferenceProfile`] (JSON) in the signed bundle.
 //! * The **agent** loads it with [`ReferenceProfile::from_json`], streams
-//!   live tensors through a [`DriftMonitor`] (`O(bins)` memory per feature),
-//!   persists [`DriftMonitor::snapshot`] and sends [`DriftReport`]s.
+//!   each inference's summary features ([`summary`]) through a
+//!   [`DriftDetector`] (`O(bins)` memory per feature), persists
+//!   [`DriftDetector::snapshot`] and sends [`DetectorReport`]s.
 //! * The **fleet server** ingests the reports.
 //!
 //! Tensors are row-major `f32` buffers with an explicit `shape`; a feature is
@@ -25,8 +26,7 @@
 //!   class ids; p-value from the regularized upper incomplete gamma function
 //!   (Numerical Recipes in C, 2nd ed., §6.2).
 //!
-//! Trustworthy drift detection (issue #11), a self-contained API beside the
-//! monitor above: [`Binning`] (minimum bin width, minimum reference count),
+//! Drift detection with a stated false-alarm rate (issue #11): [`Binning`] (minimum bin width, minimum reference count),
 //! [`DecayedHistogram`] (exponentially decayed window instead of cumulative
 //! counts), [`Lag1Autocorrelation`] / [`effective_sample_size`] (AR(1)
 //! effective sample size), and [`DriftDetector`], whose tests
@@ -40,7 +40,6 @@
 mod binning;
 mod detector;
 mod extract;
-mod monitor;
 mod profile;
 mod stats;
 pub mod summary;
@@ -57,10 +56,6 @@ pub use detector::{
     PSI_PSEUDO_COUNT,
 };
 pub use extract::{default_selectors, extract, FeatureSelector, DEFAULT_MAX_VALUES_PER_SAMPLE};
-pub use monitor::{
-    ClassDrift, ClassMonitor, DriftMonitor, DriftReport, DriftStatus, DriftThresholds,
-    FeatureDrift, FeatureMonitor, FeatureState, MonitorState,
-};
 pub use profile::{
     ClassProfile, FeatureProfile, ProfileBuilder, ReferenceProfile, PROFILE_FORMAT_VERSION,
     PROFILE_QUANTILES,

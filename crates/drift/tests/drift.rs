@@ -35,17 +35,6 @@ fn gaussian_profile(samples: usize) -> ReferenceProfile {
     b.finish().unwrap()
 }
 
-fn run_monitor(p: &ReferenceProfile, samples: usize, shift: f64, seed: u64) -> DriftMonitor {
-    let mut g = Gauss(seed);
-    let mut m = DriftMonitor::new(p, DriftThresholds::default());
-    for i in 0..samples {
-        m.observe_input("x", &[1, 16], &g.tensor(16, shift, 1.0));
-        m.observe_output("probs", &[1, 3], &[0.2, 0.3, 0.5]);
-        m.observe_class(i % 3);
-    }
-    m
-}
-
 #[test]
 fn builder_profile_shape() {
     let p = gaussian_profile(500);
@@ -75,92 +64,6 @@ fn builder_profile_shape() {
 }
 
 #[test]
-fn same_distribution_is_ok() {
-    let p = gaussian_profile(500);
-    let r = run_monitor(&p, 300, 0.0, 7).report();
-    assert_eq!(r.status, DriftStatus::Ok, "{r:#?}");
-    assert!(r.features[0].psi < 0.05, "{}", r.features[0].psi);
-    assert!(r.features[0].ks < 0.05);
-    assert_eq!(r.features[0].current_samples, 300);
-    assert_eq!(r.features[0].reference_samples, 500);
-    let c = r.classes.unwrap();
-    assert_eq!(c.status, DriftStatus::Ok);
-    assert_eq!(c.other_count, 0);
-}
-
-#[test]
-fn one_std_shift_alarms() {
-    let p = gaussian_profile(500);
-    let r = run_monitor(&p, 300, 1.0, 7).report();
-    let f = &r.features[0];
-    assert!(f.psi > 0.25, "psi {}", f.psi);
-    assert!(f.ks > 0.2 && f.ks <= 1.0, "ks {}", f.ks);
-    assert_eq!(f.status, DriftStatus::Alarm);
-    assert_eq!(r.status, DriftStatus::Alarm);
-    assert_eq!(r.max_psi, f.psi);
-    // PSI grows with the shift.
-    let half = run_monitor(&p, 300, 0.5, 7).report().features[0].psi;
-    let two = run_monitor(&p, 300, 2.0, 7).report().features[0].psi;
-    assert!(half < f.psi && f.psi < two, "{half} {} {two}", f.psi);
-}
-
-#[test]
-fn insufficient_data_below_min_samples() {
-    let p = gaussian_profile(500);
-    // 199 samples of 16 values each: many values, but fewer samples than 200.
-    let m = run_monitor(&p, 199, 3.0, 7);
-    let r = m.report();
-    assert!(r
-        .features
-        .iter()
-        .all(|f| f.status == DriftStatus::InsufficientData));
-    assert_eq!(
-        r.classes.as_ref().unwrap().status,
-        DriftStatus::InsufficientData
-    );
-    assert_eq!(r.status, DriftStatus::InsufficientData);
-    assert!(r.max_psi > 0.25);
-    // One more sample crosses the threshold.
-    let r = run_monitor(&p, 200, 3.0, 7).report();
-    assert_eq!(r.status, DriftStatus::Alarm);
-}
-
-#[test]
-fn report_status_rule() {
-    let p = gaussian_profile(500);
-    let mut m = run_monitor(&p, 300, 0.0, 7);
-    // Classes only get 300 samples too; make the class distribution alarm.
-    for _ in 0..300 {
-        m.observe_class(0);
-    }
-    let r = m.report();
-    assert_eq!(r.classes.as_ref().unwrap().status, DriftStatus::Alarm);
-    assert_eq!(r.status, DriftStatus::Alarm);
-}
-
-#[test]
-fn unknown_classes_go_to_other() {
-    let p = gaussian_profile(300);
-    let mut m = DriftMonitor::new(&p, DriftThresholds::default());
-    for i in 0..300 {
-        m.observe_class(if i % 10 == 0 { 7 + i } else { i % 3 });
-    }
-    let c = m.report().classes.unwrap();
-    assert_eq!(c.other_count, 30);
-    assert_eq!(c.current_samples, 300);
-    assert_eq!(c.status, DriftStatus::Alarm);
-    assert!(c.p_value < 1e-6 && c.chi_square.is_finite());
-
-    let mut cm = ClassMonitor::new(p.classes.as_ref().unwrap());
-    cm.observe(3);
-    cm.observe(usize::MAX);
-    cm.observe(2);
-    assert_eq!(cm.counts(), &[0, 0, 1, 2]);
-    assert_eq!(cm.other_count(), 2);
-    assert_eq!(cm.count(), 3);
-}
-
-#[test]
 fn image_channels_and_constant_features() {
     let mut b = ProfileBuilder::new(8);
     let mut g = Gauss(1);
@@ -178,12 +81,9 @@ fn image_channels_and_constant_features() {
     assert_eq!(c.edges.len(), 2);
     assert_eq!(c.counts, vec![0, 800, 0]);
     assert_eq!(c.std, 0.0);
-    let mut fm = FeatureMonitor::new(c);
-    fm.observe_all(&[0.5, 0.4, 0.6, f64::NAN]);
-    assert_eq!(fm.counts(), &[1, 1, 1]);
-    assert_eq!(fm.count(), 3);
-    fm.reset();
-    assert_eq!(fm.count(), 0);
+    assert_eq!(c.bin_of(0.4), 0);
+    assert_eq!(c.bin_of(0.5), 1);
+    assert_eq!(c.bin_of(0.6), 2);
 }
 
 #[test]
@@ -266,46 +166,11 @@ fn builder_errors() {
     assert!(matches!(b.finish(), Err(Error::NoData { feature }) if feature == "input:x"));
 }
 
-#[test]
-fn snapshot_restore_round_trip() {
-    let p = gaussian_profile(300);
-    let m = run_monitor(&p, 250, 1.0, 3);
-    let state = m.snapshot();
-    let json = serde_json::to_string(&state).unwrap();
-    let state2: MonitorState = serde_json::from_str(&json).unwrap();
-    let mut fresh = DriftMonitor::new(&p, DriftThresholds::default());
-    fresh.restore(&state2).unwrap();
-    assert_eq!(fresh.report(), m.report());
-
-    let mut bad = state.clone();
-    bad.features[0].counts.push(0);
-    let err = fresh.restore(&bad).unwrap_err();
-    assert!(err.to_string().contains("input:x"), "{err}");
-    fresh.reset();
-    assert_eq!(fresh.report().features[0].current_samples, 0);
-    assert_eq!(fresh.report().status, DriftStatus::InsufficientData);
-}
-
 /// Finite `f32` values (as a profile sees them), including extremes.
 fn finite_f32() -> impl Strategy<Value = f32> {
     prop_oneof![
         -1e6..1e6f32,
         prop::num::f32::NORMAL | prop::num::f32::ZERO | prop::num::f32::SUBNORMAL
-    ]
-}
-
-fn finite_f64() -> impl Strategy<Value = f64> {
-    prop_oneof![
-        -1e6..1e6f64,
-        prop::num::f64::NORMAL | prop::num::f64::ZERO | prop::num::f64::SUBNORMAL
-    ]
-}
-
-fn status() -> impl Strategy<Value = DriftStatus> {
-    prop_oneof![
-        Just(DriftStatus::Ok),
-        Just(DriftStatus::Alarm),
-        Just(DriftStatus::InsufficientData)
     ]
 }
 
@@ -355,39 +220,10 @@ proptest! {
     }
 
     #[test]
-    fn report_json_round_trip(
-        feats in prop::collection::vec(
-            ("[a-z:0-9]{1,12}", finite_f64(), 0.0..=1.0f64, any::<u64>(), any::<u64>(), status()), 0..5),
-        class in prop::option::of((finite_f64(), any::<u32>(), 0.0..=1.0f64, any::<u64>(), any::<u64>(), any::<u64>(), status())),
-        st in status(),
-        max_psi in finite_f64(),
-    ) {
-        let r = DriftReport {
-            features: feats.into_iter().map(|(name, psi, ks, reference_samples, current_samples, status)|
-                FeatureDrift { name, psi, ks, reference_samples, current_samples, status }).collect(),
-            classes: class.map(|(chi_square, dof, p_value, other_count, reference_samples, current_samples, status)|
-                ClassDrift { chi_square, dof, p_value, other_count, reference_samples, current_samples, status }),
-            status: st,
-            max_psi,
-        };
-        let json = serde_json::to_vec(&r).unwrap();
-        let back: DriftReport = serde_json::from_slice(&json).unwrap();
-        prop_assert_eq!(back, r);
-    }
-
-    #[test]
-    fn monitor_never_panics(
+    fn extract_never_panics(
         shape in prop::collection::vec(0usize..5, 0..5),
         data in prop::collection::vec(any::<f32>(), 0..100),
-        class in any::<usize>(),
     ) {
-        let p = gaussian_profile(20);
-        let mut m = DriftMonitor::new(&p, DriftThresholds::default());
-        m.observe_input("x", &shape, &data);
-        m.observe_output("probs", &shape, &data);
-        m.observe_class(class);
-        let r = m.report();
-        prop_assert!(r.max_psi.is_finite());
         for sel in default_selectors(&shape) {
             prop_assert!(extract(&shape, &data, &sel, 7).len() <= 7);
         }

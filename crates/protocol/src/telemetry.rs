@@ -34,8 +34,9 @@ pub mod names {
     pub const OUTBOX_DROPPED_TOTAL: &str = "edgefleet_agent_outbox_dropped_total";
     /// Counter: rollbacks, label `reason`.
     pub const ROLLBACKS_TOTAL: &str = "edgefleet_agent_rollbacks_total";
-    /// Gauge: last PSI per feature, label `feature`.
-    pub const DRIFT_PSI: &str = "edgefleet_agent_drift_psi";
+    /// Gauge: per drift test, last statistic / alarm threshold (>= 1 is
+    /// drift), label `feature`.
+    pub const DRIFT_RATIO: &str = "edgefleet_agent_drift_ratio";
     /// Gauge: 1 when the model is loaded and passed its self-test.
     pub const MODEL_READY: &str = "edgefleet_agent_model_ready";
     /// Counter: feedback labels received for served requests.
