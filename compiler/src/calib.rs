@@ -366,8 +366,9 @@ impl Default for PageStyle<'_> {
 }
 
 /// Renders text lines into a grey image (0 = black, 255 = white), `h` x `w`;
-/// seed 0 renders without sensor noise.
-fn render_page(h: usize, w: usize, scale: usize, seed: u64, text: &str) -> Vec<f32> {
+/// seed 0 renders without sensor noise. Upper-case letters and digits (5x7 font, `scale` px a
+/// dot); the trainer's text-direction generator renders its lines with it.
+pub fn render_page(h: usize, w: usize, scale: usize, seed: u64, text: &str) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let noise = if seed == 0 { 0.0 } else { 1.0 };
     let mut img: Vec<f32> = (0..h * w)
