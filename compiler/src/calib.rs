@@ -383,7 +383,8 @@ pub fn render_page(h: usize, w: usize, scale: usize, seed: u64, text: &str) -> V
     let line_h = 9 * scale;
     let margin = 2 * scale + (seed as usize % 3) * scale;
     let mut y = margin;
-    let mut wi = seed as usize * 5;
+    // The seed picks the first word; reduced so a large (hashed) seed cannot overflow.
+    let mut wi = (seed % (1 << 32)) as usize * 5;
     let ink = 30.0 + 30.0 * ((seed % 3) as f32);
     while y + 7 * scale <= h.saturating_sub(margin / 2) {
         let mut x = margin + (wi % 4) * scale * 2;

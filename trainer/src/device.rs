@@ -175,12 +175,17 @@ pub fn probe(lib_dirs: &[PathBuf], ldconfig: Option<&str>, include_dirs: &[PathB
     }
 }
 
+/// `.1`, `.12.4`: a shared-library version suffix (dots and digits only).
+fn is_version_suffix(rest: &str) -> bool {
+    rest.len() > 1 && rest.starts_with('.') && rest.bytes().all(|b| b == b'.' || b.is_ascii_digit())
+}
+
 /// The first library named by `prefixes` (exactly, or followed by a version suffix).
 fn find_lib(dirs: &[PathBuf], ldconfig: Option<&str>, names: &[&str]) -> Option<PathBuf> {
     let matches = |file: &str| {
         names
             .iter()
-            .any(|n| file == *n || file.strip_prefix(n).is_some_and(|r| r.starts_with('.')))
+            .any(|n| file == *n || file.strip_prefix(n).is_some_and(is_version_suffix))
     };
     for d in dirs {
         if let Ok(rd) = std::fs::read_dir(d) {
@@ -306,7 +311,11 @@ mod tests {
         touch(&lib.join("libcuda.so.1"));
         touch(&lib.join("libnvrtc.so.12"));
         touch(&t.path().join("include/cuda.h"));
-        let p = probe(&[lib.clone()], None, &[t.path().join("include")]);
+        let p = probe(
+            std::slice::from_ref(&lib),
+            None,
+            &[t.path().join("include")],
+        );
         assert!(p.usable(), "{p:?}");
         assert_eq!(
             decide(DeviceChoice::Auto, &p).expect("auto").kind,

@@ -166,11 +166,12 @@ fn block_stage<B: Backend>(
     Ok(pool)
 }
 
-/// Conv weight f32[O,I,kh,kw] and bias f32[O] with the block's BatchNorm (running stats) folded in.
-fn fold_bn<B: Backend>(
-    blk: &ConvBlock<B>,
-    i: usize,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<i64>), Error> {
+/// A Conv's weight f32[O,I,kh,kw] (row-major values), bias f32[O] and weight dims.
+type FoldedConv = (Vec<f32>, Vec<f32>, Vec<i64>);
+
+/// Conv weight f32[O,I,kh,kw] and bias f32[O] with the block's BatchNorm (running stats) folded in:
+/// `w' = w·γ/√(σ²+ε)`, `b' = (b−μ)·γ/√(σ²+ε) + β` (Ioffe & Szegedy 2015, inference form).
+fn fold_bn<B: Backend>(blk: &ConvBlock<B>, i: usize) -> Result<FoldedConv, Error> {
     let wt = blk.conv.weight.val();
     let dims: Vec<i64> = wt.dims().iter().map(|&d| d as i64).collect();
     let mut w = values(wt, &format!("block {i} conv"))?;

@@ -7,6 +7,7 @@ use burn::backend::NdArray;
 use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+use burn::tensor::Tensor;
 use edgefleet_trainer::dataset::Task;
 use edgefleet_trainer::model::{ConvNet, ConvNetConfig, ModelSize};
 use edgefleet_trainer::onnx;

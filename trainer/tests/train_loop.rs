@@ -43,7 +43,7 @@ fn windows(n: usize, seed: u64) -> Examples {
         let (f, a, ph) = (
             rng.gen_range(150.0..600.0),
             rng.gen_range(0.3..0.6),
-            rng.gen_range(0.0..6.28),
+            rng.gen_range(0.0..std::f32::consts::TAU),
         );
         for t in 0..576 {
             let tone = if speech {
@@ -76,7 +76,7 @@ fn config(epochs: usize) -> TrainConfig {
 
 #[test]
 fn tiny_vad_student_beats_chance_and_resumes_exactly() {
-    let (tr, va, te) = (windows(96, 1), windows(32, 2), windows(64, 3));
+    let (tr, va, te) = (windows(512, 1), windows(64, 2), windows(128, 3));
     let data = TrainData {
         task: Task::Vad,
         train: &tr,

@@ -25,8 +25,9 @@ fn npy_err(path: &Path, reason: impl Into<String>) -> Error {
 /// Parses `bytes` (the content of `path`) as a C-order .npy of dtype `descr` (`<f4` or `<i8`).
 fn parse<T: npyz::Deserialize>(path: &Path, bytes: &[u8], descr: &str) -> Result<Array<T>, Error> {
     let npy = npyz::NpyFile::new(bytes).map_err(|e| npy_err(path, format!("bad header: {e}")))?;
+    // npyz renders the descr as a Python literal, quotes included ('<f4').
     let dtype = npy.dtype().descr();
-    if dtype != descr {
+    if dtype.trim_matches('\'') != descr {
         return Err(npy_err(path, format!("dtype {dtype}, expected {descr}")));
     }
     if npy.order() != npyz::Order::C {
