@@ -114,11 +114,16 @@ enum Command {
     #[command(
         subcommand,
         after_help = "Examples:
+  edgefleet datasets synth --task vad --samples 20000 --out data/vad
   edgefleet datasets create --group line-3 --model silero_vad
   edgefleet datasets list
   edgefleet datasets download ds-3f5a9c1e0b7d2a64 --out data/line-3"
     )]
     Datasets(cmd::datasets::Command),
+    /// Train a full-size (teacher) or compact model on a dataset folder; export ONNX.
+    Train(Box<cmd::train::TrainArgs>),
+    /// Distil a compact student from a trained teacher (Hinton et al. 2015); export ONNX.
+    Distill(Box<cmd::train::DistillArgs>),
     /// Run a whole fleet on real models: compile, serve, 20+ agents, rollouts, drift.
     Demo(cmd::demo::Args),
     /// Run the device agent (same code as the `edgefleet-agent` binary).
@@ -144,6 +149,8 @@ fn main() -> std::process::ExitCode {
         Command::Retraining(c) => cmd::drift::run_retraining(c),
         Command::Capture(c) => cmd::capture::run(c),
         Command::Datasets(c) => cmd::datasets::run(c),
+        Command::Train(a) => cmd::train::run_train(*a),
+        Command::Distill(a) => cmd::train::run_distill(*a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Agent(a) => cmd::agent::run(a),
     };

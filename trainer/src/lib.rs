@@ -5,9 +5,12 @@
 pub mod dataset;
 pub mod device;
 pub mod error;
+pub mod infer;
 pub mod mlflow;
+pub mod mlflow_local;
 pub mod model;
 pub mod onnx;
+pub mod run;
 pub mod synth;
 pub mod train;
 

@@ -3,30 +3,15 @@
 //! Skips loudly only when `mlflow` is not installed and EDGEFLEET_REQUIRE_MLFLOW is unset.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edgefleet_trainer::mlflow::{Metric, MlflowClient, ModelUri, RunStatus};
+use edgefleet_trainer::mlflow_local::{self, LocalMlflow};
 use edgefleet_trainer::Error;
 use prost::Message;
 use tract_onnx::pb;
 use tract_onnx::prelude::Framework;
-
-struct Server {
-    child: Child,
-    log: std::path::PathBuf,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -35,15 +20,9 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn start() -> Option<Server> {
-    let have = Command::new("mlflow")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !have {
+/// The server, or `None` (with a loud note) when mlflow is missing and not required.
+fn start(dir: &std::path::Path) -> Option<LocalMlflow> {
+    if !mlflow_local::installed() {
         assert!(
             std::env::var_os("EDGEFLEET_REQUIRE_MLFLOW").is_none(),
             "EDGEFLEET_REQUIRE_MLFLOW is set but `mlflow` is not installed (pip install mlflow)"
@@ -51,57 +30,7 @@ fn start() -> Option<Server> {
         eprintln!("!!!!! SKIPPED: `mlflow` not installed; pip install mlflow==2.17.2 to run this test !!!!!");
         return None;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let log = dir.path().join("server.log");
-    let logf = std::fs::File::create(&log).expect("log");
-    let child = Command::new("mlflow")
-        .args([
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--workers",
-            "1",
-        ])
-        .arg("--backend-store-uri")
-        .arg(format!(
-            "sqlite:///{}",
-            dir.path().join("mlflow.db").display()
-        ))
-        .arg("--serve-artifacts")
-        .arg("--artifacts-destination")
-        .arg(dir.path().join("artifacts"))
-        .stdout(logf.try_clone().expect("log"))
-        .stderr(logf)
-        .spawn()
-        .expect("spawn mlflow server");
-    let url = format!("http://127.0.0.1:{port}");
-    let mut server = Server {
-        child,
-        log,
-        url,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(r) = reqwest::blocking::get(format!("{}/health", server.url)) {
-            if r.status().is_success() {
-                return Some(server);
-            }
-        }
-        let exited = server.child.try_wait().ok().flatten();
-        if exited.is_some() || Instant::now() > deadline {
-            let mut s = String::new();
-            let _ = std::fs::File::open(&server.log).and_then(|mut f| f.read_to_string(&mut s));
-            panic!(
-                "mlflow server at {} did not become healthy within 90 s (exit: {exited:?}); its log:\n{s}",
-                server.url
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    Some(LocalMlflow::start(dir, Duration::from_secs(90)).expect("mlflow server starts"))
 }
 
 /// A small real ONNX model: y = Identity(x), x: f32[1,4].
@@ -150,8 +79,11 @@ fn tiny_onnx() -> Vec<u8> {
 
 #[test]
 fn mlflow_log_register_alias_pull() {
-    let Some(server) = start() else { return };
-    let c = MlflowClient::new(&server.url).expect("client");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(server) = start(dir.path()) else {
+        return;
+    };
+    let c = MlflowClient::new(server.url()).expect("client");
     let exp = c
         .get_or_create_experiment("edgefleet-test")
         .expect("experiment");

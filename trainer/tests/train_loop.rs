@@ -71,6 +71,7 @@ fn config(epochs: usize) -> TrainConfig {
         weight_decay: 1e-4,
         seed: 11,
         patience: 5,
+        distill: None,
     }
 }
 
@@ -81,6 +82,7 @@ fn tiny_vad_student_beats_chance_and_resumes_exactly() {
         task: Task::Vad,
         train: &tr,
         val: &va,
+        soft: None,
     };
     let arch = ConvNetConfig::for_task(Task::Vad, ModelSize::Student);
     let dev = Default::default();

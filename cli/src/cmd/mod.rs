@@ -12,3 +12,4 @@ pub mod keygen;
 pub mod rollouts;
 pub mod serve;
 pub mod table;
+pub mod train;

@@ -42,6 +42,20 @@ impl ModelSize {
     }
 }
 
+impl std::str::FromStr for ModelSize {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, crate::Error> {
+        match s {
+            "teacher" => Ok(ModelSize::Teacher),
+            "student" => Ok(ModelSize::Student),
+            o => Err(crate::Error::Invalid {
+                what: "model size".into(),
+                reason: format!("{o:?}: expected teacher or student"),
+            }),
+        }
+    }
+}
+
 /// One block: Conv2d (kernel `kernel`, stride `stride`, symmetric zero padding `padding`),
 /// BatchNorm, ReLU, then MaxPool2d with kernel = stride = `pool` when `pool` is not [1,1].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
