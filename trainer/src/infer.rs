@@ -32,6 +32,34 @@ fn to_vec(t: &Tensor, what: &str) -> Result<Vec<f32>, Error> {
         .map_err(|e| tract_err(what, e))
 }
 
+/// Median wall time, in milliseconds, of `runs` batch-1 runs of a single-input model on
+/// `sample` (shape `sample_shape`), after 3 warm-up runs; the model is loaded once.
+pub fn latency_ms_p50(
+    bytes: &[u8],
+    sample: &[f32],
+    sample_shape: &[usize],
+    runs: usize,
+) -> Result<f64, Error> {
+    let what = "latency";
+    let shape: Vec<usize> = std::iter::once(1)
+        .chain(sample_shape.iter().copied())
+        .collect();
+    let model = load(bytes, &shape, what)?;
+    let x = Tensor::from_shape(&shape, sample).map_err(|e| tract_err(what, e))?;
+    let mut t = Vec::with_capacity(runs);
+    for k in 0..runs.max(1) + 3 {
+        let s = std::time::Instant::now();
+        model
+            .run(tvec!(x.clone().into()))
+            .map_err(|e| tract_err(what, e))?;
+        if k >= 3 {
+            t.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
 /// The first output, flattened, of a single-input model run on `ex` in batches of `batch`:
 /// the input is f32 [batch, ...sample shape].
 pub fn run_batched(

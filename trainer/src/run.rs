@@ -526,7 +526,8 @@ pub fn export_checked<B: burn::tensor::backend::Backend>(
             ),
         });
     }
-    let tract_latency_ms_p50 = latency_ms_p50(&bytes, test)?;
+    let tract_latency_ms_p50 =
+        infer::latency_ms_p50(&bytes, test.sample(0), &test.sample_shape, 30)?;
     Ok((
         bytes,
         ExportCheck {
@@ -535,25 +536,6 @@ pub fn export_checked<B: burn::tensor::backend::Backend>(
             tract_latency_ms_p50,
         },
     ))
-}
-
-/// Median wall time of a batch-1 tract run over (up to) 30 test samples, after 3 warm-ups.
-fn latency_ms_p50(bytes: &[u8], test: &Examples) -> Result<f64, Error> {
-    let one = Examples {
-        x: test.sample(0).to_vec(),
-        sample_shape: test.sample_shape.clone(),
-        y: None,
-    };
-    let mut t = Vec::new();
-    for k in 0..33 {
-        let s = Instant::now();
-        infer::run_batched(bytes, &one, 1, "latency")?;
-        if k >= 3 {
-            t.push(s.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
 }
 
 /// Writes the artifacts (temp file, fsync, rename) and the run record; logs to MLflow.
