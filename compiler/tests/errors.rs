@@ -591,3 +591,56 @@ fn a_const_that_does_not_fit_the_inputs_type_is_refused() {
     o.consts.insert("k".into(), 2.0);
     edgefleet_compiler::build(&o, &common::profile("rpi4")).expect("k=2 folds");
 }
+
+/// `tiny_matmul` with the input's dimensions `dims` (`None` = symbolic, named `N`).
+fn symbolic_input(dir: &std::path::Path, dims: &[Option<usize>]) -> std::path::PathBuf {
+    use pb::tensor_shape_proto::{dimension::Value, Dimension};
+    let mut m = common::tiny_matmul(|i| (i % 5) as f32 * 0.1);
+    let g = m.graph.as_mut().expect("graph");
+    let x = &mut g.input[0];
+    let Some(pb::type_proto::Value::TensorType(t)) =
+        x.r#type.as_mut().and_then(|t| t.value.as_mut())
+    else {
+        panic!("tensor input");
+    };
+    t.shape = Some(pb::TensorShapeProto {
+        dim: dims
+            .iter()
+            .map(|d| Dimension {
+                value: Some(match d {
+                    Some(v) => Value::DimValue(*v as i64),
+                    None => Value::DimParam("N".into()),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    });
+    common::write_model(dir, "sym.onnx", &m)
+}
+
+#[test]
+fn a_symbolic_batch_dimension_is_batch_1_any_other_symbolic_dimension_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // x: [N, 64] (a trainer export): batch 1, recorded in the report.
+    let p = symbolic_input(dir.path(), &[None, Some(64)]);
+    let c = edgefleet_compiler::build(&opts(&p), &common::profile("rpi4")).expect("builds");
+    assert_eq!(c.report.specialise.batch_defaulted, ["x"]);
+    assert_eq!(c.report.specialise.inputs["x"], [1, 64]);
+    // --input wins over the default (and nothing is recorded as defaulted).
+    let mut o = opts(&p);
+    o.inputs.insert("x".into(), vec![1, 64]);
+    let c = edgefleet_compiler::build(&o, &common::profile("rpi4")).expect("builds");
+    assert!(c.report.specialise.batch_defaulted.is_empty());
+    // x: [1, N]: not a batch dimension; refused naming the input, the dimension and the flag.
+    let p = symbolic_input(dir.path(), &[Some(1), None]);
+    let e = edgefleet_compiler::build(&opts(&p), &common::profile("rpi4"))
+        .err()
+        .expect("symbolic dim 1 refused");
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, Error::Shape { input, .. } if input == "x")
+            && msg.contains("dimension 1 is symbolic")
+            && msg.contains("--input x="),
+        "{msg}"
+    );
+}

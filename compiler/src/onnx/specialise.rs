@@ -19,6 +19,9 @@ use crate::Error;
 pub struct SpecialiseReport {
     /// Input name -> fixed shape.
     pub inputs: BTreeMap<String, Vec<usize>>,
+    /// Inputs whose symbolic leading (batch) dimension was fixed to 1 because neither
+    /// `--input` nor the profile gave a shape.
+    pub batch_defaulted: Vec<String>,
     /// Inputs folded into constants.
     pub folded_consts: BTreeMap<String, f64>,
     /// `If` nodes resolved (node name -> branch taken).
@@ -34,7 +37,9 @@ pub struct SpecialiseReport {
 /// Specialises `m` in place.
 ///
 /// `shapes` and `consts` are the resolved user flags merged over the profile
-/// (flags win); every symbolic input dimension must be fixed by them.
+/// (flags win); every symbolic input dimension must be fixed by them, except a symbolic
+/// leading (batch) dimension, which defaults to 1 (recorded in
+/// [`SpecialiseReport::batch_defaulted`]).
 ///
 /// # Errors
 /// [`Error::Shape`] for an unresolved dimension or a flag naming no input,
@@ -233,7 +238,11 @@ fn fix_shapes(
                 s.clone()
             }
             None => {
-                if let Some(i) = dims.iter().position(Option::is_none) {
+                // A symbolic leading (batch) dimension means batch 1: a device infers one
+                // input at a time. Any other symbolic dimension must be fixed explicitly.
+                let batch_symbolic = dims.first().is_some_and(Option::is_none);
+                if let Some(i) = dims.iter().skip(1).position(Option::is_none) {
+                    let i = i + 1;
                     return Err(Error::Shape {
                         path: path.into(),
                         input: vi.name.clone(),
@@ -242,6 +251,9 @@ fn fix_shapes(
                             vi.name
                         ),
                     });
+                }
+                if batch_symbolic {
+                    rep.batch_defaulted.push(vi.name.clone());
                 }
                 dims.iter().map(|d| d.unwrap_or(1) as usize).collect()
             }
