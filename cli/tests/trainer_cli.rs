@@ -87,7 +87,6 @@ fn check_record(dir: &Path) -> RunRecord {
 }
 
 #[test]
-#[ignore = "slow; verified separately: cargo test -p edgefleet --test trainer_cli -- --ignored"]
 fn synth_train_distill_compile_verify() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cwd = tmp.path();
@@ -261,7 +260,7 @@ fn checkpoint_epoch(run: &Path) -> Option<u64> {
 }
 
 #[test]
-#[ignore = "slow; verified separately: cargo test -p edgefleet --test trainer_cli -- --ignored"]
+#[ignore = "slow (about 15 min here); the in-library resume test in trainer/tests/train_loop.rs runs by default: cargo test -p edgefleet --test trainer_cli -- --ignored"]
 fn sigkilled_run_resumes_to_the_same_metrics() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cwd = tmp.path();
@@ -322,9 +321,12 @@ fn sigkilled_run_resumes_to_the_same_metrics() {
     let resumed = RunRecord::load(&cwd.join("runs/killed")).expect("record");
     assert_eq!(resumed.history, full.history, "per-epoch metrics");
     assert_eq!(resumed.test, full.test, "test metrics");
+    // The exported graph holds every weight value. `weights.mpk` is not compared byte for
+    // byte: burn's record carries each parameter's random `ParamId`, which differs between
+    // processes even when the values are identical.
     assert_eq!(
-        resumed.artifacts, full.artifacts,
-        "identical weights and ONNX"
+        resumed.artifacts["model.onnx"], full.artifacts["model.onnx"],
+        "identical weights (as exported)"
     );
 }
 
