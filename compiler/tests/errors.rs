@@ -594,27 +594,8 @@ fn a_const_that_does_not_fit_the_inputs_type_is_refused() {
 
 /// `tiny_matmul` with the input's dimensions `dims` (`None` = symbolic, named `N`).
 fn symbolic_input(dir: &std::path::Path, dims: &[Option<usize>]) -> std::path::PathBuf {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
     let mut m = common::tiny_matmul(|i| (i % 5) as f32 * 0.1);
-    let g = m.graph.as_mut().expect("graph");
-    let x = &mut g.input[0];
-    let Some(pb::type_proto::Value::TensorType(t)) =
-        x.r#type.as_mut().and_then(|t| t.value.as_mut())
-    else {
-        panic!("tensor input");
-    };
-    t.shape = Some(pb::TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|d| Dimension {
-                value: Some(match d {
-                    Some(v) => Value::DimValue(*v as i64),
-                    None => Value::DimParam("N".into()),
-                }),
-                ..Default::default()
-            })
-            .collect(),
-    });
+    m.graph.as_mut().expect("graph").input[0] = edgefleet_compiler::onnx::value_info("x", 1, dims);
     common::write_model(dir, "sym.onnx", &m)
 }
 

@@ -239,28 +239,7 @@ fn output_stage(g: &mut GraphBuilder, logits: &str, task: Task) {
 }
 
 fn value_info(name: &str, dims: &[Option<usize>]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    let dim = dims
-        .iter()
-        .map(|d| Dimension {
-            value: Some(match d {
-                Some(v) => Value::DimValue(*v as i64),
-                None => Value::DimParam("N".into()),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: pb::tensor_proto::DataType::Float as i32,
-                shape: Some(pb::TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    edgefleet_compiler::onnx::value_info(name, pb::tensor_proto::DataType::Float as i32, dims)
 }
 
 fn finish(g: GraphBuilder, cfg: &ConvNetConfig, task: Task) -> pb::ModelProto {

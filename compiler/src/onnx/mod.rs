@@ -350,22 +350,31 @@ pub fn value_type(v: &pb::ValueInfoProto) -> (i32, Vec<Option<i64>>) {
 
 /// A value info of a tensor with fixed dims.
 pub fn fixed_value_info(name: &str, elem_type: i32, dims: &[usize]) -> pb::ValueInfoProto {
+    let dims: Vec<Option<usize>> = dims.iter().map(|&d| Some(d)).collect();
+    value_info(name, elem_type, &dims)
+}
+
+/// A tensor value info of ONNX element type `elem_type`; `None` dimensions are symbolic,
+/// named `N` (`dim_param`, ONNX IR spec "Static tensor shapes").
+pub fn value_info(name: &str, elem_type: i32, dims: &[Option<usize>]) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            denotation: String::new(),
+            value: Some(match d {
+                Some(v) => D::DimValue(*v as i64),
+                None => D::DimParam("N".into()),
+            }),
+        })
+        .collect();
     pb::ValueInfoProto {
         name: name.into(),
         r#type: Some(pb::TypeProto {
             denotation: String::new(),
             value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
                 elem_type,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            denotation: String::new(),
-                            value: Some(D::DimValue(d as i64)),
-                        })
-                        .collect(),
-                }),
+                shape: Some(pb::TensorShapeProto { dim }),
             })),
         }),
         doc_string: String::new(),
