@@ -57,14 +57,8 @@ pub(super) fn emit(
     timings.record("emit_format", t);
     let spec = model_spec(&name, format.format, &model_file, &reference, &judging);
     let golden = emit::golden(&spec, &reference.cases, &searched.outputs);
-    let (profile, drift_report) = drift_reference(
-        &searched.model,
-        &spec,
-        &reference,
-        &judging,
-        reference.drift_report.clone(),
-        path,
-    )?;
+    let (profile, drift_report) =
+        drift_reference(&searched.model, &spec, &reference, &judging, path)?;
     let report = Report {
         model: name.clone(),
         source: path.display().to_string(),
@@ -131,7 +125,7 @@ fn model_spec(
 }
 
 /// The drift reference profile from the held-out cases run as the device runs the
-/// shipped model ([`run_as_device`]), and `report` completed: warm-up cases, samples,
+/// shipped model ([`run_as_device`]), and the reference's split report completed: warm-up cases, samples,
 /// per-feature effective sizes, and a note when a feature's effective reference size
 /// is below [`RECOMMENDED_REFERENCE_EFFECTIVE`].
 ///
@@ -142,9 +136,9 @@ fn drift_reference(
     spec: &ModelSpec,
     reference: &Reference,
     judging: &Judging,
-    mut report: DriftReferenceReport,
     path: &Path,
 ) -> Result<(ReferenceProfile, DriftReferenceReport), Error> {
+    let mut report = reference.drift_report.clone();
     let (drift_in, drift_out) = run_as_device(model_onnx, &reference.drift_cases, spec, path)?;
     let roles = emit::DriftRoles::of(spec, judging.judged, &drift_out);
     let profile = emit::drift(
