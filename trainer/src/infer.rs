@@ -99,26 +99,45 @@ pub fn run_batched(
 /// window to window as the model expects.
 pub fn silero_stream(bytes: &[u8], windows: &Examples) -> Result<Vec<f32>, Error> {
     let what = "silero_vad.onnx";
+    let specialised = silero_16k(bytes, what)?;
     let model = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])
-        .and_then(|m| m.with_input_fact(0, f32::fact([1, 576]).into()))
-        .and_then(|m| m.with_input_fact(1, f32::fact([2, 1, 128]).into()))
-        .and_then(|m| m.with_input_fact(2, i64::fact([0usize; 0]).into()))
+        .model_for_read(&mut &specialised[..])
         .and_then(|m| m.into_optimized())
         .and_then(|m| m.into_runnable())
         .map_err(|e| tract_err(what, format!("{e:#}")))?;
     let mut state = Tensor::zero::<f32>(&[2, 1, 128]).map_err(|e| tract_err(what, e))?;
-    let sr = tensor0(16_000i64);
     let mut out = Vec::with_capacity(windows.len());
     for i in 0..windows.len() {
         let x = Tensor::from_shape(&[1, 576], windows.sample(i)).map_err(|e| tract_err(what, e))?;
         let y = model
-            .run(tvec!(x.into(), state.clone().into(), sr.clone().into()))
+            .run(tvec!(x.into(), state.clone().into()))
             .map_err(|e| tract_err(what, e))?;
         out.push(to_vec(&y[0], what)?[0]);
         state = y[1].clone().into_tensor();
     }
     Ok(out)
+}
+
+/// Silero VAD specialised as the compiler does for the demo's VAD group: `sr` folded to
+/// 16000 (which resolves its sample-rate `If`s, which tract cannot analyse with `sr` as
+/// an input), `input` fixed to f32[1,576] and `state` to f32[2,1,128]; re-encoded.
+fn silero_16k(bytes: &[u8], what: &str) -> Result<Vec<u8>, Error> {
+    use edgefleet_compiler::onnx::{pb, specialise::specialise};
+    use prost::Message as _;
+    let mut m = pb::ModelProto::decode(bytes).map_err(|e| tract_err(what, e))?;
+    let shapes = [("input", vec![1, 576]), ("state", vec![2, 1, 128])]
+        .map(|(k, v)| (k.to_string(), v))
+        .into();
+    let consts = [("sr".to_string(), 16_000.0)].into();
+    specialise(
+        &mut m,
+        std::path::Path::new(what),
+        &shapes,
+        &consts,
+        &Default::default(),
+    )
+    .map_err(|e| tract_err(what, e))?;
+    Ok(m.encode_to_vec())
 }
 
 /// Predicted classes from a task's ONNX output: text direction `probs` f32 [n, 2] -> argmax;

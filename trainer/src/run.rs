@@ -16,13 +16,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{sha256_hex, Dataset, Examples, SplitName, Task};
 use crate::device::{self, DeviceChoice, DeviceKind, Selected};
 use crate::mlflow::{MlflowClient, RunInfo, RunStatus};
-use crate::model::{ConvNet, ConvNetConfig, ModelSize};
+use crate::model::{ConvNet, ConvNetConfig, ModelSize, TrainBackend};
 use crate::train::{self, EpochMetrics, RunObserver, TrainConfig, TrainData, NO_LABEL};
 use crate::{infer, onnx, Error};
 
@@ -303,7 +302,7 @@ pub fn load_model<B: burn::tensor::backend::Backend>(
 
 /// For a distillation run: the teacher's logits on the labelled training split and on the
 /// dataset's unlabelled inputs (appended with [`NO_LABEL`]), and the teacher's test metric.
-pub fn teacher_targets<B: AutodiffBackend>(
+pub fn teacher_targets<B: TrainBackend>(
     req: &RunRequest,
     prep: &Prepared,
     device: &B::Device,
@@ -363,7 +362,7 @@ fn file_sha256(p: &Path) -> Result<String, Error> {
     Ok(sha256_hex(&b))
 }
 
-fn run_on<B: AutodiffBackend>(
+fn run_on<B: TrainBackend>(
     req: &RunRequest,
     prep: Prepared,
     device: &B::Device,
@@ -461,7 +460,7 @@ fn best_epoch(h: &[EpochMetrics]) -> usize {
 }
 
 /// The task metric and accuracy of `model` on the test split.
-pub fn evaluate<B: burn::tensor::backend::Backend>(
+pub fn evaluate<B: crate::model::ConvBackend>(
     model: &ConvNet<B>,
     arch: &ConvNetConfig,
     task: Task,
@@ -488,7 +487,7 @@ pub fn metric_name(task: Task) -> &'static str {
 
 /// Exports `model` and re-runs the ONNX under tract on the test split: every output within
 /// [`EXPORT_TOLERANCE`] of burn's, or an error naming the largest difference.
-pub fn export_checked<B: burn::tensor::backend::Backend>(
+pub fn export_checked<B: crate::model::ConvBackend>(
     model: &ConvNet<B>,
     arch: &ConvNetConfig,
     task: Task,
@@ -539,7 +538,7 @@ pub fn export_checked<B: burn::tensor::backend::Backend>(
 }
 
 /// Writes the artifacts (temp file, fsync, rename) and the run record; logs to MLflow.
-fn finish<B: burn::tensor::backend::Backend>(
+fn finish<B: crate::model::ConvBackend>(
     req: &RunRequest,
     mut record: RunRecord,
     model: &ConvNet<B>,

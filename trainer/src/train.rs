@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Examples, Task};
-use crate::model::{ConvNet, ConvNetConfig};
+use crate::model::{ConvBackend, ConvNet, ConvNetConfig, TrainBackend};
 use crate::Error;
 
 /// Hyper-parameters of one run. Unknown fields are refused.
@@ -167,7 +167,7 @@ pub fn metric(task: Task, pred: &[i64], truth: &[i64]) -> f64 {
 }
 
 /// Logits f32 [n, classes] (row-major) of `model` in eval mode on `ex`, in batches of 64.
-pub fn logits<B: Backend>(
+pub fn logits<B: ConvBackend>(
     model: &ConvNet<B>,
     cfg: &ConvNetConfig,
     ex: &Examples,
@@ -194,7 +194,7 @@ pub fn logits<B: Backend>(
 }
 
 /// Predicted classes (argmax of [`logits`]; ties go to the lower class) of `model` on `ex`.
-pub fn predict<B: Backend>(
+pub fn predict<B: ConvBackend>(
     model: &ConvNet<B>,
     cfg: &ConvNetConfig,
     ex: &Examples,
@@ -387,7 +387,7 @@ fn batch_tensors<B: Backend>(
 
 /// Trains `cfg`'s architecture with cross-entropy on `data`, checkpointing under `ckpt_dir`
 /// (resuming from it when it holds a checkpoint of the same config).
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: TrainBackend>(
     arch: &ConvNetConfig,
     data: &TrainData<'_>,
     cfg: &TrainConfig,

@@ -22,6 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::Task;
 
+pub mod conv;
+
+pub use conv::{ConvBackend, TrainBackend};
+
 /// Which member of a task's pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -104,18 +108,25 @@ impl ConvNetConfig {
         }
     }
 
-    /// Text direction: 4 blocks of 3x3 convs, each halving H and W (48x192 -> 3x12).
+    /// Text direction: 4 blocks of 3x3 convs, each halving H and W (48x192 -> 3x12): the
+    /// first by its stride (a strided stem: a quarter of the full-resolution work of a
+    /// stride-1 conv + pool, for the same receptive-field growth), the others by 2x2 pooling.
     fn text_direction(size: ModelSize) -> Self {
         let widths: [usize; 4] = match size {
             ModelSize::Teacher => [16, 32, 64, 128],
             ModelSize::Student => [8, 16, 24, 32],
         };
+        let blocks = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| match i {
+                0 => block(c, [3, 3], [2, 2], [1, 1]),
+                _ => block(c, [3, 3], [1, 1], [2, 2]),
+            })
+            .collect();
         Self {
             image: [3, 48, 192],
-            blocks: widths
-                .iter()
-                .map(|&c| block(c, [3, 3], [1, 1], [2, 2]))
-                .collect(),
+            blocks,
             classes: 2,
         }
     }
@@ -186,10 +197,12 @@ impl<B: Backend> ConvBlock<B> {
             pool,
         }
     }
+}
 
+impl<B: ConvBackend> ConvBlock<B> {
     /// f32[N,C_in,H,W] -> f32[N,C_out,H',W'].
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let y = relu(self.bn.forward(self.conv.forward(x)));
+        let y = relu(self.bn.forward(conv::forward(&self.conv, x)));
         match &self.pool {
             Some(p) => p.forward(y),
             None => y,
@@ -206,7 +219,7 @@ pub struct ConvNet<B: Backend> {
     pub head: Linear<B>,
 }
 
-impl<B: Backend> ConvNet<B> {
+impl<B: ConvBackend> ConvNet<B> {
     /// Logits f32[N,classes] from images f32[N,C,H,W] (the config's `image`).
     pub fn forward_image(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let mut y = x;
