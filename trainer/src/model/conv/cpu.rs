@@ -2,10 +2,11 @@
 //! "High Performance Convolutional Neural Networks for Document Processing"), the GEMMs
 //! being ndarray's (matrixmultiply's sgemm, threaded).
 //!
-//! One im2col matrix for the whole batch, f32[C*kh*kw, N*H'*W'], serves all three passes:
+//! The im2col matrix of the whole batch, f32[C*kh*kw, N*H'*W'] (`cols`), is built by the
+//! forward pass and again by the weight gradient (not kept between them):
 //! - forward: out f32[C_out, N*H'*W'] = W f32[C_out, C*kh*kw] x cols;
 //! - weight gradient: dW = G f32[C_out, N*H'*W'] x cols^T;
-//! - input gradient: dcols = W^T x G, scattered back by col2im.
+//! - input gradient: dcols = W^T x G, scattered back onto x's positions (col2im).
 //!
 //! Layouts in and out are burn's row-major NCHW; `G` and `out` are permuted to and from
 //! f32[N,C_out,H',W'] here. Every reduction runs in a fixed order, so results are the same
@@ -86,8 +87,9 @@ impl Geometry {
 fn im2col(g: &Geometry, x: &[f32]) -> Array2<f32> {
     let cols = g.positions();
     let mut out = Array2::<f32>::zeros((g.taps(), cols));
-    let buf = out.as_slice_mut().unwrap_or_default();
-    g.for_each_entry(|row, col, src| buf[row * cols + col] = x[src]);
+    if let Some(buf) = out.as_slice_mut() {
+        g.for_each_entry(|row, col, src| buf[row * cols + col] = x[src]);
+    }
     out
 }
 
@@ -102,10 +104,11 @@ fn batch_to_columns(t: &[f32], n: usize, a: usize, b: usize) -> Array2<f32> {
     Array2::from_shape_vec((a, n * b), out).unwrap_or_default()
 }
 
-/// f32[A, N*B] (standard layout) -> f32[N, A, B] (row-major).
+/// f32[A, N*B] (any memory layout) -> f32[N, A, B] (row-major).
 fn columns_to_batch(m: &Array2<f32>, n: usize, b: usize) -> Vec<f32> {
     let a = m.nrows();
     let mut out = vec![0f32; n * a * b];
+    let m = m.as_standard_layout();
     let Some(src) = m.as_slice() else { return out };
     for (k, row) in src.chunks_exact(n * b).enumerate() {
         for (s, piece) in row.chunks_exact(b).enumerate() {
@@ -123,6 +126,8 @@ fn view(data: &[f32], rows: usize, cols: usize) -> Option<ArrayView2<'_, f32>> {
 /// Forward: x f32[N,C,H,W], weight f32[C_out,C,kh,kw], bias f32[C_out] ->
 /// f32[N,C_out,H',W']. `None` when a buffer's length does not fit `g`.
 pub(crate) fn forward(g: &Geometry, x: &[f32], weight: &[f32], bias: &[f32]) -> Option<Vec<f32>> {
+    let sizes = [x.len(), bias.len()];
+    (sizes == [g.n * g.c * g.input[0] * g.input[1], g.c_out]).then_some(())?;
     let w = view(weight, g.c_out, g.taps())?;
     let mut out = w.dot(&im2col(g, x));
     for (mut row, b) in out.rows_mut().into_iter().zip(bias) {
@@ -135,7 +140,8 @@ pub(crate) fn forward(g: &Geometry, x: &[f32], weight: &[f32], bias: &[f32]) -> 
 /// f32[C_out,C,kh,kw]. `None` when a buffer's length does not fit `g`.
 pub(crate) fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Option<Vec<f32>> {
     let hw = g.output[0] * g.output[1];
-    (grad.len() == g.n * g.c_out * hw).then_some(())?;
+    let sizes = [x.len(), grad.len()];
+    (sizes == [g.n * g.c * g.input[0] * g.input[1], g.n * g.c_out * hw]).then_some(())?;
     let go = batch_to_columns(grad, g.n, g.c_out, hw);
     let dw = go.dot(&im2col(g, x).t());
     Some(dw.into_iter().collect())
@@ -149,7 +155,8 @@ pub(crate) fn input_grad(g: &Geometry, weight: &[f32], grad: &[f32]) -> Option<V
     let w = view(weight, g.c_out, g.taps())?;
     let dcols = w.t().dot(&batch_to_columns(grad, g.n, g.c_out, hw));
     let cols = g.positions();
-    let src = dcols.as_slice().unwrap_or_default();
+    let dcols = dcols.as_standard_layout();
+    let src = dcols.as_slice()?;
     let mut dx = vec![0f32; g.n * g.c * g.input[0] * g.input[1]];
     g.for_each_entry(|row, col, dst| dx[dst] += src[row * cols + col]);
     Some(dx)

@@ -10,8 +10,11 @@
 //! them ([`ConvGemmBackward`]). `examples/throughput.rs` prints the per-layer speedup over
 //! burn's own path, measured in the same run.
 //!
-//! Dilated or grouped convolutions, and convolutions without a bias, go through burn's
-//! `conv2d` unchanged.
+//! Convolutions the blocks do not build go through burn's kernels unchanged: dilated or
+//! grouped ones, ones without a bias, a stride of 0, padding not smaller than the kernel,
+//! asymmetric padding, and (CPU kernels only) tensors that are not f32 or whose channel
+//! counts disagree. On CUDA, the autodiff step still runs, with burn's kernels for the input
+//! and weight gradients and a sum over batch and space for the bias gradient.
 
 mod cpu;
 
@@ -176,10 +179,11 @@ impl ConvBackend for Cpu {
 }
 
 /// Whether the blocks' own path handles a convolution with `options` and `kernel`
-/// (dilation 1, no groups, padding smaller than the kernel; any stride).
+/// (dilation 1, no groups, a stride of at least 1, padding smaller than the kernel).
 fn is_handled(options: &ConvOptions<2>, kernel: [usize; 2]) -> bool {
     options.dilation == [1, 1]
         && options.groups == 1
+        && !options.stride.contains(&0)
         && options.padding[0] < kernel[0]
         && options.padding[1] < kernel[1]
 }
@@ -267,21 +271,31 @@ impl<B: ConvBackend, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
     }
 }
 
-/// The convolution options of `conv` (symmetric explicit padding, as [`super::ConvBlock`]
-/// builds it; `Valid` is zero padding).
-fn options_of<B: Backend>(conv: &Conv2d<B>) -> ConvOptions<2> {
+/// The convolution options of `conv` when its padding is symmetric (`Explicit` with equal
+/// opposite sides, as [`super::ConvBlock`] builds it, or `Valid`); `None` otherwise.
+fn options_of<B: Backend>(conv: &Conv2d<B>) -> Option<ConvOptions<2>> {
     let padding = match &conv.padding {
-        PaddingConfig2d::Explicit(top, left, _, _) => [*top, *left],
-        _ => [0, 0],
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            [*top, *left]
+        }
+        PaddingConfig2d::Valid => [0, 0],
+        _ => return None,
     };
-    ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups)
+    Some(ConvOptions::new(
+        conv.stride,
+        padding,
+        conv.dilation,
+        conv.groups,
+    ))
 }
 
 /// `conv` applied to x f32[N,C_in,H,W] -> f32[N,C_out,H',W'] through
-/// [`ConvBackend::block_conv2d`]; numerically the same as `conv.forward(x)` for the
-/// symmetric explicit padding the blocks use.
+/// [`ConvBackend::block_conv2d`]; numerically the same as `conv.forward(x)`, which it calls
+/// for padding that is not symmetric (`Same`, uneven `Explicit`).
 pub fn forward<B: ConvBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let options = options_of(conv);
+    let Some(options) = options_of(conv) else {
+        return conv.forward(x);
+    };
     let weight = conv.weight.val().into_primitive().tensor();
     let bias = conv
         .bias
@@ -315,6 +329,9 @@ mod tests {
         ([1, 3, 6, 6], 4, [2, 3], [1, 0], [1, 1]),
         ([2, 1, 1, 70], 4, [1, 8], [0, 0], [1, 4]),
         ([2, 3, 9, 11], 4, [3, 3], [1, 1], [2, 3]),
+        ([1, 2, 3, 3], 2, [3, 3], [0, 0], [1, 1]),
+        ([2, 1, 4, 5], 1, [1, 1], [0, 0], [1, 1]),
+        ([2, 2, 7, 8], 3, [2, 2], [0, 0], [3, 3]),
     ];
 
     fn random<const D: usize>(shape: [usize; D]) -> FloatTensor<Cpu> {
@@ -361,8 +378,39 @@ mod tests {
         }
     }
 
+    /// What the CPU kernels do not handle falls back to burn (padding not smaller than the
+    /// kernel, a grouped conv), and a non-contiguous input is read in its logical order.
+    #[test]
+    fn fallbacks_and_non_contiguous_inputs_match_burns() {
+        Cpu::seed(&Default::default(), 11);
+        let (x, w, b) = (random([2, 3, 5, 6]), random([4, 3, 3, 3]), random([4]));
+        let wide = ConvOptions::new([1, 1], [3, 3], [1, 1], 1);
+        assert!(geometry(&x.shape(), &w.shape(), &wide).is_none());
+        let d = diff::<4>(
+            Cpu::block_conv2d(x.clone(), w.clone(), Some(b.clone()), wide.clone()),
+            Cpu::conv2d(x.clone(), w.clone(), Some(b.clone()), wide),
+        );
+        assert!(d < 1e-5, "padding >= kernel: max |diff| {d}");
+        let grouped = ConvOptions::new([1, 1], [1, 1], [1, 1], 2);
+        let (xg, wg) = (random([2, 4, 5, 6]), random([4, 2, 3, 3]));
+        assert!(geometry(&xg.shape(), &wg.shape(), &grouped).is_none());
+        let d = diff::<4>(
+            Cpu::block_conv2d(xg.clone(), wg.clone(), Some(b.clone()), grouped.clone()),
+            Cpu::conv2d(xg, wg, Some(b.clone()), grouped),
+        );
+        assert!(d < 1e-5, "grouped: max |diff| {d}");
+        // [2, 5, 3, 6] with axes 1 and 2 swapped: a [2, 3, 5, 6] view that is not contiguous.
+        let swapped = Cpu::float_swap_dims(random([2, 5, 3, 6]), 1, 2);
+        let plain = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let d = diff::<4>(
+            Cpu::block_conv2d(swapped.clone(), w.clone(), Some(b.clone()), plain.clone()),
+            Cpu::conv2d(swapped, w, Some(b), plain),
+        );
+        assert!(d < 1e-4, "non-contiguous input: max |diff| {d}");
+    }
+
     /// Gradients of x, weight and bias through [`forward`] on the autodiff backend equal
-    /// burn's own conv2d's.
+    /// burn's own conv2d's, with x tracked and, as in training, untracked.
     #[test]
     fn gradients_match_burns_conv2d() {
         let device = Default::default();
@@ -400,6 +448,20 @@ mod tests {
             let bias = conv.bias.as_ref().unwrap().val();
             let d = max_abs_diff(bias.grad(&g_ours).unwrap(), bias.grad(&g_burn).unwrap());
             assert!(d < 1e-4, "case {seed} bias: max |diff| {d}");
+            let untracked = Tensor::<Ad, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let probe = Tensor::<Ad, 4>::random(
+                conv.forward(untracked.clone()).dims(),
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let g_ours = (forward(&conv, untracked.clone()) * probe.clone())
+                .sum()
+                .backward();
+            let g_burn = (conv.forward(untracked.clone()) * probe).sum().backward();
+            assert!(untracked.grad(&g_ours).is_none());
+            let weight = conv.weight.val();
+            let d = max_abs_diff(weight.grad(&g_ours).unwrap(), weight.grad(&g_burn).unwrap());
+            assert!(d < 1e-4, "case {seed} weight, x untracked: max |diff| {d}");
         }
     }
 }
