@@ -260,7 +260,6 @@ fn checkpoint_epoch(run: &Path) -> Option<u64> {
 }
 
 #[test]
-#[ignore = "slow (about 15 min here); the in-library resume test in trainer/tests/train_loop.rs runs by default: cargo test -p edgefleet --test trainer_cli -- --ignored"]
 fn sigkilled_run_resumes_to_the_same_metrics() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cwd = tmp.path();

@@ -320,9 +320,12 @@ mod tests {
         (a - b).abs().max().into_scalar()
     }
 
-    /// (input [N,C,H,W], C_out, kernel, padding, stride): the shapes the models use and
-    /// asymmetric ones, so that a swapped axis or a wrong offset shows.
-    const CASES: &[([usize; 4], usize, [usize; 2], [usize; 2], [usize; 2])] = &[
+    /// (input [N,C,H,W], C_out, kernel, padding, stride).
+    type Case = ([usize; 4], usize, [usize; 2], [usize; 2], [usize; 2]);
+
+    /// The shapes the models use and asymmetric ones, so that a swapped axis or a wrong
+    /// offset shows.
+    const CASES: &[Case] = &[
         ([2, 3, 12, 20], 5, [3, 3], [1, 1], [1, 1]),
         ([3, 4, 1, 35], 6, [1, 3], [0, 1], [1, 1]),
         ([2, 2, 7, 9], 3, [3, 5], [0, 2], [1, 1]),
@@ -435,18 +438,24 @@ mod tests {
             let g_ours = (ours * probe.clone()).sum().backward();
             let g_burn = (burns * probe).sum().backward();
             let pairs = [
-                (x.grad(&g_ours).unwrap(), x.grad(&g_burn).unwrap()),
                 (
-                    conv.weight.val().grad(&g_ours).unwrap(),
-                    conv.weight.val().grad(&g_burn).unwrap(),
+                    x.grad(&g_ours).expect("x grad"),
+                    x.grad(&g_burn).expect("x grad"),
+                ),
+                (
+                    conv.weight.val().grad(&g_ours).expect("weight grad"),
+                    conv.weight.val().grad(&g_burn).expect("weight grad"),
                 ),
             ];
             for (i, (a, b)) in pairs.into_iter().enumerate() {
                 let d = max_abs_diff(a, b);
                 assert!(d < 1e-4, "case {seed} tensor {i}: max |diff| {d}");
             }
-            let bias = conv.bias.as_ref().unwrap().val();
-            let d = max_abs_diff(bias.grad(&g_ours).unwrap(), bias.grad(&g_burn).unwrap());
+            let bias = conv.bias.as_ref().expect("bias").val();
+            let d = max_abs_diff(
+                bias.grad(&g_ours).expect("bias grad"),
+                bias.grad(&g_burn).expect("bias grad"),
+            );
             assert!(d < 1e-4, "case {seed} bias: max |diff| {d}");
             let untracked = Tensor::<Ad, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
             let probe = Tensor::<Ad, 4>::random(
@@ -460,7 +469,10 @@ mod tests {
             let g_burn = (conv.forward(untracked.clone()) * probe).sum().backward();
             assert!(untracked.grad(&g_ours).is_none());
             let weight = conv.weight.val();
-            let d = max_abs_diff(weight.grad(&g_ours).unwrap(), weight.grad(&g_burn).unwrap());
+            let d = max_abs_diff(
+                weight.grad(&g_ours).expect("weight grad"),
+                weight.grad(&g_burn).expect("weight grad"),
+            );
             assert!(d < 1e-4, "case {seed} weight, x untracked: max |diff| {d}");
         }
     }
