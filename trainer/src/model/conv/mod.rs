@@ -135,10 +135,7 @@ impl ConvBackend for Cpu {
             let y = cpu::forward(&g, x.as_slice()?, w.as_slice()?, b.as_slice()?)?;
             Some(device_tensor(y, [g.n, g.c_out, g.output[0], g.output[1]]))
         };
-        match fast() {
-            Some(y) => y,
-            None => Self::conv2d(x, weight, bias, options),
-        }
+        fast().unwrap_or_else(|| Self::conv2d(x, weight, bias, options))
     }
 
     fn block_conv2d_input_grad(
@@ -153,10 +150,7 @@ impl ConvBackend for Cpu {
             let dx = cpu::input_grad(&g, w.as_slice()?, dy.as_slice()?)?;
             Some(device_tensor(dx, [g.n, g.c, g.input[0], g.input[1]]))
         };
-        match fast() {
-            Some(dx) => dx,
-            None => Self::conv2d_x_backward(x, weight, grad, options),
-        }
+        fast().unwrap_or_else(|| Self::conv2d_x_backward(x, weight, grad, options))
     }
 
     fn block_conv2d_weight_grad(
@@ -171,10 +165,7 @@ impl ConvBackend for Cpu {
             let dw = cpu::weight_grad(&g, x.as_slice()?, dy.as_slice()?)?;
             Some(device_tensor(dw, [g.c_out, g.c, g.kernel[0], g.kernel[1]]))
         };
-        match fast() {
-            Some(dw) => dw,
-            None => Self::conv2d_weight_backward(x, weight, grad, options),
-        }
+        fast().unwrap_or_else(|| Self::conv2d_weight_backward(x, weight, grad, options))
     }
 }
 
