@@ -182,7 +182,7 @@ pub struct DriftSection {
     /// Half-life of the autocorrelation estimate in inferences
     /// ([`WindowConfig::rho_half_life`]). Default 32000.
     pub rho_half_life: f64,
-    /// False-alarm probability of one evaluation, in (0, 0.5]. Default 0.01.
+    /// False-alarm probability of one evaluation, in (0, 0.5]. Default 0.001.
     pub alpha: f64,
     /// `bonferroni` (default), `benjamini_hochberg` or `none`.
     pub correction: Correction,
@@ -401,6 +401,10 @@ impl Config {
             return Err(invalid("telemetry_interval_s", "must be at least 1".into()));
         }
         c.drift.check().map_err(|(k, r)| invalid(k, r))?;
+        for (i, t) in c.inputs.iter().enumerate() {
+            crate::inputs::check_config(t)
+                .map_err(|e| invalid(&format!("inputs[{i}]"), e.to_string()))?;
+        }
         if c.capture.max_bytes < MIN_CAPTURE_BYTES {
             return Err(invalid(
                 "capture.max_bytes",
@@ -507,7 +511,7 @@ url = "mqtt://127.0.0.1:1883"
 listen = "127.0.0.1:0"
 [[inputs]]
 kind = "replay"
-path = "x.bin"
+dir = "replay"
 "#;
 
     #[test]
@@ -524,12 +528,36 @@ path = "x.bin"
         );
         assert_eq!(c.inputs.len(), 1);
         assert_eq!(c.api.workers, 2);
-        let c = Config::parse(
-            &format!("{GOOD}dir = \"replay\"\n"),
-            Path::new("/etc/edgefleet/agent.toml"),
-        )
-        .expect("parses");
         assert_eq!(c.inputs[0]["dir"].as_str(), Some("/etc/edgefleet/replay"));
+    }
+
+    /// An `[[inputs]]` table is checked when the config loads, not when its
+    /// source opens: a misspelt transform, a bad value and an unknown kind
+    /// are each refused naming the table and the key.
+    #[test]
+    fn input_tables_are_checked_at_load() {
+        for (extra, want) in [
+            ("gian = 1.5\n", "`gian`"),
+            ("rate_hz = \"fast\"\n", "rate_hz"),
+        ] {
+            let e = Config::parse(&format!("{GOOD}{extra}"), Path::new("/x/agent.toml"))
+                .expect_err(extra);
+            let s = e.to_string();
+            assert!(s.contains("inputs[0]") && s.contains(want), "{extra}: {s}");
+        }
+        let text = GOOD.replace(
+            "kind = \"replay\"\ndir = \"replay\"",
+            "kind = \"i2c_accel\"\nbus = \"/dev/i2c-1\"\nwindw = 8",
+        );
+        let s = Config::parse(&text, Path::new("a.toml"))
+            .expect_err("i2c key")
+            .to_string();
+        assert!(s.contains("i2c_accel") && s.contains("`windw`"), "{s}");
+        let text = GOOD.replace("kind = \"replay\"", "kind = \"camera\"");
+        let s = Config::parse(&text, Path::new("a.toml"))
+            .expect_err("kind")
+            .to_string();
+        assert!(s.contains("`camera`"), "{s}");
     }
 
     #[test]

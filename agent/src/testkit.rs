@@ -26,6 +26,9 @@ pub enum Kind {
     Slow,
     /// `y = k * x` with a batch dimension of 4 (`x: f32[4,4]`, `batch_axis = 0`).
     Batched,
+    /// `y = k * x` declared a 4-class classifier (`Task::Classifier`, labels
+    /// `c0..c3`): for positive `k` the answer is the index of the largest `x`.
+    Classifier,
 }
 
 /// Input the golden vectors use: all positive.
@@ -38,7 +41,7 @@ fn build_model(kind: Kind, k: f32) -> tp::TractResult<tp::TypedModel> {
     let x = m.add_source("x", f32::fact([batch, 4]))?;
     let kc = m.add_const("k", tp::Tensor::from_shape(&[1, 4], &[k; 4])?)?;
     let y = match kind {
-        Kind::Good | Kind::GoldenMismatch | Kind::Batched => {
+        Kind::Good | Kind::GoldenMismatch | Kind::Batched | Kind::Classifier => {
             m.wire_node("y", ops::math::mul(), &[x, kc])?
         }
         Kind::Nan => {
@@ -97,7 +100,13 @@ pub fn spec(kind: Kind, name: &str) -> ModelSpec {
         inputs: vec![t("x")],
         outputs: vec![t("y")],
         state: vec![],
-        task: Task::Other,
+        task: if kind == Kind::Classifier {
+            Task::Classifier {
+                labels: (0..4).map(|i| format!("c{i}")).collect(),
+            }
+        } else {
+            Task::Other
+        },
         batch_axis: (kind == Kind::Batched).then_some(0),
     }
 }

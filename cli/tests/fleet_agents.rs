@@ -126,17 +126,19 @@ struct Kit {
 
 impl Kit {
     fn new() -> Self {
+        Kit::booting(Kind::Good)
+    }
+
+    /// A kit whose release-1 bundle (the one every agent boots with) is a `kind` model.
+    fn booting(kind: Kind) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let key = SigningKey::generate();
         let trust = dir.path().join("release.pub.pem");
         key.write_pem_files(&dir.path().join("release.pem"), &trust)
             .expect("write keys");
         let initial = dir.path().join("initial.efb");
-        std::fs::write(
-            &initial,
-            testkit::bundle(Kind::Good, &key, MODEL, 1, TARGET, 1.0),
-        )
-        .expect("write initial bundle");
+        std::fs::write(&initial, testkit::bundle(kind, &key, MODEL, 1, TARGET, 1.0))
+            .expect("write initial bundle");
         Kit {
             dir,
             key,
@@ -1133,6 +1135,39 @@ struct BrokerCleanup {
     retained: Vec<String>,
 }
 
+impl BrokerCleanup {
+    /// What devices `{tag}-00..{tag}-{n-1}` leave on the machine's Mosquitto:
+    /// their sessions (command and telemetry clients) and retained status.
+    fn for_devices(tag: &str, n: usize) -> Self {
+        let ids: Vec<String> = (0..n).map(|i| format!("{tag}-{i:02}")).collect();
+        BrokerCleanup {
+            port: 1883,
+            client_ids: ids
+                .iter()
+                .flat_map(|id| [id.clone(), format!("{id}-telemetry")])
+                .collect(),
+            retained: ids
+                .iter()
+                .map(|id| format!("edgefleet/v1/devices/{id}/up/status"))
+                .collect(),
+        }
+    }
+}
+
+/// Whether the machine's Mosquitto listens on 127.0.0.1:1883 (a test that
+/// needs it prints SKIP and returns when not; `.ci/run` starts it).
+fn mosquitto_up() -> bool {
+    let up = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:1883".parse().expect("addr"),
+        Duration::from_secs(1),
+    )
+    .is_ok();
+    if !up {
+        eprintln!("SKIP: no Mosquitto at 127.0.0.1:1883");
+    }
+    up
+}
+
 impl Drop for BrokerCleanup {
     fn drop(&mut self) {
         mqtt_once(self.port, &unique("fa-clean-"), &self.retained);
@@ -1179,31 +1214,14 @@ fn mqtt_once(port: u16, id: &str, clear: &[String]) {
 /// server on an external broker. Skipped when no broker listens there.
 #[test]
 fn rollout_through_mosquitto() {
-    if std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:1883".parse().expect("addr"),
-        Duration::from_secs(1),
-    )
-    .is_err()
-    {
-        eprintln!("SKIP: no Mosquitto at 127.0.0.1:1883");
+    if !mosquitto_up() {
         return;
     }
     let t0 = Instant::now();
     let kit = Kit::new();
     let tag = unique("mq-");
-    let ids: Vec<String> = (0..10).map(|i| format!("{tag}-{i:02}")).collect();
     // Declared first: dropped last, after the agents and the server are gone.
-    let mut cleanup = BrokerCleanup {
-        port: 1883,
-        client_ids: ids
-            .iter()
-            .flat_map(|id| [id.clone(), format!("{id}-telemetry")])
-            .collect(),
-        retained: ids
-            .iter()
-            .map(|id| format!("edgefleet/v1/devices/{id}/up/status"))
-            .collect(),
-    };
+    let mut cleanup = BrokerCleanup::for_devices(&tag, 10);
     let server = ServerProc::start(&kit, Broker::External("mqtt://127.0.0.1:1883".into()));
     cleanup.client_ids.push(server.client_id.clone());
     let api = server.api();
@@ -1340,4 +1358,114 @@ fn rollouts_create_trial_flags_reach_the_agents_policy() {
         line.contains(&format!("policy={want} ")) && line.contains("mode=serve"),
         "{line}"
     );
+}
+
+/// Issue #11 item 5 end to end, through the machine's Mosquitto: a real agent
+/// serving a classifier answers with a request id, takes ground-truth labels
+/// for it on `POST /v1/feedback` (404 for an id it never issued, 409 for a
+/// second label), and the fleet server's `/v1/telemetry` reports the online
+/// accuracy of the release that answered: exactly 2 of 3 labels agreed.
+#[test]
+fn feedback_labels_reach_the_servers_online_accuracy_through_mosquitto() {
+    if !mosquitto_up() {
+        return;
+    }
+    let kit = Kit::booting(Kind::Classifier);
+    let tag = unique("fb-");
+    let mut cleanup = BrokerCleanup::for_devices(&tag, 1);
+    let server = ServerProc::start(&kit, Broker::External("mqtt://127.0.0.1:1883".into()));
+    cleanup.client_ids.push(server.client_id.clone());
+    let api = server.api();
+    let mut fleet = Fleet::spawn(&kit, &tag, 1, "mqtt://127.0.0.1:1883", None);
+    api.wait_registered(&fleet, Duration::from_secs(60));
+    fleet.read_api_ports();
+    let agent = &fleet.agents[0];
+    let http = agent.http();
+    let infer = |x: [f32; 4]| -> String {
+        let body = json!({"inputs": [Tensor::f32("x", vec![1, 4], x.to_vec())]});
+        let r = http
+            .post(agent.url("/v1/infer"))
+            .json(&body)
+            .send()
+            .expect("POST /v1/infer");
+        assert!(r.status().is_success(), "infer: {}", r.status());
+        r.headers()[edgefleet_agent::api::REQUEST_ID_HEADER]
+            .to_str()
+            .expect("ascii request id")
+            .to_string()
+    };
+    let label = |id: &str, label: u64| -> (u16, Value) {
+        let r = http
+            .post(agent.url("/v1/feedback"))
+            .json(&json!({"request_id": id, "label": label}))
+            .send()
+            .expect("POST /v1/feedback");
+        (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+    };
+    // y = x: the answer is the index of the largest input.
+    let a = infer([1.0, 2.0, 3.0, 4.0]); // answer 3
+    let b = infer([4.0, 3.0, 2.0, 1.0]); // answer 0
+    let c = infer([0.0, 9.0, 1.0, 2.0]); // answer 1
+    let (st, v) = label(&a, 3);
+    assert_eq!(
+        (st, &v["agreed"], &v["answer"]),
+        (200, &json!(true), &json!(3)),
+        "{v}"
+    );
+    let (st, v) = label(&b, 2);
+    assert_eq!(
+        (st, &v["agreed"], &v["release"]["release"]),
+        (200, &json!(false), &json!(1)),
+        "{v}"
+    );
+    let (st, v) = label(&c, 1);
+    assert_eq!((st, &v["agreed"]), (200, &json!(true)), "{v}");
+    let (st, v) = label(&a, 3);
+    assert_eq!(st, 409, "a second label for {a}: {v}");
+    let (st, v) = label("0000000000000000-1", 1);
+    assert_eq!(st, 404, "a label for an id never issued: {v}");
+    let (st, v) = label(&c, 4);
+    assert!(
+        st == 400 || st == 409,
+        "label 4 of a 4-class model: {st} {v}"
+    );
+
+    // The labels may come in one telemetry interval or two: wait for all 3.
+    let id = agent.id.clone();
+    let last = std::cell::RefCell::new(Value::Null);
+    let fb = wait_until(
+        Duration::from_secs(60),
+        || {
+            format!(
+                "3 labels in /v1/telemetry?device={id}; last {}\n{}",
+                last.borrow(),
+                fleet.logs(&[])
+            )
+        },
+        || {
+            let f = api.get(&format!("/v1/telemetry?device={id}"))["telemetry"]["feedback"].clone();
+            *last.borrow_mut() = f.clone();
+            let n: u64 = f
+                .as_array()?
+                .iter()
+                .filter_map(|r| r["labelled"].as_u64())
+                .sum();
+            (n >= 3).then_some(f)
+        },
+    );
+    let got: Vec<(u64, u64, u64)> = fb
+        .as_array()
+        .expect("feedback list")
+        .iter()
+        .map(|f| {
+            (
+                f["release"]["release"].as_u64().unwrap_or(0),
+                f["labelled"].as_u64().unwrap_or(0),
+                f["agreed"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![(1, 3, 2)], "{fb}");
+    let acc = fb[0]["online_accuracy"].as_f64().expect("online_accuracy");
+    assert!((acc - 2.0 / 3.0).abs() < 1e-9, "online accuracy {acc}");
 }

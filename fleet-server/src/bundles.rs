@@ -20,7 +20,7 @@ use crate::store::{self, now_ms, Store};
 use crate::{Error, Result};
 
 /// Summary of a stored bundle (the API lists these).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundleInfo {
     /// Body SHA-256 (hex): the bundle's id.
     pub sha256: String,
@@ -48,6 +48,72 @@ pub struct BundleInfo {
     pub created_at: String,
     /// Upload time (server clock, ms).
     pub uploaded_ms: u64,
+    /// What the bundle's `compile_report.json` says of the shipped
+    /// candidate; `None` for a bundle packed without one (`edgefleet bundle
+    /// pack`) or stored before the server read reports.
+    #[serde(default)]
+    pub compile: Option<CompileSummary>,
+}
+
+/// The shipped candidate of a bundle's compile report
+/// (`compile_report.json`, written by `edgefleet compile`; schema in
+/// docs/specs/bundle.md, "Payload files"): the gate's verdict and metrics
+/// and the size ratio, read once at upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompileSummary {
+    /// Target profile the report was compiled for.
+    pub target: String,
+    /// The gate's verdict on the shipped candidate (`pass` or why not).
+    pub gate: String,
+    /// The candidate's accuracy against the fp32 reference: every numeric
+    /// metric the report gives (`max_abs_error`, `mean_cosine`,
+    /// `top1_agreement`, `mask_iou`, `box_f1`, `sequence_agreement`), by
+    /// name; absent metrics (null in the report) are left out.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Original ONNX size, bytes.
+    pub original_bytes: u64,
+    /// Shipped ONNX size, bytes.
+    pub shipped_bytes: u64,
+    /// `shipped_bytes / original_bytes`.
+    pub size_ratio: f64,
+    /// Median tract latency of the shipped candidate on the compiling
+    /// machine, ms (`None` when the report has none).
+    pub latency_ms: Option<f64>,
+}
+
+impl CompileSummary {
+    /// Reads the summary from a report's JSON; `None` when the bytes are not
+    /// a compile report (a bundle may carry any free-form report, so a
+    /// missing field is not an error).
+    pub fn from_report(bytes: &[u8]) -> Option<Self> {
+        let r: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let chosen = r.get("chosen")?.as_u64()? as usize;
+        let c = r.get("candidates")?.get(chosen)?;
+        let original_bytes = r.get("original_bytes")?.as_u64()?;
+        let shipped_bytes = c.get("onnx_bytes")?.as_u64()?;
+        const METRICS: [&str; 6] = [
+            "max_abs_error",
+            "mean_cosine",
+            "top1_agreement",
+            "mask_iou",
+            "box_f1",
+            "sequence_agreement",
+        ];
+        let acc = c.get("accuracy")?;
+        let metrics = METRICS
+            .iter()
+            .filter_map(|m| Some(((*m).to_string(), acc.get(*m)?.as_f64()?)))
+            .collect();
+        Some(CompileSummary {
+            target: r.get("target")?.as_str()?.to_string(),
+            gate: c.get("gate")?.as_str()?.to_string(),
+            metrics,
+            original_bytes,
+            shipped_bytes,
+            size_ratio: shipped_bytes as f64 / original_bytes.max(1) as f64,
+            latency_ms: c.get("latency_ms").and_then(serde_json::Value::as_f64),
+        })
+    }
 }
 
 impl BundleInfo {
@@ -62,7 +128,7 @@ impl BundleInfo {
 }
 
 /// The outcome of an upload.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Upload {
     /// A new bundle, now stored.
     Stored(BundleInfo),
@@ -284,6 +350,9 @@ impl Bundles {
             min_agent_version: m.min_agent_version.to_string(),
             created_at: m.created_at.clone(),
             uploaded_ms: now_ms(),
+            compile: vb
+                .file(edgefleet_bundle::payload::REPORT_JSON)
+                .and_then(CompileSummary::from_report),
         };
         store::put(&self.store.bundles, sha.as_bytes(), &info)?;
         self.lock_cache()
@@ -438,5 +507,53 @@ impl Bundles {
         edgefleet_bundle::write_atomic(&self.delta_dir.join(format!("{dsha}.efb")), &bytes)?;
         tracing::info!(base = base_sha, new = new_sha, delta = %dsha, size = m.body.size, "delta made");
         Ok(Some(dsha))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::CompileSummary;
+
+    /// The shape `edgefleet compile` writes (compiler/src/lib.rs `Report`),
+    /// trimmed to what the summary reads plus a field it ignores.
+    const REPORT: &str = r#"{
+        "model": "vad", "target": "rpi4", "original_bytes": 2000, "chosen": 1,
+        "candidates": [
+            {"gate": "max_abs_error 0.2 > 0.05", "onnx_bytes": 900,
+             "accuracy": {"max_abs_error": 0.2, "mean_cosine": 0.9}, "latency_ms": null},
+            {"gate": "pass", "onnx_bytes": 500, "quantize": "int8_weights",
+             "accuracy": {"max_abs_error": 0.01, "mean_cosine": 0.999,
+                          "top1_agreement": 1.0, "mask_iou": null},
+             "latency_ms": 1.25}
+        ]
+    }"#;
+
+    #[test]
+    fn the_shipped_candidate_is_summarised() {
+        let s = CompileSummary::from_report(REPORT.as_bytes()).unwrap();
+        assert_eq!(s.target, "rpi4");
+        assert_eq!(s.gate, "pass");
+        assert_eq!(
+            s.metrics.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["max_abs_error", "mean_cosine", "top1_agreement"],
+            "null metrics are left out"
+        );
+        assert_eq!(s.metrics["max_abs_error"], 0.01);
+        assert_eq!((s.shipped_bytes, s.original_bytes), (500, 2000));
+        assert_eq!(s.size_ratio, 0.25);
+        assert_eq!(s.latency_ms, Some(1.25));
+    }
+
+    #[test]
+    fn anything_else_is_no_summary() {
+        for bad in [
+            "",
+            "not json",
+            "{}",
+            r#"{"chosen": 5, "candidates": [], "original_bytes": 1, "target": "x"}"#,
+        ] {
+            assert_eq!(CompileSummary::from_report(bad.as_bytes()), None, "{bad}");
+        }
     }
 }

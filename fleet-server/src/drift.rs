@@ -229,7 +229,7 @@ enum Standing {
 pub async fn ingest(state: &Arc<State>, m: &DriftMessage) -> Result<()> {
     let r = DriftRecord::from_message(m, now_ms());
     store::put(&state.store.drift, &seq_key(&r.device, r.seq), &r)?;
-    prune(&state.store.drift, &r.device, REPORTS_PER_DEVICE)?;
+    store::prune_device(&state.store.drift, &r.device, REPORTS_PER_DEVICE)?;
     let Some(dev) = state.registry.get(&r.device)? else {
         return Ok(());
     };
@@ -240,23 +240,6 @@ pub async fn ingest(state: &Arc<State>, m: &DriftMessage) -> Result<()> {
 }
 
 /// Drops a device's oldest reports beyond `keep`.
-fn prune(tree: &sled::Tree, device: &str, keep: usize) -> Result<()> {
-    let prefix = device_prefix(device);
-    let n = tree.scan_prefix(&prefix).count();
-    if n <= keep {
-        return Ok(());
-    }
-    let old: Vec<sled::IVec> = tree
-        .scan_prefix(&prefix)
-        .keys()
-        .take(n - keep)
-        .collect::<std::result::Result<_, _>>()?;
-    for k in old {
-        tree.remove(k)?;
-    }
-    Ok(())
-}
-
 /// Latest report of `device` for `model` with a verdict (`ok`/`drift`)
 /// received at or after `since` (insufficient data and no data are skipped).
 fn latest_verdict(

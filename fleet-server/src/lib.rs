@@ -4,6 +4,7 @@
 //!
 //! Module map:
 //! - [`api`]: axum router under `/v1` ([`app`]), bearer auth, OpenAPI;
+//! - [`dashboard`]: the operator web dashboard at `/` (login, pages, charts);
 //! - [`mqtt`]: the server's MQTT client and dispatcher, the embedded broker;
 //! - [`rollout`]: wave maths and gate ([`rollout::plan`], pure) and the engine;
 //! - [`store`]: sled trees; [`registry`], [`bundles`], [`telemetry`];
@@ -20,6 +21,7 @@ pub mod bundles;
 pub mod capture;
 pub mod config;
 pub mod credentials;
+pub mod dashboard;
 pub mod datasets;
 pub mod drift;
 mod error;
@@ -89,6 +91,8 @@ pub struct State {
     pub drift_rule_lock: tokio::sync::Mutex<()>,
     /// Serialises dataset cuts.
     pub datasets_lock: Mutex<()>,
+    /// Dashboard logins and one-time login codes.
+    pub dashboard: dashboard::session::Sessions,
 }
 
 impl State {
@@ -121,6 +125,7 @@ impl State {
             stats: Stats::default(),
             drift_rule_lock: tokio::sync::Mutex::new(()),
             datasets_lock: Mutex::new(()),
+            dashboard: dashboard::session::Sessions::default(),
             config,
         }))
     }

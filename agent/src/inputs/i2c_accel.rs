@@ -253,11 +253,17 @@ impl<I: I2c + Send> InputSource for Adxl345<I> {
     }
 }
 
+/// Keys a `kind = "i2c_accel"` table may hold (`name` is the pipeline's).
+pub const I2C_ACCEL_KEYS: [&str; 8] = [
+    "kind", "name", "bus", "address", "rate_hz", "window", "range_g", "tensor",
+];
+
 /// Reads the `i2c_accel` fields of an `[[inputs]]` table into an [`AccelConfig`] and the bus path.
 ///
 /// # Errors
-/// [`InputError::Config`].
+/// [`InputError::Config`], also for a key outside [`I2C_ACCEL_KEYS`].
 pub fn config_from_toml(v: &toml::Value) -> Result<(String, AccelConfig), InputError> {
+    super::refuse_unknown_keys(v, "i2c_accel", &I2C_ACCEL_KEYS)?;
     let d = AccelConfig::default();
     let bus = v
         .get("bus")

@@ -132,6 +132,45 @@ pub fn from_config(v: &toml::Value) -> Result<Box<dyn InputSource>, InputError> 
     }
 }
 
+/// Checks an `[[inputs]]` table without opening its source (no file or bus
+/// is touched): the kind is known and every key and value is one its source
+/// accepts. The agent's config loader runs it, so a misspelt key stops the
+/// agent at start instead of when the source opens.
+///
+/// # Errors
+/// [`InputError::Config`] naming the kind and the key at fault.
+pub fn check_config(v: &toml::Value) -> Result<(), InputError> {
+    let kind = v
+        .get("kind")
+        .and_then(toml::Value::as_str)
+        .ok_or_else(|| InputError::Config("missing string field `kind`".into()))?;
+    match kind {
+        "i2c_accel" => i2c_accel::config_from_toml(v).map(drop),
+        "replay" => replay::ReplayConfig::from_toml(v).map(drop),
+        other => Err(InputError::Config(format!(
+            "unknown input kind `{other}` (expected `i2c_accel` or `replay`)"
+        ))),
+    }
+}
+
+/// Refuses a key of the `kind` table `v` that is not in `keys`, naming it.
+pub(crate) fn refuse_unknown_keys(
+    v: &toml::Value,
+    kind: &str,
+    keys: &[&str],
+) -> Result<(), InputError> {
+    let unknown = v
+        .as_table()
+        .and_then(|t| t.keys().find(|k| !keys.contains(&k.as_str())));
+    match unknown {
+        Some(k) => Err(InputError::Config(format!(
+            "{kind}: unknown key `{k}` (expected one of {})",
+            keys.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Reads an optional float field (integers accepted).
 pub(crate) fn get_f64(v: &toml::Value, key: &str) -> Result<Option<f64>, InputError> {
     match v.get(key) {

@@ -90,14 +90,7 @@ impl ReplayConfig {
     /// # Errors
     /// [`InputError::Config`].
     pub fn from_toml(v: &toml::Value) -> Result<Self, InputError> {
-        if let Some(t) = v.as_table() {
-            if let Some(k) = t.keys().find(|k| !REPLAY_KEYS.contains(&k.as_str())) {
-                return Err(InputError::Config(format!(
-                    "replay: unknown key `{k}` (expected one of {})",
-                    REPLAY_KEYS.join(", ")
-                )));
-            }
-        }
+        super::refuse_unknown_keys(v, "replay", &REPLAY_KEYS)?;
         let dir = v
             .get("dir")
             .and_then(toml::Value::as_str)

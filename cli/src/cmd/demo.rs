@@ -272,6 +272,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "      API http://{}  (token {TOKEN})  broker {broker}",
         server.api_addr()
     );
+    println!(
+        "      dashboard http://{addr}/  one-time login: http://{addr}/login/once/{}",
+        server.state().dashboard.one_time_code(),
+        addr = server.api_addr()
+    );
     let ctx = Ctx {
         targets,
         soak_s: args.soak_s,
@@ -347,8 +352,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     if !args.exit {
         println!(
-            "fleet API up at http://{} (token {TOKEN}); Ctrl-C to stop",
-            server.api_addr()
+            "fleet API up at http://{addr} (token {TOKEN}); dashboard http://{addr}/ \
+             (one-time login: http://{addr}/login/once/{code}); Ctrl-C to stop",
+            addr = server.api_addr(),
+            code = server.state().dashboard.one_time_code(),
         );
         rt.block_on(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -298,7 +298,7 @@ fn summarise(label: &str, delays: &[Option<usize>]) -> (usize, usize) {
     let med = d[d.len() / 2];
     let max = d[d.len() - 1];
     println!(
-        "{label}: detection delay of a 1-sigma mean shift (alpha 0.01): median {med}, \
+        "{label}: detection delay of a 1-sigma mean shift (default alpha): median {med}, \
          p90 {}, max {max} units over {} seeds",
         d[d.len() * 9 / 10],
         d.len()

@@ -72,6 +72,7 @@ pub fn app(state: Arc<State>) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
         .merge(protected)
+        .merge(crate::dashboard::router(state.clone()))
         .fallback(|| async {
             Error::NotFound {
                 what: "route",

@@ -149,10 +149,72 @@ pub fn device_prefix(device: &str) -> Vec<u8> {
     k
 }
 
+/// Keeps the newest `keep` entries of `device` in a tree keyed
+/// `device \0 seq_be` (retention), removing the oldest.
+///
+/// # Errors
+/// [`Error::Store`].
+pub fn prune_device(tree: &sled::Tree, device: &str, keep: usize) -> Result<()> {
+    let prefix = device_prefix(device);
+    let n = tree.scan_prefix(&prefix).count();
+    if n <= keep {
+        return Ok(());
+    }
+    let old: Vec<sled::IVec> = tree
+        .scan_prefix(&prefix)
+        .keys()
+        .take(n - keep)
+        .collect::<std::result::Result<_, _>>()?;
+    for k in old {
+        tree.remove(k)?;
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch on the server clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_newest_of_that_device_only() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("t").unwrap();
+        for seq in 0..100u64 {
+            t.insert(seq_key("dev-a", seq), b"a".as_slice()).unwrap();
+        }
+        for seq in 0..10u64 {
+            t.insert(seq_key("dev-b", seq), b"b".as_slice()).unwrap();
+            t.insert(seq_key("dev-aa", seq), b"c".as_slice()).unwrap();
+        }
+        prune_device(&t, "dev-a", 30).unwrap();
+        let kept: Vec<sled::IVec> = t
+            .scan_prefix(device_prefix("dev-a"))
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        let want: Vec<sled::IVec> = (70..100u64).map(|s| seq_key("dev-a", s).into()).collect();
+        assert_eq!(kept, want, "the newest 30 of dev-a, in order");
+        assert_eq!(t.scan_prefix(device_prefix("dev-b")).count(), 10);
+        assert_eq!(
+            t.scan_prefix(device_prefix("dev-aa")).count(),
+            10,
+            "a longer id with the same start"
+        );
+        prune_device(&t, "dev-b", 30).unwrap();
+        assert_eq!(
+            t.scan_prefix(device_prefix("dev-b")).count(),
+            10,
+            "under the limit: untouched"
+        );
+        assert_eq!(t.len(), 50);
+    }
 }
