@@ -7,7 +7,9 @@
 //!     http://ADDR/login/once/CODE docs/dashboard [DEVICE] [ROLLOUT]
 //! ```
 //!
-//! Needs `chromedriver` and `chromium` on PATH. DEVICE (default: the first
+//! With `EDGEFLEET_TOKEN` set, logs in with the operator token instead of
+//! the one-time link (which works once). Needs `chromedriver` and
+//! `chromium` on PATH. DEVICE (default: the first
 //! device with a drift alarm, else the first listed) and ROLLOUT (default:
 //! the newest) choose the device and rollout pages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -50,8 +52,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .capabilities(caps)
         .connect(&format!("http://127.0.0.1:{port}"))
         .await?;
+    // The window size includes the browser's frame: grow it until the
+    // viewport (what a screenshot shows) is 1280x800.
     c.set_window_size(1280, 800).await?;
-    c.goto(link).await?;
+    let inner = c
+        .execute("return [window.innerWidth, window.innerHeight];", vec![])
+        .await?;
+    let (w, h) = (
+        inner[0].as_u64().unwrap_or(1280) as u32,
+        inner[1].as_u64().unwrap_or(800) as u32,
+    );
+    c.set_window_size(1280 + (1280 - w.min(1280)), 800 + (800 - h.min(800)))
+        .await?;
+    match std::env::var("EDGEFLEET_TOKEN") {
+        // A one-time link works once; with the operator token the same run
+        // can be repeated against the same server.
+        Ok(token) => {
+            c.goto(&format!("{base}/login")).await?;
+            c.find(Locator::Id("token"))
+                .await?
+                .send_keys(&token)
+                .await?;
+            c.find(Locator::Id("login")).await?.click().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(_) => c.goto(link).await?,
+    }
     let device = match args.get(3) {
         Some(d) => d.clone(),
         None => {
