@@ -703,19 +703,15 @@ pub fn query(state: &State, q: &Query) -> Result<(Vec<DriftRecord>, Vec<Series>)
     };
     let mut reports = Vec::new();
     for d in devices {
-        let mut mine: Vec<DriftRecord> =
-            store::scan::<DriftRecord>(&state.store.drift, &device_prefix(&d))?
-                .into_iter()
-                .filter(|r| selected(r, q))
-                .map(|mut r| {
-                    if let Some(f) = &q.feature {
-                        r.tests.retain(|t| &t.name == f);
-                    }
-                    r
-                })
-                .collect();
-        let skip = mine.len().saturating_sub(limit);
-        reports.extend(mine.drain(skip..));
+        let mine = store::scan_newest(&state.store.drift, &device_prefix(&d), limit, |r| {
+            selected(r, q)
+        })?;
+        reports.extend(mine.into_iter().map(|mut r: DriftRecord| {
+            if let Some(f) = &q.feature {
+                r.tests.retain(|t| &t.name == f);
+            }
+            r
+        }));
     }
     reports.sort_by_key(|r| (r.received_ms, r.device.clone(), r.seq));
     let series = series(&reports);

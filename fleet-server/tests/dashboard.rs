@@ -119,7 +119,10 @@ async fn browser(d: &Driver) -> Client {
 /// Screenshots of the pages visited, written on failure (or always with
 /// `EDGEFLEET_SCREENSHOTS`).
 #[derive(Default, Clone)]
-struct Shots(std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>);
+struct Shots(std::sync::Arc<std::sync::Mutex<Vec<Shot>>>);
+
+/// A page's name and its PNG.
+type Shot = (String, Vec<u8>);
 
 impl Shots {
     async fn take(&self, c: &Client, name: &str) {

@@ -86,7 +86,9 @@ async fn security_headers(mut r: Response) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Pages hold fleet data: never cached. Assets set their own.
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
     r
 }
 
@@ -350,5 +352,14 @@ async fn asset(Path(file): Path<String>) -> Response {
         "dashboard.css" => (include_bytes!("assets/dashboard.css"), "text/css"),
         _ => return (StatusCode::NOT_FOUND, "no such asset").into_response(),
     };
-    ([(header::CONTENT_TYPE, ty)], body).into_response()
+    // Ten minutes: the 51 kB chart library is not fetched on every page,
+    // and an upgraded server's assets are picked up soon after.
+    (
+        [
+            (header::CONTENT_TYPE, ty),
+            (header::CACHE_CONTROL, "public, max-age=600"),
+        ],
+        body,
+    )
+        .into_response()
 }

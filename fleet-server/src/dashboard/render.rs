@@ -133,8 +133,11 @@ pub fn fleet(csrf: &CsrfToken, v: &FleetView) -> String {
                     tbody {
                         @for r in &v.releases {
                             tr {
-                                td { a href=(format!("/devices?group={}&target={}", r.group, r.target)) { (r.group) } }
-                                td { (r.target) }
+                                td { @match &r.group {
+                                    Some(g) => a href=(release_row_link(g, r.target.as_deref())) { (g) },
+                                    None => span.muted { "(no group)" },
+                                } }
+                                td { (r.target.as_deref().unwrap_or("(unknown)")) }
                                 td { (r.devices) }
                                 td { @for (rel, n) in &r.intended { span.rel { (rel) " × " (n) } " " } }
                                 td { @for (rel, n) in &r.running { span.rel { (rel) " × " (n) } " " } }
@@ -231,6 +234,18 @@ pub fn devices(csrf: &CsrfToken, v: &DevicesView) -> String {
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters kept).
+/// The device list filtered to a group and (when known) a target.
+fn release_row_link(group: &str, target: Option<&str>) -> String {
+    match target {
+        Some(t) => format!(
+            "/devices?group={}&target={}",
+            urlencode(group),
+            urlencode(t)
+        ),
+        None => format!("/devices?group={}", urlencode(group)),
+    }
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {
@@ -410,6 +425,10 @@ pub fn drift(csrf: &CsrfToken, v: &DriftView) -> String {
                                 td { @if d.flagged { strong { "drifting" } } }
                             }
                         } }
+                    }
+                    @if g.more > 0 {
+                        p.muted { (g.more) " more devices with lower statistics: "
+                            a href=(format!("/devices?group={}", urlencode(&g.group))) { "all of group " (g.group) } }
                     }
                 }
             }

@@ -132,10 +132,11 @@ fn snapshot_rollouts(s: &State) -> Vec<Rollout> {
 /// One row of the release table: a (group, target) pair.
 #[derive(Debug, Clone)]
 pub struct ReleaseRow {
-    /// Group (`-` for devices without one).
-    pub group: String,
-    /// Target profile (`-` when unknown).
-    pub target: String,
+    /// Group (`None` for devices in no group). A device in several groups
+    /// is counted in each group's rows.
+    pub group: Option<String>,
+    /// Target profile (`None` when the device has not said).
+    pub target: Option<String>,
     /// Devices in the pair.
     pub devices: usize,
     /// Releases the rollouts intend, with device counts.
@@ -189,7 +190,7 @@ pub fn fleet(s: &State) -> Result<FleetView> {
         .flat_map(|r| r.drifting.iter().map(String::as_str))
         .collect();
     let mut counts: BTreeMap<DeviceClass, usize> = BTreeMap::new();
-    let mut rows: BTreeMap<(String, String), ReleaseRow> = BTreeMap::new();
+    let mut rows: BTreeMap<(Option<String>, Option<String>), ReleaseRow> = BTreeMap::new();
     let mut attention = Vec::new();
     for d in &devices {
         let class = DeviceClass::of(d, latest.progress(&d.id));
@@ -223,15 +224,15 @@ pub fn fleet(s: &State) -> Result<FleetView> {
 }
 
 fn count_release(
-    rows: &mut BTreeMap<(String, String), ReleaseRow>,
+    rows: &mut BTreeMap<(Option<String>, Option<String>), ReleaseRow>,
     d: &Device,
     intended: Option<&ReleaseRef>,
 ) {
-    let target = d.target.clone().unwrap_or_else(|| "-".into());
-    let groups: Vec<String> = if d.groups.is_empty() {
-        vec!["-".into()]
+    let target = d.target.clone();
+    let groups: Vec<Option<String>> = if d.groups.is_empty() {
+        vec![None]
     } else {
-        d.groups.iter().cloned().collect()
+        d.groups.iter().cloned().map(Some).collect()
     };
     for g in groups {
         let row = rows
@@ -412,6 +413,10 @@ pub struct Chart {
     pub series: Vec<(String, Vec<Option<f64>>)>,
     /// A horizontal threshold line, if any.
     pub threshold: Option<f64>,
+    /// Draw lines across missing values: yes where series are sampled at
+    /// different times on a shared axis (drift reports); no where a missing
+    /// value is an outage (telemetry buckets).
+    pub span_gaps: bool,
 }
 
 impl Chart {
@@ -551,10 +556,27 @@ pub fn device(s: &State, id: &str) -> Result<Option<DeviceView>> {
     }))
 }
 
+/// Every bucket start from the first to the last, with the bucket when one
+/// arrived: a gap (the device was offline) is a gap in the line, not a
+/// straight segment across it.
+fn with_gaps(t: &crate::telemetry::Summary) -> Vec<(u64, Option<&crate::telemetry::Bucket>)> {
+    let step = ((t.bucket_s * 1e3).round() as u64).max(1);
+    let (Some(first), Some(last)) = (t.series.first(), t.series.last()) else {
+        return Vec::new();
+    };
+    let by: BTreeMap<u64, &crate::telemetry::Bucket> =
+        t.series.iter().map(|b| (b.start_ms, b)).collect();
+    (first.start_ms..=last.start_ms)
+        .step_by(step as usize)
+        .map(|at| (at, by.get(&at).copied()))
+        .collect()
+}
+
 fn telemetry_charts(t: &crate::telemetry::Summary) -> (Chart, Chart) {
-    let x: Vec<f64> = t.series.iter().map(|b| b.start_ms as f64 / 1e3).collect();
+    let slots = with_gaps(t);
+    let x: Vec<f64> = slots.iter().map(|(at, _)| *at as f64 / 1e3).collect();
     let col = |f: &dyn Fn(&crate::telemetry::Bucket) -> f64| -> Vec<Option<f64>> {
-        t.series.iter().map(|b| Some(f(b))).collect()
+        slots.iter().map(|(_, b)| b.map(f)).collect()
     };
     let latency = Chart {
         id: "chart-latency".into(),
@@ -566,6 +588,7 @@ fn telemetry_charts(t: &crate::telemetry::Summary) -> (Chart, Chart) {
             ("p99".into(), col(&|b| b.p99_ms)),
         ],
         threshold: None,
+        span_gaps: false,
     };
     let rate = Chart {
         id: "chart-rate".into(),
@@ -580,6 +603,7 @@ fn telemetry_charts(t: &crate::telemetry::Summary) -> (Chart, Chart) {
             ("errors/s".into(), col(&|b| b.errors as f64 / t.bucket_s)),
         ],
         threshold: None,
+        span_gaps: false,
     };
     (latency, rate)
 }
@@ -613,6 +637,7 @@ fn drift_chart(id: &str, title: &str, reports: &[DriftRecord]) -> Chart {
         x: with.iter().map(|r| r.received_ms as f64 / 1e3).collect(),
         series,
         threshold: Some(1.0),
+        span_gaps: true,
     }
 }
 
@@ -761,11 +786,18 @@ pub struct DriftGroup {
     /// Largest statistic / threshold per device over time (the
     /// [`MAX_CHART_DEVICES`] highest now).
     pub chart: Chart,
-    /// Every device of the group with a verdict, flagged first, then by ratio.
+    /// The group's devices with a verdict, flagged first, then by ratio:
+    /// every flagged one, and unflagged ones up to [`MAX_TABLE_DEVICES`].
     pub devices: Vec<DriftDevice>,
+    /// Unflagged devices left out of `devices` (lower ratios).
+    pub more: usize,
 }
 
-/// Devices drawn per group chart (the table lists all).
+/// Devices listed per group on the drift page besides the flagged ones (a
+/// group of 10,000 would otherwise be one 10,000-row table).
+pub const MAX_TABLE_DEVICES: usize = 50;
+
+/// Devices drawn per group chart.
 pub const MAX_CHART_DEVICES: usize = 12;
 
 /// Drift reports per device the drift page reads.
@@ -846,6 +878,13 @@ fn drift_group(s: &State, group: String, open: &BTreeSet<String>) -> Result<Drif
         })
         .collect();
     devices.sort_by(|a, b| b.flagged.cmp(&a.flagged).then(b.ratio.total_cmp(&a.ratio)));
+    let keep = devices
+        .iter()
+        .filter(|d| d.flagged)
+        .count()
+        .max(MAX_TABLE_DEVICES);
+    let more = devices.len().saturating_sub(keep);
+    devices.truncate(keep);
     let drawn: Vec<&str> = devices
         .iter()
         .take(MAX_CHART_DEVICES)
@@ -856,6 +895,7 @@ fn drift_group(s: &State, group: String, open: &BTreeSet<String>) -> Result<Drif
         group,
         chart,
         devices,
+        more,
     })
 }
 
@@ -898,6 +938,7 @@ fn group_chart(
         x: times.iter().map(|t| *t as f64 / 1e3).collect(),
         series,
         threshold: Some(1.0),
+        span_gaps: true,
     }
 }
 
@@ -914,6 +955,43 @@ pub fn bundles(s: &State) -> Result<Vec<crate::bundles::BundleInfo>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_is_a_gap_in_the_telemetry_charts() {
+        let bucket = |start_ms: u64, requests: u64| crate::telemetry::Bucket {
+            start_ms,
+            requests,
+            errors: 0,
+            error_rate: 0.0,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+        };
+        let t = crate::telemetry::Summary {
+            records: 3,
+            devices: 1,
+            requests: 6,
+            errors: 0,
+            error_rate: 0.0,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+            bucket_s: 60.0,
+            series: vec![
+                bucket(600_000, 60),
+                bucket(660_000, 120),
+                bucket(840_000, 60),
+            ],
+            feedback: vec![],
+        };
+        let (latency, rate) = telemetry_charts(&t);
+        assert_eq!(latency.x, [600.0, 660.0, 720.0, 780.0, 840.0]);
+        assert_eq!(
+            rate.series[0].1,
+            [Some(1.0), Some(2.0), None, None, Some(1.0)],
+            "requests/s with the two missing minutes left empty"
+        );
+        assert!(!latency.span_gaps && !rate.span_gaps);
+        assert_eq!(latency.points(), 6);
+    }
 
     #[test]
     fn paging_clamps_and_covers_every_row() {

@@ -133,6 +133,33 @@ pub fn scan<T: DeserializeOwned>(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec
     Ok(out)
 }
 
+/// The newest `limit` values under `prefix` that `keep` accepts, oldest
+/// first: a reverse scan that stops after `limit` matches (a device's drift
+/// history holds up to thousands of reports; a page wants the last few).
+///
+/// # Errors
+/// [`Error::Store`], [`Error::Corrupt`].
+pub fn scan_newest<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    prefix: &[u8],
+    limit: usize,
+    mut keep: impl FnMut(&T) -> bool,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for kv in tree.scan_prefix(prefix).rev() {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = kv?;
+        let t: T = decode(&k, &v)?;
+        if keep(&t) {
+            out.push(t);
+        }
+    }
+    out.reverse();
+    Ok(out)
+}
+
 /// Key `device \0 seq` (big-endian, so a prefix scan is in seq order).
 pub fn seq_key(device: &str, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(device.len() + 9);
@@ -216,5 +243,26 @@ mod tests {
             "under the limit: untouched"
         );
         assert_eq!(t.len(), 50);
+    }
+
+    #[test]
+    fn scan_newest_takes_the_last_matches_in_order() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("t").unwrap();
+        for seq in 0..50u64 {
+            t.insert(seq_key("d", seq), serde_json::to_vec(&seq).unwrap())
+                .unwrap();
+            t.insert(
+                seq_key("e", seq),
+                serde_json::to_vec(&(seq + 1000)).unwrap(),
+            )
+            .unwrap();
+        }
+        let even: Vec<u64> = scan_newest(&t, &device_prefix("d"), 3, |v: &u64| v % 2 == 0).unwrap();
+        assert_eq!(even, [44, 46, 48]);
+        let all: Vec<u64> = scan_newest(&t, &device_prefix("d"), 100, |_: &u64| true).unwrap();
+        assert_eq!(all, (0..50).collect::<Vec<_>>());
+        let none: Vec<u64> = scan_newest(&t, &device_prefix("x"), 5, |_: &u64| true).unwrap();
+        assert!(none.is_empty());
     }
 }

@@ -16,7 +16,7 @@
     c.series.forEach(function (s, i) {
       data.push(s[1]);
       series.push({ label: s[0], stroke: COLORS[i % COLORS.length], width: 1.5,
-                    spanGaps: true, points: { show: c.x.length < 60 } });
+                    spanGaps: !!c.span_gaps, points: { show: c.x.length < 60 } });
     });
     if (c.threshold !== null && c.threshold !== undefined) {
       data.push(c.x.map(function () { return c.threshold; }));
