@@ -103,7 +103,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let code = server.state().dashboard.one_time_code();
-    let r = http.get(format!("{base}/login/once/{code}")).send().await?;
+    let r = http
+        .post(format!("{base}/login/once/{code}"))
+        .send()
+        .await?;
     let cookie = r.headers()["set-cookie"]
         .to_str()?
         .split(';')

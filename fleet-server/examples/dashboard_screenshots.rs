@@ -76,7 +76,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             c.find(Locator::Id("login")).await?.click().await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        Err(_) => c.goto(link).await?,
+        Err(_) => {
+            c.goto(link).await?;
+            c.find(Locator::Id("login")).await?.click().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     let device = match args.get(3) {
         Some(d) => d.clone(),

@@ -9,6 +9,8 @@
 //! redirected to the login and a form post refused; a cross-site page that
 //! auto-submits a form to the dashboard gets 403 and changes nothing; a
 //! same-site post without the CSRF token, or from another Origin, is refused.
+//! A one-time login link is spent by its button's post, not by opening it,
+//! and works once.
 //!
 //! Needs `chromedriver` and `chromium` (Debian: `apt-get install chromium
 //! chromium-driver`; `.ci/run` installs them). Without them the test fails,
@@ -409,6 +411,49 @@ async fn cross_site_post_is_refused(c: &Client, f: &Fleet, base: &str) {
     );
 }
 
+/// A one-time link: opening it (GET, as a link previewer would) spends
+/// nothing; its button's post from another origin is refused; the real post
+/// logs in once; a second post is refused.
+async fn one_time_link_works_once(f: &Fleet, base: &str) {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let link = format!(
+        "{base}/login/once/{}",
+        f.server.state().dashboard.one_time_code()
+    );
+    for _ in 0..2 {
+        let r = http.get(&link).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "GET shows the button");
+        assert!(
+            r.headers().get("set-cookie").is_none(),
+            "GET starts no session"
+        );
+    }
+    let r = http
+        .post(&link)
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403, "a cross-origin post of the link");
+    let r = http.post(&link).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303, "the link's own post");
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("HttpOnly"));
+    let r = http.post(&link).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401, "used once already");
+    let r = http
+        .post(format!("{base}/login/once/{}", "0".repeat(64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401, "a made-up code");
+}
+
 /// Same-site posts: no cookie, no token, wrong Origin: all refused.
 async fn forged_requests_are_refused(f: &Fleet, base: &str) {
     let http = reqwest::Client::builder()
@@ -537,4 +582,5 @@ async fn operator_drives_the_dashboard_in_chromium() {
     }
     let _ = c.close().await;
     forged_requests_are_refused(&f, &base).await;
+    one_time_link_works_once(&f, &base).await;
 }

@@ -9,7 +9,8 @@
 //! | route | what |
 //! |---|---|
 //! | `GET /login`, `POST /login` | the operator token (same as the API's bearer token) -> session cookie |
-//! | `GET /login/once/{code}` | one-time login link (`edgefleet demo` prints one) |
+//! | `GET /login/once/{code}` | one-time login link (`edgefleet demo` prints one): a page whose button posts it |
+//! | `POST /login/once/{code}` | redeems the code (once, within 15 minutes) and starts a session |
 //! | `POST /logout` | ends the session |
 //! | `GET /` | fleet: device counts by state, releases per group and target (rolled out vs running), devices needing attention |
 //! | `GET /devices?q=&group=&target=&state=&page=` | device list, filtered, 50 per page |
@@ -59,7 +60,7 @@ pub fn router(state: Arc<State>) -> Router<Arc<State>> {
         .route_layer(middleware::from_fn_with_state(state, require_session));
     Router::new()
         .route("/login", get(login_page).post(login))
-        .route("/login/once/{code}", get(login_once))
+        .route("/login/once/{code}", get(login_once_page).post(login_once))
         .route("/assets/{file}", get(asset))
         .merge(pages)
         .layer(middleware::map_response(security_headers))
@@ -154,14 +155,7 @@ async fn login_page() -> Html<String> {
 
 /// Logs in with the operator token; a wrong token gets the form again (401).
 async fn login(AxState(s): S, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
-    let origin_ok = match (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) {
-        (Some(o), Some(h)) => o.ends_with(&format!("//{h}")),
-        _ => true,
-    };
-    if !origin_ok {
+    if !same_origin(&headers) {
         return forbidden("cross-origin login");
     }
     if s.config.token.is_empty() || !crate::api::token_eq(f.token.trim(), &s.config.token) {
@@ -174,6 +168,18 @@ async fn login(AxState(s): S, headers: HeaderMap, Form(f): Form<LoginForm>) -> R
     start_session(&s)
 }
 
+/// `true` unless the browser says the post comes from another origin (no
+/// `Origin` header: not a browser's cross-site post).
+fn same_origin(headers: &HeaderMap) -> bool {
+    match (
+        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+    ) {
+        (Some(o), Some(h)) => o.ends_with(&format!("//{h}")),
+        _ => true,
+    }
+}
+
 fn start_session(s: &State) -> Response {
     let (id, _) = s.dashboard.create();
     let mut r = Redirect::to("/").into_response();
@@ -183,7 +189,20 @@ fn start_session(s: &State) -> Response {
     r
 }
 
-async fn login_once(AxState(s): S, Path(code): Path<String>) -> Response {
+/// The one-time link's page: a button that posts the code. A `GET` spends
+/// nothing, so a link previewer or prefetcher cannot use the code up, and the
+/// post comes from this site, so the `SameSite=Strict` cookie it sets is
+/// sent on the redirect even when the link was opened from another site.
+async fn login_once_page(Path(code): Path<String>) -> Html<String> {
+    Html(render::login_once(&code))
+}
+
+/// Redeems a one-time code (from this site only); a used or expired one gets
+/// the login form (401).
+async fn login_once(AxState(s): S, headers: HeaderMap, Path(code): Path<String>) -> Response {
+    if !same_origin(&headers) {
+        return forbidden("cross-origin login");
+    }
     if s.dashboard.redeem(&code) {
         start_session(&s)
     } else {

@@ -75,6 +75,20 @@ pub fn login(error: Option<&str>) -> String {
     )
 }
 
+/// `GET /login/once/{code}`: one button that posts the code.
+pub fn login_once(code: &str) -> String {
+    layout(
+        "Log in",
+        None,
+        html! {
+            form method="post" action=(format!("/login/once/{}", urlencode(code))) {
+                p { "Log in to the fleet dashboard with this one-time link (it works once, for 15 minutes)." }
+                button type="submit" id="login" autofocus { "Log in" }
+            }
+        },
+    )
+}
+
 /// A page that only says what went wrong.
 pub fn error_page(title: &str, why: &str) -> String {
     layout(
