@@ -358,6 +358,14 @@ async fn drive(c: &Client, f: &Fleet, base: &str, shots: &Shots) {
     assert_eq!(flagged, BTreeSet::from(["dash-3".to_string()]));
     shots.take(c, "drift").await;
     c.goto(&format!("{base}/bundles")).await.unwrap();
+    assert_eq!(text(c, "#matched").await, "1 bundles match");
+    c.goto(&format!("{base}/bundles?model=nope")).await.unwrap();
+    assert_eq!(
+        text(c, "#matched").await,
+        "0 bundles match",
+        "the model filter"
+    );
+    c.goto(&format!("{base}/bundles")).await.unwrap();
     text(c, "#bundles").await;
     shots.take(c, "bundles").await;
     c.goto(&format!("{base}/devices?group=line")).await.unwrap();

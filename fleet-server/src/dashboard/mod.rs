@@ -283,8 +283,15 @@ async fn device(
     }
 }
 
-async fn rollouts(AxState(s): S, axum::Extension(op): axum::Extension<Operator>) -> Response {
-    Html(render::rollouts(&op.csrf, &views::rollouts(&s))).into_response()
+async fn rollouts(
+    AxState(s): S,
+    axum::Extension(op): axum::Extension<Operator>,
+    q: Result<Query<views::ModelFilter>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return bad_query(q.err());
+    };
+    Html(render::rollouts(&op.csrf, &views::rollouts(&s, &q))).into_response()
 }
 
 #[derive(Deserialize, Default)]
@@ -346,8 +353,15 @@ async fn drift(
     page(views::drift(&s, &q).map(|v| render::drift(&op.csrf, &v)))
 }
 
-async fn bundles(AxState(s): S, axum::Extension(op): axum::Extension<Operator>) -> Response {
-    page(views::bundles(&s).map(|v| render::bundles(&op.csrf, &v)))
+async fn bundles(
+    AxState(s): S,
+    axum::Extension(op): axum::Extension<Operator>,
+    q: Result<Query<views::ModelFilter>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return bad_query(q.err());
+    };
+    page(views::bundles(&s, &q).map(|v| render::bundles(&op.csrf, &v)))
 }
 
 fn bad_query(e: Option<axum::extract::rejection::QueryRejection>) -> Response {

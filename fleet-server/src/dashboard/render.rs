@@ -7,7 +7,8 @@ use maud::{html, Markup, DOCTYPE};
 
 use super::session::CsrfToken;
 use super::views::{
-    Chart, DeviceClass, DeviceView, DevicesView, DriftView, FleetView, RolloutSummary, RolloutView,
+    Chart, DeviceClass, DeviceView, DevicesView, DriftView, FleetView, Listed, RolloutSummary,
+    RolloutView,
 };
 use crate::bundles::BundleInfo;
 use crate::rollout::RolloutState;
@@ -356,23 +357,43 @@ fn waves_table(r: &RolloutSummary) -> Markup {
 }
 
 /// `GET /rollouts`.
-pub fn rollouts(csrf: &CsrfToken, v: &[RolloutSummary]) -> String {
+pub fn rollouts(csrf: &CsrfToken, v: &Listed<RolloutSummary>) -> String {
     layout(
         "Rollouts",
         Some(csrf),
         html! {
-            @if v.is_empty() { p { "No rollouts yet." } }
+            (model_filter("/rollouts", v))
+            p id="matched" { (v.matched) " rollouts match" }
             table id="rollouts" {
                 thead { tr { th { "rollout" } th { "release" } th { "state" } th { "devices" } th { "waves committed" } th { "created" } } }
-                tbody { @for r in v { tr {
+                tbody { @for r in &v.rows { tr {
                     td { a href=(format!("/rollouts/{}", r.id)) { (r.id) } }
                     td { (r.release) } td.state { (state_text(&r.state)) } td { (r.devices) }
                     td { (r.waves.iter().map(|w| format!("{}/{}", w.committed, w.size)).collect::<Vec<_>>().join(" · ")) }
                     td { (time(r.created_ms)) }
                 } } }
             }
+            (pager(&model_base("/rollouts", v), v.page, v.pages))
         },
     )
+}
+
+/// The rollout and bundle lists' filter: a model select and a button.
+fn model_filter<T>(action: &str, v: &Listed<T>) -> Markup {
+    html! {
+        form method="get" action=(action) .filters {
+            (select("model", "model", &v.models, v.model.as_ref()))
+            button type="submit" { "Filter" }
+        }
+    }
+}
+
+/// The list's address with its filter, for the pager.
+fn model_base<T>(path: &str, v: &Listed<T>) -> String {
+    match &v.model {
+        Some(m) => format!("{path}?model={}", urlencode(m)),
+        None => path.to_string(),
+    }
 }
 
 /// `GET /rollouts/{id}`.
@@ -467,18 +488,20 @@ pub fn drift(csrf: &CsrfToken, v: &DriftView) -> String {
 }
 
 /// `GET /bundles`.
-pub fn bundles(csrf: &CsrfToken, v: &[BundleInfo]) -> String {
+pub fn bundles(csrf: &CsrfToken, v: &Listed<BundleInfo>) -> String {
     layout(
         "Bundles",
         Some(csrf),
         html! {
+            (model_filter("/bundles", v))
+            p id="matched" { (v.matched) " bundles match" }
             table id="bundles" {
                 thead { tr {
                     th { "model" } th { "release" } th { "version" } th { "targets" } th { "size (bytes)" }
                     th { "chunks" } th { "gate" } th { "gate metrics (vs fp32)" } th { "size ratio" }
                     th { "key" } th { "uploaded" } th { "sha256" }
                 } }
-                tbody { @for b in v { tr data-sha=(b.sha256) {
+                tbody { @for b in &v.rows { tr data-sha=(b.sha256) {
                     td { (b.model) } td { (b.release) } td { (b.version) } td { (b.targets.join(", ")) }
                     td { (b.size) } td { (b.chunks) " × " (b.chunk_size) }
                     (compile_cells(b.compile.as_ref()))
@@ -486,6 +509,7 @@ pub fn bundles(csrf: &CsrfToken, v: &[BundleInfo]) -> String {
                     td { (time(b.uploaded_ms)) } td { code { (&b.sha256[..12.min(b.sha256.len())]) } }
                 } } }
             }
+            (pager(&model_base("/bundles", v), v.page, v.pages))
             p.hint { "Gate metrics and size ratio (shipped ONNX bytes / original) come from the shipped candidate of each bundle's "
                 code { "compile_report.json" } "; a bundle packed without a compile report shows none." }
         },

@@ -669,10 +669,57 @@ fn latest_features(reports: &[DriftRecord]) -> Vec<FeatureNow> {
 }
 
 /// The rollout list (newest first).
-pub fn rollouts(s: &State) -> Vec<RolloutSummary> {
+pub fn rollouts(s: &State, f: &ModelFilter) -> Listed<RolloutSummary> {
     let mut v: Vec<RolloutSummary> = snapshot_rollouts(s).iter().map(summary).collect();
     v.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
-    v
+    listed(v, |r| &r.model, f)
+}
+
+/// Query of the rollout and bundle lists: one model, a page.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFilter {
+    /// Only this model (empty: any).
+    pub model: Option<String>,
+    /// Page, from 1 ([`PAGE_SIZE`] rows each).
+    pub page: Option<usize>,
+}
+
+/// One filtered page of a list.
+#[derive(Debug, Clone)]
+pub struct Listed<T> {
+    /// The page's rows.
+    pub rows: Vec<T>,
+    /// Every model in the unfiltered list (the filter's choices).
+    pub models: Vec<String>,
+    /// The model filtered on.
+    pub model: Option<String>,
+    /// Rows matching the filter, on all pages.
+    pub matched: usize,
+    /// This page, from 1.
+    pub page: usize,
+    /// Pages in all.
+    pub pages: usize,
+}
+
+/// Filters `all` (kept in order) to `f.model` and cuts `f.page`.
+pub fn listed<T>(all: Vec<T>, model_of: impl Fn(&T) -> &str, f: &ModelFilter) -> Listed<T> {
+    let models: BTreeSet<String> = all.iter().map(|t| model_of(t).to_string()).collect();
+    let model = non_empty(&f.model);
+    let mut kept: Vec<T> = all
+        .into_iter()
+        .filter(|t| model.as_deref().is_none_or(|m| model_of(t) == m))
+        .collect();
+    let matched = kept.len();
+    let (page, pages, range) = paging(matched, f.page.unwrap_or(1));
+    Listed {
+        rows: kept.drain(range).collect(),
+        models: models.into_iter().collect(),
+        model,
+        matched,
+        page,
+        pages,
+    }
 }
 
 /// A rollout's headline.
@@ -680,6 +727,8 @@ pub fn rollouts(s: &State) -> Vec<RolloutSummary> {
 pub struct RolloutSummary {
     /// Id.
     pub id: String,
+    /// Model of the release offered.
+    pub model: String,
     /// Release offered.
     pub release: String,
     /// State.
@@ -699,6 +748,7 @@ pub struct RolloutSummary {
 fn summary(r: &Rollout) -> RolloutSummary {
     RolloutSummary {
         id: r.id.clone(),
+        model: r.release.model.clone(),
         release: release_label(Some(&r.release)),
         state: r.state.clone(),
         current_wave: r.current_wave,
@@ -946,10 +996,10 @@ fn group_chart(
 ///
 /// # Errors
 /// Store errors.
-pub fn bundles(s: &State) -> Result<Vec<crate::bundles::BundleInfo>> {
+pub fn bundles(s: &State, f: &ModelFilter) -> Result<Listed<crate::bundles::BundleInfo>> {
     let mut v = s.bundles.list()?;
     v.sort_by_key(|b| std::cmp::Reverse(b.uploaded_ms));
-    Ok(v)
+    Ok(listed(v, |b| &b.model, f))
 }
 
 #[cfg(test)]
@@ -1000,6 +1050,39 @@ mod tests {
         assert_eq!(paging(51, 2), (2, 2, 50..51));
         assert_eq!(paging(51, 9), (2, 2, 50..51));
         assert_eq!(paging(120, 0), (1, 3, 0..50));
+    }
+
+    #[test]
+    fn lists_filter_by_model_then_page_in_order() {
+        let all: Vec<(String, usize)> = (0..130)
+            .map(|i| (if i % 3 == 0 { "vad" } else { "ocr" }.to_string(), i))
+            .collect();
+        let f = |model: &str, page| ModelFilter {
+            model: Some(model.into()),
+            page: Some(page),
+        };
+        let l = listed(all.clone(), |t| &t.0, &f("vad", 1));
+        assert_eq!((l.matched, l.page, l.pages), (44, 1, 1));
+        assert_eq!(
+            l.rows.iter().map(|t| t.1).collect::<Vec<_>>(),
+            (0..130).step_by(3).collect::<Vec<_>>()
+        );
+        assert_eq!(l.models, ["ocr", "vad"]);
+        let l = listed(all.clone(), |t| &t.0, &f("ocr", 9));
+        assert_eq!(
+            (l.matched, l.page, l.pages, l.rows.len()),
+            (86, 2, 2, 36),
+            "page clamped to the last"
+        );
+        assert_eq!(l.rows[0].1, 76, "the 51st ocr row");
+        let l = listed(all.clone(), |t| &t.0, &f(" ", 1));
+        assert_eq!(
+            (l.model, l.matched, l.rows.len()),
+            (None, 130, 50),
+            "blank: any model"
+        );
+        let l = listed(all, |t| &t.0, &f("nope", 1));
+        assert_eq!((l.matched, l.pages, l.rows.len()), (0, 1, 0));
     }
 
     #[test]
