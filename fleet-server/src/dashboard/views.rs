@@ -116,11 +116,25 @@ impl<'a> Latest<'a> {
         self.by_device.get(id).map(|(_, p)| *p)
     }
 
-    /// The release the rollouts intend for `id`: that of its latest rollout
-    /// unless that one was aborted or cancelled for it.
+    /// The release the rollouts intend for `id`: that of its latest rollout,
+    /// unless the device failed, rolled back, timed out or was cancelled in
+    /// it, or the rollout was aborted or halted before the device committed
+    /// (the device is then meant to stay where it was).
     fn intended(&self, id: &str) -> Option<&'a ReleaseRef> {
         let (r, p) = self.by_device.get(id)?;
-        let dropped = r.state == RolloutState::Aborted || p.state == DeviceState::Cancelled;
+        let done = matches!(
+            p.state,
+            DeviceState::Committed | DeviceState::AlreadyCurrent
+        );
+        let stopped = matches!(r.state, RolloutState::Aborted | RolloutState::Halted(_));
+        let dropped = (stopped && !done)
+            || matches!(
+                p.state,
+                DeviceState::Cancelled
+                    | DeviceState::Failed
+                    | DeviceState::RolledBack
+                    | DeviceState::TimedOut
+            );
         (!dropped).then_some(&r.release)
     }
 }
@@ -1003,6 +1017,7 @@ pub fn bundles(s: &State, f: &ModelFilter) -> Result<Listed<crate::bundles::Bund
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -1050,6 +1065,71 @@ mod tests {
         assert_eq!(paging(51, 2), (2, 2, 50..51));
         assert_eq!(paging(51, 9), (2, 2, 50..51));
         assert_eq!(paging(120, 0), (1, 3, 0..50));
+    }
+
+    #[test]
+    fn rolled_out_counts_only_what_a_rollout_still_means_a_device_to_run() {
+        use crate::registry::Selector;
+        use crate::rollout::plan::{RolloutSpec, WaveSpec};
+        use edgefleet_protocol::messages::TrialPolicy;
+        let spec = RolloutSpec {
+            bundle: "x".into(),
+            selector: Selector::default(),
+            waves: vec!["100%".into()],
+            seed: 1,
+            wave_timeout_s: 10,
+            max_failure_rate: 0.0,
+            rollback_on_halt: false,
+            trial: TrialPolicy::default(),
+        };
+        let rel = ReleaseRef {
+            model: "m".into(),
+            release: 2,
+            version: "1.0.0".into(),
+        };
+        let states = [
+            DeviceState::Committed,
+            DeviceState::AlreadyCurrent,
+            DeviceState::Offered,
+            DeviceState::Pending,
+            DeviceState::Failed,
+            DeviceState::RolledBack,
+            DeviceState::TimedOut,
+            DeviceState::Cancelled,
+        ];
+        let ids: Vec<String> = (0..states.len()).map(|i| format!("d{i}")).collect();
+        let waves = [WaveSpec::parse("100%").unwrap()];
+        let mut r = Rollout::new("r".into(), spec, rel, &waves, ids.clone(), &[], 0);
+        for (id, st) in ids.iter().zip(&states) {
+            r.devices.get_mut(id).unwrap().state = st.clone();
+        }
+        let intended = |r: &Rollout| -> Vec<&str> {
+            let all = [r.clone()];
+            let l = Latest::of(&all);
+            ids.iter()
+                .filter(|id| l.intended(id).is_some())
+                .map(|id| match id.as_str() {
+                    "d0" => "committed",
+                    "d1" => "already_current",
+                    "d2" => "offered",
+                    "d3" => "pending",
+                    _ => "a failure",
+                })
+                .collect()
+        };
+        assert_eq!(
+            intended(&r),
+            ["committed", "already_current", "offered", "pending"]
+        );
+        for stopped in [RolloutState::Halted("wave 0".into()), RolloutState::Aborted] {
+            r.state = stopped;
+            assert_eq!(
+                intended(&r),
+                ["committed", "already_current"],
+                "{:?}",
+                r.state
+            );
+        }
     }
 
     #[test]
