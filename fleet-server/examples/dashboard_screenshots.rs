@@ -31,6 +31,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .split("/login/once/")
         .next()
         .ok_or("the login link has no /login/once/")?
+        .trim_end_matches('/')
         .to_string();
     std::fs::create_dir_all(out)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?

@@ -93,50 +93,58 @@ pub fn release_label(r: Option<&ReleaseRef>) -> String {
 /// Per device, its progress in the most recent rollout that includes it,
 /// with that rollout.
 struct Latest<'a> {
-    by_device: BTreeMap<&'a str, (&'a Rollout, &'a DeviceProgress)>,
+    /// Per device, every rollout it was in with its progress, oldest first.
+    by_device: BTreeMap<&'a str, Vec<(&'a Rollout, &'a DeviceProgress)>>,
 }
 
 impl<'a> Latest<'a> {
     fn of(rollouts: &'a [Rollout]) -> Self {
-        let mut by_device: BTreeMap<&str, (&Rollout, &DeviceProgress)> = BTreeMap::new();
+        let mut by_device: BTreeMap<&str, Vec<(&Rollout, &DeviceProgress)>> = BTreeMap::new();
         for r in rollouts {
             for (id, p) in &r.devices {
-                let newer = by_device
-                    .get(id.as_str())
-                    .is_none_or(|(o, _)| o.created_ms <= r.created_ms);
-                if newer {
-                    by_device.insert(id, (r, p));
-                }
+                by_device.entry(id).or_default().push((r, p));
             }
+        }
+        for v in by_device.values_mut() {
+            v.sort_by_key(|(r, _)| (r.created_ms, r.id.as_str()));
         }
         Latest { by_device }
     }
 
+    /// The device's progress in its latest rollout.
     fn progress(&self, id: &str) -> Option<&'a DeviceProgress> {
-        self.by_device.get(id).map(|(_, p)| *p)
+        self.by_device.get(id)?.last().map(|(_, p)| *p)
     }
 
-    /// The release the rollouts intend for `id`: that of its latest rollout,
-    /// unless the device failed, rolled back, timed out or was cancelled in
-    /// it, or the rollout was aborted or halted before the device committed
-    /// (the device is then meant to stay where it was).
+    /// The release the rollouts intend for `id`: that of its newest rollout
+    /// that still means it, skipping those the device failed, rolled back,
+    /// timed out or was cancelled in, and aborted or halted ones it had not
+    /// committed in (the device then stays on what an older rollout gave it).
     fn intended(&self, id: &str) -> Option<&'a ReleaseRef> {
-        let (r, p) = self.by_device.get(id)?;
-        let done = matches!(
-            p.state,
-            DeviceState::Committed | DeviceState::AlreadyCurrent
-        );
-        let stopped = matches!(r.state, RolloutState::Aborted | RolloutState::Halted(_));
-        let dropped = (stopped && !done)
-            || matches!(
-                p.state,
-                DeviceState::Cancelled
-                    | DeviceState::Failed
-                    | DeviceState::RolledBack
-                    | DeviceState::TimedOut
-            );
-        (!dropped).then_some(&r.release)
+        self.by_device
+            .get(id)?
+            .iter()
+            .rev()
+            .find(|(r, p)| !dropped(r, p))
+            .map(|(r, _)| &r.release)
     }
+}
+
+/// Whether a rollout no longer means its release for a device.
+fn dropped(r: &Rollout, p: &DeviceProgress) -> bool {
+    let done = matches!(
+        p.state,
+        DeviceState::Committed | DeviceState::AlreadyCurrent
+    );
+    let stopped = matches!(r.state, RolloutState::Aborted | RolloutState::Halted(_));
+    (stopped && !done)
+        || matches!(
+            p.state,
+            DeviceState::Cancelled
+                | DeviceState::Failed
+                | DeviceState::RolledBack
+                | DeviceState::TimedOut
+        )
 }
 
 fn snapshot_rollouts(s: &State) -> Vec<Rollout> {
@@ -1130,6 +1138,29 @@ mod tests {
                 r.state
             );
         }
+        // An older completed rollout of release 1 to every device: where the
+        // newer one is dropped, the device is meant to stay on release 1.
+        let mut older = r.clone();
+        older.id = "r0".into();
+        older.created_ms = 0;
+        older.release.release = 1;
+        older.state = RolloutState::Completed;
+        for p in older.devices.values_mut() {
+            p.state = DeviceState::Committed;
+        }
+        r.created_ms = 10;
+        let both = [r.clone(), older];
+        let l = Latest::of(&both);
+        let got: Vec<u64> = ids
+            .iter()
+            .map(|id| l.intended(id).unwrap().release)
+            .collect();
+        assert_eq!(got, [2, 2, 1, 1, 1, 1, 1, 1]);
+        assert_eq!(
+            l.progress("d4").unwrap().state,
+            DeviceState::Failed,
+            "progress: the newest"
+        );
     }
 
     #[test]
