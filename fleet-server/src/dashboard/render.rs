@@ -22,6 +22,20 @@ fn time(ms: u64) -> String {
         .replace('Z', " UTC")
 }
 
+/// A rollout history entry (`"<server ms> <what happened>"`) with its
+/// time written as UTC; any other text as it is.
+fn history_line(h: &str) -> String {
+    match h.split_once(' ') {
+        Some((ms, rest)) if !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()) => {
+            match ms.parse::<u64>() {
+                Ok(ms) => format!("{} {rest}", time(ms)),
+                Err(_) => h.to_string(),
+            }
+        }
+        _ => h.to_string(),
+    }
+}
+
 fn layout(title: &str, csrf: Option<&CsrfToken>, body: Markup) -> String {
     html! {
         (DOCTYPE)
@@ -434,7 +448,7 @@ pub fn rollout(csrf: &CsrfToken, v: &RolloutView) -> String {
             }
             (pager(&format!("/rollouts/{}", r.id), v.page, v.pages))
             h2 { "History" }
-            ol { @for h in &v.history { li { (h) } } }
+            ol { @for h in &v.history { li { (history_line(h)) } } }
         },
     )
 }
@@ -525,5 +539,26 @@ fn compile_cells(c: Option<&crate::bundles::CompileSummary>) -> Markup {
             td.metrics { @for (k, v) in &c.metrics { span.metric { (k) " " (format!("{v:.4}")) } " " } }
             td { (format!("{:.3}", c.size_ratio)) " (" (c.shipped_bytes) " / " (c.original_bytes) ")" }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::history_line;
+
+    #[test]
+    fn history_times_are_written_as_utc() {
+        assert_eq!(
+            history_line("1796594255948 created: 6 devices in 3 waves"),
+            "2026-12-06 21:57:35 UTC created: 6 devices in 3 waves"
+        );
+        for odd in [
+            "",
+            "created",
+            "12x4 created",
+            "99999999999999999999999 too big",
+        ] {
+            assert_eq!(history_line(odd), odd);
+        }
     }
 }
