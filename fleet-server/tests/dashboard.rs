@@ -515,6 +515,18 @@ async fn forged_requests_are_refused(f: &Fleet, base: &str) {
         }
         b.send()
     };
+    let r = http
+        .get(format!("{base}/devices?state=bogus"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400, "an unknown state filter");
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("state `bogus` is not one of"));
     let r = post(vec![], None).await.unwrap();
     assert!(
         r.status().is_client_error(),

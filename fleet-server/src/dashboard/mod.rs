@@ -261,6 +261,19 @@ async fn devices(
     let Ok(Query(q)) = q else {
         return bad_query(q.err());
     };
+    if let Some(st) = q.state.as_deref().map(str::trim).filter(|x| !x.is_empty()) {
+        if !views::DeviceClass::ALL.iter().any(|c| c.name() == st) {
+            let names: Vec<&str> = views::DeviceClass::ALL.iter().map(|c| c.name()).collect();
+            return (
+                StatusCode::BAD_REQUEST,
+                Html(render::error_page(
+                    "Bad request",
+                    &format!("state `{st}` is not one of {}", names.join(", ")),
+                )),
+            )
+                .into_response();
+        }
+    }
     page(views::devices(&s, &q).map(|v| render::devices(&op.csrf, &v)))
 }
 
