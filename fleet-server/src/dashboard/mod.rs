@@ -115,11 +115,7 @@ async fn require_session(AxState(s): S, mut req: Request, next: Next) -> Respons
 }
 
 fn forbidden(why: &str) -> Response {
-    (
-        StatusCode::FORBIDDEN,
-        Html(render::error_page("Refused", why)),
-    )
-        .into_response()
+    error_response(StatusCode::FORBIDDEN, "Refused", why)
 }
 
 /// A form post passes when its `csrf` field is the session's token and the
@@ -241,11 +237,7 @@ async fn logout(
 fn page(r: crate::Result<String>) -> Response {
     match r {
         Ok(html) => Html(html).into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Html(render::error_page("Error", &e.to_string())),
-        )
-            .into_response(),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string()),
     }
 }
 
@@ -264,14 +256,11 @@ async fn devices(
     if let Some(st) = q.state.as_deref().map(str::trim).filter(|x| !x.is_empty()) {
         if !views::DeviceClass::ALL.iter().any(|c| c.name() == st) {
             let names: Vec<&str> = views::DeviceClass::ALL.iter().map(|c| c.name()).collect();
-            return (
+            return error_response(
                 StatusCode::BAD_REQUEST,
-                Html(render::error_page(
-                    "Bad request",
-                    &format!("state `{st}` is not one of {}", names.join(", ")),
-                )),
-            )
-                .into_response();
+                "Bad request",
+                &format!("state `{st}` is not one of {}", names.join(", ")),
+            );
         }
     }
     page(views::devices(&s, &q).map(|v| render::devices(&op.csrf, &v)))
@@ -284,14 +273,11 @@ async fn device(
 ) -> Response {
     match views::device(&s, &id) {
         Ok(Some(v)) => Html(render::device(&op.csrf, &v)).into_response(),
-        Ok(None) => (
+        Ok(None) => error_response(
             StatusCode::NOT_FOUND,
-            Html(render::error_page(
-                "Not found",
-                &format!("no device `{id}`"),
-            )),
-        )
-            .into_response(),
+            "Not found",
+            &format!("no device `{id}`"),
+        ),
         Err(e) => page(Err(e)),
     }
 }
@@ -324,14 +310,11 @@ async fn rollout(
     };
     match views::rollout(&s, &id, q.page.unwrap_or(1)) {
         Some(v) => Html(render::rollout(&op.csrf, &v)).into_response(),
-        None => (
+        None => error_response(
             StatusCode::NOT_FOUND,
-            Html(render::error_page(
-                "Not found",
-                &format!("no rollout `{id}`"),
-            )),
-        )
-            .into_response(),
+            "Not found",
+            &format!("no rollout `{id}`"),
+        ),
     }
 }
 
@@ -347,11 +330,7 @@ async fn control_rollout(
     }
     match s.control_rollout(&id, &action).await {
         Ok(_) => Redirect::to(&format!("/rollouts/{id}")).into_response(),
-        Err(e) => (
-            StatusCode::BAD_REQUEST,
-            Html(render::error_page("Refused", &e.to_string())),
-        )
-            .into_response(),
+        Err(e) => error_response(StatusCode::BAD_REQUEST, "Refused", &e.to_string()),
     }
 }
 
@@ -377,13 +356,14 @@ async fn bundles(
     page(views::bundles(&s, &q).map(|v| render::bundles(&op.csrf, &v)))
 }
 
+/// A page that only says what went wrong, with its status.
+fn error_response(status: StatusCode, title: &str, why: &str) -> Response {
+    (status, Html(render::error_page(title, why))).into_response()
+}
+
 fn bad_query(e: Option<axum::extract::rejection::QueryRejection>) -> Response {
     let why = e.map_or_else(|| "bad query".to_string(), |e| e.body_text());
-    (
-        StatusCode::BAD_REQUEST,
-        Html(render::error_page("Bad request", &why)),
-    )
-        .into_response()
+    error_response(StatusCode::BAD_REQUEST, "Bad request", &why)
 }
 
 /// The vendored and own static files, compiled into the binary.
