@@ -319,7 +319,12 @@ pub fn report_txt(r: &Report) -> String {
         d.warmup_cases,
         d.features
             .iter()
-            .map(|f| format!("{} (m_eff {:.0})", f.name, f.effective_samples))
+            .map(|f| {
+                format!(
+                    "{} (m_eff {:.0}, phi {:.2})",
+                    f.name, f.effective_samples, f.overdispersion
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     );

@@ -236,6 +236,10 @@ pub struct DriftFeatureReport {
     pub rho: f64,
     /// `samples (1 - rho) / (1 + rho)`: the `m` of the PSI null's `1/m`.
     pub effective_samples: f64,
+    /// Overdispersion `φ >= 1` from the reference's chunk-to-chunk
+    /// variability ([`edgefleet_drift::overdispersion`]): scales the
+    /// feature's PSI threshold on the device.
+    pub overdispersion: f64,
 }
 
 /// A compiled model: payload files ready to pack.

@@ -49,8 +49,17 @@ pub struct TestRecord {
     pub n: f64,
     /// Effective sample size under the AR(1) autocorrelation.
     pub n_eff: f64,
+    /// Overdispersion `φ` of the PSI null (from the reference's
+    /// chunk-to-chunk variability; 1 for classes and in records stored
+    /// before it existed).
+    #[serde(default = "one")]
+    pub overdispersion: f64,
     /// The test's verdict.
     pub verdict: Verdict,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// A stored drift report.
@@ -102,6 +111,7 @@ impl DriftRecord {
                     p_value: t.p_value,
                     n: t.window_samples,
                     n_eff: t.effective_samples,
+                    overdispersion: t.overdispersion,
                     verdict: t.verdict,
                 })
                 .collect(),

@@ -163,6 +163,7 @@ fn drift_reference(
             samples: f.samples,
             rho: f.rho,
             effective_samples: f.effective_samples,
+            overdispersion: f.overdispersion,
         })
         .collect();
     if let Some(small) = profile

@@ -108,9 +108,18 @@ pub struct Binning {
     /// [`crate::psi_null_threshold`]). Set it to the reference's own
     /// effective sample size if the calibration data were autocorrelated.
     pub reference_samples: f64,
+    /// Overdispersion `φ >= 1` of the PSI null
+    /// ([`crate::FeatureProfile::overdispersion`]): the null scale is
+    /// `φ (1/n_eff + 1/m)`. 1 for [`Binning::from_values`].
+    #[serde(default = "one")]
+    pub overdispersion: f64,
     /// The minimum interior width that was enforced
     /// ([`BinningRule::min_width`]).
     pub min_width: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Type-7 quantile of sorted, non-empty `v` (Hyndman & Fan 1996).
@@ -225,6 +234,7 @@ impl Binning {
             edges,
             reference_counts: counts,
             reference_samples: v.len() as f64,
+            overdispersion: 1.0,
             min_width: w,
         })
     }
@@ -236,7 +246,8 @@ impl Binning {
     /// recorded 1/25/75/99 % quantiles; missing ones count as a zero range.
     /// `reference_samples` is the profile's `effective_samples` (reference
     /// inferences corrected for their lag-1 autocorrelation, not values:
-    /// values inside one tensor are not independent).
+    /// values inside one tensor are not independent), `overdispersion` the
+    /// profile's (at least 1).
     pub fn from_profile(p: &FeatureProfile, rule: &BinningRule) -> Self {
         let q = |prob| profile_quantile(p, prob).unwrap_or(0.0);
         let w = rule.min_width(q(0.01), q(0.25), q(0.75), q(0.99));
@@ -246,6 +257,11 @@ impl Binning {
             edges,
             reference_counts: counts,
             reference_samples: p.effective_samples,
+            overdispersion: if p.overdispersion.is_finite() {
+                p.overdispersion.max(1.0)
+            } else {
+                1.0
+            },
             min_width: w,
         }
     }

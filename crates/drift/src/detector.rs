@@ -13,6 +13,9 @@
 //! * effective sample size `n_eff = n (1 - ρ) / (1 + ρ)` ([`effective_sample_size`];
 //!   Bayley & Hammersley 1946);
 //! * PSI null `PSI ≈ (1/n + 1/m) · χ²_{B-1}` ([`psi_null_threshold`]; Yurdakul 2018);
+//! * overdispersion `φ` of the PSI null calibrated on the reference's own
+//!   chunk-to-chunk variability ([`crate::overdispersion`]; Rao & Scott 1981,
+//!   as NannyML calibrates thresholds on reference chunks);
 //! * two-sample (homogeneity) chi-square for classes ([`chi_square_homogeneity`]);
 //! * Bonferroni / Benjamini–Hochberg across tests ([`Correction`]).
 
@@ -392,6 +395,10 @@ pub struct DriftTest {
     pub half_life: f64,
     /// Reference size `m` in the null distribution.
     pub reference_samples: f64,
+    /// Overdispersion `φ` multiplying the PSI null's scale
+    /// ([`crate::FeatureProfile::overdispersion`]); 1 for classes.
+    #[serde(default = "one")]
+    pub overdispersion: f64,
     /// The statistic: PSI (for [`TestKind::Psi`]) or `X²`.
     pub statistic: f64,
     /// Degrees of freedom of the chi-square null.
@@ -409,6 +416,10 @@ pub struct DriftTest {
     pub other_mass: Option<f64>,
     /// `Drift` iff `p_value <= level`.
     pub verdict: Verdict,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Result of one [`DriftDetector::evaluate`].
@@ -505,6 +516,7 @@ struct Prelim {
     n_eff: f64,
     rho: f64,
     m: f64,
+    phi: f64,
     cells: usize,
     p: Option<f64>,
     testable: bool,
@@ -747,7 +759,7 @@ impl DriftDetector {
         kind: TestKind,
         window: &DecayedHistogram,
         reference: &[f64],
-        m: f64,
+        (m, phi): (f64, f64),
         rho_est: Option<f64>,
     ) -> Prelim {
         let n = window.kish_samples();
@@ -757,7 +769,7 @@ impl DriftDetector {
             TestKind::Psi => {
                 let stat = psi_smoothed(reference, window.mass());
                 let dof = reference.len().saturating_sub(1) as u32;
-                let scale = psi_scale(n_eff, m);
+                let scale = phi * psi_scale(n_eff, m);
                 let p = if scale.is_finite() {
                     chi2_p_value(stat / scale, dof)
                 } else {
@@ -784,6 +796,7 @@ impl DriftDetector {
             n_eff,
             rho,
             m,
+            phi,
             cells,
             p: testable.then_some(p),
             testable,
@@ -798,7 +811,7 @@ impl DriftDetector {
     /// level ([`Correction`]): Bonferroni `alpha / F`, Benjamini–Hochberg
     /// `max(k*, rank) · alpha / F`, none `alpha`. The reported threshold is
     /// the statistic's null quantile at that level (for PSI,
-    /// [`psi_null_threshold`]).
+    /// `φ ·` [`psi_null_threshold`] with the feature's overdispersion `φ`).
     pub fn evaluate_with(&self, t: &TestConfig) -> DetectorReport {
         let mut pre: Vec<(String, TestKind, Prelim, &DecayedHistogram, Option<f64>)> = Vec::new();
         for f in &self.features {
@@ -807,7 +820,7 @@ impl DriftDetector {
                 TestKind::Psi,
                 &f.window,
                 &f.reference,
-                f.binning.reference_samples,
+                (f.binning.reference_samples, f.binning.overdispersion),
                 f.lag1.rho(),
             );
             pre.push((f.name.clone(), TestKind::Psi, p, &f.window, None));
@@ -818,7 +831,7 @@ impl DriftDetector {
                 TestKind::ChiSquare,
                 &c.window,
                 &c.reference,
-                c.reference_samples,
+                (c.reference_samples, 1.0),
                 c.lag1.rho(),
             );
             let other = c.window.mass().last().copied();
@@ -862,7 +875,7 @@ impl DriftDetector {
                 Correction::BenjaminiHochberg => k_star.max(rank[i]) as f64 * alpha / fc,
             });
             let threshold = level.map(|l| match kind {
-                TestKind::Psi => psi_null_threshold(p.cells, p.n_eff, p.m, l),
+                TestKind::Psi => p.phi * psi_null_threshold(p.cells, p.n_eff, p.m, l),
                 TestKind::ChiSquare => chi2_upper_quantile(l, p.dof),
             });
             let verdict = if p.empty {
@@ -883,6 +896,7 @@ impl DriftDetector {
                 rho: p.rho,
                 half_life: half_life_of(window.decay()),
                 reference_samples: p.m,
+                overdispersion: p.phi,
                 statistic: p.stat,
                 dof: p.dof,
                 level,

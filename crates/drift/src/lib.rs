@@ -57,8 +57,8 @@ pub use detector::{
 };
 pub use extract::{default_selectors, extract, FeatureSelector, DEFAULT_MAX_VALUES_PER_SAMPLE};
 pub use profile::{
-    ClassProfile, FeatureProfile, ProfileBuilder, ReferenceProfile, PROFILE_FORMAT_VERSION,
-    PROFILE_QUANTILES,
+    overdispersion, ClassProfile, FeatureProfile, ProfileBuilder, ReferenceProfile,
+    OVERDISPERSION_CHUNKS, OVERDISPERSION_MIN_CHUNK, PROFILE_FORMAT_VERSION, PROFILE_QUANTILES,
 };
 pub use stats::{
     chi2_p_value, chi_square, gamma_q, ks_binned, psi, ChiSquare, DEFAULT_PSI_EPSILON,

@@ -104,6 +104,7 @@ fn binning_convention() {
         max: 2.0,
         rho: 0.0,
         effective_samples: 1.0,
+        overdispersion: 1.0,
     };
     assert_eq!(f.bin_of(-5.0), 0);
     assert_eq!(f.bin_of(0.0), 1);

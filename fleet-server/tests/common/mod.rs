@@ -206,6 +206,7 @@ pub fn drift_report(
                 rho: 0.78,
                 half_life: 2000.0,
                 reference_samples: 2000.0,
+                overdispersion: 1.0,
                 statistic,
                 dof: 9,
                 level: has.then_some(0.005),
