@@ -120,6 +120,28 @@ enum Command {
   edgefleet datasets download ds-3f5a9c1e0b7d2a64 --out data/line-3"
     )]
     Datasets(cmd::datasets::Command),
+    /// Retraining jobs: list, show, create, cancel (docs/loop.md).
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet jobs list
+  edgefleet jobs show job-3f5a9c1e0b7d
+  edgefleet jobs create --group line-3 --model silero_vad
+  edgefleet jobs cancel job-3f5a9c1e0b7d"
+    )]
+    Jobs(cmd::jobs::Command),
+    /// A/B experiments between two releases on a group (always-valid decisions, guardrails).
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  edgefleet experiments create --group line-3 --control 3f5a9c --candidate 8e21d0
+  edgefleet experiments list
+  edgefleet experiments show exp-3f5a9c1e0b7d
+  edgefleet experiments cancel exp-3f5a9c1e0b7d"
+    )]
+    Experiments(cmd::experiments::Command),
+    /// A training worker: pull retraining jobs from the server, train, compile, upload.
+    Worker(Box<cmd::worker::Args>),
     /// Train a full-size (teacher) or compact model on a dataset folder; export ONNX.
     Train(Box<cmd::train::TrainArgs>),
     /// Distil a compact student from a trained teacher (Hinton et al. 2015); export ONNX.
@@ -149,6 +171,9 @@ fn main() -> std::process::ExitCode {
         Command::Retraining(c) => cmd::drift::run_retraining(c),
         Command::Capture(c) => cmd::capture::run(c),
         Command::Datasets(c) => cmd::datasets::run(c),
+        Command::Jobs(c) => cmd::jobs::run(c),
+        Command::Experiments(c) => cmd::experiments::run(c),
+        Command::Worker(a) => cmd::worker::run(*a),
         Command::Train(a) => cmd::train::run_train(*a),
         Command::Distill(a) => cmd::train::run_distill(*a),
         Command::Demo(a) => cmd::demo::run(a),

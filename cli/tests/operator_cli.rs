@@ -509,6 +509,7 @@ fn drift_report(
                 rho: 0.8,
                 half_life: 2000.0,
                 reference_samples: 2000.0,
+                overdispersion: 1.0,
                 statistic,
                 dof: 9,
                 level: Some(0.01),
@@ -815,4 +816,263 @@ fn drift_retraining_capture_and_dataset_commands() {
         &["capture", "request", "--group", "line", "--samples", "5"],
     ));
     assert!(e.contains("capture is off"), "{e}");
+}
+
+/// Publishes one capture batch of `dev` (model [`MODEL`]) and waits for the
+/// server to store it.
+fn upload_capture(rt: &tokio::runtime::Runtime, dev: &sim::SimDevice, samples: u32) -> String {
+    let bytes: Vec<u8> = (0..4000u32).map(|i| (i % 241) as u8).collect();
+    let cid = edgefleet_bundle::sha256(&bytes).to_hex();
+    let chunk = edgefleet_protocol::capture::CaptureChunk {
+        device_id: dev.id.clone(),
+        capture_id: cid.clone(),
+        index: 0,
+        total: 1,
+        meta: Some(edgefleet_protocol::capture::CaptureMeta {
+            release: release(),
+            reason: edgefleet_protocol::capture::CaptureReason::DriftAlarm { drift_seq: 1 },
+            samples,
+            labelled: samples,
+            from_ms: 10,
+            to_ms: 20,
+            bytes: bytes.len() as u64,
+        }),
+        data: bytes,
+    };
+    rt.block_on(async {
+        dev.publish(
+            edgefleet_protocol::topics::UpKind::Capture,
+            &edgefleet_protocol::Up::CaptureChunk(chunk),
+        )
+        .await
+        .expect("publish");
+    });
+    let t = Instant::now();
+    while !dev.status().capture_acks.iter().any(|a| a.complete) {
+        assert!(t.elapsed() < Duration::from_secs(30), "capture not stored");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cid
+}
+
+/// The real cls model (scripts/fetch-models; scripts/test runs it first).
+fn cls_model() -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.cache/models/ch_ppocr_mobile_v2.0_cls_infer.onnx");
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch-models",
+        p.display()
+    );
+    p
+}
+
+/// `edgefleet worker ARGS` against the server with the contract's test trainer.
+fn worker(server: &Server, dir: &Path, name: &str) -> Command {
+    let mut c = Command::new(EXE);
+    c.args([
+        "worker", "--once", "--poll", "200ms", "--device", "cpu", "--name", name,
+    ])
+    .arg("--command")
+    .arg("python3")
+    .arg("--arg")
+    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train_contract.py"))
+    .arg("--target")
+    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../targets/{TARGET}.toml")))
+    .args(["--input", "x=1,3,48,192"])
+    .arg("--key")
+    .arg(dir.join("release.pem"))
+    .arg("--work-dir")
+    .arg(dir.join(format!("work-{name}")))
+    .env("EDGEFLEET_SERVER", &server.api)
+    .env("EDGEFLEET_TOKEN", TOKEN)
+    .env("NO_COLOR", "1");
+    c
+}
+
+/// `jobs create` for group `wline` with the gate numbers of `gate`
+/// (candidate_new, current_new, candidate_previous, current_previous) and
+/// extra `--param`s; returns the job id.
+fn create_job(server: &Server, gate: [f64; 4], extra: &[&str]) -> String {
+    let model = cls_model();
+    let mut args: Vec<String> = [
+        "jobs",
+        "create",
+        "--group",
+        "wline",
+        "--model",
+        MODEL,
+        "--lease-s",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let names = [
+        "candidate_new",
+        "current_new",
+        "candidate_previous",
+        "current_previous",
+    ];
+    for (n, v) in names.iter().zip(gate) {
+        args.extend(["--param".into(), format!("{n}={v}")]);
+    }
+    args.extend([
+        "--param".into(),
+        format!("source_onnx=\"{}\"", model.display()),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v: Value = serde_json::from_str(&ok(&cli(server, &argv))).expect("JSON");
+    assert_eq!(v["created"], true, "{v}");
+    v["job"]["id"].as_str().expect("id").to_string()
+}
+
+fn job_json(server: &Server, id: &str) -> Value {
+    serde_json::from_str::<Value>(&ok(&cli(server, &["jobs", "show", id]))).expect("JSON")["job"]
+        .clone()
+}
+
+fn wait_job(server: &Server, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let j = job_json(server, id);
+        if pred(&j) {
+            return j;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "job {id} never matched: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn bundle_count(server: &Server) -> usize {
+    serde_json::from_str::<Value>(&ok(&cli(server, &["bundles", "list", "--json"]))).expect("JSON")
+        ["bundles"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// Issue #13: `jobs create|list|show|cancel` and `edgefleet worker` running an
+/// operator's own training command (a Python script) under the documented
+/// contract: a passing candidate is compiled, signed, uploaded with the next
+/// release counter and goes to canary; a candidate that regresses on the
+/// previous test set is rejected with the numbers and uploads nothing; a
+/// worker killed with SIGKILL mid-training loses its lease and a second
+/// worker finishes the job (attempt 2).
+#[test]
+fn jobs_and_worker_training_command_contract() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = SigningKey::generate();
+    let trust = dir.path().join("release.pub.pem");
+    key.write_pem_files(&dir.path().join("release.pem"), &trust)
+        .expect("keys");
+    let server = start_server(dir.path(), &trust);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let cfg = sim::SimConfig {
+        host: "127.0.0.1".into(),
+        port: server.mqtt_port,
+        trust: Arc::new(TrustStore::load(&trust).expect("trust")),
+        target: TARGET.into(),
+        tags: vec!["jobcli".into()],
+        heartbeat: Duration::from_secs(5),
+        keep_payload: false,
+        initial: None,
+    };
+    let dev = sim::spawn("cam-w", cfg, sim::always(sim::Behavior::Commit)).expect("sim");
+    until(&server, &["devices", "list", "--json"], |o| {
+        o.contains("cam-w")
+    });
+    ok(&cli(
+        &server,
+        &["devices", "group", "cam-w", "--add", "wline"],
+    ));
+    ok(&cli(&server, &["capture", "enable", "--group", "wline"]));
+    let cid = upload_capture(&rt, &dev, 40);
+
+    // A passing candidate: trained by the script, compiled, uploaded, canary.
+    let id = create_job(&server, [0.9, 0.7, 0.9, 0.9], &[]);
+    let table = until(&server, &["jobs", "list"], |o| o.contains("training"));
+    assert_aligned(&table);
+    assert_eq!(
+        cells(table.lines().next().expect("header")),
+        ["id", "group", "model", "state", "attempts", "worker", "dataset", "updated"]
+    );
+    let before = bundle_count(&server);
+    ok(&worker(&server, dir.path(), "w1").output().expect("worker"));
+    let j = job_json(&server, &id);
+    assert_eq!(j["state"], "canary", "{j}");
+    assert_eq!(j["gate"]["passed"], true);
+    assert_eq!(j["lineage"]["run"]["kind"], "custom");
+    assert_eq!(j["lineage"]["run"]["dataset"], j["lineage"]["dataset"]);
+    assert_eq!(j["lineage"]["bundles"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        j["lineage"]["compile_reports"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(bundle_count(&server), before + 1);
+    let sha = j["lineage"]["bundles"][0].as_str().expect("sha");
+    let all: Value =
+        serde_json::from_str(&ok(&cli(&server, &["bundles", "list", "--json"]))).expect("JSON");
+    let b = all["bundles"]
+        .as_array()
+        .and_then(|v| v.iter().find(|b| b["sha256"] == sha))
+        .expect("the uploaded bundle");
+    assert_eq!(b["model"], MODEL, "{b}");
+    assert_eq!(b["release"], 1, "the first release of the model: {b}");
+    let ds = j["lineage"]["dataset"].as_str().expect("dataset");
+    let d: Value =
+        serde_json::from_str(&ok(&cli(&server, &["datasets", "show", ds]))).expect("JSON");
+    assert_eq!(d["dataset"]["batches"][0]["capture_id"], cid.as_str());
+    ok(&cli(&server, &["jobs", "cancel", &id]));
+    assert!(err(&cli(&server, &["jobs", "cancel", &id])).contains("409"));
+
+    // A candidate that loses 5 points on the previous test set: rejected with
+    // the numbers, nothing uploaded.
+    let id2 = create_job(&server, [0.9, 0.7, 0.85, 0.9], &[]);
+    wait_job(&server, &id2, |j| j["state"] == "training");
+    let before = bundle_count(&server);
+    ok(&worker(&server, dir.path(), "w2").output().expect("worker"));
+    let j = job_json(&server, &id2);
+    assert_eq!(j["state"], "rejected", "{j}");
+    let reason = j["gate"]["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("0.8500") && reason.contains("0.9000"),
+        "{reason}"
+    );
+    assert_eq!(bundle_count(&server), before);
+
+    // SIGKILL the worker mid-training: the lease runs out, a second worker
+    // takes attempt 2 and finishes.
+    let id3 = create_job(
+        &server,
+        [0.9, 0.7, 0.9, 0.9],
+        &["--param", "sleep_first_attempt_s=30"],
+    );
+    wait_job(&server, &id3, |j| j["state"] == "training");
+    let mut killed = worker(&server, dir.path(), "w-killed")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker");
+    wait_job(&server, &id3, |j| j["lease"]["worker"] == "w-killed");
+    std::thread::sleep(Duration::from_secs(1));
+    killed.kill().expect("SIGKILL");
+    let _ = killed.wait();
+    wait_job(&server, &id3, |j| {
+        j["lease"].is_null() && j["attempts"] == 1
+    });
+    ok(&worker(&server, dir.path(), "w3").output().expect("worker"));
+    let j = job_json(&server, &id3);
+    assert_eq!(j["state"], "canary", "{j}");
+    assert_eq!(j["attempts"], 2);
+    assert!(
+        j["history"]
+            .to_string()
+            .contains("lease of worker w-killed expired"),
+        "{j}"
+    );
 }

@@ -12,6 +12,9 @@
 //!   (retraining requests that follow the drifting cohort);
 //! - [`capture`]: per-group capture policies and the chunked upload intake;
 //!   [`datasets`]: versioned, content-hashed datasets cut from capture batches;
+//! - [`experiments`]: A/B experiments between releases (mSPRT decisions,
+//!   guardrails, promotion);
+//! - [`jobs`]: retraining jobs (state machine, worker leases, gate);
 //! - [`credentials`]: per-device broker secrets (salted hashes) and the
 //!   embedded broker's connect check;
 //! - [`sim`]: simulated devices (test support, benchmark, demo).
@@ -25,6 +28,8 @@ pub mod dashboard;
 pub mod datasets;
 pub mod drift;
 mod error;
+pub mod experiments;
+pub mod jobs;
 pub mod mqtt;
 pub mod registry;
 pub mod rollout;
@@ -91,6 +96,8 @@ pub struct State {
     pub drift_rule_lock: tokio::sync::Mutex<()>,
     /// Serialises dataset cuts.
     pub datasets_lock: Mutex<()>,
+    /// Serialises job changes (claims, leases, transitions).
+    pub jobs_lock: Mutex<()>,
     /// Dashboard logins and one-time login codes.
     pub dashboard: dashboard::session::Sessions,
 }
@@ -125,6 +132,7 @@ impl State {
             stats: Stats::default(),
             drift_rule_lock: tokio::sync::Mutex::new(()),
             datasets_lock: Mutex::new(()),
+            jobs_lock: Mutex::new(()),
             dashboard: dashboard::session::Sessions::default(),
             config,
         }))
@@ -183,6 +191,16 @@ impl Server {
         let _ = state.mqtt.set(client);
         tasks.push(rollout::engine::spawn(state.clone(), rx.clone()));
         tasks.push(drift::spawn_tick(state.clone(), rx.clone()));
+        tasks.push(experiments::spawn_tick(
+            state.clone(),
+            std::time::Duration::from_secs(2),
+            rx.clone(),
+        ));
+        tasks.push(jobs::spawn_tick(
+            state.clone(),
+            std::time::Duration::from_secs(1),
+            rx.clone(),
+        ));
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| Error::io(listen.to_string(), e))?;

@@ -83,6 +83,20 @@ impl Client {
             .with_context(|| format!("POST {}", self.url(path)))?;
         self.check(r, &format!("POST {path}"))
     }
+    /// POST JSON; `None` for a `204 No Content` answer.
+    pub fn post_json_opt(&self, path: &str, body: &Value) -> anyhow::Result<Option<Value>> {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.conn.token)
+            .json(body)
+            .send()
+            .with_context(|| format!("POST {}", self.url(path)))?;
+        if r.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        self.check(r, &format!("POST {path}")).map(Some)
+    }
     /// PUT JSON.
     pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         let r = self

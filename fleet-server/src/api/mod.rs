@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Digest as _;
 
+mod experiments;
+mod jobs;
+
 use crate::registry::Selector;
 use crate::rollout::RolloutSpec;
 use crate::{Error, Result, State};
@@ -63,6 +66,8 @@ pub fn app(state: Arc<State>) -> Router {
         .route("/v1/datasets/{id}", get(show_dataset))
         .route("/v1/datasets/{id}/batches/{capture_id}", get(dataset_batch))
         .route("/v1/stats", get(stats))
+        .merge(jobs::routes())
+        .merge(experiments::routes())
         .layer(DefaultBodyLimit::max(1 << 30))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()

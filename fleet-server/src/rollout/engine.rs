@@ -109,6 +109,31 @@ impl State {
             .map_err(|e| Error::Mqtt(e.to_string()))
     }
 
+    /// Commands `device` to roll back to its previous A/B slot (what an
+    /// experiment does to its candidate devices when the candidate loses).
+    ///
+    /// # Errors
+    /// [`Error::Mqtt`] when not connected or the publish fails; a bad id.
+    pub async fn send_rollback(self: &Arc<Self>, device: &str, reason: &str) -> Result<()> {
+        let client = self
+            .mqtt
+            .get()
+            .ok_or_else(|| Error::Mqtt("not connected".into()))?;
+        let id = DeviceId::new(device)?;
+        let down = Down::Rollback {
+            reason: reason.to_string(),
+        };
+        client
+            .publish(
+                topics::down(&id, DownKind::Command),
+                QoS::AtLeastOnce,
+                false,
+                down.encode()?,
+            )
+            .await
+            .map_err(|e| Error::Mqtt(e.to_string()))
+    }
+
     /// Steps every running rollout.
     pub async fn tick(self: &Arc<Self>) {
         let now = now_ms();

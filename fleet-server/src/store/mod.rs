@@ -45,6 +45,10 @@ pub struct Store {
     pub captures: sled::Tree,
     /// Datasets (id -> dataset).
     pub datasets: sled::Tree,
+    /// `jobs`: job id -> [`crate::jobs::Job`].
+    pub jobs: sled::Tree,
+    /// `experiments`: experiment id -> [`crate::experiments::Experiment`].
+    pub experiments: sled::Tree,
 }
 
 impl Store {
@@ -71,6 +75,8 @@ impl Store {
             capture_chunks: db.open_tree("capture_chunks")?,
             captures: db.open_tree("captures")?,
             datasets: db.open_tree("datasets")?,
+            jobs: db.open_tree("jobs")?,
+            experiments: db.open_tree("experiments")?,
             db,
         })
     }
