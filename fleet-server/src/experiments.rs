@@ -58,6 +58,16 @@ impl MetricKind {
         }
     }
 
+    /// The snake_case name (`online_accuracy`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MetricKind::OnlineAccuracy => "online_accuracy",
+            MetricKind::ErrorRate => "error_rate",
+            MetricKind::LatencyP50Ms => "latency_p50_ms",
+            MetricKind::CpuPercent => "cpu_percent",
+        }
+    }
+
     /// Default mixing scale `τ` in the metric's units: the effect size the
     /// test is most sensitive to (Johari et al. 2022 §4.2).
     pub fn default_tau(self) -> f64 {
@@ -102,6 +112,10 @@ pub struct GuardrailSpec {
 pub struct CreateExperiment {
     /// Cohort: the devices of this group at creation.
     pub group: String,
+    /// Only devices of this target profile (a cohort spanning several
+    /// targets runs one experiment per target, each with its bundles).
+    #[serde(default)]
+    pub target: Option<String>,
     /// Control bundle (A), body SHA-256.
     pub control: String,
     /// Candidate bundle (B), body SHA-256; same model as the control.
@@ -293,10 +307,7 @@ fn guardrail(g: &GuardrailSpec, alpha: f64) -> Result<Guardrail> {
         }
     };
     let spec = Guardrail {
-        metric: serde_json::to_value(g.metric)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        metric: g.metric.name().to_string(),
         direction: g.metric.direction(),
         margin,
         alpha,
@@ -461,7 +472,7 @@ pub async fn create(state: &Arc<State>, s: CreateExperiment) -> Result<Experimen
     put(state, &e)?;
     let spec: RolloutSpec = serde_json::from_value(serde_json::json!({
         "bundle": e.spec.candidate,
-        "selector": {"group": e.spec.group, "tag": tag},
+        "selector": {"group": e.spec.group, "tag": tag, "target": e.spec.target},
         "waves": ["100%"],
     }))
     .map_err(|x| Error::bad("candidate", x.to_string()))?;
@@ -541,8 +552,8 @@ fn judge(e: &mut Experiment) -> Result<Option<(ExperimentState, String)>> {
     }
     let effect = ev.effect.as_ref().map_or(String::new(), |x| {
         format!(
-            "{:?}: control {:.4}, candidate {:.4}, difference {:+.4} (always-valid {:.0}% interval {:+.4} .. {:+.4}), p = {:.4}, n = {} / {}",
-            m, x.mean_a, x.mean_b, x.difference, (1.0 - e.rule.alpha) * 100.0, x.always_valid.low, x.always_valid.high,
+            "{}: control {:.4}, candidate {:.4}, difference {:+.4} (always-valid {:.0}% interval {:+.4} .. {:+.4}), p = {:.4}, n = {} / {}",
+            m.name(), x.mean_a, x.mean_b, x.difference, (1.0 - e.rule.alpha) * 100.0, x.always_valid.low, x.always_valid.high,
             ev.p_value, ev.samples_a, ev.samples_b
         )
     });
@@ -597,7 +608,7 @@ async fn end(
         ExperimentState::Promoted => {
             let spec: RolloutSpec = serde_json::from_value(serde_json::json!({
                 "bundle": e.spec.candidate,
-                "selector": {"group": e.spec.group},
+                "selector": {"group": e.spec.group, "target": e.spec.target},
                 "waves": ["100%"],
             }))
             .map_err(|x| Error::bad("candidate", x.to_string()))?;

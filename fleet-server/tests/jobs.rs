@@ -10,37 +10,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgefleet_fleet_server::{capture, sim, BrokerConfig, Server};
-use edgefleet_protocol::capture::{CaptureChunk, CaptureMeta, CaptureReason};
+use edgefleet_fleet_server::{sim, BrokerConfig, Server};
 use serde_json::{json, Value};
-use sha2::Digest as _;
 
 const T: Duration = Duration::from_secs(20);
-
-/// Stores one complete capture batch of `device` (as its upload would).
-fn capture_batch(server: &Server, device: &str, samples: u32) -> String {
-    let bytes: Vec<u8> = (0..3000).map(|_| rand::random::<u8>()).collect();
-    let id = hex::encode(sha2::Sha256::digest(&bytes));
-    let chunk = CaptureChunk {
-        device_id: edgefleet_protocol::DeviceId::new(device).unwrap(),
-        capture_id: id.clone(),
-        index: 0,
-        total: 1,
-        meta: Some(CaptureMeta {
-            release: release(1),
-            reason: CaptureReason::DriftAlarm { drift_seq: 1 },
-            samples,
-            labelled: samples,
-            from_ms: 1_000,
-            to_ms: 2_000,
-            bytes: bytes.len() as u64,
-        }),
-        data: bytes,
-    };
-    let ack = capture::intake(server.state(), &chunk, 5_000).unwrap();
-    assert!(ack.complete, "{ack:?}");
-    id
-}
 
 async fn job(api: &Api, id: &str) -> Value {
     let (st, v) = api.get(&format!("/v1/jobs/{id}")).await;
@@ -98,17 +71,7 @@ async fn jobs_leases_gate_and_restart() {
         .post("/v1/devices/job-0/groups", json!({"add": ["line"]}))
         .await;
     assert_eq!(st, 200);
-    let policy =
-        json!({"mode": "on_alarm", "max_samples_per_alarm": 50, "max_samples_per_minute": 60});
-    let r = api
-        .http
-        .put(format!("{}/v1/groups/line/capture", api.base))
-        .bearer_auth(TOKEN)
-        .json(&policy)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    enable_capture(&api, "line").await;
 
     // Refusals name the field.
     let (st, v) = api

@@ -223,10 +223,11 @@ pub struct Lineage {
     pub compile_reports: Vec<Value>,
     /// Uploaded bundles (SHA-256 of the body), one per target.
     pub bundles: Vec<String>,
-    /// Rollout of the candidate (canary).
-    pub rollout: Option<String>,
-    /// Experiment against the current release.
-    pub experiment: Option<String>,
+    /// Rollouts of the candidate to its experiments' B devices (the canary),
+    /// one per target.
+    pub rollouts: Vec<String>,
+    /// Experiments against the current release, one per target.
+    pub experiments: Vec<String>,
 }
 
 /// One state change.
@@ -751,7 +752,7 @@ pub fn expire_leases(state: &State, now: u64) -> Result<Vec<Job>> {
 }
 
 /// Advances jobs every `period` until `shutdown`: cuts datasets, expires
-/// leases. Runs once at start, so a restarted server resumes at once.
+/// leases, starts and follows canaries and experiments. Runs once at start, so a restarted server resumes at once.
 pub fn spawn_tick(
     state: Arc<State>,
     period: std::time::Duration,
@@ -771,10 +772,175 @@ pub fn spawn_tick(
                 Err(e) => tracing::warn!(error = %e, "jobs tick panicked"),
                 Ok(Ok(())) => {}
             }
+            if let Err(e) = advance_fleet_stages(&state).await {
+                tracing::warn!(error = %e, "jobs tick (canary, experiment)");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
                 _ = shutdown.changed() => return,
             }
         }
     })
+}
+
+/// The cohort's current bundle for `target`: the bundle of `model` and
+/// `target` whose release most of the group's devices of that target run.
+fn control_bundle(state: &State, group: &str, model: &str, target: &str) -> Result<Option<String>> {
+    let mut counts: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for d in state.registry.list()? {
+        if d.groups.contains(group) && d.target.as_deref() == Some(target) {
+            if let Some(a) = d.active.as_ref().filter(|a| a.model == model) {
+                *counts.entry(a.release).or_default() += 1;
+            }
+        }
+    }
+    let Some((&release, _)) = counts.iter().max_by_key(|(r, n)| (**n, **r)) else {
+        return Ok(None);
+    };
+    Ok(state
+        .bundles
+        .list()?
+        .into_iter()
+        .find(|b| b.model == model && b.release == release && b.targets.iter().any(|t| t == target))
+        .map(|b| b.sha256))
+}
+
+/// Starts one experiment per target of the candidate (its B arm's rollout
+/// is the canary). Returns the event when none can start.
+async fn start_canary(state: &Arc<State>, j: &mut Job) -> Result<Option<(Event, String)>> {
+    for sha in j.lineage.bundles.clone() {
+        let Some(info) = state.bundles.get(&sha)? else {
+            return Ok(Some((Event::CanaryFailed, format!("bundle {sha} is gone"))));
+        };
+        for target in &info.targets {
+            let Some(control) = control_bundle(state, &j.spec.group, &j.spec.model, target)? else {
+                continue;
+            };
+            let spec = crate::experiments::CreateExperiment {
+                target: Some(target.clone()),
+                job: Some(j.id.clone()),
+                ..serde_json::from_value(serde_json::json!({
+                    "group": j.spec.group,
+                    "control": control,
+                    "candidate": sha,
+                    "promote": "automatic",
+                }))
+                .map_err(|e| Error::bad("experiment", e.to_string()))?
+            };
+            match crate::experiments::create(state, spec).await {
+                Ok(e) => {
+                    j.lineage.rollouts.extend(e.rollout.clone());
+                    j.lineage.experiments.push(e.id);
+                }
+                Err(e) => {
+                    return Ok(Some((
+                        Event::CanaryFailed,
+                        format!("experiment for {target}: {e}"),
+                    )))
+                }
+            }
+        }
+    }
+    if j.lineage.experiments.is_empty() {
+        return Ok(Some((
+            Event::CanaryFailed,
+            "no device of the cohort runs the model on a target the candidate was compiled for"
+                .into(),
+        )));
+    }
+    Ok(None)
+}
+
+/// The canary passed when every candidate rollout completed; failed when one halted.
+fn canary_verdict(state: &State, j: &Job) -> Option<(Event, String)> {
+    let rollouts = state.lock_rollouts();
+    let mut done = 0;
+    for id in &j.lineage.rollouts {
+        match rollouts.get(id).map(|r| &r.state) {
+            Some(crate::rollout::RolloutState::Completed) => done += 1,
+            Some(crate::rollout::RolloutState::Halted(why)) => {
+                return Some((
+                    Event::CanaryFailed,
+                    format!("canary rollout {id} halted: {why}"),
+                ))
+            }
+            Some(crate::rollout::RolloutState::Aborted) | None => {
+                return Some((
+                    Event::CanaryFailed,
+                    format!("canary rollout {id} was aborted"),
+                ))
+            }
+            _ => {}
+        }
+    }
+    (done == j.lineage.rollouts.len()).then(|| {
+        (
+            Event::CanaryPassed,
+            format!("{done} canary rollouts committed"),
+        )
+    })
+}
+
+/// The experiments' joint verdict: won when all promoted the candidate, lost
+/// when any kept the control or stopped.
+fn experiment_verdict(state: &State, j: &Job) -> Result<Option<(Event, String)>> {
+    use crate::experiments::ExperimentState as X;
+    let mut won = Vec::new();
+    for id in &j.lineage.experiments {
+        let e = crate::experiments::get(state, id)?;
+        let outcome = e.outcome.clone().unwrap_or_default();
+        match e.state {
+            X::Running => return Ok(None),
+            X::Promoted | X::CandidateWon => won.push(format!("{id}: {outcome}")),
+            X::ControlKept | X::Stopped | X::Cancelled => {
+                return Ok(Some((Event::ExperimentLost, format!("{id}: {outcome}"))))
+            }
+        }
+    }
+    Ok(Some((Event::ExperimentWon, won.join("; "))))
+}
+
+/// Moves jobs through canary and experiment (the stages that act on the
+/// fleet). Called by the tick.
+///
+/// # Errors
+/// Store errors.
+pub async fn advance_fleet_stages(state: &Arc<State>) -> Result<()> {
+    let jobs: Vec<Job> = list(state)?
+        .into_iter()
+        .filter(|j| matches!(j.state, JobState::Canary | JobState::Experiment))
+        .collect();
+    for mut j in jobs {
+        let next = match j.state {
+            JobState::Canary if j.lineage.experiments.is_empty() => {
+                let r = start_canary(state, &mut j).await?;
+                update(state, &j.id, |s| {
+                    s.lineage.rollouts.clone_from(&j.lineage.rollouts);
+                    s.lineage.experiments.clone_from(&j.lineage.experiments);
+                    Ok(())
+                })?;
+                r
+            }
+            JobState::Canary => canary_verdict(state, &j),
+            _ => experiment_verdict(state, &j)?,
+        };
+        if let Some((event, note)) = next {
+            let lost = matches!(event, Event::CanaryFailed | Event::ExperimentLost);
+            if lost {
+                for id in &j.lineage.experiments {
+                    let _ = crate::experiments::cancel(state, id).await;
+                }
+            }
+            update(state, &j.id, |s| {
+                if s.state != j.state {
+                    return Ok(());
+                }
+                if lost {
+                    s.error = Some(note.clone());
+                }
+                s.apply(event, note, now_ms())
+            })?;
+        }
+    }
+    Ok(())
 }

@@ -258,3 +258,42 @@ pub async fn wait_for(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Stores one complete capture batch of `device` (as its upload would).
+pub fn capture_batch(server: &Server, device: &str, samples: u32) -> String {
+    let bytes: Vec<u8> = (0..3000).map(|_| rand::random::<u8>()).collect();
+    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    let chunk = edgefleet_protocol::capture::CaptureChunk {
+        device_id: edgefleet_protocol::DeviceId::new(device).unwrap(),
+        capture_id: id.clone(),
+        index: 0,
+        total: 1,
+        meta: Some(edgefleet_protocol::capture::CaptureMeta {
+            release: release(1),
+            reason: edgefleet_protocol::capture::CaptureReason::DriftAlarm { drift_seq: 1 },
+            samples,
+            labelled: samples,
+            from_ms: 1_000,
+            to_ms: 2_000,
+            bytes: bytes.len() as u64,
+        }),
+        data: bytes,
+    };
+    let ack = edgefleet_fleet_server::capture::intake(server.state(), &chunk, 5_000).unwrap();
+    assert!(ack.complete, "{ack:?}");
+    id
+}
+
+/// Switches capture on for `group` (what `edgefleet capture enable` does).
+pub async fn enable_capture(api: &Api, group: &str) {
+    let policy = serde_json::json!({"mode": "on_alarm", "max_samples_per_alarm": 50, "max_samples_per_minute": 60});
+    let r = api
+        .http
+        .put(format!("{}/v1/groups/{group}/capture", api.base))
+        .bearer_auth(TOKEN)
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}

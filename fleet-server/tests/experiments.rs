@@ -1,0 +1,423 @@
+//! A/B experiments over the real broker and simulated devices (issue #13):
+//! sticky assignment, the candidate rolled out to its arm only, metrics from
+//! telemetry of each arm's release, an always-valid decision that promotes
+//! a better candidate to the whole cohort, a guardrail that stops a worse
+//! one and rolls its devices back, and refusals that name the field.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgefleet_fleet_server::sim::{self, SimDevice};
+use edgefleet_fleet_server::{BrokerConfig, Server};
+use edgefleet_protocol::capture::FeedbackSummary;
+use edgefleet_protocol::messages::TelemetryBatch;
+use edgefleet_protocol::telemetry::TelemetryRecord;
+use edgefleet_protocol::topics::UpKind;
+use edgefleet_protocol::Up;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+const N: usize = 12;
+
+/// Deterministic uniform draws (xorshift64*).
+struct Rng(u64);
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn binomial(&mut self, n: u64, p: f64) -> u64 {
+        (0..n).filter(|_| self.uniform() < p).count() as u64
+    }
+}
+
+/// One telemetry record per device, of the release it runs: 100 requests
+/// with `errors(release)` failures, 20 feedback labels agreeing with
+/// probability `accuracy(release)`.
+async fn telemetry_round(
+    devs: &[SimDevice],
+    seq: u64,
+    rng: &mut Rng,
+    accuracy: impl Fn(u64) -> f64,
+    errors: impl Fn(u64) -> u64,
+) {
+    for d in devs {
+        let active = d.status().active.unwrap();
+        let rel = active.release;
+        let rec = TelemetryRecord {
+            seq,
+            ts_ms: seq * 1000,
+            release: Some(active),
+            interval_s: 5.0,
+            requests: 100,
+            errors: errors(rel),
+            rejected: 0,
+            latency: Default::default(),
+            queue_depth: 0,
+            rss_bytes: 0,
+            cpu_percent: 10.0,
+            uptime_s: seq,
+            outbox_dropped: 0,
+            feedback: Some(FeedbackSummary {
+                labelled: 20,
+                agreed: rng.binomial(20, accuracy(rel)),
+                unknown_request: 0,
+            }),
+        };
+        let b = Up::Telemetry(TelemetryBatch {
+            device_id: d.id.clone(),
+            records: vec![rec],
+        });
+        d.publish(UpKind::Telemetry, &b).await.unwrap();
+    }
+}
+
+async fn experiment(api: &Api, id: &str) -> Value {
+    let (st, v) = api.get(&format!("/v1/experiments/{id}")).await;
+    assert_eq!(st, 200, "{v}");
+    v["experiment"].clone()
+}
+
+async fn wait_active(devs: &[SimDevice], pred: impl Fn(&SimDevice, u64) -> bool) {
+    let t0 = Instant::now();
+    loop {
+        if devs
+            .iter()
+            .all(|d| pred(d, d.status().active.map_or(0, |a| a.release)))
+        {
+            return;
+        }
+        assert!(t0.elapsed() < T, "devices never reached their releases");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends telemetry rounds until the experiment ends; returns it and the rounds.
+async fn run_until_decided(
+    api: &Api,
+    devs: &[SimDevice],
+    id: &str,
+    seq0: u64,
+    accuracy: impl Fn(u64) -> f64 + Copy,
+    errors: impl Fn(u64) -> u64 + Copy,
+) -> (Value, u64) {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seq0);
+    for round in 0..200u64 {
+        telemetry_round(devs, seq0 + round, &mut rng, accuracy, errors).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let e = experiment(api, id).await;
+        if e["state"] != "running" {
+            return (e, round + 1);
+        }
+    }
+    // The tick may still be judging the last round.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    (experiment(api, id).await, 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn experiments_promote_the_better_and_stop_the_worse() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let sc = sim_config(&k, server.broker_port(), "ab");
+    let devs = fleet("ab", N, &sc, sim::always(sim::Behavior::Commit)).await;
+    api.wait_registered("ab", N).await;
+    for d in &devs {
+        let (st, _) = api
+            .post(
+                &format!("/v1/devices/{}/groups", d.id),
+                json!({"add": ["cohort"]}),
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    let a = api.upload(bundle(&k, 1, 3000)).await;
+    let b = api.upload(bundle(&k, 2, 3000)).await;
+    let c = api.upload(bundle(&k, 3, 3000)).await;
+    let r = api
+        .create_rollout(json!({"bundle": a, "selector": {"group": "cohort"}, "waves": ["100%"]}))
+        .await;
+    wait_rollout(&server, &r, T, is_completed).await;
+
+    // Refusals name the field.
+    for (body, field) in [
+        (
+            json!({"group": "cohort", "control": a, "candidate": b, "candidate_share": 1.5}),
+            "candidate_share",
+        ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": "ab".repeat(32)}),
+            "candidate",
+        ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b, "colour": 1}),
+            "colour",
+        ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b, "alpha": 2.0}),
+            "alpha",
+        ),
+    ] {
+        let (st, v) = api.post("/v1/experiments", body).await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v.to_string().contains(field), "{field}: {v}");
+    }
+
+    // A better candidate (accuracy 0.80 -> 0.90): its arm gets it, the rule
+    // decides, and automatic promotion rolls it out to the whole cohort.
+    let (st, v) = api
+        .post(
+            "/v1/experiments",
+            json!({"group": "cohort", "control": a, "candidate": b,
+                   "promote": "automatic", "min_samples_per_arm": 200}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["experiment"]["id"].as_str().unwrap().to_string();
+    let assignment = v["experiment"]["assignment"].as_object().unwrap().clone();
+    assert_eq!(assignment.len(), N);
+    let in_b = |d: &SimDevice| assignment[d.id.as_str()] == 1;
+    let nb = devs.iter().filter(|d| in_b(d)).count();
+    assert!(nb > 0 && nb < N, "both arms: {nb} of {N}");
+    wait_active(&devs, |d, rel| rel == if in_b(d) { 2 } else { 1 }).await;
+    let (st, v) = api.get("/v1/devices").await;
+    assert_eq!(st, 200);
+    let tagged: Vec<&str> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["tags"].to_string().contains(&format!("exp:{id}:b")))
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(tagged.len(), nb, "exactly the B devices are tagged");
+
+    let (e, rounds) = run_until_decided(
+        &api,
+        &devs,
+        &id,
+        1,
+        |rel| if rel == 2 { 0.9 } else { 0.8 },
+        |_| 1,
+    )
+    .await;
+    assert_eq!(e["state"], "promoted", "{e}");
+    assert!(
+        e["outcome"].as_str().unwrap().contains("candidate better"),
+        "{e}"
+    );
+    let eff = &e["last"]["effect"];
+    assert!(eff["difference"].as_f64().unwrap() > 0.0, "{eff}");
+    assert!(eff["always_valid"]["low"].as_f64().unwrap() > 0.0, "{eff}");
+    println!("promoted after {rounds} telemetry rounds: {}", e["outcome"]);
+    let promo = e["promotion"].as_str().unwrap().to_string();
+    wait_rollout(&server, &promo, T, is_completed).await;
+    wait_active(&devs, |_, rel| rel == 2).await;
+
+    // A worse candidate (5 % errors against 1 %): the error-rate guardrail
+    // stops it and its devices roll back to the previous slot.
+    let (st, v) = api
+        .post(
+            "/v1/experiments",
+            json!({"group": "cohort", "control": b, "candidate": c, "min_samples_per_arm": 200}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let id2 = v["experiment"]["id"].as_str().unwrap().to_string();
+    let assignment = v["experiment"]["assignment"].as_object().unwrap().clone();
+    let in_c = |d: &SimDevice| assignment[d.id.as_str()] == 1;
+    wait_active(&devs, |d, rel| rel == if in_c(d) { 3 } else { 2 }).await;
+    let (e, rounds) = run_until_decided(
+        &api,
+        &devs,
+        &id2,
+        1000,
+        |_| 0.9,
+        |rel| if rel == 3 { 5 } else { 1 },
+    )
+    .await;
+    assert_eq!(e["state"], "stopped", "{e}");
+    assert!(e["outcome"].as_str().unwrap().contains("error_rate"), "{e}");
+    println!("stopped after {rounds} telemetry rounds: {}", e["outcome"]);
+    wait_active(&devs, |_, rel| rel == 2).await;
+    for d in devs.iter().filter(|d| in_c(d)) {
+        assert!(d.status().rollbacks >= 1, "{} rolled back", d.id);
+    }
+    let (st, v) = api.get("/v1/experiments").await;
+    assert_eq!(st, 200);
+    assert_eq!(v["experiments"].as_array().unwrap().len(), 2);
+    let (st, _) = api
+        .post(&format!("/v1/experiments/{id2}/cancel"), json!({}))
+        .await;
+    assert_eq!(st, 409, "an ended experiment cannot be cancelled");
+    server.shutdown().await.unwrap();
+}
+
+/// Claims the job as a worker would and completes it with bundle `sha` and
+/// a passing gate.
+async fn train_and_upload(api: &Api, job: &str, sha: &str) {
+    wait_for(api, &format!("/v1/jobs/{job}"), T, |v| {
+        v["job"]["state"] == "training"
+    })
+    .await;
+    let (st, c) = api
+        .post("/v1/jobs/claim", json!({"worker": "w", "device": "cpu"}))
+        .await;
+    assert_eq!(st, 200, "{c}");
+    let lease = c["job"]["lease"]["id"].as_str().unwrap();
+    let gate = json!({"metric": "accuracy", "candidate_new": 0.9, "current_new": 0.8,
+        "candidate_previous": 0.9, "current_previous": 0.9, "new_samples": 100, "previous_samples": 100});
+    let (st, v) = api
+        .post(
+            &format!("/v1/jobs/{job}/complete"),
+            json!({"lease": lease, "gate": gate, "run": {"kind": "test"}, "bundles": [sha]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["job"]["state"], "canary");
+}
+
+/// A retraining job after its gate: the server starts an experiment per
+/// target with the cohort's current bundle as control (the B arm's rollout
+/// is the canary), follows it, and ends the job promoted when the candidate
+/// wins; a second job whose candidate trips the error guardrail ends
+/// rejected, with its canary devices rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_canary_experiment_promotion() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let sc = sim_config(&k, server.broker_port(), "loop");
+    let devs = fleet("loop", N, &sc, sim::always(sim::Behavior::Commit)).await;
+    api.wait_registered("loop", N).await;
+    for d in &devs {
+        let (st, _) = api
+            .post(
+                &format!("/v1/devices/{}/groups", d.id),
+                json!({"add": ["cohort"]}),
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    let a = api.upload(bundle(&k, 1, 3000)).await;
+    let r = api
+        .create_rollout(json!({"bundle": a, "selector": {"group": "cohort"}, "waves": ["100%"]}))
+        .await;
+    wait_rollout(&server, &r, T, is_completed).await;
+    enable_capture(&api, "cohort").await;
+    capture_batch(&server, "loop-0", 30);
+
+    let (st, v) = api
+        .post(
+            "/v1/jobs",
+            json!({"group": "cohort", "model": "detector", "lease_s": 60}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    let b = api.upload(bundle(&k, 2, 3000)).await;
+    train_and_upload(&api, &job, &b).await;
+    let j = wait_for(&api, &format!("/v1/jobs/{job}"), T, |v| {
+        v["job"]["state"] == "experiment"
+    })
+    .await["job"]
+        .clone();
+    let exp = j["lineage"]["experiments"][0].as_str().unwrap().to_string();
+    assert_eq!(j["lineage"]["rollouts"].as_array().unwrap().len(), 1);
+    let e = experiment(&api, &exp).await;
+    assert_eq!(e["spec"]["control"], a.as_str());
+    assert_eq!(e["spec"]["candidate"], b.as_str());
+    assert_eq!(e["spec"]["job"], job.as_str());
+    let (e, _) = run_until_decided(
+        &api,
+        &devs,
+        &exp,
+        1,
+        |rel| if rel == 2 { 0.9 } else { 0.8 },
+        |_| 1,
+    )
+    .await;
+    assert_eq!(e["state"], "promoted", "{e}");
+    let j = wait_for(&api, &format!("/v1/jobs/{job}"), T, |v| {
+        v["job"]["state"] == "promoted"
+    })
+    .await["job"]
+        .clone();
+    let l = &j["lineage"];
+    for field in ["dataset", "dataset_sha256", "run"] {
+        assert!(!l[field].is_null(), "lineage {field}: {j}");
+    }
+    assert_eq!(l["bundles"][0], b.as_str());
+    wait_active(&devs, |_, rel| rel == 2).await;
+    let states: Vec<&str> = j["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "collecting",
+            "training",
+            "compiling",
+            "canary",
+            "experiment",
+            "promoted"
+        ]
+    );
+
+    // A candidate with 5 % errors: its experiment's guardrail stops it, the
+    // job ends rejected with the reason, the canary devices roll back.
+    capture_batch(&server, "loop-1", 30);
+    let (_, v) = api
+        .post(
+            "/v1/jobs",
+            json!({"group": "cohort", "model": "detector", "lease_s": 60}),
+        )
+        .await;
+    let job2 = v["job"]["id"].as_str().unwrap().to_string();
+    let c = api.upload(bundle(&k, 3, 3000)).await;
+    train_and_upload(&api, &job2, &c).await;
+    let j = wait_for(&api, &format!("/v1/jobs/{job2}"), T, |v| {
+        v["job"]["state"] == "experiment"
+    })
+    .await["job"]
+        .clone();
+    let exp2 = j["lineage"]["experiments"][0].as_str().unwrap().to_string();
+    let (e, _) = run_until_decided(
+        &api,
+        &devs,
+        &exp2,
+        1000,
+        |_| 0.9,
+        |rel| if rel == 3 { 5 } else { 1 },
+    )
+    .await;
+    assert_eq!(e["state"], "stopped", "{e}");
+    let j = wait_for(&api, &format!("/v1/jobs/{job2}"), T, |v| {
+        v["job"]["state"] == "rejected"
+    })
+    .await["job"]
+        .clone();
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("guardrail error_rate"),
+        "{j}"
+    );
+    wait_active(&devs, |_, rel| rel == 2).await;
+    server.shutdown().await.unwrap();
+}
