@@ -89,6 +89,19 @@ pub struct DriftRule {
     /// Command run with the summary JSON on stdin (and in
     /// `EDGEFLEET_DRIFT_SUMMARY`), when a request opens.
     pub command: Option<String>,
+    /// Whether an opened request also opens a retraining job.
+    pub jobs: RequestJobs,
+}
+
+/// What a retraining request does to the job queue (issue #13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RequestJobs {
+    /// Nothing: an operator (or the webhook's receiver) starts jobs.
+    #[default]
+    Off,
+    /// Each opened request creates a retraining job for its group and model
+    /// (with the job defaults), so the loop runs with nobody at the keyboard.
+    Create,
 }
 
 impl Default for DriftRule {
@@ -100,6 +113,7 @@ impl Default for DriftRule {
             close_after_s: 600,
             webhook: None,
             command: None,
+            jobs: RequestJobs::Off,
         }
     }
 }

@@ -568,9 +568,42 @@ pub async fn tick_once(state: &Arc<State>) -> Result<()> {
     Ok(())
 }
 
+/// Opens the retraining job of a new request when the rule says so.
+fn open_job(state: &State, req: &RetrainRequest) -> Option<String> {
+    if state.config.drift_rule.jobs != crate::RequestJobs::Create {
+        return None;
+    }
+    let spec: crate::jobs::CreateJob = match serde_json::from_value(serde_json::json!({
+        "group": req.group,
+        "model": req.model,
+        "request": req.id,
+    })) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("job: {e}")),
+    };
+    Some(match crate::jobs::create(state, spec) {
+        Ok((j, true)) => {
+            tracing::info!(event = "retraining_job_created", job = %j.id, request = %req.id, "retraining job created");
+            format!("job {} created", j.id)
+        }
+        Ok((j, false)) => format!("job {} already open", j.id),
+        Err(e) => format!("job: {e}"),
+    })
+}
+
 async fn run_action(state: &Arc<State>, id: &str) {
     let rule = &state.config.drift_rule;
-    if rule.webhook.is_none() && rule.command.is_none() {
+    let job = match store::get::<RetrainRequest>(&state.store.retraining, id.as_bytes()) {
+        Ok(Some(r)) => {
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || open_job(&st, &r))
+                .await
+                .ok()
+                .flatten()
+        }
+        _ => None,
+    };
+    if rule.webhook.is_none() && rule.command.is_none() && job.is_none() {
         return;
     }
     let req = match store::get::<RetrainRequest>(&state.store.retraining, id.as_bytes()) {
@@ -578,7 +611,7 @@ async fn run_action(state: &Arc<State>, id: &str) {
         _ => return,
     };
     let summary = serde_json::json!({ "event": "drift_retraining_request", "request": req });
-    let mut results = Vec::new();
+    let mut results: Vec<String> = job.into_iter().collect();
     if let Some(url) = &rule.webhook {
         results.push(post_webhook(url, &summary).await);
     }

@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use api::app;
-pub use config::{BrokerConfig, Config, DeviceAuth, DriftRule};
+pub use config::{BrokerConfig, Config, DeviceAuth, DriftRule, RequestJobs};
 pub use error::{Error, Result};
 
 /// Counters (served at `GET /v1/stats`).

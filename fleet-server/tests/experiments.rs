@@ -285,7 +285,9 @@ async fn train_and_upload(api: &Api, job: &str, sha: &str) {
     assert_eq!(v["job"]["state"], "canary");
 }
 
-/// A retraining job after its gate: the server starts an experiment per
+/// The loop without an operator: drift reports open a retraining request,
+/// which opens a job (`RequestJobs::Create`). After its gate the server
+/// starts an experiment per
 /// target with the cohort's current bundle as control (the B arm's rollout
 /// is the canary), follows it, and ends the job promoted when the candidate
 /// wins; a second job whose candidate trips the error guardrail ends
@@ -294,9 +296,11 @@ async fn train_and_upload(api: &Api, job: &str, sha: &str) {
 async fn job_canary_experiment_promotion() {
     let k = keys();
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
-        .await
-        .unwrap();
+    let mut cfg = config(dir.path(), &k, BrokerConfig::Embedded { port: 0 });
+    cfg.drift_rule.jobs = edgefleet_fleet_server::RequestJobs::Create;
+    cfg.drift_rule.min_devices = 2;
+    cfg.drift_rule.min_fraction = 0.1;
+    let server = Server::start(cfg).await.unwrap();
     let api = Api::new(&server);
     let sc = sim_config(&k, server.broker_port(), "loop");
     let devs = fleet("loop", N, &sc, sim::always(sim::Behavior::Commit)).await;

@@ -79,6 +79,10 @@ pub struct Args {
     /// Drift rule: shell command (summary JSON on stdin).
     #[arg(long)]
     pub drift_command: Option<String>,
+    /// Drift rule: `create` opens a retraining job for each retraining request (the
+    /// closed loop, docs/loop.md); `off` leaves it to an operator.
+    #[arg(long, default_value = "off", value_parser = ["off", "create"])]
+    pub retrain_jobs: String,
     /// Disk space capture batches may take on the server (bytes: stored
     /// batches plus uploads in progress); a new upload past it is rejected.
     #[arg(long, default_value_t = edgefleet_fleet_server::config::DEFAULT_CAPTURE_MAX_BYTES)]
@@ -115,6 +119,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     c.drift_rule.min_devices = a.drift_min_devices;
     c.drift_rule.webhook = a.drift_webhook;
     c.drift_rule.command = a.drift_command;
+    c.drift_rule.jobs = if a.retrain_jobs == "create" {
+        edgefleet_fleet_server::RequestJobs::Create
+    } else {
+        edgefleet_fleet_server::RequestJobs::Off
+    };
     c.capture_max_bytes = a.capture_max_bytes;
     edgefleet_fleet_server::serve_blocking(c)?;
     Ok(())
