@@ -46,9 +46,16 @@ fn start_server(dir: &Path, trust: &Path) -> Server {
 
 /// `edgefleet serve` with `extra` arguments.
 fn start_server_with(dir: &Path, trust: &Path, extra: &[&str]) -> Server {
+    start_server_on(dir, trust, (0, 0), extra)
+}
+
+/// `edgefleet serve` on API port and MQTT port `ports` (0: any free one).
+fn start_server_on(dir: &Path, trust: &Path, ports: (u16, u16), extra: &[&str]) -> Server {
     let stdout = dir.join("server.out");
+    let _ = std::fs::remove_file(&stdout);
     let child = Command::new(EXE)
-        .args(["serve", "--listen", "127.0.0.1:0", "--mqtt-port", "0"])
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", ports.0)])
+        .args(["--mqtt-port", &ports.1.to_string()])
         .args(["--device-auth", "off", "--token", TOKEN])
         .args(extra)
         .arg("--data")
@@ -894,7 +901,13 @@ fn worker(server: &Server, dir: &Path, name: &str) -> Command {
 /// (candidate_new, current_new, candidate_previous, current_previous) and
 /// extra `--param`s; returns the job id.
 fn create_job(server: &Server, gate: [f64; 4], extra: &[&str]) -> String {
+    create_job_leased(server, gate, 5, extra)
+}
+
+/// [`create_job`] with a lease of `lease_s` seconds.
+fn create_job_leased(server: &Server, gate: [f64; 4], lease_s: u64, extra: &[&str]) -> String {
     let model = cls_model();
+    let lease = lease_s.to_string();
     let mut args: Vec<String> = [
         "jobs",
         "create",
@@ -903,7 +916,7 @@ fn create_job(server: &Server, gate: [f64; 4], extra: &[&str]) -> String {
         "--model",
         MODEL,
         "--lease-s",
-        "5",
+        &lease,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -946,6 +959,16 @@ fn wait_job(server: &Server, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The states a job went through.
+fn path(j: &Value) -> Vec<String> {
+    j["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["to"].as_str().map(str::to_string))
+        .collect()
 }
 
 fn bundle_count(server: &Server) -> usize {
@@ -1003,8 +1026,21 @@ fn jobs_and_worker_training_command_contract() {
     );
     let before = bundle_count(&server);
     ok(&worker(&server, dir.path(), "w1").output().expect("worker"));
-    let j = job_json(&server, &id);
-    assert_eq!(j["state"], "canary", "{j}");
+    // After the gate the server starts the canary; no device of the cohort
+    // runs this model, so it ends there, saying so.
+    let j = wait_job(&server, &id, |j| j["state"] == "rejected");
+    assert_eq!(
+        path(&j),
+        ["collecting", "training", "compiling", "canary", "rejected"],
+        "{j}"
+    );
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no device of the cohort"),
+        "{j}"
+    );
     assert_eq!(j["gate"]["passed"], true);
     assert_eq!(j["lineage"]["run"]["kind"], "custom");
     assert_eq!(j["lineage"]["run"]["dataset"], j["lineage"]["dataset"]);
@@ -1027,8 +1063,10 @@ fn jobs_and_worker_training_command_contract() {
     let d: Value =
         serde_json::from_str(&ok(&cli(&server, &["datasets", "show", ds]))).expect("JSON");
     assert_eq!(d["dataset"]["batches"][0]["capture_id"], cid.as_str());
-    ok(&cli(&server, &["jobs", "cancel", &id]));
-    assert!(err(&cli(&server, &["jobs", "cancel", &id])).contains("409"));
+    assert!(
+        err(&cli(&server, &["jobs", "cancel", &id])).contains("409"),
+        "ended jobs stay ended"
+    );
 
     // A candidate that loses 5 points on the previous test set: rejected with
     // the numbers, nothing uploaded.
@@ -1066,8 +1104,8 @@ fn jobs_and_worker_training_command_contract() {
         j["lease"].is_null() && j["attempts"] == 1
     });
     ok(&worker(&server, dir.path(), "w3").output().expect("worker"));
-    let j = job_json(&server, &id3);
-    assert_eq!(j["state"], "canary", "{j}");
+    let j = wait_job(&server, &id3, |j| j["state"] == "rejected");
+    assert!(path(&j).contains(&"canary".to_string()), "{j}");
     assert_eq!(j["attempts"], 2);
     assert!(
         j["history"]
@@ -1075,4 +1113,85 @@ fn jobs_and_worker_training_command_contract() {
             .contains("lease of worker w-killed expired"),
         "{j}"
     );
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Issue #13: `kill -9` of the server while a worker trains. The job, its
+/// lease and its attempt survive on disk; the worker keeps training while
+/// its heartbeats fail, and reports to the restarted server, which accepts
+/// the same lease: one attempt, the same end state as without the crash.
+#[test]
+fn server_killed_during_training_resumes_the_job() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = SigningKey::generate();
+    let trust = dir.path().join("release.pub.pem");
+    key.write_pem_files(&dir.path().join("release.pem"), &trust)
+        .expect("keys");
+    let ports = (free_port(), free_port());
+    let server = start_server_on(dir.path(), &trust, ports, &[]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let cfg = sim::SimConfig {
+        host: "127.0.0.1".into(),
+        port: server.mqtt_port,
+        trust: Arc::new(TrustStore::load(&trust).expect("trust")),
+        target: TARGET.into(),
+        tags: vec!["jobkill".into()],
+        heartbeat: Duration::from_secs(5),
+        keep_payload: false,
+        initial: None,
+    };
+    let dev = sim::spawn("cam-k", cfg, sim::always(sim::Behavior::Commit)).expect("sim");
+    until(&server, &["devices", "list", "--json"], |o| {
+        o.contains("cam-k")
+    });
+    ok(&cli(
+        &server,
+        &["devices", "group", "cam-k", "--add", "wline"],
+    ));
+    ok(&cli(&server, &["capture", "enable", "--group", "wline"]));
+    upload_capture(&rt, &dev, 40);
+    let id = create_job_leased(
+        &server,
+        [0.9, 0.7, 0.9, 0.9],
+        30,
+        &["--param", "sleep_first_attempt_s=8"],
+    );
+    wait_job(&server, &id, |j| j["state"] == "training");
+    let mut w = worker(&server, dir.path(), "w-survivor")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("worker.err")).expect("log"))
+        .spawn()
+        .expect("worker");
+    let before = wait_job(&server, &id, |j| j["lease"]["worker"] == "w-survivor");
+    drop(server); // SIGKILL, mid-training
+    std::thread::sleep(Duration::from_secs(1));
+    let server = start_server_on(dir.path(), &trust, ports, &[]);
+    let after = job_json(&server, &id);
+    assert_eq!(
+        after["lease"], before["lease"],
+        "the lease survived the crash"
+    );
+    assert_eq!(after["state"], "training");
+    let st = w.wait().expect("worker");
+    assert!(
+        st.success(),
+        "worker: {}",
+        std::fs::read_to_string(dir.path().join("worker.err")).unwrap_or_default()
+    );
+    let j = wait_job(&server, &id, |j| j["state"] == "rejected");
+    assert_eq!(j["attempts"], 1, "one attempt, not a retry: {j}");
+    assert_eq!(
+        path(&j),
+        ["collecting", "training", "compiling", "canary", "rejected"],
+        "{j}"
+    );
+    assert_eq!(j["lineage"]["bundles"].as_array().map(Vec::len), Some(1));
 }
