@@ -77,6 +77,34 @@ async fn telemetry_round(
     }
 }
 
+/// Logs in to the dashboard with the operator token; returns the cookie.
+async fn dashboard_cookie(api: &Api) -> String {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{}/login", api.base))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    let c = r.headers()["set-cookie"].to_str().unwrap();
+    c.split(';').next().unwrap().to_string()
+}
+
+/// A dashboard page's status and HTML.
+async fn page(api: &Api, cookie: &str, path: &str) -> (u16, String) {
+    let r = api
+        .http
+        .get(format!("{}{path}", api.base))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
 async fn experiment(api: &Api, id: &str) -> Value {
     let (st, v) = api.get(&format!("/v1/experiments/{id}")).await;
     assert_eq!(st, 200, "{v}");

@@ -26,6 +26,7 @@
 //! checked for the session's CSRF token ([`session`]) and, when the browser
 //! sends one, an `Origin` equal to the request's `Host`.
 
+mod loop_pages;
 mod render;
 pub mod session;
 mod views;
@@ -56,6 +57,10 @@ pub fn router(state: Arc<State>) -> Router<Arc<State>> {
         .route("/rollouts/{id}/{action}", post(control_rollout))
         .route("/drift", get(drift))
         .route("/bundles", get(bundles))
+        .route("/jobs", get(jobs))
+        .route("/jobs/{id}", get(job))
+        .route("/experiments", get(experiments))
+        .route("/experiments/{id}", get(experiment))
         .route("/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(state, require_session));
     Router::new()
@@ -231,6 +236,45 @@ async fn logout(
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
+}
+
+async fn jobs(AxState(s): S, axum::Extension(op): axum::Extension<Operator>) -> Response {
+    page(crate::jobs::list(&s).map(|v| loop_pages::jobs(&op.csrf, &v)))
+}
+
+/// A 404 page for a missing thing, any other error as [`page`] shows it.
+fn one<T>(r: crate::Result<T>, render: impl FnOnce(T) -> String) -> Response {
+    match r {
+        Ok(x) => Html(render(x)).into_response(),
+        Err(crate::Error::NotFound { what, id }) => error_response(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &format!("no {what} `{id}`"),
+        ),
+        Err(e) => page(Err(e)),
+    }
+}
+
+async fn job(
+    AxState(s): S,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(id): Path<String>,
+) -> Response {
+    one(crate::jobs::get(&s, &id), |j| loop_pages::job(&op.csrf, &j))
+}
+
+async fn experiments(AxState(s): S, axum::Extension(op): axum::Extension<Operator>) -> Response {
+    page(crate::experiments::list(&s).map(|v| loop_pages::experiments(&op.csrf, &v)))
+}
+
+async fn experiment(
+    AxState(s): S,
+    axum::Extension(op): axum::Extension<Operator>,
+    Path(id): Path<String>,
+) -> Response {
+    one(crate::experiments::get(&s, &id), |e| {
+        loop_pages::experiment(&op.csrf, &e)
+    })
 }
 
 /// Renders a page, or the store error as a 500 page naming it.

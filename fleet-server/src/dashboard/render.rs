@@ -14,7 +14,7 @@ use crate::bundles::BundleInfo;
 use crate::rollout::RolloutState;
 
 /// Server ms as `YYYY-MM-DD HH:MM:SS` UTC.
-fn time(ms: u64) -> String {
+pub(super) fn time(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_seconds(t)
         .to_string()
@@ -36,7 +36,8 @@ fn history_line(h: &str) -> String {
     }
 }
 
-fn layout(title: &str, csrf: Option<&CsrfToken>, body: Markup) -> String {
+/// The page frame: head, navigation (when logged in), title, body.
+pub(super) fn layout(title: &str, csrf: Option<&CsrfToken>, body: Markup) -> String {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -59,6 +60,8 @@ fn layout(title: &str, csrf: Option<&CsrfToken>, body: Markup) -> String {
                             a href="/rollouts" { "Rollouts" }
                             a href="/drift" { "Drift" }
                             a href="/bundles" { "Bundles" }
+                            a href="/jobs" { "Jobs" }
+                            a href="/experiments" { "Experiments" }
                         }
                         form method="post" action="/logout" class="logout" {
                             input type="hidden" name="csrf" value=(csrf.as_str());
