@@ -366,6 +366,26 @@ pub fn candidate_tag(id: &str) -> String {
 
 /// Checks the request and assigns the cohort (no side effects yet).
 fn plan(state: &State, s: CreateExperiment) -> Result<Experiment> {
+    crate::jobs::check_name("group", &s.group)?;
+    if let Some(t) = &s.target {
+        crate::jobs::check_name("target", t)?;
+    }
+    if s.control == s.candidate {
+        return Err(Error::bad("candidate", "is the control bundle"));
+    }
+    if let Some(j) = &s.job {
+        crate::jobs::get(state, j).map_err(|_| Error::bad("job", format!("no job `{j}`")))?;
+    }
+    if let Some(other) = list(state)?.into_iter().find(|e| {
+        e.state == ExperimentState::Running
+            && e.spec.group == s.group
+            && (e.spec.target.is_none() || s.target.is_none() || e.spec.target == s.target)
+    }) {
+        return Err(Error::Conflict(format!(
+            "experiment {} is running on group {} (one experiment per group and target at a time)",
+            other.id, s.group
+        )));
+    }
     if !(s.candidate_share > 0.0 && s.candidate_share < 1.0) {
         return Err(Error::bad(
             "candidate_share",

@@ -195,6 +195,9 @@ struct Agent {
     active: Option<ReleaseRef>,
     previous: Option<ReleaseRef>,
     payload: Option<Vec<u8>>,
+    /// The previous slot's payload (a rollback makes it current again, so
+    /// a later delta is applied to the release the device really runs).
+    previous_payload: Option<Vec<u8>>,
     floor: u64,
     dl: Option<Download>,
     seq: u64,
@@ -360,6 +363,7 @@ impl Agent {
             }
             Down::Rollback { .. } => {
                 if let Some(prev) = self.previous.take() {
+                    std::mem::swap(&mut self.payload, &mut self.previous_payload);
                     let cur = self.active.replace(prev);
                     self.previous = cur.clone();
                     self.set_status(|s| {
@@ -445,7 +449,7 @@ impl Agent {
                 self.previous = self.active.replace(dl.release.clone());
                 self.floor = dl.release.release;
                 if self.cfg.keep_payload {
-                    self.payload = Some(vb.payload_tar().to_vec());
+                    self.previous_payload = self.payload.replace(vb.payload_tar().to_vec());
                 }
                 self.set_status(|s| s.active = Some(dl.release.clone()));
                 self.event(Some(dl.rollout_id), &dl.release, EventKind::Committed, None);
@@ -502,6 +506,7 @@ pub fn spawn(id: &str, cfg: SimConfig, script: Script) -> Result<SimDevice, Stri
         status: status.clone(),
         previous: None,
         payload: None,
+        previous_payload: None,
         dl: None,
         seq: 0,
         boot: hex::encode(rand::random::<[u8; 8]>()),

@@ -194,6 +194,14 @@ async fn experiments_promote_the_better_and_stop_the_worse() {
             json!({"group": "cohort", "control": a, "candidate": b, "alpha": 2.0}),
             "alpha",
         ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": a}),
+            "candidate",
+        ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b, "job": "job-nope"}),
+            "job",
+        ),
     ] {
         let (st, v) = api.post("/v1/experiments", body).await;
         assert_eq!(st, 400, "{v}");
@@ -213,6 +221,13 @@ async fn experiments_promote_the_better_and_stop_the_worse() {
     let id = v["experiment"]["id"].as_str().unwrap().to_string();
     let assignment = v["experiment"]["assignment"].as_object().unwrap().clone();
     assert_eq!(assignment.len(), N);
+    let (st, v) = api
+        .post(
+            "/v1/experiments",
+            json!({"group": "cohort", "control": a, "candidate": c}),
+        )
+        .await;
+    assert_eq!(st, 409, "one experiment per group at a time: {v}");
     let in_b = |d: &SimDevice| assignment[d.id.as_str()] == 1;
     let nb = devs.iter().filter(|d| in_b(d)).count();
     assert!(nb > 0 && nb < N, "both arms: {nb} of {N}");
@@ -451,5 +466,56 @@ async fn job_canary_experiment_promotion() {
         "{j}"
     );
     wait_active(&devs, |_, rel| rel == 2).await;
+
+    // Cancelling a job during its experiment cancels the experiment and
+    // rolls its candidate devices back.
+    capture_batch(&server, "loop-2", 30);
+    let (_, v) = api
+        .post(
+            "/v1/jobs",
+            json!({"group": "cohort", "model": "detector", "lease_s": 60}),
+        )
+        .await;
+    let job3 = v["job"]["id"].as_str().unwrap().to_string();
+    let d4 = api.upload(bundle(&k, 4, 3000)).await;
+    train_and_upload(&api, &job3, &d4).await;
+    let j = wait_for(&api, &format!("/v1/jobs/{job3}"), T, |v| {
+        v["job"]["state"] == "experiment"
+    })
+    .await["job"]
+        .clone();
+    let exp3 = j["lineage"]["experiments"][0].as_str().unwrap().to_string();
+    let (st, _) = api
+        .post(&format!("/v1/jobs/{job3}/cancel"), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    wait_for(&api, &format!("/v1/experiments/{exp3}"), T, |v| {
+        v["experiment"]["state"] == "cancelled"
+    })
+    .await;
+    wait_active(&devs, |_, rel| rel == 2).await;
+
+    // The dashboard shows both jobs and both experiments, with the verdicts.
+    let cookie = dashboard_cookie(&api).await;
+    let (st, html) = page(&api, &cookie, "/jobs").await;
+    assert_eq!(st, 200);
+    for want in [job.as_str(), job2.as_str(), "promoted", "rejected"] {
+        assert!(html.contains(want), "/jobs lacks {want}");
+    }
+    let (st, html) = page(&api, &cookie, &format!("/jobs/{job}")).await;
+    assert_eq!(st, 200);
+    for want in [exp.as_str(), &b[..12], "experiment → promoted", "passed"] {
+        assert!(html.contains(want), "/jobs/{job} lacks {want}");
+    }
+    let (st, html) = page(&api, &cookie, "/experiments").await;
+    assert_eq!(st, 200);
+    assert!(html.contains(&exp) && html.contains(&exp2), "{html}");
+    let (st, html) = page(&api, &cookie, &format!("/experiments/{exp2}")).await;
+    assert_eq!(st, 200);
+    assert!(html.contains("guardrail error_rate stopped it"), "{html}");
+    let (st, _) = page(&api, &cookie, "/experiments/exp-nope").await;
+    assert_eq!(st, 404);
+    let (st, _) = page(&api, &cookie, "/jobs/job-nope").await;
+    assert_eq!(st, 404);
     server.shutdown().await.unwrap();
 }

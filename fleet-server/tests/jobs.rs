@@ -91,6 +91,26 @@ async fn jobs_leases_gate_and_restart() {
     assert_eq!(st, 400);
     assert!(v.to_string().contains("replay_fraction"), "{v}");
 
+    for (body, field) in [
+        (
+            json!({"group": "a".repeat(100_000), "model": "detector"}),
+            "group",
+        ),
+        (json!({"group": "line\nx", "model": "detector"}), "group"),
+        (
+            json!({"group": "line", "model": "detector", "targets": ["../evil"]}),
+            "targets",
+        ),
+        (
+            json!({"group": "line", "model": "detector", "request": "rt-nope"}),
+            "request",
+        ),
+    ] {
+        let (st, v) = api.post("/v1/jobs", body).await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v.to_string().contains(field), "{field}: {v}");
+    }
+
     // No captures yet: the job fails at collecting, saying so.
     let v = create(&api, json!({})).await;
     let id0 = v["job"]["id"].as_str().unwrap().to_string();
@@ -184,6 +204,15 @@ async fn jobs_leases_gate_and_restart() {
     );
     assert_eq!(v["job"]["gate"]["passed"], false);
 
+    // A stale lease is refused before anything else is looked at.
+    let (st, v) = api
+        .post(
+            &format!("/v1/jobs/{id}/complete"),
+            json!({"lease": lease2, "gate": gate(0.85, 0.9), "run": {}, "bundles": ["00".repeat(32)]}),
+        )
+        .await;
+    assert_eq!(st, 409, "{v}");
+
     // A passing candidate needs uploaded bundles; then it goes to canary.
     let v = create(&api, json!({})).await;
     let id2 = v["job"]["id"].as_str().unwrap().to_string();
@@ -201,6 +230,20 @@ async fn jobs_leases_gate_and_restart() {
         .await;
     assert_eq!(st, 400, "{v}");
     assert!(v.to_string().contains("was not uploaded"), "{v}");
+    let other = api
+        .upload(
+            edgefleet_bundle::BundleBuilder::new("other", semver::Version::new(1, 0, 0), 1)
+                .target(TARGET)
+                .file("model.bin", vec![7; 100])
+                .build(&k.key)
+                .unwrap(),
+        )
+        .await;
+    let (st, v) = api
+        .post(&format!("/v1/jobs/{id2}/complete"), done(vec![other]))
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("model `other`"), "{v}");
     let sha = api.upload(bundle(&k, 2, 2000)).await;
     let (st, v) = api
         .post(&format!("/v1/jobs/{id2}/complete"), done(vec![sha.clone()]))

@@ -91,7 +91,8 @@ fn params(pairs: &[String]) -> anyhow::Result<serde_json::Map<String, Value>> {
     for p in pairs {
         let (k, v) = p
             .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--param {p}: expected KEY=VALUE"))?;
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| anyhow::anyhow!("--param {p}: expected KEY=VALUE with a KEY"))?;
         let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
         m.insert(k.trim().to_string(), value);
     }

@@ -3,21 +3,44 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Longest cell shown, in characters; longer ones end in `…`.
+pub const MAX_CELL: usize = 80;
+
+/// `cell` cut to [`MAX_CELL`] characters, control characters shown as `?`.
+fn clean(cell: &str) -> String {
+    let mut out: String = cell
+        .chars()
+        .take(MAX_CELL)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if cell.chars().count() > MAX_CELL {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
+
 /// Rows under a header, each column padded to its widest cell, two spaces
 /// between columns, no trailing blanks; one line per row, newline-terminated.
+/// Cells are cut to [`MAX_CELL`] characters.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| clean(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows) {
+    for row in std::iter::once(&header).chain(&rows) {
         let mut line = String::new();
         for (cell, w) in row.iter().zip(&widths) {
-            line.push_str(&format!("{cell:<w$}  "));
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(' ', w - cell.chars().count() + 2));
         }
         out.push_str(line.trim_end());
         out.push('\n');
@@ -99,6 +122,22 @@ mod tests {
             ],
         );
         assert_eq!(t, "id         state\na          running\nlonger-id  x\n");
+    }
+
+    /// A cell of 100,000 characters (a group name once accepted by the
+    /// server) is cut, not a panic; control characters do not reach the
+    /// terminal.
+    #[test]
+    fn huge_and_control_cells_are_cut() {
+        let t = render(
+            &["g"],
+            &[vec!["a".repeat(100_000)], vec!["x\ny\u{1b}".into()]],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[1].chars().count(), MAX_CELL);
+        assert!(lines[1].ends_with('…'));
+        assert_eq!(lines[2], "x?y?");
     }
 
     #[test]

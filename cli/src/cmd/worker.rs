@@ -33,7 +33,7 @@ use super::bundles::{Client, Conn};
   edgefleet worker --once --command python3 --arg my_train.py --target targets/x86-avx2-gateway.toml \\
       --key keys/release.pem --work-dir /var/lib/edgefleet-worker
 
-The training command's contract (docs/loop.md): environment EDGEFLEET_JOB, EDGEFLEET_DATASET
+The training command's contract (docs/loop.md), in short: environment EDGEFLEET_JOB, EDGEFLEET_DATASET
 (dataset.json and <capture_id>.bin batches), EDGEFLEET_PARAMS (params.json), EDGEFLEET_OUT
 (empty folder), EDGEFLEET_DEVICE (cuda | cpu); exit 0 having written model.onnx, metrics.json
 (the gate numbers) and run.json into EDGEFLEET_OUT.")]
@@ -318,6 +318,9 @@ fn stages(
 }
 
 fn workspace(root: &Path, job: &Job, lease: &str) -> anyhow::Result<Workspace> {
+    // Absolute, so the training command gets paths that do not depend on
+    // its working directory.
+    let root = std::path::absolute(root).with_context(|| root.display().to_string())?;
     let base = root.join(&job.id).join(lease);
     let ws = Workspace {
         dataset: base.join("dataset"),
@@ -387,6 +390,9 @@ fn run_training(
         .env("EDGEFLEET_PARAMS", &ws.params)
         .env("EDGEFLEET_OUT", &ws.out)
         .env("EDGEFLEET_DEVICE", device)
+        // The operator's token is the worker's, not the training code's (its
+        // output may end up in the job's error text).
+        .env_remove("EDGEFLEET_TOKEN")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
@@ -435,6 +441,12 @@ fn read_outputs(out: &Path) -> anyhow::Result<Trained> {
         )
     })?;
     let run = read_json("run.json")?;
+    if !run.is_object() {
+        bail!(
+            "{}: must be a JSON object (docs/loop.md)",
+            out.join("run.json").display()
+        );
+    }
     let teacher = run["teacher"]["dir"]
         .as_str()
         .map(str::to_string)
@@ -537,7 +549,10 @@ fn compile_all(
     };
     for file in target_files(a, job)? {
         let target = edgefleet_targets::load(&file)?;
-        let dir = out.join(&target.name);
+        let stem = file
+            .file_stem()
+            .map_or("target".into(), |s| s.to_string_lossy().into_owned());
+        let dir = out.join(stem);
         let mut opts = edgefleet_compiler::CompileOptions::new(&named, version.clone(), release);
         opts.name = Some(job.spec.model.clone());
         opts.inputs = input_shapes(&a.inputs)?;

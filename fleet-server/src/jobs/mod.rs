@@ -170,6 +170,7 @@ impl GateVerdict {
         .all(|x| x.is_finite());
         let gain = n.candidate_new - n.current_new;
         let loss = n.current_previous - n.candidate_previous;
+        let finite = finite && gain.is_finite() && loss.is_finite();
         let (passed, reason) = if !finite {
             (false, "a gate number is not finite".to_string())
         } else if n.new_samples == 0 || n.previous_samples == 0 {
@@ -316,12 +317,45 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
-fn check_spec(s: &CreateJob) -> Result<()> {
-    if s.group.is_empty() {
-        return Err(Error::bad("group", "is empty"));
+/// A group, model or target name: 1-64 characters of `[A-Za-z0-9._:-]`,
+/// not starting with `.` (names become tags, topics and file names).
+///
+/// # Errors
+/// [`Error::BadRequest`] naming `field`.
+pub fn check_name(field: &'static str, n: &str) -> Result<()> {
+    let ok = !n.is_empty()
+        && n.len() <= 64
+        && !n.starts_with('.')
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::bad(
+            field,
+            format!(
+                "`{}` is not 1-64 characters of [A-Za-z0-9._:-] (not starting with `.`)",
+                n.chars().take(64).collect::<String>()
+            ),
+        ))
     }
-    if s.model.is_empty() {
-        return Err(Error::bad("model", "is empty"));
+}
+
+fn check_spec(state: &State, s: &CreateJob) -> Result<()> {
+    check_name("group", &s.group)?;
+    check_name("model", &s.model)?;
+    for t in &s.targets {
+        check_name("targets", t)?;
+    }
+    if let Some(r) = &s.request {
+        if store::get::<crate::drift::RetrainRequest>(&state.store.retraining, r.as_bytes())?
+            .is_none()
+        {
+            return Err(Error::bad(
+                "request",
+                format!("no retraining request `{r}`"),
+            ));
+        }
     }
     if !(0.0..=1.0).contains(&s.replay_fraction) {
         return Err(Error::bad(
@@ -387,7 +421,7 @@ fn lock(state: &State) -> std::sync::MutexGuard<'_, ()> {
 /// # Errors
 /// [`Error::BadRequest`] naming the field that is wrong; store errors.
 pub fn create(state: &State, spec: CreateJob) -> Result<(Job, bool)> {
-    check_spec(&spec)?;
+    check_spec(state, &spec)?;
     let _g = lock(state);
     if let Some(open) = list(state)?.into_iter().find(|j| {
         !j.state.is_terminal() && j.spec.group == spec.group && j.spec.model == spec.model
@@ -579,7 +613,7 @@ fn check_lease(j: &Job, lease: &str, now: u64) -> Result<()> {
             j.id
         ))),
         _ => Err(Error::Conflict(format!(
-            "lease {lease} does not hold job {} (it is {})",
+            "lease `{lease}` does not hold job {} (it is {})",
             j.id,
             j.state.name()
         ))),
@@ -640,12 +674,26 @@ pub struct Completion {
 /// [`Error::Conflict`] for a stale lease; [`Error::BadRequest`] for a
 /// passing gate without bundles, or a bundle the server does not hold.
 pub fn complete(state: &State, id: &str, c: &Completion) -> Result<Job> {
+    check_lease(&get(state, id)?, &c.lease, now_ms())?;
+    let model = get(state, id)?.spec.model;
     for sha in &c.bundles {
-        if state.bundles.get(sha)?.is_none() {
-            return Err(Error::bad(
-                "bundles",
-                format!("bundle {sha} was not uploaded"),
-            ));
+        match state.bundles.get(sha)? {
+            None => {
+                return Err(Error::bad(
+                    "bundles",
+                    format!("bundle {sha} was not uploaded"),
+                ))
+            }
+            Some(b) if b.model != model => {
+                return Err(Error::bad(
+                    "bundles",
+                    format!(
+                        "bundle {sha} is of model `{}`, the job's is `{model}`",
+                        b.model
+                    ),
+                ))
+            }
+            Some(_) => {}
         }
     }
     update(state, id, |j| {
@@ -906,7 +954,22 @@ fn experiment_verdict(state: &State, j: &Job) -> Result<Option<(Event, String)>>
 /// # Errors
 /// Store errors.
 pub async fn advance_fleet_stages(state: &Arc<State>) -> Result<()> {
-    let jobs: Vec<Job> = list(state)?
+    let all = list(state)?;
+    // A job that ended (cancelled, or rejected while its experiments ran)
+    // leaves no experiment running: cancelling one rolls its B devices back.
+    for j in all
+        .iter()
+        .filter(|j| j.state.is_terminal() && j.state != JobState::Promoted)
+    {
+        for id in &j.lineage.experiments {
+            if crate::experiments::get(state, id)?.state
+                == crate::experiments::ExperimentState::Running
+            {
+                let _ = crate::experiments::cancel(state, id).await;
+            }
+        }
+    }
+    let jobs: Vec<Job> = all
         .into_iter()
         .filter(|j| matches!(j.state, JobState::Canary | JobState::Experiment))
         .collect();
@@ -943,4 +1006,46 @@ pub async fn advance_fleet_stages(state: &Arc<State>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbers(cn: f64, un: f64, cp: f64, up: f64) -> GateNumbers {
+        GateNumbers {
+            metric: "accuracy".into(),
+            candidate_new: cn,
+            current_new: un,
+            candidate_previous: cp,
+            current_previous: up,
+            new_samples: 10,
+            previous_samples: 10,
+        }
+    }
+
+    /// The gate's boundaries, and numbers whose difference overflows.
+    #[test]
+    fn gate_verdicts() {
+        let spec = GateSpec::default();
+        assert!(GateVerdict::judge(numbers(0.9, 0.8, 0.9, 0.905), spec).passed);
+        assert!(!GateVerdict::judge(numbers(0.9, 0.8, 0.88, 0.9), spec).passed);
+        assert!(!GateVerdict::judge(numbers(0.79, 0.8, 0.9, 0.9), spec).passed);
+        let huge = GateVerdict::judge(numbers(1e308, -1e308, 0.9, 0.9), spec);
+        assert!(!huge.passed, "{}", huge.reason);
+        assert!(huge.reason.contains("not finite"));
+        let mut empty = numbers(0.9, 0.8, 0.9, 0.9);
+        empty.new_samples = 0;
+        assert!(!GateVerdict::judge(empty, spec).passed);
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["line-3", "vad", "a.b:c_d"] {
+            assert!(check_name("group", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".hidden", "../evil", "a/b", "x y", "ü", &"a".repeat(65)] {
+            assert!(check_name("group", bad).is_err(), "{bad:?}");
+        }
+    }
 }
