@@ -519,3 +519,91 @@ async fn job_canary_experiment_promotion() {
     assert_eq!(st, 404);
     server.shutdown().await.unwrap();
 }
+
+/// The experiment's state (assignment, cursors, metrics, sequential test) is
+/// on disk: a server restart in the middle of it (same data directory and
+/// broker port; the devices reconnect) continues where it stopped, counts
+/// no telemetry twice, and reaches the same decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn experiment_survives_a_server_restart() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let sc = sim_config(&k, server.broker_port(), "rs");
+    let devs = fleet("rs", N, &sc, sim::always(sim::Behavior::Commit)).await;
+    api.wait_registered("rs", N).await;
+    for d in &devs {
+        let (st, _) = api
+            .post(
+                &format!("/v1/devices/{}/groups", d.id),
+                json!({"add": ["cohort"]}),
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    let a = api.upload(bundle(&k, 1, 3000)).await;
+    let b = api.upload(bundle(&k, 2, 3000)).await;
+    let r = api
+        .create_rollout(json!({"bundle": a, "selector": {"group": "cohort"}, "waves": ["100%"]}))
+        .await;
+    wait_rollout(&server, &r, T, is_completed).await;
+    let (st, v) = api
+        .post(
+            "/v1/experiments",
+            json!({"group": "cohort", "control": a, "candidate": b,
+                   "promote": "manual", "min_samples_per_arm": 600}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["experiment"]["id"].as_str().unwrap().to_string();
+    let assignment = v["experiment"]["assignment"].as_object().unwrap().clone();
+    let in_b = |d: &SimDevice| assignment[d.id.as_str()] == 1;
+    wait_active(&devs, |d, rel| rel == if in_b(d) { 2 } else { 1 }).await;
+
+    // Two rounds counted (below the 600 labels an arm needs), then the restart.
+    let mut rng = Rng(7);
+    let acc = |rel: u64| if rel == 2 { 0.9 } else { 0.8 };
+    for seq in 1..=2 {
+        telemetry_round(&devs, seq, &mut rng, acc, |_| 1).await;
+    }
+    let before = wait_for(&api, &format!("/v1/experiments/{id}"), T, |v| {
+        v["experiment"]["arms"][0]["records"].as_u64().unwrap_or(0)
+            + v["experiment"]["arms"][1]["records"].as_u64().unwrap_or(0)
+            == 2 * N as u64
+    })
+    .await["experiment"]
+        .clone();
+    assert_eq!(before["state"], "running", "{before}");
+    server.shutdown().await.unwrap();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let after = experiment(&api, &id).await;
+    assert_eq!(
+        after["arms"], before["arms"],
+        "metrics survived the restart"
+    );
+    assert_eq!(after["cursors"], before["cursors"]);
+    assert!(
+        sim::wait_connected(&devs, T).await == N,
+        "devices reconnect"
+    );
+    let (e, rounds) = run_until_decided(&api, &devs, &id, 3, acc, |_| 1).await;
+    assert_eq!(e["state"], "candidate_won", "{e}");
+    // No record counted twice: at most devices x rounds sent (the last
+    // round may arrive after the decision and not count).
+    let records =
+        e["arms"][0]["records"].as_u64().unwrap() + e["arms"][1]["records"].as_u64().unwrap();
+    assert!(records <= N as u64 * (2 + rounds), "{records}: {e}");
+    assert!(records > 2 * N as u64, "{records}: {e}");
+    server.shutdown().await.unwrap();
+}
