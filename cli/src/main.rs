@@ -120,6 +120,8 @@ enum Command {
   edgefleet datasets download ds-3f5a9c1e0b7d2a64 --out data/line-3"
     )]
     Datasets(cmd::datasets::Command),
+    /// Verify a bundle, load it as the agent does, run it on golden or given inputs, time it.
+    Run(Box<cmd::run::Args>),
     /// Retraining jobs: list, show, create, cancel (docs/loop.md).
     #[command(
         subcommand,
@@ -171,6 +173,7 @@ fn main() -> std::process::ExitCode {
         Command::Retraining(c) => cmd::drift::run_retraining(c),
         Command::Capture(c) => cmd::capture::run(c),
         Command::Datasets(c) => cmd::datasets::run(c),
+        Command::Run(a) => cmd::run::run(*a),
         Command::Jobs(c) => cmd::jobs::run(c),
         Command::Experiments(c) => cmd::experiments::run(c),
         Command::Worker(a) => cmd::worker::run(*a),

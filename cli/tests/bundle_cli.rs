@@ -364,3 +364,139 @@ fn every_hostile_fixture_fails_through_the_cli_with_its_own_error() {
     }
     assert!(checked >= 25);
 }
+
+fn err(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "succeeded unexpectedly: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `edgefleet run` (issue #18, point 5): a real model compiled for a target
+/// is verified, loaded as the agent loads it, self-tested, run on its golden
+/// inputs and on a given .npy, written out and timed; a wrong trust key, a
+/// wrong shape and an unknown input are refused naming what is wrong.
+#[test]
+fn run_verifies_loads_runs_and_times_a_bundle() {
+    let d = tempfile::tempdir().expect("tmp");
+    let p = d.path();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.cache/models/ch_ppocr_mobile_v2.0_cls_infer.onnx");
+    assert!(
+        model.exists(),
+        "{}: run scripts/fetch-models",
+        model.display()
+    );
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets/x86-avx2-gateway.toml");
+    ok(&edgefleet(&["keygen", "--out", "keys/release"], p));
+    ok(&edgefleet(&["keygen", "--out", "keys/other"], p));
+    ok(&edgefleet(
+        &[
+            "compile",
+            "--model",
+            model.to_str().expect("path"),
+            "--target",
+            target.to_str().expect("path"),
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--key",
+            "keys/release.pem",
+            "--out",
+            "out",
+            "--quiet",
+        ],
+        p,
+    ));
+    let bundle = std::fs::read_dir(p.join("out"))
+        .expect("out")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|f| f.extension().is_some_and(|x| x == "efb"))
+        .expect("a bundle");
+    let b = bundle.to_str().expect("path");
+    let o = edgefleet(
+        &[
+            "run",
+            "--trust",
+            "keys/release.pub.pem",
+            b,
+            "--bench",
+            "5",
+            "--out",
+            "outs",
+        ],
+        p,
+    );
+    let stdout = ok(&o);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("self-test (golden vectors): pass"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("shape [1, 2]"), "{stdout}");
+    assert!(stdout.contains("latency over 5 runs"), "{stdout}");
+    let written: Vec<_> = std::fs::read_dir(p.join("outs")).expect("outs").collect();
+    assert_eq!(written.len(), 1, "one output written");
+
+    // A given input of the right shape runs; a wrong shape or name is refused.
+    let n = 3 * 48 * 192;
+    let x: Vec<f32> = (0..n).map(|i| (i % 17) as f32 / 17.0).collect();
+    std::fs::write(
+        p.join("x.npy"),
+        edgefleet_compiler::calib::write_npy(&[1, 3, 48, 192], &x),
+    )
+    .expect("npy");
+    std::fs::write(
+        p.join("bad.npy"),
+        edgefleet_compiler::calib::write_npy(&[1, 3, 48, 100], &x[..14400]),
+    )
+    .expect("npy");
+    let out = ok(&edgefleet(
+        &[
+            "run",
+            "--trust",
+            "keys/release.pub.pem",
+            b,
+            "--input",
+            "x=x.npy",
+        ],
+        p,
+    ));
+    assert!(out.contains("shape [1, 2]"), "{out}");
+    let e = err(&edgefleet(
+        &[
+            "run",
+            "--trust",
+            "keys/release.pub.pem",
+            b,
+            "--input",
+            "x=bad.npy",
+        ],
+        p,
+    ));
+    assert!(
+        e.contains("shape [1, 3, 48, 100]") && e.contains("[1, 3, 48, 192]"),
+        "{e}"
+    );
+    let e = err(&edgefleet(
+        &[
+            "run",
+            "--trust",
+            "keys/release.pub.pem",
+            b,
+            "--input",
+            "y=x.npy",
+        ],
+        p,
+    ));
+    assert!(e.contains("no input `y`") && e.contains("x"), "{e}");
+    let e = err(&edgefleet(&["run", "--trust", "keys/other.pub.pem", b], p));
+    assert!(
+        e.to_lowercase().contains("key") || e.contains("trust"),
+        "{e}"
+    );
+}

@@ -75,8 +75,17 @@ pub struct Accuracy {
     /// Boxes found on the reference maps, summed over cases (what `box_f1` is
     /// measured on); `None` unless output 0 is a probability map.
     pub reference_boxes: Option<usize>,
+    /// Elements where the reference and the compiled model are both NaN, or
+    /// both the same infinity (issue #18: not an error, reported). A
+    /// non-finite value on one side only is an infinite error.
+    pub shared_non_finite: usize,
     /// Cases compared.
     pub cases: usize,
+}
+
+/// Both NaN, or both the same infinity: the two runtimes agree.
+fn same_non_finite(x: f32, y: f32) -> bool {
+    (x.is_nan() && y.is_nan()) || (x.is_infinite() && x == y)
 }
 
 impl Accuracy {
@@ -233,7 +242,7 @@ pub fn box_matches(reference: &[PixelBox], got: &[PixelBox]) -> usize {
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
+    for (x, y) in a.iter().zip(b).filter(|(x, y)| !same_non_finite(**x, **y)) {
         ab += f64::from(*x) * f64::from(*y);
         aa += f64::from(*x) * f64::from(*x);
         bb += f64::from(*y) * f64::from(*y);
@@ -272,6 +281,7 @@ pub fn measure(reference: &[Outputs], got: &[Outputs], judged: Judged, gated: &[
     let (mut inter, mut union) = (0usize, 0usize);
     let (mut seq_eq, mut seqs) = (0usize, 0usize);
     let (mut box_matched, mut boxes, mut ref_boxes) = (0usize, 0usize, 0usize);
+    let mut shared_non_finite = 0usize;
     let worse = |acc: &mut f64, d: f64| {
         if d.is_nan() {
             *acc = f64::INFINITY;
@@ -286,6 +296,10 @@ pub fn measure(reference: &[Outputs], got: &[Outputs], judged: Judged, gated: &[
             }
             let elementwise = i > 0 || !judged.by_task();
             for (x, y) in ro.iter().zip(go) {
+                if same_non_finite(*x, *y) {
+                    shared_non_finite += 1;
+                    continue;
+                }
                 let d = f64::from((x - y).abs());
                 worse(&mut max_abs, d);
                 if elementwise {
@@ -358,6 +372,7 @@ pub fn measure(reference: &[Outputs], got: &[Outputs], judged: Judged, gated: &[
         sequence_agreement: matches!(judged, Judged::Ctc { .. }).then(|| frac(seq_eq, seqs)),
         box_f1: matches!(judged, Judged::ProbabilityMap { .. }).then(|| frac(box_matched, boxes)),
         reference_boxes: matches!(judged, Judged::ProbabilityMap { .. }).then_some(ref_boxes),
+        shared_non_finite,
         cases: reference.len(),
     }
 }
@@ -468,6 +483,31 @@ mod tests {
         let a = measure(&[r], &[g], Judged::Values, &[]);
         let e = check(&a, &gate(), "t", "d").unwrap_err().to_string();
         assert!(e.contains("max_abs_error"), "{e}");
+        // NaN in the same places on both sides is agreement (reported);
+        // NaN or an infinity on one side only is an infinite error.
+        let both = measure(
+            &[vec![vec![f32::NAN, 1.0, f32::INFINITY]]],
+            &[vec![vec![f32::NAN, 1.0, f32::INFINITY]]],
+            Judged::Values,
+            &[],
+        );
+        assert_eq!(both.shared_non_finite, 2);
+        assert_eq!(both.max_abs_error, 0.0);
+        assert!((both.mean_cosine - 1.0).abs() < 1e-12);
+        let one = measure(
+            &[vec![vec![f32::NAN, 1.0]]],
+            &[vec![vec![0.5, 1.0]]],
+            Judged::Values,
+            &[],
+        );
+        assert!(one.max_abs_error.is_infinite());
+        let signs = measure(
+            &[vec![vec![f32::INFINITY]]],
+            &[vec![vec![f32::NEG_INFINITY]]],
+            Judged::Values,
+            &[],
+        );
+        assert!(signs.max_abs_error.is_infinite());
         // NaN counts as a disagreement, never as a match.
         let nan = measure(&[vec![vec![0.9f32]]], &[vec![vec![f32::NAN]]], judged, &[]);
         assert_eq!(nan.mask_iou, Some(0.0));

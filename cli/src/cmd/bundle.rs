@@ -168,7 +168,8 @@ fn verify_file(
     Ok(vb)
 }
 
-fn verify_args(a: &VerifyArgs) -> anyhow::Result<VerifiedBundle> {
+/// Verifies the bundle of `a` under its trust and policy options.
+pub(super) fn verify_args(a: &VerifyArgs) -> anyhow::Result<VerifiedBundle> {
     let ts = load_trust(&a.trust, &a.revoked)?;
     let policy = Policy {
         target: a

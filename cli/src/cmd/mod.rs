@@ -12,6 +12,7 @@ pub mod experiments;
 pub mod jobs;
 pub mod keygen;
 pub mod rollouts;
+pub mod run;
 pub mod serve;
 pub mod table;
 pub mod train;
