@@ -576,7 +576,10 @@ fn start_fleet(ctx: &Ctx, api: &Api, devices: &mut [Device]) -> anyhow::Result<(
         write_agent_config(ctx, d, false)?;
         spawn(&ctx.exe, d)?;
     }
-    wait_for(Duration::from_secs(180), "every agent to say hello", || {
+    // Design: each agent loads and optimises its model with tract before its
+    // hello; on 2 cores beside three compile jobs, 24 of them took longer
+    // than 180 s once (session 16's busy series, run 3). 300 s.
+    wait_for(Duration::from_secs(300), "every agent to say hello", || {
         Ok(api.get("/v1/devices")?["devices"]
             .as_array()
             .map_or(0, Vec::len)
