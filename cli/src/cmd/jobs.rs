@@ -21,6 +21,9 @@ pub enum Command {
         /// experiment, promoted, rejected, failed, cancelled).
         #[arg(long)]
         state: Option<String>,
+        /// Only jobs of this group.
+        #[arg(long)]
+        group: Option<String>,
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -102,8 +105,17 @@ fn params(pairs: &[String]) -> anyhow::Result<serde_json::Map<String, Value>> {
 /// Runs `edgefleet jobs`.
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::List { conn, state, json } => {
-            let q: Vec<(&str, String)> = state.into_iter().map(|s| ("state", s)).collect();
+        Command::List {
+            conn,
+            state,
+            group,
+            json,
+        } => {
+            let q: Vec<(&str, String)> = state
+                .into_iter()
+                .map(|s| ("state", s))
+                .chain(group.into_iter().map(|g| ("group", g)))
+                .collect();
             let v = Client::new(conn).get("/v1/jobs", &q)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
