@@ -862,6 +862,22 @@ fn upload_capture(rt: &tokio::runtime::Runtime, dev: &sim::SimDevice, samples: u
     cid
 }
 
+/// One simulated device `id` tagged `tag` on the server's broker, committing
+/// whatever it is offered.
+fn sim_device(server: &Server, trust: &Path, id: &str, tag: &str) -> sim::SimDevice {
+    let cfg = sim::SimConfig {
+        host: "127.0.0.1".into(),
+        port: server.mqtt_port,
+        trust: Arc::new(TrustStore::load(trust).expect("trust")),
+        target: TARGET.into(),
+        tags: vec![tag.into()],
+        heartbeat: Duration::from_secs(5),
+        keep_payload: false,
+        initial: None,
+    };
+    sim::spawn(id, cfg, sim::always(sim::Behavior::Commit)).expect("sim")
+}
+
 /// The real cls model (scripts/fetch-models; scripts/test runs it first).
 fn cls_model() -> std::path::PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -995,17 +1011,7 @@ fn jobs_and_worker_training_command_contract() {
     let server = start_server(dir.path(), &trust);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _guard = rt.enter();
-    let cfg = sim::SimConfig {
-        host: "127.0.0.1".into(),
-        port: server.mqtt_port,
-        trust: Arc::new(TrustStore::load(&trust).expect("trust")),
-        target: TARGET.into(),
-        tags: vec!["jobcli".into()],
-        heartbeat: Duration::from_secs(5),
-        keep_payload: false,
-        initial: None,
-    };
-    let dev = sim::spawn("cam-w", cfg, sim::always(sim::Behavior::Commit)).expect("sim");
+    let dev = sim_device(&server, &trust, "cam-w", "jobcli");
     until(&server, &["devices", "list", "--json"], |o| {
         o.contains("cam-w")
     });
@@ -1138,17 +1144,7 @@ fn server_killed_during_training_resumes_the_job() {
     let server = start_server_on(dir.path(), &trust, ports, &[]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _guard = rt.enter();
-    let cfg = sim::SimConfig {
-        host: "127.0.0.1".into(),
-        port: server.mqtt_port,
-        trust: Arc::new(TrustStore::load(&trust).expect("trust")),
-        target: TARGET.into(),
-        tags: vec!["jobkill".into()],
-        heartbeat: Duration::from_secs(5),
-        keep_payload: false,
-        initial: None,
-    };
-    let dev = sim::spawn("cam-k", cfg, sim::always(sim::Behavior::Commit)).expect("sim");
+    let dev = sim_device(&server, &trust, "cam-k", "jobkill");
     until(&server, &["devices", "list", "--json"], |o| {
         o.contains("cam-k")
     });

@@ -288,13 +288,6 @@ pub struct Experiment {
     pub outcome: Option<String>,
 }
 
-fn random_hex(bytes: usize) -> String {
-    use rand::RngCore as _;
-    let mut b = vec![0u8; bytes];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
-}
-
 fn guardrail(g: &GuardrailSpec, alpha: f64) -> Result<Guardrail> {
     let margin = match (g.max_relative_degradation, g.max_absolute_degradation) {
         (Some(r), None) => Margin::MaxRelativeDegradation(r),
@@ -421,7 +414,7 @@ fn plan(state: &State, s: CreateExperiment) -> Result<Experiment> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let id = format!("exp-{}", random_hex(6));
+    let id = format!("exp-{}", hex::encode(rand::random::<[u8; 6]>()));
     let sel = Selector {
         group: Some(s.group.clone()),
         ..Selector::default()

@@ -148,17 +148,17 @@ async fn run_until_decided(
     (experiment(api, id).await, 200)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn experiments_promote_the_better_and_stop_the_worse() {
-    let k = keys();
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
-        .await
-        .unwrap();
-    let api = Api::new(&server);
-    let sc = sim_config(&k, server.broker_port(), "ab");
-    let devs = fleet("ab", N, &sc, sim::always(sim::Behavior::Commit)).await;
-    api.wait_registered("ab", N).await;
+/// `N` simulated devices tagged `tag` in group `cohort`, all committed to
+/// bundle release 1 (returned: the devices and that bundle's SHA-256).
+async fn cohort_on_release_1(
+    server: &Server,
+    api: &Api,
+    k: &Keys,
+    tag: &str,
+) -> (Vec<SimDevice>, String) {
+    let sc = sim_config(k, server.broker_port(), tag);
+    let devs = fleet(tag, N, &sc, sim::always(sim::Behavior::Commit)).await;
+    api.wait_registered(tag, N).await;
     for d in &devs {
         let (st, _) = api
             .post(
@@ -168,13 +168,25 @@ async fn experiments_promote_the_better_and_stop_the_worse() {
             .await;
         assert_eq!(st, 200);
     }
-    let a = api.upload(bundle(&k, 1, 3000)).await;
-    let b = api.upload(bundle(&k, 2, 3000)).await;
-    let c = api.upload(bundle(&k, 3, 3000)).await;
+    let a = api.upload(bundle(k, 1, 3000)).await;
     let r = api
         .create_rollout(json!({"bundle": a, "selector": {"group": "cohort"}, "waves": ["100%"]}))
         .await;
-    wait_rollout(&server, &r, T, is_completed).await;
+    wait_rollout(server, &r, T, is_completed).await;
+    (devs, a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn experiments_promote_the_better_and_stop_the_worse() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let (devs, a) = cohort_on_release_1(&server, &api, &k, "ab").await;
+    let b = api.upload(bundle(&k, 2, 3000)).await;
+    let c = api.upload(bundle(&k, 3, 3000)).await;
 
     // Refusals name the field.
     for (body, field) in [
@@ -345,23 +357,7 @@ async fn job_canary_experiment_promotion() {
     cfg.drift_rule.min_fraction = 0.1;
     let server = Server::start(cfg).await.unwrap();
     let api = Api::new(&server);
-    let sc = sim_config(&k, server.broker_port(), "loop");
-    let devs = fleet("loop", N, &sc, sim::always(sim::Behavior::Commit)).await;
-    api.wait_registered("loop", N).await;
-    for d in &devs {
-        let (st, _) = api
-            .post(
-                &format!("/v1/devices/{}/groups", d.id),
-                json!({"add": ["cohort"]}),
-            )
-            .await;
-        assert_eq!(st, 200);
-    }
-    let a = api.upload(bundle(&k, 1, 3000)).await;
-    let r = api
-        .create_rollout(json!({"bundle": a, "selector": {"group": "cohort"}, "waves": ["100%"]}))
-        .await;
-    wait_rollout(&server, &r, T, is_completed).await;
+    let (devs, a) = cohort_on_release_1(&server, &api, &k, "loop").await;
     enable_capture(&api, "cohort").await;
     capture_batch(&server, "loop-0", 30);
 
@@ -537,24 +533,8 @@ async fn experiment_survives_a_server_restart() {
         .await
         .unwrap();
     let api = Api::new(&server);
-    let sc = sim_config(&k, server.broker_port(), "rs");
-    let devs = fleet("rs", N, &sc, sim::always(sim::Behavior::Commit)).await;
-    api.wait_registered("rs", N).await;
-    for d in &devs {
-        let (st, _) = api
-            .post(
-                &format!("/v1/devices/{}/groups", d.id),
-                json!({"add": ["cohort"]}),
-            )
-            .await;
-        assert_eq!(st, 200);
-    }
-    let a = api.upload(bundle(&k, 1, 3000)).await;
+    let (devs, a) = cohort_on_release_1(&server, &api, &k, "rs").await;
     let b = api.upload(bundle(&k, 2, 3000)).await;
-    let r = api
-        .create_rollout(json!({"bundle": a, "selector": {"group": "cohort"}, "waves": ["100%"]}))
-        .await;
-    wait_rollout(&server, &r, T, is_completed).await;
     let (st, v) = api
         .post(
             "/v1/experiments",

@@ -255,7 +255,12 @@ fn run_job(
     drop_if_lost(&hb)?;
     match result {
         Ok(done) => {
-            let v = client.post_json(&format!("/v1/jobs/{}/complete", c.job.id), &json!(done))?;
+            let v = report(
+                client,
+                &format!("/v1/jobs/{}/complete", c.job.id),
+                &json!(done),
+                c.job.spec.lease_s,
+            )?;
             Ok(v["job"]["state"].as_str().unwrap_or("?").to_string())
         }
         Err(e) => {
@@ -265,6 +270,21 @@ fn run_job(
             };
             let _ = client.post_json(&format!("/v1/jobs/{}/fail", c.job.id), &json!(f));
             Err(e)
+        }
+    }
+}
+
+/// Posts a result, retrying while the server cannot be reached (it may be
+/// restarting) for up to the lease length; an HTTP answer is final.
+fn report(client: &Client, path: &str, body: &Value, lease_s: u64) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(lease_s);
+    loop {
+        match client.post_json(path, body) {
+            Err(e) if !format!("{e:#}").contains("HTTP ") && Instant::now() < deadline => {
+                eprintln!("POST {path}: {e:#}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            r => return r,
         }
     }
 }

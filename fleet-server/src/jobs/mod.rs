@@ -310,13 +310,6 @@ impl Job {
     }
 }
 
-fn random_hex(bytes: usize) -> String {
-    use rand::RngCore as _;
-    let mut b = vec![0u8; bytes];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
-}
-
 /// A group, model or target name: 1-64 characters of `[A-Za-z0-9._:-]`,
 /// not starting with `.` (names become tags, topics and file names).
 ///
@@ -430,7 +423,7 @@ pub fn create(state: &State, spec: CreateJob) -> Result<(Job, bool)> {
     }
     let now = now_ms();
     let job = Job {
-        id: format!("job-{}", random_hex(6)),
+        id: format!("job-{}", hex::encode(rand::random::<[u8; 6]>())),
         spec,
         state: JobState::Queued,
         created_ms: now,
@@ -562,7 +555,7 @@ pub fn claim(state: &State, req: &ClaimRequest) -> Result<Option<Claimed>> {
             }
             j.attempts += 1;
             j.lease = Some(Lease {
-                id: format!("ls-{}", random_hex(8)),
+                id: format!("ls-{}", hex::encode(rand::random::<[u8; 8]>())),
                 worker: req.worker.clone(),
                 device: req.device.clone(),
                 expires_ms: now + j.spec.lease_s * 1000,
