@@ -48,6 +48,9 @@ pub enum Command {
         promote: String,
     },
     /// List experiments: id, group, state, metric, A and B means, p-value, devices.
+    #[command(after_help = "Examples:
+  edgefleet experiments list
+  edgefleet experiments list --json | jq '.experiments[] | select(.state == \"running\")'")]
     List {
         /// Server connection.
         #[command(flatten)]
@@ -57,6 +60,8 @@ pub enum Command {
         json: bool,
     },
     /// Show one experiment: assignment, metrics per variant, evaluation, guardrails (JSON).
+    #[command(after_help = "Examples:
+  edgefleet experiments show 5b1e0c2a9f4d7e31")]
     Show {
         /// Server connection.
         #[command(flatten)]
@@ -65,6 +70,8 @@ pub enum Command {
         id: String,
     },
     /// Cancel a running experiment (its candidate devices roll back).
+    #[command(after_help = "Examples:
+  edgefleet experiments cancel 5b1e0c2a9f4d7e31")]
     Cancel {
         /// Server connection.
         #[command(flatten)]
