@@ -5,6 +5,7 @@
 pub mod dataset;
 pub mod device;
 pub mod error;
+pub mod finetune;
 pub mod infer;
 pub mod mlflow;
 pub mod mlflow_local;

@@ -177,6 +177,9 @@ pub struct RunRecord {
     pub artifacts: BTreeMap<String, String>,
     /// MLflow run and model version, when tracked.
     pub mlflow: Option<MlflowRecord>,
+    /// How a fine-tuned run (`kind` = `finetune`) was made: base, field data, replay, gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<crate::finetune::FinetuneRef>,
 }
 
 /// The backend decision.
@@ -445,6 +448,7 @@ fn run_on<B: TrainBackend>(
         train_samples_per_s: (targets.train.len() * epochs_run) as f64 / fit_s.max(1e-9),
         artifacts: BTreeMap::new(),
         mlflow: None,
+        finetune: None,
     };
     finish(req, record, &model, onnx_bytes, hooks, started)
 }
@@ -546,21 +550,55 @@ fn finish<B: crate::model::ConvBackend>(
     mut hooks: Hooks,
     started: Instant,
 ) -> Result<RunRecord, Error> {
-    let out = &req.out;
-    train::write_atomic(&out.join(MODEL), &onnx_bytes)?;
+    write_artifacts(&req.out, &mut record, model, &onnx_bytes)?;
+    record.wall_time_s = started.elapsed().as_secs_f64();
+    record.mlflow = hooks.finish(&record, &onnx_bytes)?;
+    write_record(&req.out, &record)?;
+    Ok(record)
+}
+
+/// Writes `model.onnx` and `weights.mpk` into `out` (temp file, fsync, rename) and their
+/// sha256 into `record.artifacts`.
+fn write_artifacts<B: crate::model::ConvBackend>(
+    out: &Path,
+    record: &mut RunRecord,
+    model: &ConvNet<B>,
+    onnx_bytes: &[u8],
+) -> Result<(), Error> {
+    train::write_atomic(&out.join(MODEL), onnx_bytes)?;
     train::save_model(&out.join(WEIGHTS), model)?;
     for f in [MODEL, WEIGHTS] {
         record
             .artifacts
             .insert(f.into(), file_sha256(&out.join(f))?);
     }
-    record.wall_time_s = started.elapsed().as_secs_f64();
-    record.mlflow = hooks.finish(&record, &onnx_bytes)?;
-    let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Invalid {
+    Ok(())
+}
+
+fn write_record(out: &Path, record: &RunRecord) -> Result<(), Error> {
+    let json = serde_json::to_vec_pretty(record).map_err(|e| Error::Invalid {
         what: "run record".into(),
         reason: e.to_string(),
     })?;
-    train::write_atomic(&out.join(RECORD), &json)?;
+    train::write_atomic(&out.join(RECORD), &json)
+}
+
+/// Writes a run folder without MLflow (the fine-tune's): `model.onnx`, `weights.mpk`, then
+/// `run.json` last (its presence means the folder is complete), with the artifacts' sha256 and
+/// the wall time since `started`.
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_run<B: crate::model::ConvBackend>(
+    out: &Path,
+    mut record: RunRecord,
+    model: &ConvNet<B>,
+    onnx_bytes: &[u8],
+    started: Instant,
+) -> Result<RunRecord, Error> {
+    write_artifacts(out, &mut record, model, onnx_bytes)?;
+    record.wall_time_s = started.elapsed().as_secs_f64();
+    write_record(out, &record)?;
     Ok(record)
 }
 

@@ -395,9 +395,24 @@ pub fn train<B: TrainBackend>(
     observer: &mut dyn RunObserver,
     device: &B::Device,
 ) -> Result<Trained<B>, Error> {
-    std::fs::create_dir_all(ckpt_dir).map_err(|e| Error::io(ckpt_dir, e))?;
     B::seed(device, cfg.seed);
-    let mut model: ConvNet<B> = arch.init(device);
+    let start = arch.init(device);
+    train_from(start, arch, data, cfg, ckpt_dir, observer, device)
+}
+
+/// [`train`] starting from the weights of `start` (fine-tuning) instead of a fresh
+/// initialisation; a checkpoint of the same config under `ckpt_dir` still wins (resume).
+pub fn train_from<B: TrainBackend>(
+    start: ConvNet<B>,
+    arch: &ConvNetConfig,
+    data: &TrainData<'_>,
+    cfg: &TrainConfig,
+    ckpt_dir: &Path,
+    observer: &mut dyn RunObserver,
+    device: &B::Device,
+) -> Result<Trained<B>, Error> {
+    std::fs::create_dir_all(ckpt_dir).map_err(|e| Error::io(ckpt_dir, e))?;
+    let mut model = start;
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
         .init::<B, ConvNet<B>>();
