@@ -195,7 +195,12 @@ fn finetune_on<B: TrainBackend>(
     let arch = base.record.architecture.clone();
     check_new(task, &req.new)?;
     let splits = split_new(&req.new)?;
-    let mix = mix_replay(&splits, &base.previous, req.replay_fraction, req.config.seed)?;
+    let mix = mix_replay(
+        &splits,
+        &base.previous,
+        req.replay_fraction,
+        req.config.seed,
+    )?;
     let data = TrainData {
         task,
         train: &mix.train,
@@ -228,7 +233,14 @@ fn finetune_on<B: TrainBackend>(
     let candidate = trained.model.valid();
     let gate = judge(
         current,
-        measure(&candidate, &arch, task, &splits.test, &previous_test, device)?,
+        measure(
+            &candidate,
+            &arch,
+            task,
+            &splits.test,
+            &previous_test,
+            device,
+        )?,
         task,
         &splits.test,
         &previous_test,
@@ -306,7 +318,10 @@ pub fn load_base<B: ConvBackend>(
         ],
         None => vec![recorded.clone()],
     };
-    let Some(path) = candidates.iter().find(|p| p.join("manifest.json").is_file()) else {
+    let Some(path) = candidates
+        .iter()
+        .find(|p| p.join("manifest.json").is_file())
+    else {
         return Err(invalid(
             format!("base run {}", dir.display()),
             format!(
@@ -319,7 +334,11 @@ pub fn load_base<B: ConvBackend>(
     if previous.task() != record.task {
         return Err(invalid(
             format!("dataset {}", path.display()),
-            format!("is for task {}, the base run for {}", previous.task(), record.task),
+            format!(
+                "is for task {}, the base run for {}",
+                previous.task(),
+                record.task
+            ),
         ));
     }
     Ok(Base {
@@ -342,18 +361,27 @@ fn check_new(task: Task, new: &Examples) -> Result<(), Error> {
         ));
     }
     let Some(y) = &new.y else {
-        return Err(invalid(what, "no labels: fine-tuning needs feedback labels"));
+        return Err(invalid(
+            what,
+            "no labels: fine-tuning needs feedback labels",
+        ));
     };
     if let Some(l) = y.iter().find(|l| !(0..task.classes() as i64).contains(*l)) {
         return Err(invalid(
             what,
-            format!("label {l} is outside the task's classes 0..{}", task.classes()),
+            format!(
+                "label {l} is outside the task's classes 0..{}",
+                task.classes()
+            ),
         ));
     }
     if new.len() < MIN_NEW {
         return Err(invalid(
             what,
-            format!("{} labelled samples; at least {MIN_NEW} are needed", new.len()),
+            format!(
+                "{} labelled samples; at least {MIN_NEW} are needed",
+                new.len()
+            ),
         ));
     }
     Ok(())

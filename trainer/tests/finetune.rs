@@ -143,10 +143,7 @@ fn finetune_recovers_the_field_data_and_keeps_the_previous_test_set() {
         assert_eq!(rec.kind, "finetune");
         let f = rec.finetune.as_ref().expect("finetune lineage");
         assert_eq!(f.gate, ft.gate);
-        assert_eq!(
-            (f.new_train, f.new_validation, f.new_test),
-            (240, 80, 80)
-        );
+        assert_eq!((f.new_train, f.new_validation, f.new_test), (240, 80, 80));
         assert_eq!(f.replayed, 240, "replay 0.5: as many previous as new");
         assert_eq!(rec.dataset, base.dataset, "replay source carried forward");
         assert!(root.path().join(&out).join("model.onnx").is_file());

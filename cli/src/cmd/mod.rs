@@ -17,3 +17,4 @@ pub mod serve;
 pub mod table;
 pub mod train;
 pub mod worker;
+pub mod worker_builtin;

@@ -27,9 +27,12 @@ use super::bundles::{Client, Conn};
 
 /// Arguments of `edgefleet worker`.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("trainer").required(true).args(["command", "base_run"])))]
 #[command(after_help = "Examples:
   edgefleet worker --server http://fleet:8080 --token $TOKEN --device auto \\
       --command ./train.sh --target targets/rpi4.toml --key keys/release.pem
+  edgefleet worker --base-run runs/text-student --target targets/x86-avx2-gateway.toml \\
+      --key keys/release.pem            # the built-in trainer: fine-tune on the captured labels
   edgefleet worker --once --command python3 --arg my_train.py --target targets/x86-avx2-gateway.toml \\
       --key keys/release.pem --work-dir /var/lib/edgefleet-worker
 
@@ -50,7 +53,15 @@ pub struct Args {
     pub name: Option<String>,
     /// The training program (the operator's own trainer, under the contract above).
     #[arg(long, value_name = "PROGRAM")]
-    pub command: PathBuf,
+    pub command: Option<PathBuf>,
+    /// The built-in trainer instead of --command: fine-tune this run folder (from
+    /// `edgefleet train`/`distill`; the release the cohort runs) on the job's labelled captures,
+    /// replaying its training data. After a promotion the worker's own promoted run is the base.
+    #[arg(long, value_name = "DIR", conflicts_with = "command")]
+    pub base_run: Option<PathBuf>,
+    /// The base run's training dataset, when the path in its run.json does not resolve here.
+    #[arg(long, value_name = "DIR", requires = "base_run")]
+    pub previous_data: Option<PathBuf>,
     /// An argument for the training program (repeatable, in order).
     #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
     pub args: Vec<String>,
@@ -87,6 +98,14 @@ pub struct Args {
 struct TrainCommand {
     program: PathBuf,
     args: Vec<String>,
+}
+
+/// How this worker trains: the operator's command, or the built-in fine-tune.
+enum Trainer {
+    /// `--command` under the contract.
+    Command(TrainCommand),
+    /// `--base-run`: [`edgefleet_trainer::finetune`].
+    Builtin(super::worker_builtin::Builtin),
 }
 
 /// A claimed job's working folders.
@@ -192,9 +211,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|_| "cpu".to_string());
     let name = a.name.clone().unwrap_or_else(host_name);
     let client = Client::new(a.conn.clone());
-    let train = TrainCommand {
-        program: a.command.clone(),
-        args: a.args.clone(),
+    let train = match (&a.command, &a.base_run) {
+        (Some(program), _) => Trainer::Command(TrainCommand {
+            program: program.clone(),
+            args: a.args.clone(),
+        }),
+        (None, Some(base)) => Trainer::Builtin(super::worker_builtin::Builtin::new(
+            base,
+            a.previous_data.as_deref(),
+            &a.work_dir,
+        )?),
+        (None, None) => bail!("give --command PROGRAM or --base-run DIR"),
     };
     eprintln!("worker {name} ({device}): polling {}", a.conn.server);
     loop {
@@ -240,7 +267,7 @@ fn claim(client: &Client, body: &Value) -> anyhow::Result<Option<Claimed>> {
 fn run_job(
     a: &Args,
     client: &Client,
-    train: &TrainCommand,
+    train: &Trainer,
     device: &str,
     c: &Claimed,
 ) -> anyhow::Result<String> {
@@ -300,7 +327,7 @@ fn drop_if_lost(hb: &Heartbeats) -> anyhow::Result<()> {
 fn stages(
     a: &Args,
     client: &Client,
-    train: &TrainCommand,
+    train: &Trainer,
     device: &str,
     c: &Claimed,
     hb: &Heartbeats,
@@ -315,7 +342,18 @@ fn stages(
     download_dataset(client, c, &ws.dataset)?;
     write_params(&c.job, device, &ws.params)?;
     hb.set_stage(WorkerStage::Training, "training");
-    let trained = run_training(train, &c.job, device, &ws, hb)?;
+    let trained = match train {
+        Trainer::Command(t) => run_training(t, &c.job, device, &ws, hb)?,
+        Trainer::Builtin(b) => {
+            let t = b.train(client, c, a.device, &ws.dataset, &ws.out)?;
+            Trained {
+                onnx: t.onnx,
+                gate: t.gate,
+                run: t.run,
+                teacher: t.teacher,
+            }
+        }
+    };
     let verdict = GateVerdict::judge(trained.gate.clone(), c.job.spec.gate);
     let mut done = Completion {
         lease,
