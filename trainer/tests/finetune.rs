@@ -158,22 +158,22 @@ fn a_finetuned_run_is_a_base_and_bad_field_data_is_refused() {
     // Bad inputs, each refused naming the problem, before any training.
     let mut unlabelled = windows(100, 5, NOISY);
     unlabelled.y = None;
-    let e = finetune::finetune(&request(root.path(), unlabelled, 1, "x")).unwrap_err();
+    let e = finetune::finetune(&request(root.path(), unlabelled, 1, "x")).expect_err("refused");
     assert!(e.to_string().contains("no labels"), "{e}");
     let few = windows(6, 5, NOISY);
-    let e = finetune::finetune(&request(root.path(), few, 1, "x")).unwrap_err();
+    let e = finetune::finetune(&request(root.path(), few, 1, "x")).expect_err("refused");
     assert!(e.to_string().contains("at least 10"), "{e}");
     let mut shape = windows(40, 5, NOISY);
     shape.sample_shape = vec![2, 288];
-    let e = finetune::finetune(&request(root.path(), shape, 1, "x")).unwrap_err();
+    let e = finetune::finetune(&request(root.path(), shape, 1, "x")).expect_err("refused");
     assert!(e.to_string().contains("[2, 288]"), "{e}");
     let mut r = request(root.path(), windows(100, 5, NOISY), 1, "x");
     r.replay_fraction = 1.0;
-    let e = finetune::finetune(&r).unwrap_err();
+    let e = finetune::finetune(&r).expect_err("refused");
     assert!(e.to_string().contains("replay_fraction"), "{e}");
     let mut r = request(root.path(), windows(100, 5, NOISY), 1, "x");
     r.previous = Some(root.path().join("nowhere"));
-    let e = finetune::finetune(&r).unwrap_err();
+    let e = finetune::finetune(&r).expect_err("refused");
     assert!(e.to_string().contains("--previous-data"), "{e}");
     assert!(!root.path().join("x").join("run.json").exists());
 
