@@ -1594,7 +1594,7 @@ fn builtin_worker_finetunes_on_labelled_captures() {
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "worker: {log}");
     assert!(
-        log.contains("fine-tuning runs/base on 100 labelled field samples"),
+        log.contains("runs/base on 100 labelled field samples"),
         "{log}"
     );
     let j = wait_job(&server, &id, |j| {

@@ -90,6 +90,9 @@ pub struct FinetuneRef {
     pub new_test: usize,
     /// Previous training samples replayed.
     pub replayed: usize,
+    /// The replay fraction used.
+    #[serde(default)]
+    pub replay_fraction: f64,
     /// The gate's numbers.
     pub gate: GateEvidence,
 }
@@ -274,6 +277,7 @@ fn finetune_on<B: TrainBackend>(
             new_validation: splits.val.len(),
             new_test: splits.test.len(),
             replayed: mix.replayed,
+            replay_fraction: req.replay_fraction,
             gate: gate.clone(),
         }),
         architecture: arch,
@@ -309,28 +313,80 @@ pub fn load_base<B: ConvBackend>(
     device: &B::Device,
 ) -> Result<Base<B>, Error> {
     let (model, record) = run::load_model::<B>(dir, device)?;
+    let previous = previous_dataset(dir, &record, previous)?;
+    Ok(Base {
+        model,
+        record,
+        previous,
+    })
+}
+
+/// Checks, without loading weights, that `dir` is a complete run folder (`run.json`,
+/// `weights.mpk`, `model.onnx`) whose training dataset can be found (`previous`, or the
+/// record's path) and is the one it was trained on (same dataset id): what a worker checks at
+/// start, before it claims a job.
+///
+/// # Errors
+/// [`Error::Invalid`] or I/O errors naming the file or folder.
+pub fn check_base(dir: &Path, previous: Option<&Path>) -> Result<RunRecord, Error> {
+    let record = RunRecord::load(dir)?;
+    for f in [run::WEIGHTS, run::MODEL] {
+        let p = dir.join(f);
+        if !p.is_file() {
+            return Err(invalid(
+                format!("base run {}", dir.display()),
+                format!("{} is missing: not a complete run folder", p.display()),
+            ));
+        }
+    }
+    previous_dataset(dir, &record, previous)?;
+    Ok(record)
+}
+
+/// The base run's training dataset: `previous`, or the record's path (a relative path is
+/// tried as given, then against the run folder's parent and grandparent), with the record's
+/// dataset id.
+fn previous_dataset(
+    dir: &Path,
+    record: &RunRecord,
+    previous: Option<&Path>,
+) -> Result<Dataset, Error> {
     let recorded = &record.dataset.path;
     let candidates: Vec<PathBuf> = match previous {
         Some(p) => vec![p.to_path_buf()],
-        None if recorded.is_relative() => vec![
-            recorded.clone(),
-            dir.parent().unwrap_or(Path::new(".")).join(recorded),
-        ],
+        // `edgefleet train --data data/x --out runs/y` from one folder: the dataset is a
+        // sibling of the run folder's parent.
+        None if recorded.is_relative() => std::iter::once(recorded.clone())
+            .chain(dir.ancestors().skip(1).take(2).map(|a| a.join(recorded)))
+            .collect(),
         None => vec![recorded.clone()],
     };
     let Some(path) = candidates
         .iter()
         .find(|p| p.join("manifest.json").is_file())
     else {
+        let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
         return Err(invalid(
             format!("base run {}", dir.display()),
             format!(
-                "its training dataset {} is not here: pass the worker's copy (--previous-data)",
-                recorded.display()
+                "its training dataset {} is not here (tried {}): pass the worker's copy (--previous-data)",
+                recorded.display(),
+                tried.join(", ")
             ),
         ));
     };
     let previous = Dataset::open(path)?;
+    if previous.id() != record.dataset.id {
+        return Err(invalid(
+            format!("dataset {}", path.display()),
+            format!(
+                "has id {}, but base run {} was trained on dataset {}: not its training data",
+                previous.id(),
+                dir.display(),
+                record.dataset.id
+            ),
+        ));
+    }
     if previous.task() != record.task {
         return Err(invalid(
             format!("dataset {}", path.display()),
@@ -341,11 +397,7 @@ pub fn load_base<B: ConvBackend>(
             ),
         ));
     }
-    Ok(Base {
-        model,
-        record,
-        previous,
-    })
+    Ok(previous)
 }
 
 fn check_new(task: Task, new: &Examples) -> Result<(), Error> {
@@ -375,36 +427,50 @@ fn check_new(task: Task, new: &Examples) -> Result<(), Error> {
             ),
         ));
     }
-    if new.len() < MIN_NEW {
+    if new.x.len() != y.len() * new.sample_len() {
         return Err(invalid(
             what,
             format!(
-                "{} labelled samples; at least {MIN_NEW} are needed",
-                new.len()
+                "{} values for {} labels of {} values each",
+                new.x.len(),
+                y.len(),
+                new.sample_len()
+            ),
+        ));
+    }
+    if y.len() < MIN_NEW {
+        return Err(invalid(
+            what,
+            format!(
+                "{} labelled samples; at least {MIN_NEW} are needed (the gate's test split is a fifth of them)",
+                y.len()
             ),
         ));
     }
     Ok(())
 }
 
-/// Fewest labelled field samples a fine-tune accepts.
-pub const MIN_NEW: usize = 10;
+/// Fewest labelled field samples a fine-tune accepts (so the gate's test split has at
+/// least 10).
+pub const MIN_NEW: usize = 50;
 
-/// Chunks the field samples are cut into (contiguous in time).
+/// Most chunks the field samples are cut into (contiguous in time).
 const CHUNKS: usize = 20;
 
-/// Cuts `new` (time order) into [`CHUNKS`] contiguous chunks and deals them out 3:1:1 to
-/// train, validation and test (chunk `k`: `k % 5` in 0..3 train, 3 validation, 4 test), so
-/// every split spans the whole capture period and a test sample's neighbours in time are
-/// mostly in its own split.
+/// Cuts `new` (time order) into `c` contiguous chunks (`c` = [`CHUNKS`], or for small sets
+/// the largest multiple of 5 not above `n`, so that every chunk holds a sample) and deals them
+/// out 3:1:1 to train, validation and test (chunk `k`: `k % 5` in 0..3 train, 3 validation,
+/// 4 test), so every split spans the whole capture period and a test sample's neighbours in
+/// time are mostly in its own split.
 ///
 /// # Errors
 /// [`Error::Invalid`] when a split would be empty.
 pub fn split_new(new: &Examples) -> Result<NewSplits, Error> {
     let n = new.len();
+    let chunks = n.min(CHUNKS) / 5 * 5;
     let mut idx: [Vec<usize>; 3] = Default::default();
     for i in 0..n {
-        let chunk = i * CHUNKS / n.max(1);
+        let chunk = i * chunks / n.max(1);
         let s = match chunk % 5 {
             0..=2 => 0,
             3 => 1,

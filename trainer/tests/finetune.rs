@@ -162,7 +162,11 @@ fn a_finetuned_run_is_a_base_and_bad_field_data_is_refused() {
     assert!(e.to_string().contains("no labels"), "{e}");
     let few = windows(6, 5, NOISY);
     let e = finetune::finetune(&request(root.path(), few, 1, "x")).expect_err("refused");
-    assert!(e.to_string().contains("at least 10"), "{e}");
+    assert!(e.to_string().contains("at least 50"), "{e}");
+    let mut ragged = windows(100, 5, NOISY);
+    ragged.y.as_mut().expect("labels").pop();
+    let e = finetune::finetune(&request(root.path(), ragged, 1, "x")).expect_err("refused");
+    assert!(e.to_string().contains("57600 values for 99 labels"), "{e}");
     let mut shape = windows(40, 5, NOISY);
     shape.sample_shape = vec![2, 288];
     let e = finetune::finetune(&request(root.path(), shape, 1, "x")).expect_err("refused");
@@ -175,6 +179,28 @@ fn a_finetuned_run_is_a_base_and_bad_field_data_is_refused() {
     r.previous = Some(root.path().join("nowhere"));
     let e = finetune::finetune(&r).expect_err("refused");
     assert!(e.to_string().contains("--previous-data"), "{e}");
+    // Another dataset given as the base's previous data: refused by its id.
+    let other = root.path().join("other-data");
+    dataset::write_dataset(
+        &other,
+        Task::Vad,
+        &windows(200, 9, QUIET),
+        None,
+        Provenance::Generator {
+            name: "tone_in_noise/1".into(),
+            parameters: serde_json::json!({"noise": QUIET}),
+            seed: 9,
+        },
+        SplitFractions::default(),
+        5,
+    )
+    .expect("other dataset");
+    let mut r = request(root.path(), windows(100, 5, NOISY), 1, "x");
+    r.previous = Some(other.clone());
+    let e = finetune::finetune(&r).expect_err("refused");
+    assert!(e.to_string().contains("not its training data"), "{e}");
+    assert!(finetune::check_base(&root.path().join("base"), Some(&other)).is_err());
+    assert!(finetune::check_base(&root.path().join("base"), None).is_ok());
     assert!(!root.path().join("x").join("run.json").exists());
 
     // A fine-tuned run is the base of the next job.
@@ -189,4 +215,21 @@ fn a_finetuned_run_is_a_base_and_bad_field_data_is_refused() {
         Some(&f.base_model_sha256),
         ft.record.artifacts.get("model.onnx")
     );
+}
+
+#[test]
+fn small_field_sets_split_with_every_split_non_empty() {
+    for n in 5..=200 {
+        let s = finetune::split_new(&windows(n, 3, QUIET)).expect("split");
+        let (a, b, c) = (s.train.len(), s.val.len(), s.test.len());
+        assert_eq!(a + b + c, n);
+        assert!(a > 0 && b > 0 && c > 0, "{n}: {a} {b} {c}");
+        if n >= 20 {
+            // 4 of 20 chunks of floor(n/20) or ceil(n/20) samples each.
+            assert!(
+                c >= 4 * (n / 20) && c <= 4 * n.div_ceil(20),
+                "{n}: test {c}"
+            );
+        }
+    }
 }

@@ -48,15 +48,19 @@ pub struct Field {
 }
 
 impl Builtin {
-    /// Checks that `base` is a complete run folder.
+    /// Checks at start, before any job is claimed, that `base` is a complete run folder whose
+    /// training dataset is here ([`finetune::check_base`]); keeps absolute paths (they go
+    /// into the job's lineage).
     ///
     /// # Errors
-    /// The run record cannot be read.
+    /// What is wrong with the run folder or its dataset, naming it.
     pub fn new(base: &Path, previous: Option<&Path>, work_dir: &Path) -> anyhow::Result<Self> {
-        RunRecord::load(base).with_context(|| format!("--base-run {}", base.display()))?;
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        finetune::check_base(base, previous)
+            .map_err(|e| anyhow!("--base-run {}: {e}", base.display()))?;
         Ok(Self {
-            base: base.to_path_buf(),
-            previous: previous.map(Path::to_path_buf),
+            base: abs(base),
+            previous: previous.map(abs),
             work_dir: work_dir.to_path_buf(),
         })
     }
@@ -84,7 +88,8 @@ impl Builtin {
         promoted.sort_by_key(|j| std::cmp::Reverse(j["updated_ms"].as_u64().unwrap_or(0)));
         for j in promoted {
             let Some(id) = j["id"].as_str() else { continue };
-            if let Some(dir) = own_run(&self.work_dir.join(id)) {
+            let model = j["lineage"]["run"]["artifacts"]["model.onnx"].as_str();
+            if let Some(dir) = model.and_then(|m| own_run(&self.work_dir.join(id), m)) {
                 return Ok(dir);
             }
         }
@@ -103,6 +108,7 @@ impl Builtin {
         dataset: &Path,
         out: &Path,
     ) -> anyhow::Result<BuiltinTrained> {
+        let config = config_from(&c.job.spec.params)?;
         let base = self.resolve_base(client, c)?;
         let record = RunRecord::load(&base).with_context(|| base.display().to_string())?;
         let field = field_examples(dataset, record.task)?;
@@ -119,7 +125,7 @@ impl Builtin {
             new: field.examples,
             new_id: c.dataset.id.clone(),
             replay_fraction: c.job.spec.replay_fraction.min(0.95),
-            config: config_from(&c.job.spec.params)?,
+            config,
             device,
             out: out.to_path_buf(),
         };
@@ -148,13 +154,20 @@ impl Builtin {
     }
 }
 
-/// A completed run folder under a job's folder (`<job>/<lease>/out/run.json`).
-fn own_run(job_dir: &Path) -> Option<PathBuf> {
+/// The run folder under a job's folder (`<job>/<lease>/out`) whose `model.onnx` is the one
+/// the job's lineage records (`model_sha256`): the attempt that was promoted, not an earlier
+/// one that trained and then lost its lease.
+fn own_run(job_dir: &Path, model_sha256: &str) -> Option<PathBuf> {
     std::fs::read_dir(job_dir)
         .ok()?
         .filter_map(Result::ok)
         .map(|e| e.path().join("out"))
-        .find(|out| out.join("run.json").is_file() && out.join("weights.mpk").is_file())
+        .find(|out| {
+            out.join("weights.mpk").is_file()
+                && RunRecord::load(out).is_ok_and(|r| {
+                    r.artifacts.get("model.onnx").map(String::as_str) == Some(model_sha256)
+                })
+        })
 }
 
 /// Fine-tuning hyper-parameters: [`finetune::finetune_config`] with the job's `epochs`, `lr`,
@@ -166,22 +179,23 @@ pub fn config_from(
     params: &serde_json::Map<String, Value>,
 ) -> anyhow::Result<edgefleet_trainer::train::TrainConfig> {
     let mut c = finetune::finetune_config();
-    let int = |k: &str| -> anyhow::Result<Option<u64>> {
+    let int = |k: &str, min: u64| -> anyhow::Result<Option<u64>> {
         params
             .get(k)
             .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| anyhow!("job parameter {k}: {v} is not a whole number"))
+                v.as_u64().filter(|n| *n >= min).ok_or_else(|| {
+                    anyhow!("job parameter {k}: {v} is not a whole number of at least {min}")
+                })
             })
             .transpose()
     };
-    if let Some(v) = int("epochs")? {
+    if let Some(v) = int("epochs", 1)? {
         c.epochs = v as usize;
     }
-    if let Some(v) = int("batch_size")? {
+    if let Some(v) = int("batch_size", 1)? {
         c.batch_size = v as usize;
     }
-    if let Some(v) = int("seed")? {
+    if let Some(v) = int("seed", 0)? {
         c.seed = v;
     }
     if let Some(v) = params.get("lr") {
@@ -227,6 +241,8 @@ pub fn field_examples(dir: &Path, task: Task) -> anyhow::Result<Field> {
                 .inputs
                 .first()
                 .ok_or_else(|| anyhow!("batch {cid} sample {i}: no input"))?;
+            t.check()
+                .map_err(|e| anyhow!("batch {cid} sample {i}: {e}"))?;
             let dims: Vec<usize> = t.shape.iter().copied().skip_while(|d| *d == 1).collect();
             let TensorData::F32(data) = &t.data else {
                 bail!("batch {cid} sample {i}: input `{}` is not f32", t.name);
