@@ -261,7 +261,7 @@ fn finetune_on<B: TrainBackend>(
         dataset: base.record.dataset.clone(),
         teacher: None,
         device: device_record,
-        best_epoch: best_epoch(&trained.history),
+        best_epoch: run::best_epoch(&trained.history),
         history: trained.history,
         test,
         export,
@@ -271,7 +271,7 @@ fn finetune_on<B: TrainBackend>(
         mlflow: None,
         finetune: Some(FinetuneRef {
             base: req.base.clone(),
-            base_model_sha256: base_model_sha(&req.base)?,
+            base_model_sha256: run::file_sha256(&run::model_path(&req.base))?,
             new_dataset: req.new_id.clone(),
             new_train: splits.train.len(),
             new_validation: splits.val.len(),
@@ -284,21 +284,6 @@ fn finetune_on<B: TrainBackend>(
     };
     let record = run::write_run(&req.out, record, &candidate, &onnx, started)?;
     Ok(Finetuned { record, gate })
-}
-
-fn best_epoch(h: &[train::EpochMetrics]) -> usize {
-    h.iter()
-        .fold(None::<&train::EpochMetrics>, |b, m| match b {
-            Some(b) if b.val_metric >= m.val_metric => Some(b),
-            _ => Some(m),
-        })
-        .map_or(0, |m| m.epoch)
-}
-
-fn base_model_sha(base: &Path) -> Result<String, Error> {
-    let p = run::model_path(base);
-    let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-    Ok(crate::dataset::sha256_hex(&b))
 }
 
 /// Loads the base run's weights and record, and opens the dataset it was trained on

@@ -360,7 +360,8 @@ fn labels(ex: &Examples) -> &[i64] {
     ex.y.as_deref().unwrap_or(&[])
 }
 
-fn file_sha256(p: &Path) -> Result<String, Error> {
+/// Lowercase hex sha256 of the file at `p`.
+pub(crate) fn file_sha256(p: &Path) -> Result<String, Error> {
     let b = std::fs::read(p).map_err(|e| Error::io(p, e))?;
     Ok(sha256_hex(&b))
 }
@@ -453,7 +454,8 @@ fn run_on<B: TrainBackend>(
     finish(req, record, &model, onnx_bytes, hooks, started)
 }
 
-fn best_epoch(h: &[EpochMetrics]) -> usize {
+/// The epoch with the best validation metric (the first, on a tie); 0 for no epoch.
+pub(crate) fn best_epoch(h: &[EpochMetrics]) -> usize {
     let mut best: Option<&EpochMetrics> = None;
     for m in h {
         if best.is_none_or(|b| m.val_metric > b.val_metric) {

@@ -7,7 +7,11 @@
 //! is the same task at a much higher noise floor (a noisier room), where a model that learned
 //! "energy means speech" calls everything speech.
 
+mod common;
+
 use std::path::Path;
+
+use common::windows;
 
 use edgefleet_trainer::dataset::{self, Examples, Provenance, SplitFractions, Task};
 use edgefleet_trainer::device::DeviceChoice;
@@ -15,36 +19,6 @@ use edgefleet_trainer::finetune::{self, FinetuneRequest};
 use edgefleet_trainer::model::ModelSize;
 use edgefleet_trainer::run::{self, Progress, RunRecord, RunRequest};
 use edgefleet_trainer::train::TrainConfig;
-use rand::{Rng, SeedableRng};
-
-/// `n` windows of 576 samples, alternating classes: 1 = a tone (150-600 Hz, amplitude
-/// 0.3-0.6) in uniform noise of half-width `noise`, 0 = the noise only.
-fn windows(n: usize, seed: u64, noise: f32) -> Examples {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let (mut x, mut y) = (Vec::with_capacity(n * 576), Vec::with_capacity(n));
-    for i in 0..n {
-        let speech = i % 2 == 0;
-        let (f, a, ph) = (
-            rng.gen_range(150.0..600.0),
-            rng.gen_range(0.3..0.6),
-            rng.gen_range(0.0..std::f32::consts::TAU),
-        );
-        for t in 0..576 {
-            let tone = if speech {
-                a * (ph + std::f32::consts::TAU * f * t as f32 / 16_000.0).sin()
-            } else {
-                0.0
-            };
-            x.push(tone + rng.gen_range(-noise..noise));
-        }
-        y.push(i64::from(speech));
-    }
-    Examples {
-        x,
-        sample_shape: vec![576],
-        y: Some(y),
-    }
-}
 
 /// Quiet room: noise half-width 0.087 (std 0.05).
 const QUIET: f32 = 0.087;

@@ -2,13 +2,15 @@
 //! set generated with another seed, and a run stopped after 1 epoch and resumed to 3 ends with
 //! exactly the metrics of an uninterrupted 3-epoch run.
 
+mod common;
+
 use burn::backend::{Autodiff, NdArray};
-use edgefleet_trainer::dataset::{Examples, Task};
+use common::windows;
+use edgefleet_trainer::dataset::Task;
 use edgefleet_trainer::model::{ConvNetConfig, ModelSize};
 use edgefleet_trainer::train::{self, NoObserver, TrainConfig, TrainData};
 use edgefleet_trainer::train::{EpochMetrics, RunObserver};
 use edgefleet_trainer::Error;
-use rand::{Rng, SeedableRng};
 
 /// Stops the run (as a kill would) after epoch `.0`'s checkpoint is written.
 struct KillAfter(usize);
@@ -33,35 +35,6 @@ impl RunObserver for KillAfter {
 
 type B = Autodiff<NdArray<f32>>;
 
-/// `n` windows of 576 samples: class 1 = a tone (random 150-600 Hz, amplitude 0.3-0.6) in
-/// noise, class 0 = noise only (std 0.05).
-fn windows(n: usize, seed: u64) -> Examples {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let (mut x, mut y) = (Vec::with_capacity(n * 576), Vec::with_capacity(n));
-    for i in 0..n {
-        let speech = i % 2 == 0;
-        let (f, a, ph) = (
-            rng.gen_range(150.0..600.0),
-            rng.gen_range(0.3..0.6),
-            rng.gen_range(0.0..std::f32::consts::TAU),
-        );
-        for t in 0..576 {
-            let tone = if speech {
-                a * (ph + 2.0 * std::f32::consts::PI * f * t as f32 / 16_000.0).sin()
-            } else {
-                0.0
-            };
-            x.push(tone + rng.gen_range(-0.087f32..0.087));
-        }
-        y.push(i64::from(speech));
-    }
-    Examples {
-        x,
-        sample_shape: vec![576],
-        y: Some(y),
-    }
-}
-
 fn config(epochs: usize) -> TrainConfig {
     TrainConfig {
         epochs,
@@ -77,7 +50,11 @@ fn config(epochs: usize) -> TrainConfig {
 
 #[test]
 fn tiny_vad_student_beats_chance_and_resumes_exactly() {
-    let (tr, va, te) = (windows(512, 1), windows(64, 2), windows(128, 3));
+    let (tr, va, te) = (
+        windows(512, 1, 0.087),
+        windows(64, 2, 0.087),
+        windows(128, 3, 0.087),
+    );
     let data = TrainData {
         task: Task::Vad,
         train: &tr,
