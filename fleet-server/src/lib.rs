@@ -254,14 +254,45 @@ impl Server {
         if let Some(c) = self.state.mqtt.get() {
             let _ = c.try_disconnect();
         }
-        for t in self.tasks {
-            t.abort();
-            let _ = t.await;
+        for mut t in self.tasks {
+            if tokio::time::timeout(TASK_GRACE, &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+            }
         }
         self.state.store.flush()?;
+        let state = self.state;
+        let released = wait_for_last_handle(&state, STATE_GRACE).await;
+        if !released {
+            tracing::warn!(
+                handles = Arc::strong_count(&state),
+                "fleet server stopped with work still holding its state; the store stays open until that work ends"
+            );
+        }
         tracing::info!(event = "server_stopped", "fleet server stopped");
         Ok(())
     }
+}
+
+/// How long [`Server::shutdown`] waits for each of its tasks to end on the
+/// shutdown signal before aborting it.
+const TASK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long [`Server::shutdown`] waits for work spawned off its tasks (an
+/// HTTP connection, a compile, a chunk transfer) to drop its handle on the
+/// state, so that the store is closed and its lock released when it returns.
+const STATE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until `state` is the last handle on the server state, or `grace`
+/// has passed. Returns whether it is the last.
+async fn wait_for_last_handle(state: &Arc<State>, grace: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
+    while Arc::strong_count(state) > 1 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// Runs the server until Ctrl-C (used by `edgefleet serve`).

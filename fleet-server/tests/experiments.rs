@@ -214,6 +214,31 @@ async fn experiments_promote_the_better_and_stop_the_worse() {
             json!({"group": "cohort", "control": a, "candidate": b, "job": "job-nope"}),
             "job",
         ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b,
+                   "allocation": {"kind": "thompson", "floor": 0.7}}),
+            "allocation.floor",
+        ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b,
+                   "allocation": {"kind": "thompson", "every_units": 0}}),
+            "allocation.every_units",
+        ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b,
+                   "metric": "latency_p50_ms", "allocation": {"kind": "thompson"}}),
+            "proportion",
+        ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b,
+                   "allocation": {"kind": "thompson", "flor": 0.2}}),
+            "flor",
+        ),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b,
+                   "allocation": {"kind": "epsilon_greedy"}}),
+            "epsilon_greedy",
+        ),
     ] {
         let (st, v) = api.post("/v1/experiments", body).await;
         assert_eq!(st, 400, "{v}");
@@ -586,4 +611,111 @@ async fn experiment_survives_a_server_restart() {
     assert!(records <= N as u64 * (2 + rounds), "{records}: {e}");
     assert!(records > 2 * N as u64, "{records}: {e}");
     server.shutdown().await.unwrap();
+}
+
+/// Thompson allocation (issue #13, item 4): with the candidate clearly
+/// better (online accuracy 0.9 against 0.6), reallocations move control
+/// devices to the candidate and never the other way; every device the
+/// experiment puts on the candidate gets its release through a rollout, the
+/// rest keep the control's; the decision is still the mSPRT's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thompson_allocation_moves_the_cohort_to_the_better_candidate() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let (devs, a) = cohort_on_release_1(&server, &api, &k, "ts").await;
+    let b = api.upload(bundle(&k, 2, 3000)).await;
+    let (st, v) = api
+        .post(
+            "/v1/experiments",
+            json!({"group": "cohort", "control": a, "candidate": b,
+                   "candidate_share": 0.5, "min_samples_per_arm": 400,
+                   "allocation": {"kind": "thompson", "floor": 0.1, "every_units": 100}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["experiment"]["id"].as_str().unwrap().to_string();
+    let on_b = |e: &Value| -> Vec<String> {
+        let mut b: Vec<String> = e["assignment"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| *v == 1)
+            .map(|(d, _)| d.clone())
+            .collect();
+        b.sort();
+        b
+    };
+    let start = on_b(&v["experiment"]);
+    let acc = |rel: u64| if rel == 2 { 0.9 } else { 0.6 };
+    let mut rng = Rng(0x7505);
+    let mut e = experiment(&api, &id).await;
+    for seq in 1..=60u64 {
+        // Each round waits for the arms of the last reallocation to be in
+        // place, so every round measures the allocation it was given.
+        let b_now = on_b(&e);
+        wait_active(&devs, |d, rel| {
+            rel == if b_now.contains(&d.id.to_string()) {
+                2
+            } else {
+                1
+            }
+        })
+        .await;
+        telemetry_round(&devs, seq, &mut rng, acc, |_| 0).await;
+        e = wait_for(&api, &format!("/v1/experiments/{id}"), T, |v| {
+            let x = &v["experiment"];
+            x["state"] != "running"
+                || x["cursors"]
+                    .as_object()
+                    .is_some_and(|c| c.len() == N && c.values().all(|s| s == seq))
+        })
+        .await["experiment"]
+            .clone();
+        if e["state"] != "running" {
+            break;
+        }
+    }
+    let steps = e["allocations"].as_array().unwrap().clone();
+    println!(
+        "Thompson: {} reallocations, shares {:?}, candidate arm {} -> {} of {N}; outcome {}",
+        steps.len(),
+        steps
+            .iter()
+            .map(|r| r["candidate_share"].as_f64().unwrap())
+            .collect::<Vec<_>>(),
+        start.len(),
+        on_b(&e).len(),
+        e["outcome"]
+    );
+    assert!(!steps.is_empty(), "no reallocation: {e}");
+    for r in &steps {
+        assert_eq!(
+            r["to_control"],
+            json!([]),
+            "moved towards the worse arm: {r}"
+        );
+    }
+    let last = steps.last().unwrap()["candidate_share"].as_f64().unwrap();
+    assert!(last >= 0.85, "candidate share {last}");
+    let end = on_b(&e);
+    assert!(end.len() > start.len(), "{start:?} -> {end:?}");
+    assert!(
+        start.iter().all(|d| end.contains(d)),
+        "a device left the candidate"
+    );
+    assert_eq!(e["state"], "candidate_won", "{e}");
+    // Every device runs its final arm's release: the moved ones got the
+    // candidate, none of the control devices did.
+    wait_active(&devs, |d, rel| {
+        rel == if end.contains(&d.id.to_string()) {
+            2
+        } else {
+            1
+        }
+    })
+    .await;
 }

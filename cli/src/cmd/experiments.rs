@@ -14,7 +14,9 @@ pub enum Command {
     #[command(after_help = "Examples:
   edgefleet experiments create --group line-3 --control 3f5a9c --candidate 8e21d0
   edgefleet experiments create --group line-3 --control 3f5a9c --candidate 8e21d0 \\
-      --metric latency_p50_ms --share 0.2 --promote automatic --max-samples 20000")]
+      --metric latency_p50_ms --share 0.2 --promote automatic --max-samples 20000
+  edgefleet experiments create --group line-3 --control 3f5a9c --candidate 8e21d0 \\
+      --allocation thompson --thompson-floor 0.1 --reallocate-every 500")]
     Create {
         /// Server connection.
         #[command(flatten)]
@@ -46,6 +48,17 @@ pub enum Command {
         /// automatic (roll the winner out to the cohort) | manual.
         #[arg(long, default_value = "manual")]
         promote: String,
+        /// fixed (the share stays) | thompson (the share follows the
+        /// posterior probability that the candidate is better; the metric
+        /// must be online_accuracy or error_rate).
+        #[arg(long, value_enum, default_value_t = AllocationKind::Fixed)]
+        allocation: AllocationKind,
+        /// Thompson: least share of the cohort on each arm, in (0, 0.5].
+        #[arg(long, default_value_t = 0.1)]
+        thompson_floor: f64,
+        /// Thompson: new units of the metric (both arms) between reallocations.
+        #[arg(long, default_value_t = 200)]
+        reallocate_every: u64,
     },
     /// List experiments: id, group, state, metric, A and B means, p-value, devices.
     #[command(after_help = "Examples:
@@ -81,6 +94,15 @@ pub enum Command {
     },
 }
 
+/// How the cohort is split (`--allocation`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum AllocationKind {
+    /// The share stays as created.
+    Fixed,
+    /// Thompson sampling.
+    Thompson,
+}
+
 /// Runs `edgefleet experiments`.
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
@@ -95,8 +117,16 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             min_samples,
             max_samples,
             promote,
+            allocation,
+            thompson_floor,
+            reallocate_every,
         } => {
             let c = Client::new(conn);
+            let allocation = match allocation {
+                AllocationKind::Fixed => json!({"kind": "fixed"}),
+                AllocationKind::Thompson => json!({"kind": "thompson",
+                    "floor": thompson_floor, "every_units": reallocate_every}),
+            };
             let body = json!({
                 "group": group,
                 "control": resolve_bundle(&c, &control)?,
@@ -107,6 +137,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 "min_samples_per_arm": min_samples,
                 "max_samples_per_arm": max_samples,
                 "promote": promote,
+                "allocation": allocation,
             });
             let v = c.post_json("/v1/experiments", &body)?;
             println!("{}", serde_json::to_string_pretty(&v)?);

@@ -35,6 +35,25 @@ pub fn assign(device_id: &str, experiment_id: &str, allocations: &[f64]) -> Resu
     Ok(pick(u, allocations, total))
 }
 
+/// The point in `[0, 1)` that [`assign`] compares with the cumulative
+/// allocations: `SHA-256(experiment_id || 0x00 || device_id)`, top 53 bits of
+/// its first 8 bytes (big-endian), divided by `2^53`. With two variants a
+/// device is in variant 1 exactly when its point is at least `w_0 / (w_0 +
+/// w_1)`, so ordering a cohort by point orders it by when a growing share
+/// of variant 1 reaches each device.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] when `device_id` or `experiment_id` is empty.
+pub fn assignment_point(device_id: &str, experiment_id: &str) -> Result<f64, Error> {
+    if device_id.is_empty() {
+        return Err(invalid("device_id", "must not be empty"));
+    }
+    if experiment_id.is_empty() {
+        return Err(invalid("experiment_id", "must not be empty"));
+    }
+    Ok(unit_point(device_id, experiment_id))
+}
+
 /// Validates the weights and returns their sum.
 fn allocation_total(allocations: &[f64]) -> Result<f64, Error> {
     if allocations.is_empty() {

@@ -85,7 +85,7 @@ mod normal;
 mod rng;
 mod thompson;
 
-pub use assign::assign;
+pub use assign::{assign, assignment_point};
 pub use decision::{
     Decision, DecisionRule, Direction, Effect, Evaluation, Interval, SequentialTest,
 };

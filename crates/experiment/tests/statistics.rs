@@ -703,6 +703,86 @@ fn thompson_respects_floor_and_is_deterministic() {
     assert!((empty[0] - 0.5).abs() < 0.05, "{empty:?}");
 }
 
+/// One bandit experiment: every round `2 * BATCH` Bernoulli observations
+/// are split between the arms by the current Thompson shares (floor 0.1, as
+/// the fleet server's default), the mSPRT is evaluated after every round,
+/// and the shares are recomputed from the posteriors. Returns the first
+/// decision with the total sample size and the control's share of it.
+fn bandit_experiment(pa: f64, pb: f64, seed: u64, rounds: u64) -> Option<(Decision, u64, f64)> {
+    let mut rng = Rng::new(seed);
+    let mut arms = [Proportion::new(); 2];
+    let mut share_b = 0.5;
+    let mut test = SequentialTest::new();
+    let rule = accuracy_rule();
+    for round in 0..rounds {
+        let nb = ((2 * BATCH) as f64 * share_b).round() as u64;
+        let na = 2 * BATCH - nb;
+        arms[0].record_batch(rng.binomial(na, pa), na).unwrap();
+        arms[1].record_batch(rng.binomial(nb, pb), nb).unwrap();
+        let eval = test
+            .update(&rule, &arms[0].summary(), &arms[1].summary())
+            .unwrap();
+        if !matches!(eval.decision, Decision::Continue | Decision::Warmup) {
+            let total = arms[0].trials() + arms[1].trials();
+            return Some((eval.decision, total, arms[0].trials() as f64 / total as f64));
+        }
+        share_b = thompson_allocation_with_floor(&arms, 1000, seed ^ round, 0.1).unwrap()[1];
+    }
+    None
+}
+
+#[test]
+fn aa_thompson_allocation_keeps_the_false_positive_rate() {
+    let start = std::time::Instant::now();
+    let decided = (0..EXPERIMENTS as u64)
+        .filter(|&i| {
+            bandit_experiment(0.8, 0.8, 0x7A7A ^ i.wrapping_mul(0x9E37_79B9), MAX_BATCHES).is_some()
+        })
+        .count();
+    let fpr = decided as f64 / EXPERIMENTS as f64;
+    println!(
+        "A/A with Thompson allocation (floor 0.1, reallocated after every look): {EXPERIMENTS} \
+         experiments x {MAX_BATCHES} looks: mSPRT FPR {fpr:.3} (alpha {ALPHA}) [{:.2?}]",
+        start.elapsed()
+    );
+    assert!(fpr <= ALPHA + three_sigma(ALPHA), "FPR {fpr}");
+}
+
+#[test]
+fn thompson_allocation_finds_the_better_arm_and_decides() {
+    let start = std::time::Instant::now();
+    // Shifting traffic to the better arm costs power at a given total
+    // (the control's mean gets fewer observations), so the horizon is
+    // 8,000 observations in all, twice the fixed-allocation power test's.
+    const ROUNDS: u64 = 200;
+    let mut n = Vec::new();
+    let mut control_share = 0.0;
+    let mut wrong = 0;
+    for i in 0..EXPERIMENTS as u64 {
+        match bandit_experiment(0.80, 0.86, 0xBA5D ^ i.wrapping_mul(0x9E37_79B9), ROUNDS) {
+            Some((Decision::BWins, total, a_share)) => {
+                n.push(total);
+                control_share += a_share;
+            }
+            Some((Decision::AWins, ..)) => wrong += 1,
+            _ => {}
+        }
+    }
+    let power = n.len() as f64 / EXPERIMENTS as f64;
+    control_share /= n.len().max(1) as f64;
+    let (median, p90) = (quantile(&mut n, 0.5), quantile(&mut n, 0.9));
+    println!(
+        "power with Thompson allocation, accuracy 0.80 -> 0.86: {power:.3} within {} observations \
+         in all; at decision: median {median}, p90 {p90} in all, of which {:.1} % on the worse \
+         arm (fixed allocation: 50 %); wrong-sign decisions {wrong} [{:.2?}]",
+        ROUNDS * 2 * BATCH,
+        control_share * 100.0,
+        start.elapsed()
+    );
+    assert!(power >= 0.80, "power {power}");
+    assert_eq!(wrong, 0);
+}
+
 // ---------------------------------------------------------------- bad input
 
 #[test]

@@ -8,8 +8,8 @@
 //!    [`edgefleet_experiment::assign`]`(device, experiment id, [1 - share, share])`;
 //! 2. the B devices are tagged `exp:<id>:b` and get the candidate through an
 //!    ordinary rollout (one wave, trial and automatic rollback as usual);
-//! 3. on every tick the telemetry each device sent since the last tick, *of
-//!    its variant's release*, is added to its variant's metrics (requests and
+//! 3. on every tick the telemetry each device sent since the last tick is
+//!    added to the metrics of the arm whose release answered (requests and
 //!    errors, feedback labels and agreements, latency p50 per record, CPU);
 //! 4. the primary metric goes through the always-valid mSPRT
 //!    ([`edgefleet_experiment::SequentialTest`]), each guardrail through its
@@ -19,6 +19,13 @@
 //!    previous release in its other A/B slot); the control wins, the test is
 //!    inconclusive or a guardrail stops it -> the B devices are commanded to
 //!    roll back to their previous slot.
+//!
+//! With `"allocation": {"kind": "thompson"}` the candidate's share follows
+//! the posterior probability that it is better ([`bandit`]).
+
+mod bandit;
+
+pub use bandit::{candidate_share, Allocation, Reallocation};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -120,9 +127,13 @@ pub struct CreateExperiment {
     pub control: String,
     /// Candidate bundle (B), body SHA-256; same model as the control.
     pub candidate: String,
-    /// Share of the cohort assigned to B, in `(0, 1)`. Default 0.5.
+    /// Share of the cohort assigned to B, in `(0, 1)`. Default 0.5. With a
+    /// Thompson allocation, the share until the first reallocation.
     #[serde(default = "half")]
     pub candidate_share: f64,
+    /// Fixed (default) or Thompson sampling ([`Allocation`]).
+    #[serde(default)]
+    pub allocation: Allocation,
     /// Primary metric. Default online accuracy.
     #[serde(default = "accuracy")]
     pub metric: MetricKind,
@@ -266,8 +277,13 @@ pub struct Experiment {
     pub created_ms: u64,
     /// Last change (server ms).
     pub updated_ms: u64,
-    /// Variant per device (0 = control A, 1 = candidate B).
+    /// Variant per device (0 = control A, 1 = candidate B), as of the last
+    /// reallocation.
     pub assignment: BTreeMap<String, usize>,
+    /// Reallocations of a Thompson allocation, oldest first (empty for a
+    /// fixed one).
+    #[serde(default)]
+    pub allocations: Vec<Reallocation>,
     /// Rollout giving B its release.
     pub rollout: Option<String>,
     /// Rollout promoting the winner to the cohort.
@@ -401,7 +417,17 @@ fn plan(state: &State, s: CreateExperiment) -> Result<Experiment> {
             format!("model {} differs from the control's {}", b.model, a.model),
         ));
     }
+    if a.release == b.release {
+        return Err(Error::bad(
+            "candidate",
+            format!(
+                "has the control's release counter {}: telemetry could not tell the arms apart",
+                a.release
+            ),
+        ));
+    }
     let rule = rule(&s)?;
+    bandit::check(&s)?;
     let guardrails = s
         .guardrails
         .iter()
@@ -448,6 +474,7 @@ fn plan(state: &State, s: CreateExperiment) -> Result<Experiment> {
         created_ms: now,
         updated_ms: now,
         assignment,
+        allocations: Vec::new(),
         rollout: None,
         promotion: None,
         cursors: BTreeMap::new(),
@@ -509,10 +536,12 @@ fn last_seq(state: &State, device: &str) -> Result<u64> {
     Ok(s.record.seq)
 }
 
-/// Adds the telemetry since each device's cursor to its variant's metrics.
+/// Adds the telemetry of the cohort since each device's cursor to the
+/// metrics of the arm whose release answered it (a device moved by a
+/// reallocation counts for its old arm until it runs the new one).
 fn collect(state: &State, e: &mut Experiment) -> Result<bool> {
     let mut any = false;
-    for (device, &v) in &e.assignment {
+    for device in e.assignment.keys() {
         let from = e.cursors.get(device).copied().unwrap_or(0);
         let start = store::seq_key(device, from.saturating_add(1));
         let end = store::seq_key(device, u64::MAX);
@@ -520,12 +549,12 @@ fn collect(state: &State, e: &mut Experiment) -> Result<bool> {
             let (k, val) = kv?;
             let s: crate::telemetry::Stored = store::decode(&k, &val)?;
             e.cursors.insert(device.clone(), s.record.seq);
-            let of_variant = s
-                .record
-                .release
-                .as_ref()
-                .is_some_and(|r| r.model == e.model && r.release == e.releases[v]);
-            if of_variant {
+            let arm = s.record.release.as_ref().and_then(|r| {
+                (r.model == e.model)
+                    .then(|| e.releases.iter().position(|&x| x == r.release))
+                    .flatten()
+            });
+            if let Some(v) = arm {
                 e.arms[v].add(&s.record)?;
                 any = true;
             }
@@ -657,6 +686,8 @@ pub async fn tick(state: &Arc<State>) -> Result<()> {
         if fresh {
             if let Some((to, why)) = judge(&mut e)? {
                 end(state, &mut e, to, why).await?;
+            } else if let Some(r) = bandit::plan(&e, bandit::rollout_active(state, &e))? {
+                bandit::apply(state, &mut e, r).await?;
             }
         }
         put(state, &e)?;
