@@ -18,8 +18,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use edgefleet_bundle::payload::Tensor;
-use edgefleet_protocol::messages::{ReleaseRef, TrialMode};
+use edgefleet_bundle::payload::{Tensor, TensorData};
+use edgefleet_protocol::messages::{ReleaseRef, TrialEnd, TrialMode};
 
 use crate::runtime::{check_finite, Model, RunError};
 use crate::telemetry::{MetricsExtras, Outbox, Stats};
@@ -164,6 +164,10 @@ pub struct Trial {
     pub model: Arc<Model>,
     /// Shadow or serve.
     pub mode: TrialMode,
+    /// Commit or discard when it passes. A discarded shadow (an experiment's
+    /// shadow arm) also reports its runs in telemetry under its own release,
+    /// with its agreement with the serving model (`TelemetryRecord.shadow`).
+    pub end: TrialEnd,
     /// When the trial started.
     pub started: Instant,
     /// What its latency is compared with (besides the target's budget).
@@ -374,6 +378,7 @@ impl Engine {
         &self,
         model: Arc<Model>,
         mode: TrialMode,
+        end: TrialEnd,
         reference: LatencyReference,
     ) -> TrialMode {
         // Design: on a first install there is no active model to shadow, so
@@ -387,6 +392,7 @@ impl Engine {
         let t = Trial {
             model,
             mode,
+            end,
             started: Instant::now(),
             reference,
             stats: Mutex::new(TrialStats::new()),
@@ -540,6 +546,9 @@ impl Engine {
                     d,
                 )
             };
+            if t.mode == TrialMode::Shadow && t.end == TrialEnd::Discard {
+                self.record_shadow(&t, &res, &cand_res, cand_d);
+            }
             if let Ok(mut s) = t.stats.lock() {
                 s.candidate.record(cand_d, cand_res.is_ok());
                 if t.mode == TrialMode::Shadow {
@@ -554,6 +563,64 @@ impl Engine {
         }
         (serving.release.clone(), res)
     }
+}
+
+impl Engine {
+    /// Telemetry of a shadow arm's run: the candidate's request (latency,
+    /// error) under its own release and, when both models answered,
+    /// whether they agreed ([`shadow_agrees`]).
+    fn record_shadow(
+        &self,
+        t: &Trial,
+        serving: &Result<Vec<Tensor>, RunError>,
+        candidate: &Result<Vec<Tensor>, RunError>,
+        took: Duration,
+    ) {
+        let ok = matches!(candidate, Ok(out) if check_finite(out).is_ok());
+        let agreed = match (serving, candidate) {
+            (Ok(a), Ok(b)) if ok => Some(shadow_agrees(&t.model.spec, a, b)),
+            _ => None,
+        };
+        if let Ok(mut s) = self.stats.lock() {
+            let release = Some(&t.model.release);
+            if ok {
+                s.record_ok(release, took);
+            } else {
+                s.record_error(release);
+            }
+            if let Some(agreed) = agreed {
+                s.record_shadow(&t.model.release, agreed);
+            }
+        }
+    }
+}
+
+/// Whether a shadow candidate's `candidate` outputs agree with the serving
+/// model's `serving` on the same inputs: the same label-comparable answer
+/// ([`crate::feedback::Answer`]: class of output 0, or a probability
+/// thresholded at 0.5) when the model has one; otherwise the same shapes and
+/// every element within `1e-3 · max(1, |a|)` of the serving value.
+pub fn shadow_agrees(
+    spec: &edgefleet_bundle::payload::ModelSpec,
+    serving: &[Tensor],
+    candidate: &[Tensor],
+) -> bool {
+    use crate::feedback::Answer;
+    if let (Some(a), Some(b)) = (Answer::of(spec, serving), Answer::of(spec, candidate)) {
+        return a.value() == b.value();
+    }
+    serving.len() == candidate.len()
+        && serving.iter().zip(candidate).all(|(a, b)| {
+            a.shape == b.shape
+                && match (&a.data, &b.data) {
+                    (TensorData::F32(x), TensorData::F32(y)) => x
+                        .iter()
+                        .zip(y)
+                        .all(|(a, b)| (a - b).abs() <= 1e-3 * a.abs().max(1.0)),
+                    (TensorData::I64(x), TensorData::I64(y)) => x == y,
+                    _ => false,
+                }
+        })
 }
 
 fn worker(engine: std::sync::Weak<Engine>, rx: Arc<Mutex<Receiver<Job>>>, max_batch: usize) {
@@ -637,5 +704,65 @@ fn worker(engine: std::sync::Weak<Engine>, rx: Arc<Mutex<Receiver<Job>>>, max_ba
             let (release, r) = e.run_one(&active, &j.inputs, j.stream.as_deref());
             e.finish(j, release, r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgefleet_bundle::payload::{DType, ModelFormat, ModelSpec, Task, TensorSpec};
+
+    fn spec(task: Task) -> ModelSpec {
+        ModelSpec {
+            name: "m".into(),
+            format: ModelFormat::Nnef,
+            file: "m.nnef.tar".into(),
+            inputs: vec![],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                dtype: DType::F32,
+                shape: vec![1, 3],
+            }],
+            state: vec![],
+            task,
+            batch_axis: None,
+        }
+    }
+
+    fn t(v: &[f32]) -> Vec<Tensor> {
+        vec![Tensor::f32("y", vec![1, v.len()], v.to_vec())]
+    }
+
+    #[test]
+    fn shadow_agreement_compares_answers_then_values() {
+        let cls = spec(Task::Classifier {
+            labels: vec!["a".into(), "b".into(), "c".into()],
+        });
+        assert!(shadow_agrees(
+            &cls,
+            &t(&[0.1, 0.7, 0.2]),
+            &t(&[0.3, 0.4, 0.3])
+        ));
+        assert!(!shadow_agrees(
+            &cls,
+            &t(&[0.1, 0.7, 0.2]),
+            &t(&[0.5, 0.4, 0.1])
+        ));
+        let prob = spec(Task::Other);
+        assert!(shadow_agrees(&prob, &t(&[0.51]), &t(&[0.99])));
+        assert!(!shadow_agrees(&prob, &t(&[0.51]), &t(&[0.49])));
+        // No answer: element-wise within 1e-3 relative (1e-3 absolute below 1).
+        assert!(shadow_agrees(
+            &prob,
+            &t(&[1000.0, 2.0]),
+            &t(&[1000.9, 2.0005])
+        ));
+        assert!(!shadow_agrees(
+            &prob,
+            &t(&[1000.0, 2.0]),
+            &t(&[1001.2, 2.0])
+        ));
+        assert!(!shadow_agrees(&prob, &t(&[1.0, 2.0]), &t(&[1.0, 2.0, 3.0])));
+        assert!(!shadow_agrees(&prob, &t(&[1.0]), &[]));
     }
 }

@@ -1109,6 +1109,7 @@ mod tests {
             uptime_s: 3600,
             outbox_dropped: 0,
             feedback: None,
+            shadow: None,
         }
     }
 

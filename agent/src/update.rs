@@ -6,6 +6,7 @@
 //! ```text
 //! Idle --offer ok--> Downloading --all chunks--> Verifying --body ok--> Staging --installed--> Trial
 //! Trial --passed--> Committed --done--> Idle
+//! Trial (end: discard) --passed|server_command|cancelled--> RolledBack (shadow_ended, not refused) --done--> Idle
 //! Trial --load_failed|golden_mismatch|nan_output|latency_budget|error_rate|crash_loop|server_command|cancelled--> RolledBack --done--> Idle
 //! Downloading|Verifying|Staging --failure|cancel--> Idle          (offer refused up front: Rejected, stays Idle)
 //! ```
@@ -32,8 +33,8 @@ use base64::Engine as _;
 use edgefleet_bundle::{Policy, SignedManifest, TrustStore, VerifiedBundle, VerifiedManifest};
 use edgefleet_protocol::chunk::ChunkData;
 use edgefleet_protocol::messages::{
-    rollback_reason, ChunkRequest, EventKind, ReleaseRef, TrialPolicy, UpdateEvent, UpdateOffer,
-    MAX_CHUNKS_PER_REQUEST,
+    rollback_reason, ChunkRequest, EventKind, ReleaseRef, TrialEnd, TrialPolicy, UpdateEvent,
+    UpdateOffer, MAX_CHUNKS_PER_REQUEST,
 };
 use edgefleet_protocol::{DeviceId, Down, Up};
 use serde::{Deserialize, Serialize};
@@ -234,6 +235,29 @@ fn rolled_back(job: &Job, slot: SlotName, reason: &str, detail: &str) -> (State,
     )
 }
 
+/// The end of a shadow trial with `end: discard`: the candidate is put
+/// aside as after a rollback, but it is not refused (the experiment it
+/// served may still promote it) and the reason is `shadow_ended`.
+fn shadow_ended(job: &Job, slot: SlotName, detail: &str) -> (State, Vec<Action>) {
+    (
+        State::RolledBack {
+            job: job.clone(),
+            slot,
+            reason: rollback_reason::SHADOW_ENDED.into(),
+            detail: detail.into(),
+        },
+        vec![
+            Action::Rollback(slot),
+            Action::Report(
+                EventKind::RolledBack,
+                Some(rollback_reason::SHADOW_ENDED.into()),
+                Some(detail.into()),
+            ),
+            Action::Finish,
+        ],
+    )
+}
+
 fn failed(reason: &str, detail: &str, refuse: bool) -> (State, Vec<Action>) {
     let mut a = vec![Action::Report(
         EventKind::Failed,
@@ -326,6 +350,17 @@ pub fn next(state: &State, event: Event) -> (State, Vec<Action>) {
                 )
             }
         }
+        (S::Trial { job, slot, .. }, E::TrialPassed) if job.trial.end == TrialEnd::Discard => {
+            shadow_ended(job, *slot, "the shadow window passed")
+        }
+        (S::Trial { job, slot, .. }, E::RollbackCommand(d))
+            if job.trial.end == TrialEnd::Discard =>
+        {
+            shadow_ended(job, *slot, &d)
+        }
+        (S::Trial { job, slot, .. }, E::Cancel) if job.trial.end == TrialEnd::Discard => {
+            shadow_ended(job, *slot, "server cancelled the rollout")
+        }
         (S::Trial { job, slot, .. }, E::TrialPassed) => (
             S::Committed {
                 job: job.clone(),
@@ -357,6 +392,15 @@ pub fn next(state: &State, event: Event) -> (State, Vec<Action>) {
                 Action::Finish,
             ],
         ),
+        (
+            S::RolledBack {
+                job,
+                slot,
+                reason,
+                detail,
+            },
+            E::Boot,
+        ) if reason == rollback_reason::SHADOW_ENDED => shadow_ended(job, *slot, detail),
         (
             S::RolledBack {
                 job,
@@ -630,6 +674,19 @@ impl Updater {
                 Some(detail),
             );
         };
+        // Design: an experiment whose shadow arm won promotes its candidate
+        // with an ordinary (commit) offer of the same release. It may arrive
+        // before the cancel of the shadow rollout, so it ends the shadow
+        // itself, then is handled as any offer.
+        if let State::Trial { job, .. } = &self.state {
+            if job.trial.end == TrialEnd::Discard
+                && o.trial.end == TrialEnd::Commit
+                && job.release == o.release
+            {
+                let why = format!("promoted by rollout {}", o.rollout_id);
+                self.step(Event::RollbackCommand(why));
+            }
+        }
         if let Some(job) = self.state.job() {
             if job.release.release != o.release.release || job.release.model != o.release.model {
                 reject(
@@ -1003,7 +1060,9 @@ impl Updater {
             own_ms: golden_median_ms(&m),
         };
         let release = label(&m.release);
-        let mode = self.engine.start_trial(Arc::new(m), policy.mode, reference);
+        let mode = self
+            .engine
+            .start_trial(Arc::new(m), policy.mode, policy.end, reference);
         tracing::info!(
             event = "trial_started",
             release = %release,
@@ -1579,6 +1638,57 @@ mod tests {
             assert_eq!(s, want_state, "row {i}: {} + {ev:?}", from.name());
             assert_eq!(a, want_actions, "row {i}: {} + {ev:?}", from.name());
         }
+    }
+
+    /// A shadow trial with `end: discard` never commits: passing, a
+    /// rollback command, a cancel and a restart in `rolled_back` all end in
+    /// `shadow_ended` without refusing the release; a failed trial still
+    /// refuses it.
+    #[test]
+    fn shadow_discard_never_commits_and_does_not_refuse() {
+        use Action as A;
+        use Event as E;
+        use SlotName::B;
+        let mut j = job();
+        j.trial.end = TrialEnd::Discard;
+        let tr = State::Trial {
+            job: j.clone(),
+            slot: B,
+            boots: 0,
+        };
+        let ended = |d: &str| {
+            (
+                State::RolledBack {
+                    job: j.clone(),
+                    slot: B,
+                    reason: "shadow_ended".into(),
+                    detail: d.into(),
+                },
+                vec![
+                    A::Rollback(B),
+                    A::Report(
+                        EventKind::RolledBack,
+                        Some("shadow_ended".into()),
+                        Some(d.into()),
+                    ),
+                    A::Finish,
+                ],
+            )
+        };
+        for (ev, detail) in [
+            (E::TrialPassed, "the shadow window passed"),
+            (
+                E::RollbackCommand("experiment over".into()),
+                "experiment over",
+            ),
+            (E::Cancel, "server cancelled the rollout"),
+        ] {
+            let (s, a) = next(&tr, ev.clone());
+            assert_eq!((s.clone(), a), ended(detail), "{ev:?}");
+            assert_eq!(next(&s, E::Boot), ended(detail), "restart after {ev:?}");
+        }
+        let (_, a) = next(&tr, E::TrialFailed("nan_output".into(), "x".into()));
+        assert!(a.contains(&A::Refuse("nan_output".into())), "{a:?}");
     }
 
     /// Trial stats: candidate latencies (ms, all successful) and the

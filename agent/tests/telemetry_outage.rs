@@ -144,6 +144,7 @@ fn record(i: u64) -> TelemetryRecord {
         uptime_s: i * 10,
         outbox_dropped: 0,
         feedback: None,
+        shadow: None,
     }
 }
 

@@ -536,3 +536,103 @@ fn candidate_that_does_not_load_rolls_back_with_load_failed() {
         a.log()
     );
 }
+
+/// A shadow trial that ends in `discard` (an experiment's shadow arm): the
+/// active release keeps answering; the candidate's runs are reported under
+/// its own release with how often it agreed (never, here: it doubles the
+/// outputs); the window ends it as `shadow_ended` without refusing the
+/// release, so a later commit offer installs it. A commit offer that
+/// arrives while a shadow runs ends the shadow and installs the release.
+#[test]
+fn shadow_discard_serves_the_active_model_and_reports_agreement() {
+    use edgefleet_protocol::messages::{TrialEnd, TrialMode, TrialPolicy};
+    let port = start_rumqttd();
+    let server = Server::start(port);
+    let mut a = Agent::new("shadow-discard", port, "");
+    a.spawn();
+    a.wait_healthy(T);
+    let _traffic = Traffic::start(a.http, [1.0, 2.0, 3.0, 4.0]);
+    let shadow = |window_s| TrialPolicy {
+        mode: TrialMode::Shadow,
+        end: TrialEnd::Discard,
+        ..trial(window_s, 0)
+    };
+    let b2 = testkit::bundle(Kind::Good, &a.key, MODEL, 2, TARGET, 2.0);
+    server.offer(&a.id, &b2, &a.key, shadow(6));
+    server.wait_event(&a.id, 2, &[EventKind::TrialStarted], T);
+    assert_eq!(
+        a.infer([1.0, 2.0, 3.0, 4.0]).unwrap(),
+        (1, vec![1.0, 2.0, 3.0, 4.0]),
+        "a shadow candidate answered"
+    );
+    let e = server.wait_event(
+        &a.id,
+        2,
+        &[
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+        ],
+        T,
+    );
+    assert_eq!(e.kind, EventKind::RolledBack, "{e:?}\n{}", a.log());
+    assert_eq!(e.reason.as_deref(), Some("shadow_ended"), "{e:?}");
+    assert_eq!(a.infer([1.0, 2.0, 3.0, 4.0]).unwrap().0, 1);
+    // The shadow's runs, under release 2, all compared and none agreeing.
+    let t0 = std::time::Instant::now();
+    let (compared, agreed, requests) = loop {
+        let (c, g, r) = server
+            .telemetry
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.release.as_ref().is_some_and(|x| x.release == 2))
+            .fold((0, 0, 0), |(c, g, n), r| {
+                let s = r.shadow.unwrap_or_default();
+                (c + s.compared, g + s.agreed, n + r.requests)
+            });
+        if c > 0 || t0.elapsed() > T {
+            break (c, g, r);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(compared > 0, "no shadow summary\n{}", a.log());
+    assert_eq!(agreed, 0);
+    assert_eq!(requests, compared, "every shadow run was compared");
+    assert!(
+        server
+            .telemetry
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.release.as_ref().is_some_and(|x| x.release == 1))
+            .all(|r| r.shadow.is_none()),
+        "the served release's records carry no shadow summary"
+    );
+    // Not refused: a commit offer of release 2 installs it.
+    server.offer(&a.id, &b2, &a.key, trial(1, 5));
+    let e = server.wait_event(&a.id, 2, &[EventKind::Committed, EventKind::Rejected], T);
+    assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
+    assert_eq!(a.infer([1.0, 2.0, 3.0, 4.0]).unwrap().0, 2);
+    // A commit offer during a long shadow of release 3 ends the shadow.
+    let b3 = testkit::bundle(Kind::Good, &a.key, MODEL, 3, TARGET, 3.0);
+    server.offer(&a.id, &b3, &a.key, shadow(600));
+    server.wait_event(&a.id, 3, &[EventKind::TrialStarted], T);
+    server.offer(&a.id, &b3, &a.key, trial(1, 5));
+    let e = server.wait_event(&a.id, 3, &[EventKind::Committed], T);
+    assert_eq!(e.kind, EventKind::Committed);
+    let kinds = server.kinds(&a.id, 3);
+    let ended = kinds
+        .iter()
+        .position(|k| *k == EventKind::RolledBack)
+        .expect("shadow of release 3 ended");
+    assert!(
+        ended
+            < kinds
+                .iter()
+                .rposition(|k| *k == EventKind::TrialStarted)
+                .unwrap(),
+        "{kinds:?}"
+    );
+    assert_eq!(a.infer([1.0, 2.0, 3.0, 4.0]).unwrap().0, 3);
+}

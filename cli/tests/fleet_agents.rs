@@ -1304,7 +1304,7 @@ fn config_command_changes_a_real_agents_telemetry_interval() {
 /// `trial_started` line) and commits under it.
 #[test]
 fn rollouts_create_trial_flags_reach_the_agents_policy() {
-    use edgefleet_protocol::messages::{TrialMode, TrialPolicy};
+    use edgefleet_protocol::messages::{TrialEnd, TrialMode, TrialPolicy};
     let kit = Kit::new();
     let server = ServerProc::start(&kit, Broker::Embedded(0));
     let api = server.api();
@@ -1347,6 +1347,7 @@ fn rollouts_create_trial_flags_reach_the_agents_policy() {
         max_error_rate: 0.5,
         max_p99_ratio: 40.0,
         mode: TrialMode::Serve,
+        end: TrialEnd::Commit,
     };
     let agent = &fleet.agents[0];
     let log = strip_ansi(&std::fs::read_to_string(agent.log()).unwrap_or_default());

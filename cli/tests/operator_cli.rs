@@ -1229,6 +1229,7 @@ fn telemetry_round(
                 agreed: agreed(rel, i),
                 unknown_request: 0,
             }),
+            shadow: None,
         };
         let b = Up::Telemetry(TelemetryBatch {
             device_id: d.id.clone(),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use edgefleet_bundle::{Policy, SignedManifest, TrustStore, VerifiedManifest};
 use edgefleet_protocol::chunk::ChunkData;
 use edgefleet_protocol::messages::{
-    ChunkRequest, Down, EventKind, Heartbeat, Hello, ReleaseRef, Status, TelemetryBatch,
-    UpdateEvent, MAX_CHUNKS_PER_REQUEST,
+    rollback_reason, ChunkRequest, Down, EventKind, Heartbeat, Hello, ReleaseRef, Status,
+    TelemetryBatch, TrialEnd, UpdateEvent, MAX_CHUNKS_PER_REQUEST,
 };
 use edgefleet_protocol::telemetry::{LatencySummary, TelemetryRecord};
 use edgefleet_protocol::topics::{self, DownKind, Topic, UpKind};
@@ -84,6 +84,12 @@ pub struct SimStatus {
     pub capture_requests: Vec<edgefleet_protocol::capture::CaptureRequest>,
     /// `Down::CaptureAck` messages received, oldest first.
     pub capture_acks: Vec<edgefleet_protocol::capture::CaptureAck>,
+    /// The release it runs as a shadow arm (an offer with `trial.end:
+    /// discard` that it installed), until the rollout is cancelled or a
+    /// commit offer of it comes; `active` is unchanged meanwhile.
+    pub shadowing: Option<ReleaseRef>,
+    /// Shadow arms it ended (`shadow_ended` reported).
+    pub shadows_ended: u64,
 }
 
 /// A running simulated device.
@@ -133,6 +139,7 @@ impl SimDevice {
                 uptime_s: 1,
                 outbox_dropped: 0,
                 feedback: None,
+                shadow: None,
             })
             .collect();
         let m = Up::Telemetry(TelemetryBatch {
@@ -184,6 +191,7 @@ struct Download {
     requested_at: Instant,
     requested_until: usize,
     behavior: Behavior,
+    end: TrialEnd,
 }
 
 struct Agent {
@@ -200,6 +208,8 @@ struct Agent {
     previous_payload: Option<Vec<u8>>,
     floor: u64,
     dl: Option<Download>,
+    /// A shadow arm in progress: its rollout id and release.
+    shadow: Option<(String, ReleaseRef)>,
     seq: u64,
     boot: String,
     started: Instant,
@@ -221,6 +231,8 @@ impl Agent {
     fn state_name(&self) -> &'static str {
         if self.dl.is_some() {
             "downloading"
+        } else if self.shadow.is_some() {
+            "trial"
         } else {
             "idle"
         }
@@ -301,6 +313,11 @@ impl Agent {
         match d {
             Down::UpdateOffer(o) => {
                 self.set_status(|s| s.offers += 1);
+                if o.trial.end == TrialEnd::Commit
+                    && self.shadow.as_ref().is_some_and(|(_, r)| *r == o.release)
+                {
+                    self.end_shadow();
+                }
                 if self
                     .active
                     .as_ref()
@@ -350,6 +367,7 @@ impl Agent {
                             requested_at: Instant::now(),
                             requested_until: 0,
                             behavior,
+                            end: o.trial.end,
                         });
                         self.event(Some(o.rollout_id), &o.release, EventKind::Downloading, None);
                         self.request_missing();
@@ -359,6 +377,9 @@ impl Agent {
             Down::Cancel { rollout_id } => {
                 if self.dl.as_ref().is_some_and(|d| d.rollout_id == rollout_id) {
                     self.dl = None;
+                }
+                if self.shadow.as_ref().is_some_and(|(r, _)| *r == rollout_id) {
+                    self.end_shadow();
                 }
             }
             Down::Rollback { .. } => {
@@ -380,6 +401,24 @@ impl Agent {
             Down::CaptureRequest(r) => self.set_status(|s| s.capture_requests.push(r)),
             Down::CaptureAck(a) => self.set_status(|s| s.capture_acks.push(a)),
         }
+    }
+
+    /// Ends a shadow arm as the agent does: `rolled_back` with reason
+    /// `shadow_ended`, the active release unchanged.
+    fn end_shadow(&mut self) {
+        let Some((rollout, release)) = self.shadow.take() else {
+            return;
+        };
+        self.set_status(|s| {
+            s.shadowing = None;
+            s.shadows_ended += 1;
+        });
+        self.event(
+            Some(rollout),
+            &release,
+            EventKind::RolledBack,
+            Some(rollback_reason::SHADOW_ENDED),
+        );
     }
 
     fn on_chunk(&mut self, bytes: &[u8]) {
@@ -445,6 +484,16 @@ impl Agent {
             None,
         );
         match dl.behavior {
+            Behavior::Commit if dl.end == TrialEnd::Discard => {
+                self.set_status(|s| s.shadowing = Some(dl.release.clone()));
+                self.event(
+                    Some(dl.rollout_id.clone()),
+                    &dl.release,
+                    EventKind::TrialStarted,
+                    None,
+                );
+                self.shadow = Some((dl.rollout_id, dl.release));
+            }
             Behavior::Commit => {
                 self.previous = self.active.replace(dl.release.clone());
                 self.floor = dl.release.release;
@@ -508,6 +557,7 @@ pub fn spawn(id: &str, cfg: SimConfig, script: Script) -> Result<SimDevice, Stri
         payload: None,
         previous_payload: None,
         dl: None,
+        shadow: None,
         seq: 0,
         boot: hex::encode(rand::random::<[u8; 8]>()),
         started: Instant::now(),

@@ -342,6 +342,7 @@ mod tests {
             uptime_s: 0,
             outbox_dropped: 0,
             feedback: None,
+            shadow: None,
         };
         record.release = release.map(|n| ReleaseRef {
             model: "m".into(),

@@ -165,6 +165,7 @@ async fn impersonation_is_rejected_and_telemetry_deduplicated_and_drift_rule_fir
             uptime_s: 0,
             outbox_dropped: 0,
             feedback: None,
+            shadow: None,
         }],
     });
     devs[1].publish(UpKind::Telemetry, &dup).await.unwrap();

@@ -68,6 +68,7 @@ async fn telemetry_round(
                 agreed: rng.binomial(20, accuracy(rel)),
                 unknown_request: 0,
             }),
+            shadow: None,
         };
         let b = Up::Telemetry(TelemetryBatch {
             device_id: d.id.clone(),
@@ -718,4 +719,234 @@ async fn thompson_allocation_moves_the_cohort_to_the_better_candidate() {
         }
     })
     .await;
+}
+
+/// One shadow-experiment round: every device reports the release it serves
+/// (p50 `p50(served)` ms, 100 requests); a device shadowing a candidate also
+/// reports the candidate's runs (p50 `p50(candidate)` ms) with `agreed` of
+/// 100 compared answers agreeing. Two records per device per round:
+/// `seq` = 2 · round and 2 · round + 1.
+async fn shadow_round(
+    devs: &[SimDevice],
+    round: u64,
+    rng: &mut Rng,
+    p50: impl Fn(u64) -> f64,
+    agreed: u64,
+) {
+    let rec = |seq: u64, rel: edgefleet_protocol::messages::ReleaseRef, p: f64| TelemetryRecord {
+        seq,
+        ts_ms: seq * 1000,
+        release: Some(rel),
+        interval_s: 5.0,
+        requests: 100,
+        errors: 0,
+        rejected: 0,
+        latency: edgefleet_protocol::telemetry::LatencySummary {
+            count: 100,
+            p50_ms: p,
+            p95_ms: p * 1.5,
+            p99_ms: p * 2.0,
+            max_ms: p * 3.0,
+        },
+        queue_depth: 0,
+        rss_bytes: 0,
+        cpu_percent: 10.0,
+        uptime_s: seq,
+        outbox_dropped: 0,
+        feedback: None,
+        shadow: None,
+    };
+    for d in devs {
+        let st = d.status();
+        let served = st.active.unwrap();
+        let jitter = |rng: &mut Rng| 2.0 * (rng.uniform() - 0.5);
+        let mut records = vec![rec(
+            2 * round,
+            served.clone(),
+            p50(served.release) + jitter(rng),
+        )];
+        if let Some(c) = st.shadowing {
+            let mut r = rec(2 * round + 1, c.clone(), p50(c.release) + jitter(rng));
+            r.shadow = Some(edgefleet_protocol::telemetry::ShadowSummary {
+                compared: 100,
+                agreed,
+            });
+            records.push(r);
+        }
+        let b = Up::Telemetry(TelemetryBatch {
+            device_id: d.id.clone(),
+            records,
+        });
+        d.publish(UpKind::Telemetry, &b).await.unwrap();
+    }
+}
+
+/// Runs a shadow experiment of `candidate` against the release the cohort
+/// serves, `control`, to its end. While it runs, no device's served release
+/// changes (the shadow has no effect on outputs) and exactly the B devices
+/// shadow the candidate. Returns the ended experiment.
+async fn run_shadow(
+    api: &Api,
+    devs: &[SimDevice],
+    control: (&str, u64),
+    candidate: (&str, u64),
+    p50: impl Fn(u64) -> f64 + Copy,
+    agreed: u64,
+    round0: u64,
+) -> Value {
+    let (st, v) = api
+        .post(
+            "/v1/experiments",
+            json!({"group": "cohort", "control": control.0, "candidate": candidate.0,
+                   "candidate_mode": "shadow", "metric": "latency_p50_ms",
+                   "min_samples_per_arm": 30, "min_agreement": 0.9,
+                   "promote": "automatic"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["experiment"]["id"].as_str().unwrap().to_string();
+    let on_b: Vec<String> = v["experiment"]["assignment"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| *v == 1)
+        .map(|(d, _)| d.clone())
+        .collect();
+    let t0 = Instant::now();
+    while !devs.iter().all(|d| {
+        d.status().shadowing.map(|r| r.release)
+            == on_b.contains(&d.id.to_string()).then_some(candidate.1)
+    }) {
+        assert!(t0.elapsed() < T, "B devices never started shadowing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut rng = Rng(0x5AD0 ^ round0);
+    for round in round0..round0 + 200 {
+        for d in devs {
+            assert_eq!(
+                d.status().active.unwrap().release,
+                control.1,
+                "{} served another release during the shadow experiment",
+                d.id
+            );
+        }
+        shadow_round(devs, round, &mut rng, p50, agreed).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let e = experiment(api, &id).await;
+        if e["state"] != "running" {
+            return e;
+        }
+    }
+    panic!("shadow experiment {id} never decided");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shadow_arm_compares_without_serving_then_promotes_or_discards() {
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), &k, BrokerConfig::Embedded { port: 0 }))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let (devs, a) = cohort_on_release_1(&server, &api, &k, "sh").await;
+    let b = api.upload(bundle(&k, 2, 3000)).await;
+    let c = api.upload(bundle(&k, 3, 3000)).await;
+    let d = api.upload(bundle(&k, 4, 3000)).await;
+
+    // What a shadow arm cannot measure is refused, naming the field.
+    let shadow = |extra: Value| {
+        let mut v = json!({"group": "cohort", "control": a, "candidate": b,
+                           "candidate_mode": "shadow", "metric": "latency_p50_ms"});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    for (body, field) in [
+        (shadow(json!({"metric": "online_accuracy"})), "metric"),
+        (shadow(json!({"metric": "cpu_percent"})), "metric"),
+        (
+            shadow(json!({"guardrails": [{"metric": "online_accuracy",
+                                          "max_absolute_degradation": 0.05}]})),
+            "guardrails",
+        ),
+        (
+            shadow(json!({"metric": "error_rate", "allocation": {"kind": "thompson"}})),
+            "allocation",
+        ),
+        (shadow(json!({"shadow_window_s": 0})), "shadow_window_s"),
+        (
+            shadow(json!({"shadow_window_s": 86_401})),
+            "shadow_window_s",
+        ),
+        (shadow(json!({"min_agreement": 1.5})), "min_agreement"),
+        (shadow(json!({"candidate_mode": "mirror"})), "mirror"),
+        (
+            json!({"group": "cohort", "control": a, "candidate": b, "min_agreement": 0.9}),
+            "min_agreement",
+        ),
+    ] {
+        let (st, v) = api.post("/v1/experiments", body.clone()).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert!(v.to_string().contains(field), "{field}: {v}");
+    }
+
+    // Release 2 is faster (12 ms against 20) and agrees 97 %: it wins,
+    // is promoted, and every device then serves it.
+    let fast = |rel: u64| match rel {
+        1 => 20.0,
+        2 => 12.0,
+        3 => 8.0,
+        _ => 30.0,
+    };
+    let e = run_shadow(&api, &devs, (&a, 1), (&b, 2), fast, 97, 1).await;
+    println!("shadow, faster and agreeing: {}", e["outcome"]);
+    assert_eq!(e["state"], "promoted", "{e}");
+    let outcome = e["outcome"].as_str().unwrap();
+    assert!(
+        outcome.contains("agreement with the control 0.9700"),
+        "{outcome}"
+    );
+    assert!(
+        e["arms"][1]["agreement"]["trials"].as_u64().unwrap() >= 100,
+        "{e}"
+    );
+    assert_eq!(e["arms"][0]["agreement"]["trials"], 0, "{e}");
+    wait_active(&devs, |_, rel| rel == 2).await;
+    assert!(devs.iter().all(|d| d.status().shadowing.is_none()));
+
+    // Release 3 is faster still (8 ms) but agrees only half the time: the latency test
+    // says better, min_agreement keeps it out; the shadow devices discard it
+    // and nobody ever served it.
+    let e = run_shadow(&api, &devs, (&b, 2), (&c, 3), fast, 50, 1000).await;
+    println!("shadow, faster but disagreeing: {}", e["outcome"]);
+    assert_eq!(e["state"], "control_kept", "{e}");
+    assert!(
+        e["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("below min_agreement 0.9"),
+        "{e}"
+    );
+    let t0 = Instant::now();
+    while devs.iter().any(|d| d.status().shadowing.is_some()) {
+        assert!(t0.elapsed() < T, "a device kept shadowing release 3");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(devs.iter().all(|d| d.status().active.unwrap().release == 2));
+
+    // Release 4 is slower (30 ms against 12): the control is kept.
+    let e = run_shadow(&api, &devs, (&b, 2), (&d, 4), fast, 99, 2000).await;
+    println!("shadow, slower: {}", e["outcome"]);
+    assert_eq!(e["state"], "control_kept", "{e}");
+    assert!(
+        e["outcome"].as_str().unwrap().starts_with("control better"),
+        "{e}"
+    );
+    let t0 = Instant::now();
+    while devs.iter().any(|d| d.status().shadowing.is_some()) {
+        assert!(t0.elapsed() < T, "a device kept shadowing release 4");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(devs.iter().all(|d| d.status().active.unwrap().release == 2));
 }

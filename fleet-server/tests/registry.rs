@@ -119,6 +119,7 @@ impl Dev {
                 uptime_s: 0,
                 outbox_dropped: 0,
                 feedback: None,
+                shadow: None,
             }],
         })
     }

@@ -436,6 +436,7 @@ mod tests {
             uptime_s: 0,
             outbox_dropped: 0,
             feedback: None,
+            shadow: None,
         }
     }
 

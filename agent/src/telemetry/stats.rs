@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgefleet_protocol::capture::FeedbackSummary;
 use edgefleet_protocol::messages::ReleaseRef;
-use edgefleet_protocol::telemetry::{names, LatencySummary, TelemetryRecord};
+use edgefleet_protocol::telemetry::{names, LatencySummary, ShadowSummary, TelemetryRecord};
 use hdrhistogram::Histogram;
 
 /// Highest latency the histograms track (µs); larger samples are clamped.
@@ -40,6 +40,7 @@ struct Counters {
     rejected: u64,
     latency_us: Histogram<u64>,
     feedback: FeedbackSummary,
+    shadow: ShadowSummary,
 }
 
 impl Counters {
@@ -50,6 +51,7 @@ impl Counters {
             rejected: 0,
             latency_us: new_histogram(),
             feedback: FeedbackSummary::default(),
+            shadow: ShadowSummary::default(),
         }
     }
     fn is_idle(&self) -> bool {
@@ -57,6 +59,7 @@ impl Counters {
             && self.errors == 0
             && self.rejected == 0
             && self.feedback == FeedbackSummary::default()
+            && self.shadow == ShadowSummary::default()
     }
 }
 
@@ -277,6 +280,17 @@ impl Stats {
         }
     }
 
+    /// Records one comparison of a shadow candidate (`release`) with the
+    /// serving model on the same inputs; `agreed` per
+    /// [`crate::engine::shadow_agrees`].
+    pub fn record_shadow(&mut self, release: &ReleaseRef, agreed: bool) {
+        let (c, _) = self.entry(Some(release));
+        c.shadow.compared += 1;
+        if agreed {
+            c.shadow.agreed += 1;
+        }
+    }
+
     /// Records a label for a request id the agent does not remember
     /// (counted on the active release's record).
     pub fn record_unknown_feedback(&mut self) {
@@ -388,6 +402,7 @@ impl Stats {
                     uptime_s,
                     outbox_dropped: 0,
                     feedback: (c.feedback != FeedbackSummary::default()).then_some(c.feedback),
+                    shadow: (c.shadow != ShadowSummary::default()).then_some(c.shadow),
                 });
             }
             if let Some(l) = self.lifetime.get_mut(&k) {

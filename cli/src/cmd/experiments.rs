@@ -16,7 +16,9 @@ pub enum Command {
   edgefleet experiments create --group line-3 --control 3f5a9c --candidate 8e21d0 \\
       --metric latency_p50_ms --share 0.2 --promote automatic --max-samples 20000
   edgefleet experiments create --group line-3 --control 3f5a9c --candidate 8e21d0 \\
-      --allocation thompson --thompson-floor 0.1 --reallocate-every 500")]
+      --allocation thompson --thompson-floor 0.1 --reallocate-every 500
+  edgefleet experiments create --group line-3 --control 3f5a9c --candidate 8e21d0 \
+      --candidate-mode shadow --metric latency_p50_ms --min-agreement 0.95")]
     Create {
         /// Server connection.
         #[command(flatten)]
@@ -59,6 +61,19 @@ pub enum Command {
         /// Thompson: new units of the metric (both arms) between reallocations.
         #[arg(long, default_value_t = 200)]
         reallocate_every: u64,
+        /// serve (the candidate answers its devices' requests) | shadow (it
+        /// runs beside the control on the same inputs, answers discarded;
+        /// the metric must be latency_p50_ms or error_rate).
+        #[arg(long, value_enum, default_value_t = CandidateModeArg::Serve)]
+        candidate_mode: CandidateModeArg,
+        /// Shadow: how long the candidate devices shadow (s); the experiment
+        /// ends inconclusive after it.
+        #[arg(long, default_value_t = 3600)]
+        shadow_window: u64,
+        /// Shadow: keep a winning candidate out when its agreement with the
+        /// control is below this fraction.
+        #[arg(long)]
+        min_agreement: Option<f64>,
     },
     /// List experiments: id, group, state, metric, A and B means, p-value, devices.
     #[command(after_help = "Examples:
@@ -103,6 +118,15 @@ pub enum AllocationKind {
     Thompson,
 }
 
+/// How the candidate runs (`--candidate-mode`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum CandidateModeArg {
+    /// It serves its devices' requests (A/B).
+    Serve,
+    /// It shadows the control; its answers are discarded.
+    Shadow,
+}
+
 /// Runs `edgefleet experiments`.
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
@@ -120,6 +144,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             allocation,
             thompson_floor,
             reallocate_every,
+            candidate_mode,
+            shadow_window,
+            min_agreement,
         } => {
             let c = Client::new(conn);
             let allocation = match allocation {
@@ -138,6 +165,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 "max_samples_per_arm": max_samples,
                 "promote": promote,
                 "allocation": allocation,
+                "candidate_mode": match candidate_mode {
+                    CandidateModeArg::Serve => "serve",
+                    CandidateModeArg::Shadow => "shadow",
+                },
+                "shadow_window_s": shadow_window,
+                "min_agreement": min_agreement,
             });
             let v = c.post_json("/v1/experiments", &body)?;
             println!("{}", serde_json::to_string_pretty(&v)?);

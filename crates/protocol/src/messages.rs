@@ -225,6 +225,9 @@ pub mod rollback_reason {
     pub const SERVER_COMMAND: &str = "server_command";
     /// The server cancelled the rollout during the trial.
     pub const CANCELLED: &str = "cancelled";
+    /// A shadow candidate with `end: discard` was discarded (window passed,
+    /// or the server ended it): not a failure, and not refused later.
+    pub const SHADOW_ENDED: &str = "shadow_ended";
 }
 
 /// How the device should run the trial of an offered release. Every field
@@ -248,6 +251,24 @@ pub struct TrialPolicy {
     pub max_p99_ratio: f64,
     /// Shadow (old model serves, new one runs alongside) or serve (new model serves).
     pub mode: TrialMode,
+    /// What a trial that passes does: commit the candidate (default), or,
+    /// for a shadow arm of an experiment, discard it and keep serving the
+    /// active release. A discarded candidate is not refused later (unlike
+    /// one that failed its trial): the experiment may still promote it.
+    pub end: TrialEnd,
+}
+
+/// What a passing trial does ([`TrialPolicy::end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialEnd {
+    /// Commit the candidate: it becomes the active release.
+    #[default]
+    Commit,
+    /// Discard the candidate when the window passes or the server ends the
+    /// trial; the active release keeps serving. Only with
+    /// [`TrialMode::Shadow`].
+    Discard,
 }
 
 /// Trial mode.
@@ -289,6 +310,7 @@ impl Default for TrialPolicy {
             max_error_rate: 0.01,
             max_p99_ratio: 3.0,
             mode: TrialMode::Shadow,
+            end: TrialEnd::Commit,
         }
     }
 }
@@ -330,6 +352,13 @@ impl TrialPolicy {
             return bad(
                 "trial.max_p99_ratio",
                 format!("= {} must be a number >= 1", self.max_p99_ratio),
+            );
+        }
+        if self.end == TrialEnd::Discard && self.mode != TrialMode::Shadow {
+            return bad(
+                "trial.end",
+                "discard needs mode shadow (a serving candidate's answers cannot be taken back)"
+                    .into(),
             );
         }
         Ok(())
@@ -686,5 +715,19 @@ mod trial_policy_tests {
                 "trial.max_p99_ratio"
             );
         }
+        assert_eq!(
+            field(TrialPolicy {
+                end: TrialEnd::Discard,
+                mode: TrialMode::Serve,
+                ..d()
+            }),
+            "trial.end"
+        );
+        assert!(TrialPolicy {
+            end: TrialEnd::Discard,
+            ..d()
+        }
+        .validate()
+        .is_ok());
     }
 }

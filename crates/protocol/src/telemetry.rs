@@ -100,4 +100,24 @@ pub struct TelemetryRecord {
     /// `agreed / labelled`); `None` when no label arrived.
     #[serde(default)]
     pub feedback: Option<crate::capture::FeedbackSummary>,
+    /// For the record of a candidate running in shadow (`TrialMode::Shadow`):
+    /// how often its answer agreed with the serving model's on the same
+    /// inputs. `None` on every other record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSummary>,
+}
+
+/// Agreement of a shadow candidate with the serving model over one
+/// telemetry interval (docs/specs/telemetry.md). Two answers agree when
+/// both models have a label-comparable answer (predicted class of output 0,
+/// or a single probability thresholded at 0.5) and it is the same; for
+/// other outputs, when every output has the same shape and every element
+/// `b` is within `1e-3 · max(1, |a|)` of the serving model's `a`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSummary {
+    /// Requests both models answered without error.
+    pub compared: u64,
+    /// Of those, how many agreed.
+    pub agreed: u64,
 }

@@ -195,6 +195,7 @@ fn arb_record() -> impl Strategy<Value = TelemetryRecord> {
                 uptime_s: 100,
                 outbox_dropped: 0,
                 feedback: None,
+                shadow: None,
             },
         )
 }

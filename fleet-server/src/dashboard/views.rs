@@ -134,7 +134,7 @@ impl<'a> Latest<'a> {
 fn dropped(r: &Rollout, p: &DeviceProgress) -> bool {
     let done = matches!(
         p.state,
-        DeviceState::Committed | DeviceState::AlreadyCurrent
+        DeviceState::Committed | DeviceState::AlreadyCurrent | DeviceState::ShadowEnded
     );
     let stopped = matches!(r.state, RolloutState::Aborted | RolloutState::Halted(_));
     (stopped && !done)

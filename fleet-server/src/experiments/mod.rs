@@ -21,11 +21,15 @@
 //!    roll back to their previous slot.
 //!
 //! With `"allocation": {"kind": "thompson"}` the candidate's share follows
-//! the posterior probability that it is better ([`bandit`]).
+//! the posterior probability that it is better ([`bandit`]). With
+//! `"candidate_mode": "shadow"` the candidate runs beside the control on the
+//! B devices without serving ([`shadow`]).
 
 mod bandit;
+mod shadow;
 
 pub use bandit::{candidate_share, Allocation, Reallocation};
+pub use shadow::{wilson, CandidateMode};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -159,6 +163,19 @@ pub struct CreateExperiment {
     /// The retraining job this experiment judges, if any.
     #[serde(default)]
     pub job: Option<String>,
+    /// Serve (default: an A/B test) or shadow (the candidate runs beside
+    /// the control on the B devices, its answers discarded; [`shadow`]).
+    #[serde(default)]
+    pub candidate_mode: CandidateMode,
+    /// Shadow only: how long the B devices shadow (s), `1..=86400`; the
+    /// experiment ends inconclusive when it passes. Default 3600.
+    #[serde(default = "shadow::default_window_s")]
+    pub shadow_window_s: u64,
+    /// Shadow only: a winning candidate whose agreement with the control
+    /// (fraction of shadow runs with the same answer) is below this is not
+    /// promoted. Default none.
+    #[serde(default)]
+    pub min_agreement: Option<f64>,
 }
 
 fn half() -> f64 {
@@ -212,6 +229,10 @@ pub struct ArmMetrics {
     pub cpu_percent: Mean,
     /// Telemetry records counted.
     pub records: u64,
+    /// Shadow runs that gave the control's answer, of those compared (only
+    /// the candidate of a shadow experiment has any).
+    #[serde(default)]
+    pub agreement: Proportion,
 }
 
 impl ArmMetrics {
@@ -221,7 +242,9 @@ impl ArmMetrics {
         self.errors
             .record_batch(r.errors, r.requests.max(r.errors))
             .map_err(e)?;
-        if let Some(f) = &r.feedback {
+        // Design: a device's inconsistent summary (agreed > labelled) is
+        // left out of the metric, not allowed to stop every experiment's tick.
+        if let Some(f) = r.feedback.filter(|f| f.agreed <= f.labelled) {
             self.accuracy
                 .record_batch(f.agreed, f.labelled)
                 .map_err(e)?;
@@ -231,6 +254,11 @@ impl ArmMetrics {
         }
         if r.cpu_percent.is_finite() {
             self.cpu_percent.push(f64::from(r.cpu_percent)).map_err(e)?;
+        }
+        if let Some(s) = r.shadow.filter(|s| s.agreed <= s.compared) {
+            self.agreement
+                .record_batch(s.agreed, s.compared)
+                .map_err(e)?;
         }
         Ok(())
     }
@@ -373,6 +401,57 @@ pub fn candidate_tag(id: &str) -> String {
     format!("exp:{id}:b")
 }
 
+/// Draws the experiment id and the cohort's sticky assignment under it.
+/// Design: with a small cohort every device may hash to one arm; the id is
+/// then drawn again (at most [`ASSIGNMENT_DRAWS`] times), so assignment stays
+/// a pure function of (device, id) and both arms get a device.
+///
+/// # Errors
+/// [`Error::Conflict`] when the cohort has fewer than 2 devices (or no draw
+/// split it).
+fn draw_assignment(
+    state: &State,
+    s: &CreateExperiment,
+) -> Result<(String, BTreeMap<String, usize>)> {
+    // The cohort is the group's devices of the experiment's target (all
+    // targets without one): a device of another target never gets this
+    // experiment's candidate bundle.
+    let sel = Selector {
+        group: Some(s.group.clone()),
+        target: s.target.clone(),
+        ..Selector::default()
+    };
+    let cohort: Vec<String> = state
+        .registry
+        .list()?
+        .into_iter()
+        .filter(|d| sel.matches(d))
+        .map(|d| d.id)
+        .collect();
+    let shares = [1.0 - s.candidate_share, s.candidate_share];
+    for _ in 0..ASSIGNMENT_DRAWS {
+        let id = format!("exp-{}", hex::encode(rand::random::<[u8; 6]>()));
+        let mut assignment = BTreeMap::new();
+        for d in &cohort {
+            let v = edgefleet_experiment::assign(d, &id, &shares)
+                .map_err(|e| Error::bad("candidate_share", e.to_string()))?;
+            assignment.insert(d.clone(), v);
+        }
+        let on_b = assignment.values().filter(|&&v| v == 1).count();
+        if on_b > 0 && on_b < assignment.len() {
+            return Ok((id, assignment));
+        }
+    }
+    Err(Error::Conflict(format!(
+        "group {} has {} devices: both variants need at least one",
+        s.group,
+        cohort.len()
+    )))
+}
+
+/// Draws of the experiment id before a cohort is declared unsplittable.
+const ASSIGNMENT_DRAWS: usize = 64;
+
 /// Checks the request and assigns the cohort (no side effects yet).
 fn plan(state: &State, s: CreateExperiment) -> Result<Experiment> {
     crate::jobs::check_name("group", &s.group)?;
@@ -428,6 +507,7 @@ fn plan(state: &State, s: CreateExperiment) -> Result<Experiment> {
     }
     let rule = rule(&s)?;
     bandit::check(&s)?;
+    shadow::check(&s)?;
     let guardrails = s
         .guardrails
         .iter()
@@ -440,31 +520,7 @@ fn plan(state: &State, s: CreateExperiment) -> Result<Experiment> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let id = format!("exp-{}", hex::encode(rand::random::<[u8; 6]>()));
-    let sel = Selector {
-        group: Some(s.group.clone()),
-        ..Selector::default()
-    };
-    let mut assignment = BTreeMap::new();
-    for d in state
-        .registry
-        .list()?
-        .into_iter()
-        .filter(|d| sel.matches(d))
-    {
-        let v =
-            edgefleet_experiment::assign(&d.id, &id, &[1.0 - s.candidate_share, s.candidate_share])
-                .map_err(|e| Error::bad("candidate_share", e.to_string()))?;
-        assignment.insert(d.id, v);
-    }
-    if assignment.values().filter(|&&v| v == 1).count() == 0 || assignment.values().all(|&v| v == 1)
-    {
-        return Err(Error::Conflict(format!(
-            "group {} has {} devices: both variants need at least one",
-            s.group,
-            assignment.len()
-        )));
-    }
+    let (id, assignment) = draw_assignment(state, &s)?;
     let now = now_ms();
     Ok(Experiment {
         id,
@@ -510,12 +566,8 @@ pub async fn create(state: &Arc<State>, s: CreateExperiment) -> Result<Experimen
         }
     }
     put(state, &e)?;
-    let spec: RolloutSpec = serde_json::from_value(serde_json::json!({
-        "bundle": e.spec.candidate,
-        "selector": {"group": e.spec.group, "tag": tag, "target": e.spec.target},
-        "waves": ["100%"],
-    }))
-    .map_err(|x| Error::bad("candidate", x.to_string()))?;
+    let spec: RolloutSpec = serde_json::from_value(shadow::rollout_body(&e, &tag))
+        .map_err(|x| Error::bad("candidate", x.to_string()))?;
     let r = state.create_rollout(spec).await?;
     e.rollout = Some(r.id);
     put(state, &e)?;
@@ -599,7 +651,15 @@ fn judge(e: &mut Experiment) -> Result<Option<(ExperimentState, String)>> {
             ev.p_value, ev.samples_a, ev.samples_b
         )
     });
+    let effect = effect + &shadow::agreement_text(e);
     let next = match ev.decision {
+        Decision::BWins if shadow::agreement_short(e).is_some() => Some((
+            ExperimentState::ControlKept,
+            format!(
+                "candidate better but kept out: {}: {effect}",
+                shadow::agreement_short(e).unwrap_or_default()
+            ),
+        )),
         Decision::BWins => Some((
             match e.spec.promote {
                 Promotion::Automatic => ExperimentState::Promoted,
@@ -658,6 +718,9 @@ async fn end(
             e.promotion = Some(r.id);
         }
         ExperimentState::CandidateWon => {}
+        // A shadow arm ends with its rollout's cancel above: each B device
+        // discards the candidate it never served.
+        _ if e.spec.candidate_mode == CandidateMode::Shadow => {}
         _ => roll_back_candidates(state, e, &why).await,
     }
     e.state = to;
@@ -683,7 +746,9 @@ pub async fn tick(state: &Arc<State>) -> Result<()> {
         .await
         .map_err(|x| Error::Conflict(x.to_string()))??;
         e = e2;
-        if fresh {
+        if let Some((to, why)) = shadow::forced_end(state, &e, now_ms()) {
+            end(state, &mut e, to, why).await?;
+        } else if fresh {
             if let Some((to, why)) = judge(&mut e)? {
                 end(state, &mut e, to, why).await?;
             } else if let Some(r) = bandit::plan(&e, bandit::rollout_active(state, &e))? {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use edgefleet_protocol::messages::{EventKind, ReleaseRef, TrialPolicy};
+use edgefleet_protocol::messages::{rollback_reason, EventKind, ReleaseRef, TrialEnd, TrialPolicy};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
@@ -134,6 +134,7 @@ struct StrictTrial {
     max_error_rate: f64,
     max_p99_ratio: f64,
     mode: edgefleet_protocol::messages::TrialMode,
+    end: edgefleet_protocol::messages::TrialEnd,
 }
 
 impl Default for StrictTrial {
@@ -145,6 +146,7 @@ impl Default for StrictTrial {
             max_error_rate: d.max_error_rate,
             max_p99_ratio: d.max_p99_ratio,
             mode: d.mode,
+            end: d.end,
         }
     }
 }
@@ -157,6 +159,7 @@ fn strict_trial<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TrialPolicy, D
         max_error_rate: t.max_error_rate,
         max_p99_ratio: t.max_p99_ratio,
         mode: t.mode,
+        end: t.end,
     })
 }
 
@@ -209,6 +212,10 @@ pub enum DeviceState {
     Failed,
     /// Reported rolled back.
     RolledBack,
+    /// Ran the release as a shadow arm (`trial.end: discard`) and put it
+    /// aside when the window passed or the rollout stopped: done, not a
+    /// failure.
+    ShadowEnded,
     /// Did not commit within the wave timeout.
     TimedOut,
     /// Not offered (or offer cancelled) because the rollout stopped.
@@ -360,7 +367,9 @@ impl Rollout {
         for id in self.wave_devices(w) {
             c.size += 1;
             match self.devices.get(id).map(|d| &d.state) {
-                Some(DeviceState::Committed | DeviceState::AlreadyCurrent) => c.committed += 1,
+                Some(
+                    DeviceState::Committed | DeviceState::AlreadyCurrent | DeviceState::ShadowEnded,
+                ) => c.committed += 1,
                 Some(s) if s.is_failure() => c.failed += 1,
                 Some(DeviceState::Pending | DeviceState::Offered) => c.in_progress += 1,
                 _ => {}
@@ -525,6 +534,12 @@ impl Rollout {
         }
         let new = match kind {
             EventKind::Committed => DeviceState::Committed,
+            EventKind::RolledBack
+                if reason.as_deref() == Some(rollback_reason::SHADOW_ENDED)
+                    && self.spec.trial.end == TrialEnd::Discard =>
+            {
+                DeviceState::ShadowEnded
+            }
             EventKind::RolledBack => DeviceState::RolledBack,
             EventKind::Failed | EventKind::Rejected => DeviceState::Failed,
             _ => return false,
