@@ -109,4 +109,64 @@ fn demo_runs_end_to_end_and_its_summary_holds() {
     for d in datasets {
         assert!(d["provenance"]["samples"].as_u64().unwrap_or(0) > 0, "{d}");
     }
+    check_loop(&s["loop"]);
+}
+
+/// Step 10, the closed loop: the shifted cohort's job promoted with its
+/// lineage, its online accuracy back to at least 95 % of the pre-shift
+/// value, the corrupted-label job rejected (gate or experiment) and never
+/// on more than its canary devices, the unshifted cohorts on release 1.
+fn check_loop(l: &Value) {
+    assert!(l.is_object(), "no loop in the summary");
+    let acc = |k: &str, g: &str| l["accuracy"][k][g]["accuracy"].as_f64().unwrap_or(0.0);
+    let (before, shifted, after) = (
+        acc("before", "site-a"),
+        l["accuracy"]["after_shift"]["accuracy"]
+            .as_f64()
+            .unwrap_or(1.0),
+        acc("after", "site-a"),
+    );
+    assert!(before > 0.75, "site-a before the shift: {before}");
+    assert!(
+        shifted < before - 0.1,
+        "the shift did not hurt: {shifted} vs {before}"
+    );
+    let j = &l["job"];
+    assert_eq!(j["state"], "promoted", "{j}");
+    assert_eq!(j["spec"]["group"], "site-a", "{j}");
+    assert!(
+        after >= 0.95 * before,
+        "site-a recovered to {after} of {before}"
+    );
+    let lin = &j["lineage"];
+    for k in ["dataset", "dataset_sha256", "run"] {
+        assert!(!lin[k].is_null(), "lineage lacks {k}: {lin}");
+    }
+    assert!(
+        !lin["bundles"].as_array().expect("bundles").is_empty(),
+        "{lin}"
+    );
+    assert!(
+        !lin["experiments"]
+            .as_array()
+            .expect("experiments")
+            .is_empty(),
+        "{lin}"
+    );
+    let b = &l["bad_job"];
+    assert_eq!(b["state"], "rejected", "corrupted-label job: {b}");
+    assert_eq!(b["spec"]["group"], "site-b", "{b}");
+    assert_eq!(l["releases_after"]["site-b"], serde_json::json!([1]), "{l}");
+    assert_eq!(
+        l["releases_after"]["text-lines"],
+        serde_json::json!([1]),
+        "{l}"
+    );
+    let a = l["releases_after"]["site-a"]
+        .as_array()
+        .expect("site-a releases");
+    assert!(
+        a.len() == 1 && a[0] != 1,
+        "site-a answered with {a:?} after the promotion"
+    );
 }

@@ -91,6 +91,54 @@ pub struct DriftRule {
     pub command: Option<String>,
     /// Whether an opened request also opens a retraining job.
     pub jobs: RequestJobs,
+    /// Fields of the jobs the rule opens, besides group, model and request
+    /// (a `POST /v1/jobs` body's other fields: `gate`, `replay_fraction`,
+    /// `params`, ...); empty: the job defaults. Checked by
+    /// [`DriftRule::check_job_template`].
+    pub job_template: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `min_labelled` of the jobs the drift rule opens, unless its template sets one.
+pub const DEFAULT_REQUEST_JOB_MIN_LABELLED: u64 = 100;
+
+impl DriftRule {
+    /// Checks [`DriftRule::job_template`] as a job body would be checked.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadRequest`] naming the field (an unknown one, a
+    /// value of the wrong type, or group/model/request, which the rule sets).
+    pub fn check_job_template(&self) -> crate::Result<()> {
+        for k in ["group", "model", "request"] {
+            if self.job_template.contains_key(k) {
+                return Err(crate::Error::bad(
+                    "job_template",
+                    format!("`{k}` is set by the drift rule"),
+                ));
+            }
+        }
+        self.job_body("g", "m", "r").map(|_| ())
+    }
+
+    /// The body of the job the rule opens for a request.
+    ///
+    /// # Errors
+    /// [`crate::Error::BadRequest`] when the template does not make a job.
+    pub fn job_body(
+        &self,
+        group: &str,
+        model: &str,
+        request: &str,
+    ) -> crate::Result<crate::jobs::CreateJob> {
+        let mut body = self.job_template.clone();
+        // A job opened with its request waits for the alarm's captures.
+        body.entry("min_labelled")
+            .or_insert(DEFAULT_REQUEST_JOB_MIN_LABELLED.into());
+        body.insert("group".into(), group.into());
+        body.insert("model".into(), model.into());
+        body.insert("request".into(), request.into());
+        serde_json::from_value(serde_json::Value::Object(body))
+            .map_err(|e| crate::Error::bad("job_template", e.to_string()))
+    }
 }
 
 /// What a retraining request does to the job queue (issue #13).
@@ -114,6 +162,7 @@ impl Default for DriftRule {
             webhook: None,
             command: None,
             jobs: RequestJobs::Off,
+            job_template: serde_json::Map::new(),
         }
     }
 }

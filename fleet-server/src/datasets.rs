@@ -111,6 +111,18 @@ pub fn dataset_id(group: &str, model: &str, content_sha256: &str) -> String {
     format!("ds-{}", &hex::encode(h)[..16])
 }
 
+/// Labelled samples in the capture batches a dataset of `req` would hold now.
+///
+/// # Errors
+/// Store errors.
+pub fn labelled_available(state: &State, req: &CreateDataset) -> Result<u64> {
+    Ok(capture::batches(state)?
+        .iter()
+        .filter(|b| b.release.model == req.model && b.groups.contains(&req.group))
+        .map(|b| u64::from(b.labelled))
+        .sum())
+}
+
 /// Cuts a version for `(group, model)`, or returns the existing one with the
 /// same content. The bool is true when a new version was stored.
 ///

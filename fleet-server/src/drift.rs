@@ -573,11 +573,11 @@ fn open_job(state: &State, req: &RetrainRequest) -> Option<String> {
     if state.config.drift_rule.jobs != crate::RequestJobs::Create {
         return None;
     }
-    let spec: crate::jobs::CreateJob = match serde_json::from_value(serde_json::json!({
-        "group": req.group,
-        "model": req.model,
-        "request": req.id,
-    })) {
+    let spec = match state
+        .config
+        .drift_rule
+        .job_body(&req.group, &req.model, &req.id)
+    {
         Ok(s) => s,
         Err(e) => return Some(format!("job: {e}")),
     };

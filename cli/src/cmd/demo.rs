@@ -15,11 +15,15 @@
 //! agent restart, while every device must stay below its drift thresholds ->
 //! shift the inputs of a few devices -> wait for their alarms, a retraining
 //! request naming exactly them, and their captured data -> cut a dataset ->
-//! summary.
+//! the closed loop on two models trained here ([`closed_loop`]: a cohort's
+//! inputs shift, drift opens a retraining job, a worker fine-tunes, the gate
+//! and an experiment prove the candidate, it is promoted on that cohort
+//! only; a job trained on corrupted labels is rejected) -> summary.
 //!
 //! The hidden options `--per-group`, `--soak-s` and `--targets` turn the demo
 //! into the drift soak test's scenario (cli/tests/drift_soak.rs).
 
+mod closed_loop;
 mod data;
 mod watch;
 
@@ -73,6 +77,9 @@ pub struct Args {
     /// Soak scenario: only these targets (comma-separated).
     #[arg(long, hide = true, value_delimiter = ',')]
     pub targets: Vec<String>,
+    /// Only the closed loop (step 10), on its own fleet (for developing it).
+    #[arg(long, hide = true)]
+    pub loop_only: bool,
 }
 
 const TOKEN: &str = "demo-operator-token";
@@ -212,7 +219,7 @@ struct Ctx {
     inputs: BTreeMap<(&'static str, &'static str), InputSets>,
 }
 
-const STEPS: usize = 10;
+const STEPS: usize = 11;
 
 /// Runs the demo.
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -229,6 +236,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let t0 = Instant::now();
     let dir = prepare_dir(&args.dir)?;
+    if args.loop_only {
+        return run_loop_only(&args, &dir, t0);
+    }
     step(
         1,
         STEPS,
@@ -277,12 +287,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         server.state().dashboard.one_time_code(),
         addr = server.api_addr()
     );
+    let loop_ctx = closed_loop::LoopCtx {
+        dir: &dir,
+        exe: &std::env::current_exe()?,
+        broker: &format!("mqtt://127.0.0.1:{}", server.broker_port()),
+        pub_pem: &pub_pem,
+        key_pem: &dir.join("keys/release.pem"),
+        key: &key,
+    };
     let ctx = Ctx {
         targets,
         soak_s: args.soak_s,
         exe: std::env::current_exe()?,
         broker,
-        pub_pem,
+        pub_pem: pub_pem.clone(),
         inputs,
     };
 
@@ -338,13 +356,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let capture = capture_phase(&api, &server, fleet.0)?;
 
-    step(10, STEPS, t0, "summary");
-    let summary = summarise(&api, fleet.0, &v1_states, &quiet, &shift, &capture)?;
+    let mut summary = summarise(&api, fleet.0, &v1_states, &quiet, &shift, &capture)?;
+    if args.per_group.is_none() {
+        // The pretrained fleet has shown what it shows; its agents stop so
+        // the loop's training and agents have the machine.
+        for d in fleet.0.iter_mut() {
+            stop(d);
+        }
+        step(10, STEPS, t0, LOOP_TITLE);
+        summary["loop"] = closed_loop::run(&loop_ctx, &api)?;
+    }
+    step(11, STEPS, t0, "summary");
     std::fs::write(
         dir.join("summary.json"),
         serde_json::to_vec_pretty(&summary)?,
     )?;
     print_summary(&summary);
+    if !summary["loop"].is_null() {
+        print_loop(&summary["loop"]);
+    }
     println!(
         "demo finished in {:.0}s; summary in {}",
         t0.elapsed().as_secs_f64(),
@@ -362,6 +392,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     drop(fleet);
+    rt.block_on(server.shutdown())?;
+    Ok(())
+}
+
+/// `--loop-only`: a server and the closed loop's own fleet, nothing else.
+fn run_loop_only(args: &Args, dir: &Path, t0: Instant) -> anyhow::Result<()> {
+    let key = SigningKey::generate();
+    let pub_pem = dir.join("keys/release.pub.pem");
+    std::fs::create_dir_all(dir.join("keys"))?;
+    key.write_pem_files(&dir.join("keys/release.pem"), &pub_pem)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(edgefleet_fleet_server::Server::start(server_config(
+        dir,
+        &pub_pem,
+        args.listen,
+    )?))?;
+    let api = Api {
+        base: format!("http://{}", server.api_addr()),
+        http: reqwest::blocking::Client::new(),
+    };
+    let loop_ctx = closed_loop::LoopCtx {
+        dir,
+        exe: &std::env::current_exe()?,
+        broker: &format!("mqtt://127.0.0.1:{}", server.broker_port()),
+        pub_pem: &pub_pem,
+        key_pem: &dir.join("keys/release.pem"),
+        key: &key,
+    };
+    step(10, STEPS, t0, LOOP_TITLE);
+    let v = closed_loop::run(&loop_ctx, &api)?;
+    print_loop(&v);
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_vec_pretty(&json!({ "loop": v }))?,
+    )?;
     rt.block_on(server.shutdown())?;
     Ok(())
 }
@@ -566,6 +634,17 @@ fn server_config(
     cfg.drift_rule.min_fraction = 0.05;
     cfg.drift_rule.min_devices = 1;
     cfg.drift_rule.window_s = 60;
+    // The closed loop (step 10): a drift request opens a retraining job,
+    // which waits for the alarm's labelled captures, allows the stated
+    // regression margin on the previous test set, and fine-tunes longer
+    // than the worker's default.
+    cfg.drift_rule.jobs = edgefleet_fleet_server::RequestJobs::Create;
+    cfg.drift_rule.job_template = serde_json::from_value(json!({
+        "min_labelled": closed_loop::JOB_MIN_LABELLED,
+        "gate": {"max_regression": closed_loop::MAX_REGRESSION},
+        "params": {"epochs": 15, "lr": 3e-3},
+    }))?;
+    cfg.drift_rule.check_job_template()?;
     Ok(cfg)
 }
 
@@ -1315,6 +1394,58 @@ fn summarise(
             "timed_out": captured.timed_out,
         },
     }))
+}
+
+const LOOP_TITLE: &str = "the closed loop: train two models here, shift one cohort, retrain and promote with nobody at the keyboard";
+
+/// The loop's part of the summary: accuracy before / after, the job and its lineage.
+fn print_loop(v: &Value) {
+    println!();
+    println!("closed loop (step 10):");
+    for m in v["trained"].as_array().into_iter().flatten() {
+        println!(
+            "  trained {} -> {}  test {}",
+            m["model"], m["run"], m["test"]
+        );
+    }
+    let a = &v["accuracy"];
+    for g in ["site-a", "site-b", "text-lines"] {
+        println!(
+            "  {g:<10} online accuracy before {:.3}  after {:.3}",
+            a["before"][g]["accuracy"].as_f64().unwrap_or(0.0),
+            a["after"][g]["accuracy"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "  site-a right after its shift: {:.3}; releases answering since the promotion: {}",
+        a["after_shift"]["accuracy"].as_f64().unwrap_or(0.0),
+        v["releases_after"]
+    );
+    let j = &v["job"];
+    println!("  job {} ({}): {}", j["id"], j["spec"]["group"], j["state"]);
+    let l = &j["lineage"];
+    println!(
+        "    dataset {} (sha256 {}), run {}, bundles {}, experiments {}",
+        l["dataset"], l["dataset_sha256"], l["run"]["run_id"], l["bundles"], l["experiments"]
+    );
+    if let Some(g) = j["gate"].as_object() {
+        println!("    gate {}", Value::Object(g.clone()));
+    }
+    let b = &v["bad_job"];
+    println!(
+        "  corrupted-label job {} ({}): {}{}",
+        b["id"],
+        b["spec"]["group"],
+        b["state"],
+        b["error"]
+            .as_str()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    );
+    match closed_loop::verdict(v) {
+        Ok(()) => println!("  loop verdict: ok"),
+        Err(e) => println!("  loop verdict: FAILED: {e}"),
+    }
 }
 
 fn print_summary(s: &Value) {

@@ -83,6 +83,10 @@ pub struct Args {
     /// closed loop, docs/loop.md); `off` leaves it to an operator.
     #[arg(long, default_value = "off", value_parser = ["off", "create"])]
     pub retrain_jobs: String,
+    /// JSON file with the other fields of the jobs the drift rule opens (a `POST /v1/jobs`
+    /// body without group, model and request: `gate`, `replay_fraction`, `params`, ...).
+    #[arg(long, value_name = "FILE", requires = "retrain_jobs")]
+    pub retrain_job_template: Option<std::path::PathBuf>,
     /// Disk space capture batches may take on the server (bytes: stored
     /// batches plus uploads in progress); a new upload past it is rejected.
     #[arg(long, default_value_t = edgefleet_fleet_server::config::DEFAULT_CAPTURE_MAX_BYTES)]
@@ -124,6 +128,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         edgefleet_fleet_server::RequestJobs::Off
     };
+    if let Some(f) = &a.retrain_job_template {
+        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        c.drift_rule.job_template = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a JSON object", f.display()))?;
+        c.drift_rule
+            .check_job_template()
+            .with_context(|| f.display().to_string())?;
+    }
     c.capture_max_bytes = a.capture_max_bytes;
     edgefleet_fleet_server::serve_blocking(c)?;
     Ok(())

@@ -369,7 +369,8 @@ fn stages(
     }
     hb.set_stage(WorkerStage::Compiling, "compiling");
     drop_if_lost(hb)?;
-    let compiled = compile_all(a, client, &c.job, &trained, &ws.bundles)?;
+    let calibration = write_calibration(&ws.dataset, &ws.bundles.join("calibration"))?;
+    let compiled = compile_all(a, client, &c.job, &trained, calibration, &ws.bundles)?;
     done.bundles = compiled.bundles;
     done.compile_reports = compiled.reports;
     Ok(done)
@@ -587,12 +588,60 @@ fn input_shapes(
     Ok(m)
 }
 
+/// Most calibration cases taken from a job's dataset.
+const MAX_CALIBRATION_CASES: usize = 256;
+/// Fewest captured cases worth calibrating on (below: generated inputs).
+const MIN_CALIBRATION_CASES: usize = 32;
+
+/// Writes the inputs of the job's captured samples (the cohort's field
+/// data) as the compiler's calibration set (`<case>.f32`, raw little-endian
+/// f32, in capture order, at most [`MAX_CALIBRATION_CASES`]), so the
+/// candidate's quantization and its drift reference describe the data the
+/// cohort sees now: a reference from generated inputs would make the
+/// promoted release alarm on the very data it was trained for. `None` (the
+/// compiler generates inputs) when samples have several inputs or fewer
+/// than [`MIN_CALIBRATION_CASES`] were captured.
+///
+/// # Errors
+/// A batch that cannot be read or decoded; a file that cannot be written.
+fn write_calibration(dataset: &Path, out: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let meta: Value = serde_json::from_slice(
+        &std::fs::read(dataset.join("dataset.json")).context("dataset.json")?,
+    )?;
+    let mut cases: Vec<Vec<f32>> = Vec::new();
+    for b in meta["batches"].as_array().into_iter().flatten() {
+        let cid = b["capture_id"].as_str().unwrap_or_default();
+        let path = dataset.join(format!("{cid}.bin"));
+        let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
+        let batch = edgefleet_agent::capture::decode_batch(&bytes)
+            .map_err(|e| anyhow!("batch {}: {e}", path.display()))?;
+        for s in batch.samples {
+            let [t] = s.inputs.as_slice() else {
+                return Ok(None);
+            };
+            if let edgefleet_bundle::payload::TensorData::F32(v) = &t.data {
+                cases.push(v.clone());
+            }
+        }
+    }
+    if cases.len() < MIN_CALIBRATION_CASES {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    for (i, c) in cases.iter().take(MAX_CALIBRATION_CASES).enumerate() {
+        let bytes: Vec<u8> = c.iter().flat_map(|x| x.to_le_bytes()).collect();
+        edgefleet_bundle::write_atomic(&out.join(format!("{i:05}.f32")), &bytes)?;
+    }
+    Ok(Some(out.to_path_buf()))
+}
+
 /// Compiles, signs and uploads one bundle per target.
 fn compile_all(
     a: &Args,
     client: &Client,
     job: &Job,
     t: &Trained,
+    calibration: Option<PathBuf>,
     out: &Path,
 ) -> anyhow::Result<Compiled> {
     let key = edgefleet_bundle::SigningKey::from_pkcs8_pem_file(&a.key)?;
@@ -614,6 +663,7 @@ fn compile_all(
         let mut opts = edgefleet_compiler::CompileOptions::new(&named, version.clone(), release);
         opts.name = Some(job.spec.model.clone());
         opts.inputs = input_shapes(&a.inputs)?;
+        opts.calibration = calibration.clone();
         opts.progress = false;
         let built = edgefleet_compiler::compile(&opts, &target, &key, &dir)
             .with_context(|| format!("compiling for {}", file.display()))?;

@@ -95,6 +95,20 @@ pub struct CreateJob {
     /// Training parameters handed to the worker as they are (a JSON object).
     #[serde(default)]
     pub params: serde_json::Map<String, Value>,
+    /// `collecting` waits until the group's capture batches of the model
+    /// hold this many labelled samples (devices capture after their alarm
+    /// and upload in chunks, so a job opened with its request would
+    /// otherwise cut an empty dataset). Default 0: cut at once.
+    #[serde(default)]
+    pub min_labelled: u64,
+    /// How long `collecting` waits for `min_labelled` (s); then it cuts
+    /// what there is (`no_data` when there is nothing). Default 3600.
+    #[serde(default = "default_collect_timeout")]
+    pub collect_timeout_s: u64,
+}
+
+fn default_collect_timeout() -> u64 {
+    3600
 }
 
 fn default_replay() -> f64 {
@@ -488,6 +502,13 @@ fn collect_one(state: &State, j: &mut Job) -> Result<()> {
         group: j.spec.group.clone(),
         model: j.spec.model.clone(),
     };
+    let waited_ms = now.saturating_sub(j.created_ms);
+    if j.spec.min_labelled > 0
+        && waited_ms < j.spec.collect_timeout_s.saturating_mul(1000)
+        && datasets::labelled_available(state, &req)? < j.spec.min_labelled
+    {
+        return Ok(());
+    }
     match datasets::create(state, &req) {
         Ok((d, _)) => {
             let note = format!(
