@@ -599,12 +599,33 @@ const MIN_CALIBRATION_CASES: usize = 32;
 /// candidate's quantization and its drift reference describe the data the
 /// cohort sees now: a reference from generated inputs would make the
 /// promoted release alarm on the very data it was trained for. `None` (the
-/// compiler generates inputs) when samples have several inputs or fewer
-/// than [`MIN_CALIBRATION_CASES`] were captured.
+/// compiler generates inputs) when samples have several inputs, fewer
+/// than [`MIN_CALIBRATION_CASES`] were captured, or a batch is not in the
+/// agent's capture format (the training command's contract does not need
+/// it to be; the reason is printed).
 ///
 /// # Errors
-/// A batch that cannot be read or decoded; a file that cannot be written.
+/// A calibration file that cannot be written.
 fn write_calibration(dataset: &Path, out: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let cases = match captured_inputs(dataset) {
+        Ok(Some(c)) if c.len() >= MIN_CALIBRATION_CASES => c,
+        Ok(_) => return Ok(None),
+        Err(e) => {
+            eprintln!("calibrating on generated inputs: the dataset's inputs are unusable: {e:#}");
+            return Ok(None);
+        }
+    };
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    for (i, c) in cases.iter().take(MAX_CALIBRATION_CASES).enumerate() {
+        let bytes: Vec<u8> = c.iter().flat_map(|x| x.to_le_bytes()).collect();
+        edgefleet_bundle::write_atomic(&out.join(format!("{i:05}.f32")), &bytes)?;
+    }
+    Ok(Some(out.to_path_buf()))
+}
+
+/// The f32 input of every captured sample, in capture order; `None` when a
+/// sample has several inputs.
+fn captured_inputs(dataset: &Path) -> anyhow::Result<Option<Vec<Vec<f32>>>> {
     let meta: Value = serde_json::from_slice(
         &std::fs::read(dataset.join("dataset.json")).context("dataset.json")?,
     )?;
@@ -624,15 +645,7 @@ fn write_calibration(dataset: &Path, out: &Path) -> anyhow::Result<Option<PathBu
             }
         }
     }
-    if cases.len() < MIN_CALIBRATION_CASES {
-        return Ok(None);
-    }
-    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
-    for (i, c) in cases.iter().take(MAX_CALIBRATION_CASES).enumerate() {
-        let bytes: Vec<u8> = c.iter().flat_map(|x| x.to_le_bytes()).collect();
-        edgefleet_bundle::write_atomic(&out.join(format!("{i:05}.f32")), &bytes)?;
-    }
-    Ok(Some(out.to_path_buf()))
+    Ok(Some(cases))
 }
 
 /// Compiles, signs and uploads one bundle per target.

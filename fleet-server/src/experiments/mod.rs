@@ -163,6 +163,14 @@ pub struct CreateExperiment {
     /// The retraining job this experiment judges, if any.
     #[serde(default)]
     pub job: Option<String>,
+    /// Trial policy of the candidate's rollout to the B devices (a serving
+    /// candidate only; unknown fields refused); default the rollout default.
+    #[serde(
+        default,
+        deserialize_with = "crate::rollout::plan::strict_trial_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub trial: Option<edgefleet_protocol::messages::TrialPolicy>,
     /// Serve (default: an A/B test) or shadow (the candidate runs beside
     /// the control on the B devices, its answers discarded; [`shadow`]).
     #[serde(default)]

@@ -59,6 +59,16 @@ const ROLLOUT_GRACE_S: u64 = 300;
 /// [`Error::BadRequest`] naming `metric`, `guardrails`, `allocation`,
 /// `shadow_window_s` or `min_agreement`.
 pub(crate) fn check(s: &CreateExperiment) -> Result<()> {
+    if let Some(t) = &s.trial {
+        t.validate()
+            .map_err(|e| Error::bad("trial", e.to_string()))?;
+    }
+    if s.candidate_mode == CandidateMode::Shadow && s.trial.is_some() {
+        return Err(Error::bad(
+            "trial",
+            "a shadow arm's trial is set by the experiment (shadow_window_s)",
+        ));
+    }
     if s.candidate_mode == CandidateMode::Serve {
         if s.min_agreement.is_some() {
             return Err(Error::bad(
@@ -125,6 +135,9 @@ pub(crate) fn rollout_body(e: &Experiment, tag: &str) -> serde_json::Value {
         "selector": {"group": e.spec.group, "tag": tag, "target": e.spec.target},
         "waves": ["100%"],
     });
+    if let (CandidateMode::Serve, Some(t)) = (e.spec.candidate_mode, &e.spec.trial) {
+        body["trial"] = serde_json::to_value(t).unwrap_or_default();
+    }
     if e.spec.candidate_mode == CandidateMode::Shadow {
         let w = e.spec.shadow_window_s;
         body["trial"] = serde_json::json!({

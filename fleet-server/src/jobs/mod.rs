@@ -95,6 +95,14 @@ pub struct CreateJob {
     /// Training parameters handed to the worker as they are (a JSON object).
     #[serde(default)]
     pub params: serde_json::Map<String, Value>,
+    /// Trial policy of the canary (the experiment's candidate rollout);
+    /// default the rollout default. Unknown fields refused.
+    #[serde(
+        default,
+        deserialize_with = "crate::rollout::plan::strict_trial_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub trial: Option<edgefleet_protocol::messages::TrialPolicy>,
     /// `collecting` waits until the group's capture batches of the model
     /// hold this many labelled samples (devices capture after their alarm
     /// and upload in chunks, so a job opened with its request would
@@ -881,6 +889,7 @@ async fn start_canary(state: &Arc<State>, j: &mut Job) -> Result<Option<(Event, 
             let spec = crate::experiments::CreateExperiment {
                 target: Some(target.clone()),
                 job: Some(j.id.clone()),
+                trial: j.spec.trial.clone(),
                 ..serde_json::from_value(serde_json::json!({
                     "group": j.spec.group,
                     "control": control,

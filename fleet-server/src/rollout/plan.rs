@@ -163,6 +163,16 @@ fn strict_trial<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TrialPolicy, D
     })
 }
 
+/// [`strict_trial`] for an optional field (`None` when absent).
+///
+/// # Errors
+/// An unknown field or a value of the wrong type.
+pub(crate) fn strict_trial_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<TrialPolicy>, D::Error> {
+    strict_trial(d).map(Some)
+}
+
 fn default_waves() -> Vec<String> {
     vec!["1".into(), "5%".into(), "25%".into(), "100%".into()]
 }
