@@ -264,19 +264,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         t0,
         "starting the fleet server (embedded rumqttd + sled, REST API)",
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let server = rt.block_on(edgefleet_fleet_server::Server::start(server_config(
-        &dir,
-        &pub_pem,
-        args.listen,
-    )?))?;
-    let api = Api {
-        base: format!("http://{}", server.api_addr()),
-        http: reqwest::blocking::Client::new(),
-    };
+    let (rt, server, api) = start_server(&dir, &pub_pem, args.listen)?;
     let broker = format!("mqtt://127.0.0.1:{}", server.broker_port());
     println!(
         "      API http://{}  (token {TOKEN})  broker {broker}",
@@ -396,25 +384,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The fleet server on its own runtime, and an API client for it.
+fn start_server(
+    dir: &Path,
+    pub_pem: &Path,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<(tokio::runtime::Runtime, edgefleet_fleet_server::Server, Api)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(edgefleet_fleet_server::Server::start(server_config(
+        dir, pub_pem, listen,
+    )?))?;
+    let api = Api {
+        base: format!("http://{}", server.api_addr()),
+        http: reqwest::blocking::Client::new(),
+    };
+    Ok((rt, server, api))
+}
+
 /// `--loop-only`: a server and the closed loop's own fleet, nothing else.
 fn run_loop_only(args: &Args, dir: &Path, t0: Instant) -> anyhow::Result<()> {
     let key = SigningKey::generate();
     let pub_pem = dir.join("keys/release.pub.pem");
     std::fs::create_dir_all(dir.join("keys"))?;
     key.write_pem_files(&dir.join("keys/release.pem"), &pub_pem)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let server = rt.block_on(edgefleet_fleet_server::Server::start(server_config(
-        dir,
-        &pub_pem,
-        args.listen,
-    )?))?;
-    let api = Api {
-        base: format!("http://{}", server.api_addr()),
-        http: reqwest::blocking::Client::new(),
-    };
+    let (rt, server, api) = start_server(dir, &pub_pem, args.listen)?;
     let loop_ctx = closed_loop::LoopCtx {
         dir,
         exe: &std::env::current_exe()?,
@@ -970,7 +966,12 @@ impl Drop for Fleet<'_> {
 }
 
 fn stop(d: &mut Device) {
-    if let Some(mut c) = d.child.take() {
+    stop_child(&mut d.child);
+}
+
+/// Stops an agent process: SIGTERM, then SIGKILL after 10 s.
+fn stop_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(c.id().to_string())
@@ -988,22 +989,26 @@ fn stop(d: &mut Device) {
 }
 
 fn spawn(exe: &Path, d: &mut Device) -> anyhow::Result<()> {
+    d.child = Some(spawn_agent(exe, &d.dir, &d.id)?);
+    Ok(())
+}
+
+/// Starts `edgefleet agent` on `dir/agent.toml`, logging to `dir/agent.log`.
+fn spawn_agent(exe: &Path, dir: &Path, id: &str) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(d.dir.join("agent.log"))?;
-    let child = Command::new(exe)
+        .open(dir.join("agent.log"))?;
+    Command::new(exe)
         .arg("agent")
         .arg("--config")
-        .arg(d.dir.join("agent.toml"))
+        .arg(dir.join("agent.toml"))
         .env("EDGEFLEET_LOG", "info,rumqttc=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .with_context(|| format!("starting agent {}", d.id))?;
-    d.child = Some(child);
-    Ok(())
+        .with_context(|| format!("starting agent {id}"))
 }
 
 /// Devices per group for `--agents n`: half the fleet runs VAD, a third OCR

@@ -141,21 +141,7 @@ impl Drop for Processes {
             let _ = w.wait();
         }
         for d in &mut self.devices {
-            if let Some(mut c) = d.child.take() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(c.id().to_string())
-                    .status();
-                let t = Instant::now();
-                while t.elapsed() < Duration::from_secs(10) {
-                    if let Ok(Some(_)) = c.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            super::stop_child(&mut d.child);
         }
     }
 }
@@ -432,22 +418,7 @@ batch_age_s = 5
             port = d.api_port,
         );
         edgefleet_bundle::write_atomic(&d.dir.join("agent.toml"), text.as_bytes())?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(d.dir.join("agent.log"))?;
-        d.child = Some(
-            Command::new(ctx.exe)
-                .arg("agent")
-                .arg("--config")
-                .arg(d.dir.join("agent.toml"))
-                .env("EDGEFLEET_LOG", "info,rumqttc=warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting agent {}", d.id))?,
-        );
+        d.child = Some(super::spawn_agent(ctx.exe, &d.dir, &d.id)?);
     }
     let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
     wait_for(
