@@ -62,7 +62,7 @@ pub(super) const JOB_MIN_LABELLED: u64 = 1200;
 /// asks each of the 3 devices for 200).
 const BAD_JOB_MIN_LABELLED: u64 = 400;
 /// The job gate's stated margin on the previous test set (speech F1).
-pub(super) const MAX_REGRESSION: f64 = 0.08;
+pub(super) const MAX_REGRESSION: f64 = 0.15;
 /// Seconds of traffic each accuracy measurement covers.
 const MEASURE_S: u64 = 30;
 
