@@ -331,6 +331,15 @@ pub fn report_txt(r: &Report) -> String {
     if let Some(n) = &d.note {
         let _ = writeln!(s, "drift note        {n}");
     }
+    let q = &r.search;
+    let _ = writeln!(
+        s,
+        "search            {} model runs in {} builds, {:.1} s (budget {} runs, {:.0} s); sensitivity {}",
+        q.model_runs, q.builds, q.seconds, q.budget_model_runs, q.budget_seconds, q.sensitivity
+    );
+    if let Some(x) = &q.exhausted {
+        let _ = writeln!(s, "search note       {x}");
+    }
     let _ = writeln!(
         s,
         "gate              max_abs_error <= {}, mean_cosine >= {}, top1 >= {}, mask_iou >= {}, box_f1 >= {}, sequence_agreement >= {}",

@@ -43,8 +43,8 @@ pub enum Error {
         /// Missing tensor name.
         tensor: String,
     },
-    /// A weight holds NaN or infinite values.
-    #[error("{path}: initializer `{tensor}` holds {count} NaN/Inf value(s)")]
+    /// A weight that a node reads holds NaN values (infinities are valid).
+    #[error("{path}: initializer `{tensor}` holds {count} NaN value(s), read by the graph; NaN weights make NaN outputs")]
     NonFinite {
         /// The model file.
         path: PathBuf,

@@ -33,7 +33,7 @@ use serde::Serialize;
 pub use error::Error;
 use gate::Accuracy;
 use passes::PassStats;
-pub use pipeline::build;
+pub use pipeline::{build, DEFAULT_SEARCH_MODEL_RUNS, DEFAULT_SEARCH_SECONDS};
 
 /// What to compile and how; `None` fields take the target profile's policy.
 #[derive(Debug, Clone)]
@@ -70,8 +70,15 @@ pub struct CompileOptions {
     pub release: u64,
     /// Oldest agent that may install the bundle.
     pub min_agent_version: Option<semver::Version>,
-    /// Show progress bars.
+    /// Show progress bars (as lines when stderr is not a terminal).
     pub progress: bool,
+    /// `--search-runs`: the candidate search's budget in model runs (one
+    /// run = one case through one candidate); `None`: the profile's, else
+    /// [`DEFAULT_SEARCH_MODEL_RUNS`].
+    pub search_model_runs: Option<u64>,
+    /// `--search-seconds`: the candidate search's wall-clock budget, seconds;
+    /// `None`: the profile's, else [`DEFAULT_SEARCH_SECONDS`].
+    pub search_seconds: Option<f64>,
 }
 
 impl CompileOptions {
@@ -93,6 +100,8 @@ impl CompileOptions {
             release,
             min_agent_version: None,
             progress: false,
+            search_model_runs: None,
+            search_seconds: None,
         }
     }
 }
@@ -196,6 +205,30 @@ pub struct Report {
     /// How the drift reference was built: held-out cases, sample counts,
     /// features.
     pub drift_reference: DriftReferenceReport,
+    /// What the candidate search spent against its budget.
+    pub search: SearchReport,
+}
+
+/// The candidate search's spending (`compile_report.json`, `search`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchReport {
+    /// Model runs used (one run = one case through one candidate; the
+    /// sensitivity ranking's runs included).
+    pub model_runs: u64,
+    /// Candidate models built (sensitivity probes included).
+    pub builds: usize,
+    /// Wall-clock seconds of the search.
+    pub seconds: f64,
+    /// The budget in model runs.
+    pub budget_model_runs: u64,
+    /// The budget in seconds.
+    pub budget_seconds: f64,
+    /// How weights were ranked for the fallback: `static` (no fallback ran),
+    /// or `measured: N weights in G groups on K cases`.
+    pub sensitivity: String,
+    /// Set when the budget ran out: what ran out, and that the best passing
+    /// candidate found so far shipped.
+    pub exhausted: Option<String>,
 }
 
 /// Where the drift reference's data came from and what it holds

@@ -103,14 +103,44 @@ fn wait_idle(a: &Agent) {
     }
 }
 
+/// Offers `bundle` (release `release`) to `a` until one of `kinds` comes
+/// back: every 10 s, up to 6 tries.
+///
+/// Design: the test server publishes an offer once; an agent that has
+/// connected but whose SUBSCRIBE is not yet through (a loaded CI machine)
+/// never sees it, and a fresh-clone CI run lost exactly that offer. The real
+/// server re-sends on hello; here the offer is repeated (offers are
+/// idempotent: a repeat during the job is ignored, a repeat of the active
+/// release is answered `committed`).
+fn offer_until_answered(
+    server: &Server,
+    a: &Agent,
+    bundle: &[u8],
+    release: u64,
+    kinds: &[EventKind],
+) -> Option<edgefleet_protocol::messages::UpdateEvent> {
+    (0..6).find_map(|_| {
+        server.offer(&a.id, bundle, &a.key, trial(1, 5));
+        server.try_wait_event(&a.id, release, kinds, Duration::from_secs(10))
+    })
+}
+
 /// Starts `a`, offers release 3 and waits until it is committed and idle.
 fn commit_release_3(server: &Server, a: &mut Agent) {
+    let seen = server.hellos_from(&a.id);
     a.spawn();
     a.wait_healthy(T);
+    server.wait_hello(&a.id, seen, T);
     let traffic = Traffic::start(a.http, X);
     let b3 = testkit::bundle(Kind::Good, &a.key, MODEL, 3, TARGET, 3.0);
-    server.offer(&a.id, &b3, &a.key, trial(1, 5));
-    let e = server.wait_event(&a.id, 3, &[EventKind::Committed, EventKind::RolledBack], T);
+    let e = offer_until_answered(
+        server,
+        a,
+        &b3,
+        3,
+        &[EventKind::Committed, EventKind::RolledBack],
+    )
+    .unwrap_or_else(|| panic!("no answer to the offer of release 3\n{}", a.log()));
     assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
     drop(traffic);
     wait_idle(a);
@@ -132,8 +162,10 @@ fn slot_releases(a: &Agent) -> Vec<u64> {
 /// Starts `a` (already damaged), checks that a verified model serves and
 /// that release 2 is refused as a downgrade. `Err` says what went wrong.
 fn check_device(server: &Server, a: &mut Agent, want_serving: u64) -> Result<String, String> {
+    let seen = server.hellos_from(&a.id);
     a.spawn();
     a.wait_healthy(T);
+    server.wait_hello(&a.id, seen, T);
     wait_idle(a);
     let (rel, y) = a.infer(X)?;
     let k = rel as f32;
@@ -141,24 +173,18 @@ fn check_device(server: &Server, a: &mut Agent, want_serving: u64) -> Result<Str
         return Err(format!("serves release {rel} ({y:?}), want {want_serving}"));
     }
     let b2 = testkit::bundle(Kind::Good, &a.key, MODEL, 2, TARGET, 2.0);
-    // Design: the test server publishes the offer once; an agent that has
-    // connected but whose SUBSCRIBE is not yet through (a loaded CI machine)
-    // never sees it. The real server re-sends on hello; here the offer is
-    // repeated every 10 s (offers are idempotent) for up to 6 tries.
-    let answered = (0..6).find_map(|_| {
-        server.offer(&a.id, &b2, &a.key, trial(1, 5));
-        server.try_wait_event(
-            &a.id,
-            2,
-            &[
-                EventKind::Rejected,
-                EventKind::Committed,
-                EventKind::RolledBack,
-                EventKind::Failed,
-            ],
-            Duration::from_secs(10),
-        )
-    });
+    let answered = offer_until_answered(
+        server,
+        a,
+        &b2,
+        2,
+        &[
+            EventKind::Rejected,
+            EventKind::Committed,
+            EventKind::RolledBack,
+            EventKind::Failed,
+        ],
+    );
     let e = answered.ok_or("no answer to the offer of release 2 in 6 tries")?;
     if e.kind != EventKind::Rejected || e.reason.as_deref() != Some("downgrade") {
         return Err(format!("release 2 was not refused as a downgrade: {e:?}"));

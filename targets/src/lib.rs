@@ -226,6 +226,15 @@ pub struct Policy {
     /// Global or per-layer sparsity.
     #[serde(default)]
     pub prune_scope: PruneScope,
+    /// Budget of the compiler's candidate search in model runs (one run =
+    /// one calibration case through one candidate); `None`: the compiler's
+    /// default (`edgefleet_compiler::DEFAULT_SEARCH_MODEL_RUNS`).
+    #[serde(default)]
+    pub search_model_runs: Option<u64>,
+    /// Budget of the candidate search in wall-clock seconds; `None`: the
+    /// compiler's default (`edgefleet_compiler::DEFAULT_SEARCH_SECONDS`).
+    #[serde(default)]
+    pub search_seconds: Option<f64>,
 }
 
 /// Per-model specialisation on a target: fixed input shapes and constant inputs.

@@ -90,7 +90,8 @@ pub fn mosquitto_available() -> bool {
 pub struct Server {
     client: rumqttc::Client,
     pub events: Arc<Mutex<Vec<UpdateEvent>>>,
-    pub hellos: Arc<Mutex<Vec<String>>>,
+    /// Hellos received: the device and its update state, in arrival order.
+    pub hellos: Arc<Mutex<Vec<(DeviceId, String)>>>,
     /// Telemetry records received, in arrival order.
     pub telemetry: Arc<Mutex<Vec<edgefleet_protocol::telemetry::TelemetryRecord>>>,
     bodies: Bodies,
@@ -150,7 +151,7 @@ impl Server {
                             };
                             match up {
                                 Up::Event(e) => events.lock().unwrap().push(e),
-                                Up::Hello(h) => hellos.lock().unwrap().push(h.update_state),
+                                Up::Hello(h) => hellos.lock().unwrap().push((dev, h.update_state)),
                                 Up::Telemetry(b) => telemetry.lock().unwrap().extend(b.records),
                                 Up::ChunkRequest(r) => {
                                     let bodies = bodies.lock().unwrap();
@@ -288,6 +289,30 @@ impl Server {
                     self.events.lock().unwrap()
                 )
             })
+    }
+
+    /// How many hellos `dev` has sent so far.
+    pub fn hellos_from(&self, dev: &DeviceId) -> usize {
+        self.hellos
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(d, _)| d == dev)
+            .count()
+    }
+
+    /// Waits until `dev` has sent more than `seen` hellos. The agent sends
+    /// its hello after it asked for its subscription on the same connection,
+    /// so once the hello is here the broker routes offers to it.
+    pub fn wait_hello(&self, dev: &DeviceId, seen: usize, timeout: Duration) {
+        let t = Instant::now();
+        while self.hellos_from(dev) <= seen {
+            assert!(
+                t.elapsed() < timeout,
+                "no hello from {dev} within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn kinds(&self, dev: &DeviceId, release: u64) -> Vec<EventKind> {

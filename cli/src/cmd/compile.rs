@@ -81,9 +81,19 @@ pub struct Args {
     /// Ship the specialised ONNX even when NNEF round-trips.
     #[arg(long)]
     pub no_nnef: bool,
-    /// Hide progress bars.
+    /// Hide progress (bars on a terminal, one line per candidate otherwise).
     #[arg(long)]
     pub quiet: bool,
+    /// Budget of the candidate search in model runs (one calibration case
+    /// through one candidate; default: the profile's `policy.search_model_runs`,
+    /// else 3000). When it runs out the best passing candidate found so far
+    /// ships, and the report says so.
+    #[arg(long, value_name = "RUNS")]
+    pub search_runs: Option<u64>,
+    /// Budget of the candidate search in seconds (default: the profile's
+    /// `policy.search_seconds`, else 120).
+    #[arg(long, value_name = "SECONDS")]
+    pub search_seconds: Option<f64>,
 }
 
 fn split_kv(s: &str) -> anyhow::Result<(String, String)> {
@@ -173,6 +183,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.min_agent_version = args.min_agent_version;
     opts.try_nnef = !args.no_nnef;
     opts.progress = !args.quiet;
+    opts.search_model_runs = args.search_runs;
+    opts.search_seconds = args.search_seconds;
     let out = edgefleet_compiler::compile(&opts, &target, &key, &args.out)?;
     print!(
         "{}",

@@ -295,14 +295,38 @@ pub fn check_references(m: &pb::ModelProto, path: &Path) -> Result<(), Error> {
     walk(graph(m), &HashSet::new(), path)
 }
 
-/// Refuses float initializers holding NaN or Inf.
+/// Refuses float initializers holding NaN that a node reads.
+///
+/// Infinities are valid ONNX (the `-inf` start value of a running Max, a mask
+/// of `-inf` before a Softmax) and pass; a NaN read by a node would reach the
+/// outputs, while one in an initializer no node reads (dead) is harmless and
+/// is dropped by specialisation.
 ///
 /// # Errors
-/// [`Error::NonFinite`] naming the initializer.
+/// [`Error::NonFinite`] naming the initializer and its NaN count.
 pub fn check_finite(m: &pb::ModelProto, path: &Path) -> Result<(), Error> {
-    for t in &graph(m).initializer {
+    fn read_names<'a>(g: &'a pb::GraphProto, out: &mut HashSet<&'a str>) {
+        for n in &g.node {
+            out.extend(n.input.iter().map(String::as_str));
+            for a in &n.attribute {
+                if let Some(sg) = a.g.as_ref() {
+                    read_names(sg, out);
+                }
+                for sg in &a.graphs {
+                    read_names(sg, out);
+                }
+            }
+        }
+    }
+    let mut read = HashSet::new();
+    read_names(graph(m), &mut read);
+    for t in graph(m)
+        .initializer
+        .iter()
+        .filter(|t| read.contains(t.name.as_str()))
+    {
         if let Some(v) = tensor_f32(t, path)? {
-            let count = v.iter().filter(|x| !x.is_finite()).count();
+            let count = v.iter().filter(|x| x.is_nan()).count();
             if count > 0 {
                 return Err(Error::NonFinite {
                     path: path.to_owned(),

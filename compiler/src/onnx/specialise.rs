@@ -32,6 +32,9 @@ pub struct SpecialiseReport {
     pub dead_nodes_removed: usize,
     /// Metadata entries and doc strings dropped.
     pub metadata_dropped: usize,
+    /// Initializers that were also listed as graph inputs (IR version < 4
+    /// lists every weight there) and are now constants only.
+    pub initializer_inputs_removed: usize,
 }
 
 /// Specialises `m` in place.
@@ -53,6 +56,7 @@ pub fn specialise(
 ) -> Result<SpecialiseReport, Error> {
     let mut rep = SpecialiseReport {
         metadata_dropped: strip_metadata(m),
+        initializer_inputs_removed: initializers_not_inputs(graph_mut(m)),
         ..Default::default()
     };
     fold_consts(m, path, consts, strict_names, &mut rep)?;
@@ -88,6 +92,21 @@ pub fn specialise(
     rep.dead_nodes_removed = remove_dead(graph_mut(m));
     check_ops(m, path)?;
     Ok(rep)
+}
+
+/// Removes graph inputs that name an initializer; returns how many.
+///
+/// Design: models of IR version < 4 must list every initializer as a graph
+/// input too (ONNX IR spec, "Graphs": since IR 4 an initializer need not be an
+/// input). For the runtime such an input is a weight with a default, and once
+/// the weight is stored int8 (renamed behind a `DequantizeLinear`) tract would
+/// expect it at run time. On a device the weights are fixed: they become
+/// constants only.
+fn initializers_not_inputs(g: &mut pb::GraphProto) -> usize {
+    let inits: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+    let before = g.input.len();
+    g.input.retain(|i| !inits.contains(&i.name));
+    before - g.input.len()
 }
 
 /// Drops doc strings, metadata_props and value_info (tract re-infers shapes;

@@ -8,8 +8,8 @@ mod structured;
 
 pub use fold_bn::FoldBatchNorm;
 pub use prune::MagnitudePrune;
-pub(crate) use quantize::narrowed_labels;
 pub use quantize::{int8_sensitivity, F16Weights, Int8Weights, Restore};
+pub(crate) use quantize::{narrowed_labels, MIN_ELEMS};
 pub use structured::{PrunedPair, StructuredPrune};
 
 use std::path::Path;
@@ -147,7 +147,22 @@ pub(crate) fn weights(m: &pb::ModelProto, min_elems: usize, through_layout: bool
             });
         }
     }
+    // Design: infinities are valid ONNX weights (issue #18), but no int8 or
+    // f16 encoding keeps them next to finite values (the scale would be
+    // infinite); such a weight stays f32.
+    out.retain(|w| inits.get(w.name.as_str()).is_some_and(|t| all_finite(t)));
     out
+}
+
+/// Whether every value of a float initializer is finite (raw or typed data).
+fn all_finite(t: &pb::TensorProto) -> bool {
+    if !t.raw_data.is_empty() {
+        return t
+            .raw_data
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite());
+    }
+    t.float_data.iter().all(|x| x.is_finite())
 }
 
 /// Refuses the pattern tract computes wrongly (all 1.0): Softmax -> QuantizeLinear -> DequantizeLinear.
@@ -174,4 +189,36 @@ pub fn check_no_softmax_qdq(m: &pb::ModelProto) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::f32_tensor;
+
+    #[test]
+    fn weights_with_an_infinity_stay_f32() {
+        let mm = |name: &str, w: &str| pb::NodeProto {
+            input: vec!["x".into(), w.into()],
+            output: vec![name.into()],
+            name: name.into(),
+            op_type: "MatMul".into(),
+            ..Default::default()
+        };
+        let mut v = vec![0.5f32; 64 * 64];
+        v[9] = f32::NEG_INFINITY;
+        let m = pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: vec![mm("a", "W"), mm("b", "V")],
+                initializer: vec![
+                    f32_tensor("W", &[64, 64], &[0.25; 64 * 64]),
+                    f32_tensor("V", &[64, 64], &v),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let names: Vec<String> = weights(&m, 128, true).into_iter().map(|w| w.name).collect();
+        assert_eq!(names, ["W"]);
+    }
 }

@@ -15,6 +15,8 @@ mod payload;
 mod reference;
 mod search;
 
+pub use search::{DEFAULT_SEARCH_MODEL_RUNS, DEFAULT_SEARCH_SECONDS};
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Instant;

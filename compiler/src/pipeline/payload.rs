@@ -76,6 +76,7 @@ pub(super) fn emit(
         gate: target.gate,
         judged: judging.judged,
         drift_reference: drift_report,
+        search: searched.report,
     };
     let json = |v: &dyn erased::Json| v.to_vec();
     let files = vec![

@@ -3,9 +3,18 @@
 //! int8 candidate is narrowed (fewer levels, globally then per weight), a failing one
 //! falls back to restoring its most sensitive weights. The smallest passing candidate
 //! (compressed) wins; `auto` never ships one slower than fp32.
+//!
+//! Bounded (issue #18): every candidate after each mode's first is paid from
+//! a [`Budget`] of model runs and wall time; when it runs out the best passing
+//! candidate found so far ships and the report says so. The fallback's
+//! sensitivity ranking costs at most [`SENSITIVITY_GROUPS`] builds on
+//! [`SENSITIVITY_CASES`] cases, whatever the number of weights.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal as _;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use edgefleet_targets::{Precision, PruneScope, Quantize, TargetProfile};
 
@@ -16,7 +25,26 @@ use crate::gate::{self, Accuracy};
 use crate::onnx::{self, pb};
 use crate::passes::{self, Pass, PassStats};
 use crate::runtime::{Outputs, Runner};
-use crate::{zstd_len, Candidate, CompileOptions, Error, Storage};
+use crate::{zstd_len, Candidate, CompileOptions, Error, SearchReport, Storage};
+
+/// Default budget of the candidate search in model runs (one run = one case
+/// through one candidate): about 90 candidates of 32 audio windows, 750 of 4
+/// images; the wall-clock budget binds first for large models.
+pub const DEFAULT_SEARCH_MODEL_RUNS: u64 = 3_000;
+
+/// Default wall-clock budget of the candidate search, seconds: with loading,
+/// the reference and emission a default compile stays within 3 minutes on a
+/// 2-core x86 machine (issue #18's bound).
+pub const DEFAULT_SEARCH_SECONDS: f64 = 120.0;
+
+/// The fallback ranks weights by measured sensitivity on at most this many of
+/// the reference's cases (a prefix: recurrent state stays threaded).
+const SENSITIVITY_CASES: usize = 4;
+
+/// The fallback measures at most this many groups of weights (contiguous in
+/// graph order, so each group is a band of depth); a model with fewer weights
+/// is measured weight by weight.
+const SENSITIVITY_GROUPS: usize = 16;
 
 /// Per-weight narrowing runs only for models with at most this many int8 weights
 /// (Silero: 6-8; ppocr cls: 49 and PP-OCRv4 rec: 40 skip it), bounding it to
@@ -85,6 +113,77 @@ impl Policy {
     }
 }
 
+/// What the search may spend, and what it has spent.
+struct Budget {
+    max_runs: u64,
+    max_time: Duration,
+    started: Instant,
+    runs: Cell<u64>,
+    builds: Cell<usize>,
+    /// What ran out, once something did.
+    exhausted: Option<String>,
+}
+
+impl Budget {
+    /// The flags over the profile over the defaults.
+    fn new(opts: &CompileOptions, target: &TargetProfile) -> Self {
+        let seconds = opts
+            .search_seconds
+            .or(target.policy.search_seconds)
+            .unwrap_or(DEFAULT_SEARCH_SECONDS);
+        Self {
+            max_runs: opts
+                .search_model_runs
+                .or(target.policy.search_model_runs)
+                .unwrap_or(DEFAULT_SEARCH_MODEL_RUNS),
+            max_time: Duration::from_secs_f64(seconds.max(0.0)),
+            started: Instant::now(),
+            runs: Cell::new(0),
+            builds: Cell::new(0),
+            exhausted: None,
+        }
+    }
+
+    /// Records one build that ran `runs` cases.
+    fn spend(&self, runs: usize) {
+        self.runs.set(self.runs.get() + runs as u64);
+        self.builds.set(self.builds.get() + 1);
+    }
+
+    /// Whether one more candidate may be built; the first `false` records
+    /// what ran out.
+    fn allows_more(&mut self) -> bool {
+        if self.exhausted.is_some() {
+            return false;
+        }
+        let (runs, t) = (self.runs.get(), self.started.elapsed());
+        if runs >= self.max_runs {
+            self.exhausted = Some(format!("{runs} of {} model runs used", self.max_runs));
+        } else if t >= self.max_time {
+            self.exhausted = Some(format!(
+                "{:.1} s of {:.1} s used",
+                t.as_secs_f64(),
+                self.max_time.as_secs_f64()
+            ));
+        }
+        self.exhausted.is_none()
+    }
+
+    fn report(&self, sensitivity: String) -> SearchReport {
+        SearchReport {
+            model_runs: self.runs.get(),
+            builds: self.builds.get(),
+            seconds: self.started.elapsed().as_secs_f64(),
+            budget_model_runs: self.max_runs,
+            budget_seconds: self.max_time.as_secs_f64(),
+            sensitivity,
+            exhausted: self.exhausted.as_ref().map(|what| {
+                format!("search budget ran out ({what}): shipped the best passing candidate found so far")
+            }),
+        }
+    }
+}
+
 /// Stage 5's hand-off.
 pub(crate) struct Searched {
     /// Every candidate tried, in order (the report's `candidates`).
@@ -97,6 +196,8 @@ pub(crate) struct Searched {
     pub outputs: Vec<Outputs>,
     /// Reference median latency, ms.
     pub reference_ms: f64,
+    /// What the search spent against its budget.
+    pub report: SearchReport,
 }
 
 /// Runs stage 5.
@@ -129,11 +230,17 @@ pub(super) fn run(
         // tie-break order and the per-weight narrowing order, computed once.
         by_error: passes::int8_sensitivity(&spec.model, &spec.source.path)?,
         pb,
+        lines: opts.progress && !std::io::stderr().is_terminal(),
+        name: spec.source.name.clone(),
+        budget: Budget::new(opts, target),
+        sensitivity: "static".into(),
         candidates: Vec::new(),
         built: Vec::new(),
     };
     for &mode in &policy.modes {
-        if search.evaluate(mode, Storage::int8())? {
+        // Each mode's first candidate is built whatever the budget: `auto`
+        // always has its fp32 candidate to fall back on.
+        if search.evaluate_unbudgeted(mode, Storage::int8())? {
             search.narrow(mode)?;
         } else if matches!(mode, Quantize::Int8Weights | Quantize::F16) {
             search.fallback(mode)?;
@@ -169,6 +276,13 @@ struct Search<'a> {
     target: &'a TargetProfile,
     by_error: Vec<(String, f64)>,
     pb: indicatif::ProgressBar,
+    /// Progress as one line per candidate (stderr is not a terminal).
+    lines: bool,
+    /// Model name, for the progress lines.
+    name: String,
+    budget: Budget,
+    /// How the fallback ranked weights (the report's `search.sensitivity`).
+    sensitivity: String,
     /// Parallel to `built`.
     candidates: Vec<Candidate>,
     built: Vec<Built>,
@@ -181,6 +295,13 @@ impl Search<'_> {
     /// Builds one candidate (passes on a clone of the specialised model) and runs it
     /// on the reference's cases.
     fn build(&self, mode: Quantize, st: &Storage) -> Result<Run, Error> {
+        self.build_on(mode, st, self.reference.cases.len())
+    }
+
+    /// [`Search::build`] on the first `cases` of the reference's cases (a
+    /// prefix: recurrent state stays threaded), gated against the same prefix.
+    fn build_on(&self, mode: Quantize, st: &Storage, cases: usize) -> Result<Run, Error> {
+        let cases = cases.min(self.reference.cases.len());
         let mut cm = self.model.clone();
         let mut stats = Vec::new();
         for p in self.passes(mode, st) {
@@ -189,9 +310,10 @@ impl Search<'_> {
         passes::check_no_softmax_qdq(&cm)?;
         let bytes = onnx::encode(&cm);
         let runner = Runner::onnx(&bytes, &format!("{} ({mode})", self.path.display()))?;
-        let outputs = run_cases(&runner, &self.reference.cases, &self.pb)?;
+        let outputs = run_cases(&runner, &self.reference.cases[..cases], &self.pb)?;
+        self.budget.spend(cases);
         let accuracy = gate::measure(
-            &self.reference.outputs,
+            &self.reference.outputs[..cases],
             &outputs,
             self.judging.judged,
             &self.judging.gated,
@@ -257,15 +379,26 @@ impl Search<'_> {
         s + &st.narrowed_weights()
     }
 
-    /// Builds, runs and gates one candidate and records it. Returns whether it passed.
-    /// A candidate outside the gate never ships: its latency is not measured (NaN).
+    /// Builds, runs and gates one candidate and records it, paid from the
+    /// budget. Returns whether it passed; `false` without building when the
+    /// budget has run out.
     fn evaluate(&mut self, mode: Quantize, st: Storage) -> Result<bool, Error> {
+        if !self.budget.allows_more() {
+            return Ok(false);
+        }
+        self.evaluate_unbudgeted(mode, st)
+    }
+
+    /// [`Search::evaluate`] whatever the budget (each mode's first candidate).
+    /// A candidate outside the gate never ships: its latency is not measured (NaN).
+    fn evaluate_unbudgeted(&mut self, mode: Quantize, st: Storage) -> Result<bool, Error> {
+        let description = self.describe(mode, &st);
         let run = self.build(mode, &st)?;
         let verdict = gate::check(
             &run.accuracy,
             &self.target.gate,
             &self.target.id,
-            &self.describe(mode, &st),
+            &description,
         );
         let pass = verdict.is_ok();
         let latency_ms = if pass {
@@ -290,6 +423,17 @@ impl Search<'_> {
             storage: st,
             passes: run.stats,
         });
+        if self.lines {
+            eprintln!(
+                "{}: candidate {} {description}: {} ({} B zstd; {} model runs, {:.1} s)",
+                self.name,
+                self.candidates.len(),
+                if pass { "pass" } else { "fail" },
+                zstd_len(&run.bytes),
+                self.budget.runs.get(),
+                self.budget.started.elapsed().as_secs_f64(),
+            );
+        }
         self.built.push(Built {
             bytes: run.bytes,
             outputs: run.outputs,
@@ -394,15 +538,7 @@ impl Search<'_> {
     /// if every level fails (e.g. pruning broke the model) the first failure is
     /// reported.
     fn fallback(&mut self, mode: Quantize) -> Result<(), Error> {
-        self.pb
-            .inc_length((self.by_error.len() * self.reference.cases.len()) as u64);
-        let ranking = measured_sensitivity(self.by_error.clone(), |keep| {
-            let st = Storage {
-                restored: keep.clone(),
-                ..Storage::int8()
-            };
-            self.build(mode, &st).map(|r| r.accuracy)
-        })?;
+        let ranking = self.ranked_by_sensitivity(mode)?;
         let storage = |k: usize, restored_as: passes::Restore| Storage {
             restored: ranking.iter().take(k).map(|r| r.0.clone()).collect(),
             restored_as,
@@ -437,6 +573,43 @@ impl Search<'_> {
             return self.narrow(mode);
         }
         Ok(())
+    }
+
+    /// The weights, most sensitive first, measured in at most
+    /// [`SENSITIVITY_GROUPS`] groups (contiguous in graph order) on at most
+    /// [`SENSITIVITY_CASES`] cases: cost bounded whatever the weight count.
+    /// Groups the budget leaves unmeasured rank last, in static order.
+    fn ranked_by_sensitivity(&mut self, mode: Quantize) -> Result<Vec<(String, f64)>, Error> {
+        let ranked: BTreeSet<&str> = self.by_error.iter().map(|r| r.0.as_str()).collect();
+        let order: Vec<String> = passes::weights(self.model, passes::MIN_ELEMS, true)
+            .into_iter()
+            .map(|w| w.name)
+            .filter(|w| ranked.contains(w.as_str()))
+            .collect();
+        let groups = contiguous_groups(&order, SENSITIVITY_GROUPS);
+        let cases = SENSITIVITY_CASES.min(self.reference.cases.len());
+        self.pb.inc_length((groups.len() * cases) as u64);
+        self.sensitivity = format!(
+            "measured: {} weights in {} groups on {cases} cases",
+            order.len(),
+            groups.len()
+        );
+        let mut measured = Vec::with_capacity(groups.len());
+        for g in &groups {
+            if !self.budget.allows_more() {
+                break;
+            }
+            let keep: BTreeSet<String> = order.iter().filter(|w| !g.contains(w)).cloned().collect();
+            let st = Storage {
+                restored: keep,
+                ..Storage::int8()
+            };
+            measured.push(self.build_on(mode, &st, cases)?.accuracy);
+        }
+        if self.lines {
+            eprintln!("{}: {}", self.name, self.sensitivity);
+        }
+        Ok(rank_groups(&self.by_error, &groups, &measured))
     }
 
     /// The smallest number of restored weights (of `n`, most sensitive first) whose
@@ -488,8 +661,15 @@ impl Search<'_> {
                     || self.candidates[i].latency_ms <= reference_ms * 1.10 + 0.05
             })
             .min_by_key(|&i| self.candidates[i].onnx_zstd_bytes);
+        let report = self.budget.report(std::mem::take(&mut self.sensitivity));
         let Some(chosen) = chosen else {
             let first_err = self.built.iter_mut().find_map(|b| b.error.take());
+            if let (Some(e), Some(what)) = (&first_err, &report.exhausted) {
+                return Err(Error::Unsupported {
+                    what: "the candidate search".into(),
+                    reason: format!("{what}, but no candidate passed the gate (first failure: {e}); raise --search-runs / --search-seconds"),
+                });
+            }
             return Err(first_err.unwrap_or_else(|| Error::Unsupported {
                 what: "--quantize auto".into(),
                 reason: "every candidate was slower than the fp32 reference".into(),
@@ -502,45 +682,62 @@ impl Search<'_> {
             model: built.bytes,
             outputs: built.outputs,
             reference_ms,
+            report,
         })
     }
 }
 
-/// Orders the quantizable weights by measured sensitivity, most sensitive first:
-/// each weight alone is stored small (all others kept fp32) and the candidate is
-/// run on the calibration cases; the score is `1 - mean_cosine` of its outputs
-/// against the reference, ties broken by `max_abs_error`. This is per-layer
-/// sensitivity analysis (Nagel et al., "A White Paper on Neural Network
-/// Quantization", 2021, section 4.8, debugging). `by_error` is the static order
-/// (relative int8 error); it breaks remaining ties, so a model whose weights all
-/// measure the same keeps that order. One candidate build per weight.
-///
-/// # Errors
-/// The first error of `run_one`.
-fn measured_sensitivity(
-    by_error: Vec<(String, f64)>,
-    mut run_one: impl FnMut(&BTreeSet<String>) -> Result<Accuracy, Error>,
-) -> Result<Vec<(String, f64)>, Error> {
-    let all: BTreeSet<String> = by_error.iter().map(|r| r.0.clone()).collect();
-    let mut scored = Vec::with_capacity(by_error.len());
-    for (rank, (w, _)) in by_error.into_iter().enumerate() {
-        let mut keep = all.clone();
-        keep.remove(&w);
-        let a = run_one(&keep)?;
-        let score = 1.0 - a.mean_cosine;
-        // NaN (a broken candidate) sorts first: the most sensitive.
-        let score = if score.is_nan() { f64::INFINITY } else { score };
-        let max_abs = if a.max_abs_error.is_nan() {
-            f64::INFINITY
-        } else {
-            a.max_abs_error
+/// `order` cut into `min(n, order.len())` contiguous groups whose sizes
+/// differ by at most one (one weight per group when there are at most `n`).
+fn contiguous_groups(order: &[String], n: usize) -> Vec<Vec<String>> {
+    let g = n.min(order.len());
+    (0..g)
+        .map(|i| order[i * order.len() / g..(i + 1) * order.len() / g].to_vec())
+        .collect()
+}
+
+/// Orders the quantizable weights by measured sensitivity, most sensitive first.
+/// Each group of `groups` alone is stored small (all others kept fp32) and run;
+/// `measured[i]` is group `i`'s accuracy (groups past its end were not
+/// measured: the budget ran out). A group's score is `1 - mean_cosine` of its
+/// outputs against the reference, ties broken by `max_abs_error`; every weight
+/// takes its group's score, and `by_error` (the static order, relative int8
+/// error) orders weights within a group and the unmeasured ones, which rank
+/// last. This is per-layer sensitivity analysis (Nagel et al., "A White Paper
+/// on Neural Network Quantization", 2021, section 4.8), by bands of depth when
+/// a model has more weights than groups.
+fn rank_groups(
+    by_error: &[(String, f64)],
+    groups: &[Vec<String>],
+    measured: &[Accuracy],
+) -> Vec<(String, f64)> {
+    let group_score = |i: usize| -> (f64, f64) {
+        let Some(a) = measured.get(i) else {
+            return (f64::NEG_INFINITY, f64::NEG_INFINITY);
         };
-        scored.push((w, score, max_abs, rank));
-    }
+        // NaN (a broken candidate) sorts first: the most sensitive.
+        let nan_high = |x: f64| if x.is_nan() { f64::INFINITY } else { x };
+        (nan_high(1.0 - a.mean_cosine), nan_high(a.max_abs_error))
+    };
+    let group_of: BTreeMap<&str, usize> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(i, g)| g.iter().map(move |w| (w.as_str(), i)))
+        .collect();
+    let mut scored: Vec<(String, f64, f64, usize)> = by_error
+        .iter()
+        .enumerate()
+        .map(|(rank, (w, _))| {
+            let (s, m) = group_of
+                .get(w.as_str())
+                .map_or((f64::NEG_INFINITY, f64::NEG_INFINITY), |&g| group_score(g));
+            (w.clone(), s, m, rank)
+        })
+        .collect();
     scored.sort_by(|a, b| {
         b.1.total_cmp(&a.1)
             .then(b.2.total_cmp(&a.2))
             .then(a.3.cmp(&b.3))
     });
-    Ok(scored.into_iter().map(|(w, s, _, _)| (w, s)).collect())
+    scored.into_iter().map(|(w, s, _, _)| (w, s)).collect()
 }
