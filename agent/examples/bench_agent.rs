@@ -378,17 +378,7 @@ fn real_model(dir: &std::path::Path, engine: &Engine, addr: SocketAddr, secs: f6
     }
     let base = summary("direct Model::run", &mut v, None);
     engine.set_active(Some(model.clone()));
-    let body: Vec<u8> = inputs
-        .iter()
-        .flat_map(|t| match &t.data {
-            edgefleet_bundle::payload::TensorData::F32(v) => {
-                v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<_>>()
-            }
-            edgefleet_bundle::payload::TensorData::I64(v) => {
-                v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<_>>()
-            }
-        })
-        .collect();
+    let body: Vec<u8> = inputs.iter().flat_map(|t| t.data.to_le_bytes()).collect();
     let mut c = Http::with_stream(addr, &body, stream);
     let mut v = Vec::new();
     let t0 = Instant::now();

@@ -34,7 +34,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use edgefleet_bundle::payload::{DType, Tensor, TensorData};
+use edgefleet_bundle::payload::{Tensor, TensorData};
 use edgefleet_protocol::messages::ReleaseRef;
 use serde::{Deserialize, Serialize};
 
@@ -310,10 +310,7 @@ async fn infer(
             continue;
         }
         let n = spec.len();
-        let w = match spec.dtype {
-            DType::F32 => 4,
-            DType::I64 => 8,
-        };
+        let w = spec.dtype.size();
         let bytes = body.get(off..off + n * w).ok_or_else(|| {
             ApiError::BadRequest(format!(
                 "body too short for input `{}` ({} bytes)",
@@ -322,20 +319,8 @@ async fn infer(
             ))
         })?;
         off += n * w;
-        let data = match spec.dtype {
-            DType::F32 => TensorData::F32(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            DType::I64 => TensorData::I64(
-                bytes
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                    .collect(),
-            ),
-        };
+        let data = TensorData::from_le_bytes(spec.dtype, bytes)
+            .map_err(|e| ApiError::BadRequest(format!("input `{}`: {e}", spec.name)))?;
         inputs.push(Tensor {
             name: spec.name.clone(),
             shape: spec.shape.clone(),
@@ -351,14 +336,7 @@ async fn infer(
     let (r, id) = run(&st, inputs, stream).await?;
     let mut out = Vec::new();
     for t in &r.outputs {
-        match &t.data {
-            TensorData::F32(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::I64(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        }
+        out.extend(t.data.to_le_bytes());
     }
     Ok((
         [

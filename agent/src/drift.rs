@@ -451,10 +451,7 @@ impl AgentDrift {
 fn with_f32(t: &Tensor, f: impl FnOnce(&[f32])) {
     match &t.data {
         TensorData::F32(d) => f(d),
-        TensorData::I64(d) => {
-            let v: Vec<f32> = d.iter().map(|&x| x as f32).collect();
-            f(&v);
-        }
+        other => f(&other.to_f32()),
     }
 }
 

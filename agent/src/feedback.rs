@@ -24,7 +24,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use edgefleet_bundle::payload::{ModelSpec, Task, Tensor, TensorData};
+use edgefleet_bundle::payload::{ModelSpec, Task, Tensor};
 use edgefleet_protocol::messages::ReleaseRef;
 
 /// Request ids remembered by default.
@@ -52,10 +52,7 @@ impl Answer {
     /// model's output has no label-comparable answer (see the module docs).
     pub fn of(spec: &ModelSpec, outputs: &[Tensor]) -> Option<Self> {
         let out = outputs.first()?;
-        let values: Vec<f32> = match &out.data {
-            TensorData::F32(v) => v.clone(),
-            TensorData::I64(v) => v.iter().map(|&x| x as f32).collect(),
-        };
+        let values: Vec<f32> = out.data.to_f32();
         match &spec.task {
             Task::Classifier { labels } => {
                 let k = *out.shape.last()?;

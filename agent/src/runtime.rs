@@ -5,19 +5,17 @@
 //! the device for them. ONNX files load with tract-onnx and the fixed shapes
 //! from the spec.
 
+use edgefleet_bundle::tract as conv;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use edgefleet_bundle::payload::{
-    DType, GoldenVectors, ModelFormat, ModelSpec, Tensor, TensorData, TensorSpec, GOLDEN,
-    MODEL_SPEC,
+    GoldenVectors, ModelFormat, ModelSpec, Tensor, TensorData, TensorSpec, GOLDEN, MODEL_SPEC,
 };
 use edgefleet_protocol::messages::ReleaseRef;
 use tract_nnef::internal as tp;
-use tract_nnef::internal::{
-    Datum as _, DatumExt as _, Framework as _, IntoRunnable as _, TractResult,
-};
+use tract_nnef::internal::{Framework as _, IntoRunnable as _, TractResult};
 
 /// Runtime errors.
 #[derive(Debug, thiserror::Error)]
@@ -124,10 +122,8 @@ impl Model {
             ModelFormat::Onnx => (|| {
                 let mut m = tract_onnx::onnx().model_for_path(&model_path)?;
                 for (i, t) in spec.inputs.iter().enumerate() {
-                    let fact = match t.dtype {
-                        DType::F32 => f32::fact(&t.shape),
-                        DType::I64 => i64::fact(&t.shape),
-                    };
+                    let fact =
+                        tp::TypedFact::dt_shape(conv::datum_type(t.dtype), t.shape.as_slice());
                     m.set_input_fact(i, fact.into())?;
                 }
                 use tract_onnx::prelude::{Framework as _, InferenceModelExt as _};
@@ -294,15 +290,9 @@ impl Model {
                 .map_err(|e| SelfTestError::Run(format!("case {ci}: {e}")))?;
             check_finite(&out).map_err(|e| SelfTestError::NonFinite(format!("case {ci}: {e}")))?;
             for (got, want) in out.iter().zip(&case.outputs) {
-                let (TensorData::F32(a), TensorData::F32(b)) = (&got.data, &want.data) else {
-                    if got.data != want.data {
-                        return Err(SelfTestError::Mismatch(format!(
-                            "case {ci} output `{}` differs",
-                            want.name
-                        )));
-                    }
-                    continue;
-                };
+                // Compared as f32 whatever the output type (the compiler
+                // writes golden outputs as f32; integers are exact there).
+                let (a, b) = (got.data.to_f32(), want.data.to_f32());
                 if a.len() != b.len() {
                     return Err(SelfTestError::Mismatch(format!(
                         "case {ci} output `{}`: {} elements, golden has {}",
@@ -349,11 +339,7 @@ pub fn check_finite(out: &[Tensor]) -> Result<(), String> {
 }
 
 fn zeros(spec: &TensorSpec) -> tp::Tensor {
-    match spec.dtype {
-        DType::F32 => tp::Tensor::zero::<f32>(&spec.shape),
-        DType::I64 => tp::Tensor::zero::<i64>(&spec.shape),
-    }
-    .unwrap_or_else(|_| tp::Tensor::default())
+    conv::zeros(spec.dtype, &spec.shape)
 }
 
 fn to_tract(t: &Tensor, spec: &TensorSpec) -> Result<tp::Tensor, RunError> {
@@ -363,41 +349,25 @@ fn to_tract(t: &Tensor, spec: &TensorSpec) -> Result<tp::Tensor, RunError> {
             spec.name, t.shape, spec.shape
         )));
     }
-    let r = match (&t.data, spec.dtype) {
-        (TensorData::F32(v), DType::F32) => tp::Tensor::from_shape(&spec.shape, v),
-        (TensorData::I64(v), DType::I64) => tp::Tensor::from_shape(&spec.shape, v),
-        _ => {
-            return Err(RunError::BadInput(format!(
-                "input `{}`: wrong dtype, the model wants {:?}",
-                spec.name, spec.dtype
-            )))
-        }
-    };
-    r.map_err(|e| RunError::BadInput(format!("input `{}`: {e}", spec.name)))
+    if t.data.dtype() != spec.dtype {
+        return Err(RunError::BadInput(format!(
+            "input `{}`: {} data, the model wants {}",
+            spec.name,
+            t.data.dtype(),
+            spec.dtype
+        )));
+    }
+    conv::to_tract(&t.data, &spec.shape)
+        .map_err(|e| RunError::BadInput(format!("input `{}`: {e}", spec.name)))
 }
 
 fn from_tract(t: &tp::Tensor, name: &str) -> Result<Tensor, RunError> {
     let shape = t.shape().to_vec();
     let err =
         |e: tract_nnef::internal::TractError| RunError::Inference(format!("output `{name}`: {e}"));
-    let data = if t.datum_type() == i64::datum_type() {
-        TensorData::I64(
-            t.to_plain_array_view::<i64>()
-                .map_err(err)?
-                .iter()
-                .copied()
-                .collect(),
-        )
-    } else {
-        let c = t.cast_to::<f32>().map_err(err)?;
-        TensorData::F32(
-            c.to_plain_array_view::<f32>()
-                .map_err(err)?
-                .iter()
-                .copied()
-                .collect(),
-        )
-    };
+    // In the output's own type (as `model.json` declares it); types no
+    // payload carries are cast to f32.
+    let data = conv::from_tract(t).map_err(err)?;
     Ok(Tensor {
         name: name.to_string(),
         shape,

@@ -25,7 +25,7 @@ fn raw(data: &[f32]) -> Vec<u8> {
 fn f32s(t: &Tensor) -> Vec<f32> {
     match &t.data {
         TensorData::F32(d) => d.clone(),
-        TensorData::I64(_) => panic!("i64"),
+        other => panic!("{} data", other.dtype()),
     }
 }
 

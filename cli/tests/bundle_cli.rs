@@ -500,3 +500,116 @@ fn run_verifies_loads_runs_and_times_a_bundle() {
         "{e}"
     );
 }
+
+/// Issue #18 point 2 through the CLI: a model with an int32 input compiles
+/// with `--range`, and `edgefleet run` (loading as the agent does) runs it on
+/// its golden inputs and on an int32 .npy; a float32 .npy for that input is
+/// refused naming the file, the input and both types.
+#[test]
+fn an_int32_input_compiles_with_a_range_and_runs() {
+    use edgefleet_bundle::payload::TensorData;
+    use edgefleet_compiler::onnx::{self, pb};
+    let d = tempfile::tempdir().expect("tmp");
+    let p = d.path();
+    let node = |op: &str, inputs: &[&str], output: &str, attribute| pb::NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: output.into(),
+        op_type: op.into(),
+        attribute,
+        ..Default::default()
+    };
+    let axis = pb::AttributeProto {
+        name: "axis".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        ..Default::default()
+    };
+    let w: Vec<f32> = (0..50 * 4)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 11.0)
+        .collect();
+    let m = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "ids".into(),
+            // Per-token class scores: Gather rows of E [50, 4] -> [1, 6, 4].
+            node: vec![
+                node("Gather", &["E", "ids"], "scores", vec![axis.clone()]),
+                node("Softmax", &["scores"], "y", vec![]),
+            ],
+            initializer: vec![onnx::f32_tensor("E", &[50, 4], &w)],
+            input: vec![onnx::fixed_value_info("ids", 6, &[1, 6])],
+            output: vec![onnx::fixed_value_info("y", 1, &[1, 6, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(p.join("ids.onnx"), onnx::encode(&m)).expect("model");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets/x86-avx2-gateway.toml");
+    ok(&edgefleet(&["keygen", "--out", "keys/release"], p));
+    let out = ok(&edgefleet(
+        &[
+            "compile",
+            "--model",
+            "ids.onnx",
+            "--target",
+            target.to_str().expect("path"),
+            "--range",
+            "ids=0..49",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--key",
+            "keys/release.pem",
+            "--out",
+            "out",
+            "--quiet",
+        ],
+        p,
+    ));
+    assert!(out.contains("ids=Normal i32 in 0..49"), "{out}");
+    let b = "out/ids-1.0.0-x86-avx2-gateway.efb";
+    assert!(p.join(b).exists(), "{out}");
+    let ids = TensorData::I32(vec![0, 7, 49, 3, 3, 12]);
+    std::fs::write(
+        p.join("ids.npy"),
+        edgefleet_compiler::calib::write_npy_data(&[1, 6], &ids),
+    )
+    .expect("npy");
+    let run = ok(&edgefleet(
+        &[
+            "run",
+            "--trust",
+            "keys/release.pub.pem",
+            b,
+            "--input",
+            "ids=ids.npy",
+        ],
+        p,
+    ));
+    assert!(run.contains("shape [1, 6, 4]"), "{run}");
+    std::fs::write(
+        p.join("f.npy"),
+        edgefleet_compiler::calib::write_npy(&[1, 6], &[1.0; 6]),
+    )
+    .expect("npy");
+    let e = err(&edgefleet(
+        &[
+            "run",
+            "--trust",
+            "keys/release.pub.pem",
+            b,
+            "--input",
+            "ids=f.npy",
+        ],
+        p,
+    ));
+    assert!(
+        e.contains("f.npy holds f32 data, input `ids` is i32"),
+        "{e}"
+    );
+}

@@ -17,18 +17,31 @@
 //! - recurrent state inputs: threaded from the reference model's own state output;
 //! - anything else: a deterministic standard-normal tensor.
 //!
+//! Types and ranges (issue #18): every generated value is converted to its input's
+//! [`DType`] (integers rounded and saturated, bool `!= 0`). A declared value range
+//! (`--range NAME=LO..HI`, profile `[models.X] ranges = { NAME = [LO, HI] }`)
+//! shapes the data: a standard-normal input is drawn uniformly in it instead
+//! (integers: uniformly among the whole numbers), an image is rescaled so the
+//! page spans it (raw bytes 0..255, pixels 0..1), audio is clamped to it.
+//! Integer inputs without a declared range use their type's natural one:
+//! bool 0..1, u8 0..255, other integers 0..9 (valid indices into any table of
+//! ten rows or more: declare the range of ids, classes or tokens).
+//!
 //! Directory format: for a single-input model every `*.npy` or `*.f32` file is one
 //! case; for several inputs name them `<case>.<input>.npy|f32` (state inputs may be
-//! omitted: they are threaded). `.npy` must be little-endian float32 (`<f4`), C order,
-//! with exactly the input's fixed shape; `.f32` is raw little-endian f32 whose length
-//! must equal the shape's element count. Cases are taken in file-name order.
+//! omitted: they are threaded). `.npy` holds the input's own element type (`<f4`,
+//! `<i4`, `|u1`, ..., checked: a file of another type is refused naming the file and
+//! the input), C order, with exactly the input's fixed shape; `.f32` is raw
+//! little-endian f32 for f32 inputs only, whose length must equal the shape's
+//! element count. Cases are taken in file-name order. Values travel through f32
+//! inside the compiler (integers exact up to 2^24; f64 data rounded to f32).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rand::{Rng as _, SeedableRng as _};
 
-use edgefleet_bundle::payload::TensorSpec;
+use edgefleet_bundle::payload::{DType, TensorData, TensorSpec};
 
 use crate::Error;
 
@@ -76,7 +89,19 @@ pub fn load_dir(dir: &Path, inputs: &[&TensorSpec]) -> Result<Vec<Case>, Error> 
         };
         let bytes = std::fs::read(f).map_err(|e| err(f, e.to_string()))?;
         let data = if f.extension().is_some_and(|e| e == "npy") {
-            let (shape, data) = parse_npy(&bytes).map_err(|r| err(f, r))?;
+            let (shape, data) = parse_npy_data(&bytes).map_err(|r| err(f, r))?;
+            if data.dtype() != spec.dtype {
+                return Err(err(
+                    f,
+                    format!(
+                        "holds {} data, input `{}` is {} ({})",
+                        data.dtype(),
+                        spec.name,
+                        spec.dtype,
+                        spec.dtype.npy_descr()
+                    ),
+                ));
+            }
             if shape != spec.shape {
                 return Err(err(
                     f,
@@ -86,8 +111,19 @@ pub fn load_dir(dir: &Path, inputs: &[&TensorSpec]) -> Result<Vec<Case>, Error> 
                     ),
                 ));
             }
-            data
+            data.to_f32()
         } else {
+            if spec.dtype != DType::F32 {
+                return Err(err(
+                    f,
+                    format!(
+                        "raw .f32 files feed f32 inputs only; input `{}` is {}: write a .npy of {}",
+                        spec.name,
+                        spec.dtype,
+                        spec.dtype.npy_descr()
+                    ),
+                ));
+            }
             if bytes.len() != spec.len() * 4 {
                 return Err(err(
                     f,
@@ -126,8 +162,92 @@ pub fn load_dir(dir: &Path, inputs: &[&TensorSpec]) -> Result<Vec<Case>, Error> 
     Ok(cases.into_values().collect())
 }
 
-use edgefleet_bundle::npy::parse_npy;
-pub use edgefleet_bundle::npy::write_npy;
+use edgefleet_bundle::npy::parse_npy_data;
+pub use edgefleet_bundle::npy::{write_npy, write_npy_data};
+
+/// Declared value ranges per input name: `[lo, hi]`, inclusive.
+pub type Ranges = BTreeMap<String, [f64; 2]>;
+
+/// The range generated data of `spec` is shaped to: the declared one, else
+/// the natural one of an integer type (bool 0..1, u8 0..255, others 0..9),
+/// else none.
+pub fn range_of(spec: &TensorSpec, ranges: &Ranges) -> Option<[f64; 2]> {
+    ranges.get(&spec.name).copied().or(match spec.dtype {
+        DType::Bool => Some([0.0, 1.0]),
+        DType::U8 => Some([0.0, 255.0]),
+        d if d.is_integer() => Some([0.0, 9.0]),
+        _ => None,
+    })
+}
+
+/// Shapes one generated case of `spec` to `range` (see the module docs):
+/// uniform for [`InputKind::Normal`], rescaled for images, clamped for audio;
+/// integers are drawn among whole numbers.
+fn shape_to_range(
+    spec: &TensorSpec,
+    data: &mut [f32],
+    range: [f64; 2],
+    rng: &mut rand::rngs::StdRng,
+) {
+    let [lo, hi] = range;
+    let integer = spec.dtype.is_integer();
+    match kind_of(spec) {
+        InputKind::Normal => {
+            for x in data.iter_mut() {
+                *x = if integer {
+                    rng.gen_range(lo.ceil() as i64..=hi.floor() as i64) as f32
+                } else {
+                    rng.gen_range(lo..=hi) as f32
+                };
+            }
+        }
+        InputKind::TextImage => {
+            let (mn, mx) = data
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                    (a.min(x), b.max(x))
+                });
+            let span = f64::from(mx - mn).max(f64::EPSILON);
+            for x in data.iter_mut() {
+                let v = lo + (f64::from(*x - mn) / span) * (hi - lo);
+                *x = if integer { v.round() as f32 } else { v as f32 };
+            }
+        }
+        InputKind::Audio => {
+            for x in data.iter_mut() {
+                *x = f64::from(*x).clamp(lo, hi) as f32;
+            }
+        }
+    }
+}
+
+/// Checks declared ranges: finite, `lo <= hi`, inside the input's type.
+///
+/// # Errors
+/// A message naming the input.
+pub fn check_range(spec: &TensorSpec, range: [f64; 2]) -> Result<(), String> {
+    let [lo, hi] = range;
+    let (tlo, thi) = spec.dtype.limits();
+    if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+        return Err(format!(
+            "range {lo}..{hi} of input `{}` must be finite with lo <= hi",
+            spec.name
+        ));
+    }
+    if lo < tlo || hi > thi {
+        return Err(format!(
+            "range {lo}..{hi} of input `{}` does not fit its type {} ({tlo}..{thi})",
+            spec.name, spec.dtype
+        ));
+    }
+    if spec.dtype.is_integer() && lo.ceil() > hi.floor() {
+        return Err(format!(
+            "range {lo}..{hi} of integer input `{}` holds no whole number",
+            spec.name
+        ));
+    }
+    Ok(())
+}
 
 /// Kind of generated data for an input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -159,8 +279,9 @@ pub enum Lines {
     UprightAndTurned,
 }
 
-/// Generates `n` cases for `inputs` (state inputs excluded by the caller).
-pub fn generate(inputs: &[&TensorSpec], n: usize, lines: Lines) -> Vec<Case> {
+/// Generates `n` cases for `inputs` (state inputs excluded by the caller),
+/// shaped to each input's range ([`range_of`]) and converted to its type.
+pub fn generate(inputs: &[&TensorSpec], n: usize, lines: Lines, ranges: &Ranges) -> Vec<Case> {
     let mut cases = vec![Case::new(); n];
     for spec in inputs {
         let data: Vec<Vec<f32>> = match kind_of(spec) {
@@ -173,7 +294,17 @@ pub fn generate(inputs: &[&TensorSpec], n: usize, lines: Lines) -> Vec<Case> {
                     .collect()
             }
         };
-        for (c, d) in cases.iter_mut().zip(data) {
+        let range = range_of(spec, ranges);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x7a9e);
+        for (c, mut d) in cases.iter_mut().zip(data) {
+            if let Some(r) = range {
+                shape_to_range(spec, &mut d, r, &mut rng);
+            }
+            // As the model will see it: whole numbers, saturated, for integers.
+            let d = match TensorData::from_f32(spec.dtype, &d) {
+                TensorData::F32(v) => v,
+                typed => typed.to_f32(),
+            };
             c.insert(spec.name.clone(), d);
         }
     }

@@ -46,6 +46,10 @@ pub struct CompileOptions {
     pub inputs: BTreeMap<String, Vec<usize>>,
     /// `--const NAME=VALUE`: inputs folded into constants (override the profile).
     pub consts: BTreeMap<String, f64>,
+    /// `--range NAME=LO..HI`: declared value ranges of inputs (over the
+    /// profile's); generated calibration is shaped to them
+    /// ([`calib::generate`]).
+    pub ranges: BTreeMap<String, [f64; 2]>,
     /// `--calibration DIR`; generated inputs when `None`.
     pub calibration: Option<PathBuf>,
     /// Generated calibration cases; 0 = automatic: 32 for inputs of at most 10,000
@@ -89,6 +93,7 @@ impl CompileOptions {
             name: None,
             inputs: BTreeMap::new(),
             consts: BTreeMap::new(),
+            ranges: BTreeMap::new(),
             calibration: None,
             cases: 0,
             prune: None,

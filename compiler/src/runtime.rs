@@ -1,9 +1,11 @@
-//! tract helpers: load a model (ONNX or NNEF) with fixed input facts, run it on f32/i64 data.
+//! tract helpers: load a model (ONNX or NNEF) with fixed input facts, run it on
+//! data of any [`DType`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgefleet_bundle::payload::{DType, TensorData, TensorSpec};
+use edgefleet_bundle::tract as conv;
 use tract_onnx::prelude::*;
 
 use crate::Error;
@@ -17,19 +19,34 @@ pub struct Runner {
     pub outputs: Vec<TensorSpec>,
 }
 
-/// Output of one call: one f32 buffer per output (i64 outputs are converted).
+/// Output of one call: one f32 buffer per output (other types are converted).
 pub type Outputs = Vec<Vec<f32>>;
 
-fn spec_of(name: String, fact: &TypedFact) -> Result<TensorSpec, String> {
+/// Input or output of a model, for [`spec_of`].
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Input,
+    Output,
+}
+
+/// The spec of one model input or output. An input must have a [`DType`];
+/// an output of another type (u16, string) is read as f32.
+fn spec_of(name: String, fact: &TypedFact, side: Side) -> Result<TensorSpec, String> {
     let shape = fact
         .shape
         .as_concrete()
         .ok_or_else(|| format!("`{name}` has a symbolic shape {:?}", fact.shape))?
         .to_vec();
-    let dtype = if fact.datum_type == i64::datum_type() {
-        DType::I64
-    } else {
-        DType::F32
+    let dtype = match (conv::dtype_of(fact.datum_type), side) {
+        (Some(d), _) => d,
+        (None, Side::Output) => DType::F32,
+        (None, Side::Input) => {
+            return Err(format!(
+                "`{name}` has element type {:?}; inputs must be one of {}",
+                fact.datum_type,
+                DType::ALL.map(|d| d.to_string()).join(", ")
+            ))
+        }
     };
     Ok(TensorSpec { name, dtype, shape })
 }
@@ -64,10 +81,7 @@ impl Runner {
         for (ix, o) in outlets.iter().enumerate() {
             let name = m.node(o.node).name.clone();
             if let Some(s) = specs.iter().find(|s| s.name == name) {
-                let fact = match s.dtype {
-                    DType::F32 => InferenceFact::dt_shape(f32::datum_type(), s.shape.clone()),
-                    DType::I64 => InferenceFact::dt_shape(i64::datum_type(), s.shape.clone()),
-                };
+                let fact = InferenceFact::dt_shape(conv::datum_type(s.dtype), s.shape.clone());
                 m.set_input_fact(ix, fact)
                     .map_err(|e| Error::runtime(context, e))?;
             }
@@ -103,7 +117,7 @@ impl Runner {
                 .map_err(|e| Error::runtime(context, e))?;
             let name = typed.node(o.node).name.clone();
             inputs.push(
-                spec_of(name, fact)
+                spec_of(name, fact, Side::Input)
                     .map_err(|r| Error::runtime(format!("{context}: input {i}"), r))?,
             );
         }
@@ -120,7 +134,8 @@ impl Runner {
                 .map(str::to_string)
                 .unwrap_or_else(|| typed.node(o.node).name.clone());
             outputs.push(
-                spec_of(name, fact).map_err(|r| Error::runtime(format!("{context}: output"), r))?,
+                spec_of(name, fact, Side::Output)
+                    .map_err(|r| Error::runtime(format!("{context}: output"), r))?,
             );
         }
         let plan = typed
@@ -141,11 +156,14 @@ impl Runner {
     pub fn run(&self, inputs: &[TensorData]) -> Result<Outputs, Error> {
         let mut tv: TVec<TValue> = tvec![];
         for (spec, d) in self.inputs.iter().zip(inputs) {
-            let t = match d {
-                TensorData::F32(v) => Tensor::from_shape(&spec.shape, v),
-                TensorData::I64(v) => Tensor::from_shape(&spec.shape, v),
+            if d.dtype() != spec.dtype {
+                return Err(Error::runtime(
+                    format!("input `{}`", spec.name),
+                    format!("{} data for a {} input", d.dtype(), spec.dtype),
+                ));
             }
-            .map_err(|e| Error::runtime(format!("input `{}`", spec.name), e))?;
+            let t = conv::to_tract(d, &spec.shape)
+                .map_err(|e| Error::runtime(format!("input `{}`", spec.name), e))?;
             tv.push(t.into());
         }
         let out = self.plan.run(tv).map_err(|e| Error::runtime("run", e))?;

@@ -250,6 +250,11 @@ pub struct ModelOverrides {
     /// What output 0 means, if a task metric should judge it (see [`Task`]).
     #[serde(default)]
     pub task: Option<Task>,
+    /// Input name -> `[lo, hi]`: the values the input takes (bytes 0..255,
+    /// audio -1..1, images 0..1, token ids 0..vocab-1); generated calibration
+    /// data is shaped to it. Names the model does not have are ignored.
+    #[serde(default)]
+    pub ranges: BTreeMap<String, [f64; 2]>,
 }
 
 /// One target device class (`targets/<id>.toml`).

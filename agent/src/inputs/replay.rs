@@ -382,7 +382,7 @@ mod tests {
     fn f32s(t: &Tensor) -> &[f32] {
         match &t.data {
             TensorData::F32(d) => d,
-            TensorData::I64(_) => panic!("i64"),
+            other => panic!("{} data", other.dtype()),
         }
     }
 

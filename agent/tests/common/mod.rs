@@ -511,7 +511,7 @@ request_timeout_ms = 5000
         let v: edgefleet_agent::api::InferResponse = r.json().map_err(|e| e.to_string())?;
         match &v.outputs[0].data {
             TensorData::F32(d) => Ok((v.release.release, d.clone())),
-            TensorData::I64(_) => Err("i64 output".into()),
+            other => Err(format!("{} output", other.dtype())),
         }
     }
 

@@ -43,7 +43,14 @@ pub struct Args {
     /// Fold a scalar input into a constant: NAME=VALUE (repeatable; e.g. sr=16000).
     #[arg(long = "const", value_name = "NAME=VALUE")]
     pub consts: Vec<String>,
-    /// Folder of calibration inputs (.npy / raw .f32); generated when absent.
+    /// Declare the values an input takes: NAME=LO..HI (repeatable; e.g.
+    /// ids=0..29999, pixels=0..255, audio=-1..1). Generated calibration is
+    /// shaped to it; integer inputs default to their type's range (u8 0..255,
+    /// bool 0..1, others 0..9).
+    #[arg(long = "range", value_name = "NAME=LO..HI")]
+    pub ranges: Vec<String>,
+    /// Folder of calibration inputs (.npy of each input's own type, or raw .f32
+    /// for f32 inputs); generated when absent.
     #[arg(long, value_name = "DIR")]
     pub calibration: Option<PathBuf>,
     /// Unstructured magnitude pruning sparsity in 0..1 (e.g. 0.5).
@@ -170,11 +177,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("--const {s}: `{v}` is not a number"))?,
         );
     }
+    let mut ranges = BTreeMap::new();
+    for s in &args.ranges {
+        let (k, v) = split_kv(s)?;
+        let (lo, hi) = v
+            .split_once("..")
+            .with_context(|| format!("--range {s}: expected NAME=LO..HI"))?;
+        let num = |x: &str| {
+            x.trim()
+                .parse::<f64>()
+                .with_context(|| format!("--range {s}: `{x}` is not a number"))
+        };
+        ranges.insert(k, [num(lo)?, num(hi)?]);
+    }
     let (model, pulled_name, _pulled) = resolve_model(&args.model, args.mlflow.as_deref())?;
     let mut opts = CompileOptions::new(&model, args.version, args.release);
     opts.name = args.name.or(pulled_name);
     opts.inputs = inputs;
     opts.consts = consts;
+    opts.ranges = ranges;
     opts.calibration = args.calibration;
     opts.prune = args.prune;
     opts.prune_scope = args.prune_per_layer.then_some(PruneScope::PerLayer);

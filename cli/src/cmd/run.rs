@@ -108,22 +108,35 @@ fn read_input(model: &Model, pair: &str) -> anyhow::Result<Tensor> {
             )
         })?;
     let bytes = std::fs::read(file).with_context(|| format!("--input {pair}"))?;
-    let (shape, data) = edgefleet_bundle::npy::parse_npy(&bytes)
-        .map_err(|e| anyhow!("--input {pair}: {file} is not a float32 .npy: {e}"))?;
+    let (shape, data) = edgefleet_bundle::npy::parse_npy_data(&bytes)
+        .map_err(|e| anyhow!("--input {pair}: {file} is not a readable .npy: {e}"))?;
+    if data.dtype() != spec.dtype {
+        bail!(
+            "--input {pair}: {file} holds {} data, input `{name}` is {} (write a .npy of {})",
+            data.dtype(),
+            spec.dtype,
+            spec.dtype.npy_descr()
+        );
+    }
     if shape != spec.shape {
         bail!(
             "--input {pair}: {file} has shape {shape:?}, input `{name}` needs {:?}",
             spec.shape
         );
     }
-    Ok(Tensor::f32(name, shape, data))
+    Ok(Tensor {
+        name: name.into(),
+        shape,
+        data,
+    })
 }
 
 /// One line per output: shape, range, mean, the first values, the argmax.
 fn describe(t: &Tensor) -> String {
     let v: Vec<f64> = match &t.data {
-        TensorData::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+        TensorData::F64(v) => v.clone(),
         TensorData::I64(v) => v.iter().map(|&x| x as f64).collect(),
+        other => other.to_f32().into_iter().map(f64::from).collect(),
     };
     let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     let (lo, hi) = finite
@@ -155,7 +168,7 @@ fn describe(t: &Tensor) -> String {
 fn write_outputs(dir: &Path, outs: &[Tensor]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     for t in outs {
-        if let TensorData::F32(v) = &t.data {
+        {
             let safe: String = t
                 .name
                 .chars()
@@ -168,7 +181,10 @@ fn write_outputs(dir: &Path, outs: &[Tensor]) -> anyhow::Result<()> {
                 })
                 .collect();
             let p = dir.join(format!("{safe}.npy"));
-            edgefleet_bundle::write_atomic(&p, &edgefleet_compiler::calib::write_npy(&t.shape, v))?;
+            edgefleet_bundle::write_atomic(
+                &p,
+                &edgefleet_compiler::calib::write_npy_data(&t.shape, &t.data),
+            )?;
             println!("wrote {}", p.display());
         }
     }

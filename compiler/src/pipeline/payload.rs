@@ -235,10 +235,11 @@ fn thread_state(case: &[TensorData], prev: Option<&Outputs>, spec: &ModelSpec) -
         ) else {
             continue;
         };
-        inputs[ii] = TensorData::F32(match prev {
+        let v = match prev {
             Some(p) => p[oi].clone(),
             None => vec![0.0; spec.inputs[ii].shape.iter().product()],
-        });
+        };
+        inputs[ii] = TensorData::from_f32(spec.inputs[ii].dtype, &v);
     }
     inputs
 }

@@ -181,19 +181,72 @@ fn calibration_cases(
     } else {
         calib::Lines::UprightAndTurned
     };
+    let ranges = declared_ranges(&data_inputs, spec, opts)?;
     let kinds: Vec<String> = data_inputs
         .iter()
-        .map(|s| format!("{}={:?}", s.name, calib::kind_of(s)))
+        .map(|s| {
+            let mut k = format!("{}={:?}", s.name, calib::kind_of(s));
+            if s.dtype != edgefleet_bundle::payload::DType::F32 {
+                k += &format!(" {}", s.dtype);
+            }
+            if let Some([lo, hi]) = calib::range_of(s, &ranges) {
+                k += &format!(" in {lo}..{hi}");
+            }
+            k
+        })
         .collect();
     Ok(LoadedCases {
         cases: calib::generate(
             &data_inputs,
             n_cases + generated_reference_cases(largest),
             lines,
+            &ranges,
         ),
         generated: Some(n_cases),
         description: format!("generated: {}", kinds.join(", ")),
     })
+}
+
+/// The declared ranges of the data inputs: the flags over the profile's. A
+/// flag naming no data input is an error; a profile entry is not.
+///
+/// # Errors
+/// [`Error::Shape`] naming the input for an unknown name (flag) or a range
+/// that is not finite, inverted or outside the input's type.
+fn declared_ranges(
+    inputs: &[&TensorSpec],
+    spec: &Specialised,
+    opts: &CompileOptions,
+) -> Result<calib::Ranges, Error> {
+    let bad = |input: &str, reason: String| Error::Shape {
+        path: spec.source.path.clone(),
+        input: input.into(),
+        reason,
+    };
+    for name in opts.ranges.keys() {
+        if !inputs.iter().any(|s| &s.name == name) {
+            return Err(bad(
+                name,
+                format!(
+                    "--range names no data input (inputs: {})",
+                    inputs
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    let mut ranges = spec.source.overrides.ranges.clone();
+    ranges.extend(opts.ranges.clone());
+    ranges.retain(|name, _| inputs.iter().any(|s| &s.name == name));
+    for s in inputs {
+        if let Some(r) = ranges.get(&s.name) {
+            calib::check_range(s, *r).map_err(|reason| bad(&s.name, reason))?;
+        }
+    }
+    Ok(ranges)
 }
 
 /// Runs the reference over the calibration cases in order, each case's state inputs
@@ -254,7 +307,8 @@ pub(super) fn run_cases(
 
 /// The full input list of one calibration case in `specs` order: state
 /// inputs from `prev`'s bound output (zeros without one), data inputs from
-/// the case (zeros when missing), `i64` inputs truncated.
+/// the case (zeros when missing), each in its input's type
+/// ([`TensorData::from_f32`]: integers rounded and saturated).
 fn case_inputs(
     specs: &[TensorSpec],
     outputs: &[TensorSpec],
@@ -267,18 +321,14 @@ fn case_inputs(
         .map(|spec| {
             if let Some(b) = state.iter().find(|b| b.input == spec.name) {
                 let oi = outputs.iter().position(|o| o.name == b.output).unwrap_or(0);
-                TensorData::F32(prev.map_or_else(|| vec![0.0; spec.len()], |p| p[oi].clone()))
+                let v = prev.map_or_else(|| vec![0.0; spec.len()], |p| p[oi].clone());
+                TensorData::from_f32(spec.dtype, &v)
             } else {
                 let v = case
                     .get(&spec.name)
                     .cloned()
                     .unwrap_or_else(|| vec![0.0; spec.len()]);
-                match spec.dtype {
-                    edgefleet_bundle::payload::DType::F32 => TensorData::F32(v),
-                    edgefleet_bundle::payload::DType::I64 => {
-                        TensorData::I64(v.iter().map(|x| *x as i64).collect())
-                    }
-                }
+                TensorData::from_f32(spec.dtype, &v)
             }
         })
         .collect()

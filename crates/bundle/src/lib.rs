@@ -37,6 +37,8 @@ pub mod manifest;
 pub mod npy;
 pub mod pack;
 pub mod payload;
+#[cfg(feature = "tract")]
+pub mod tract;
 pub mod verify;
 
 pub use error::Error;

@@ -1,0 +1,226 @@
+//! Every input type the runtime supports (issue #18 point 2): an int32-input
+//! classifier and a float64-input model compile with generated calibration
+//! that respects the type and a declared range, and with `.npy` calibration
+//! of their own type; a file of another type is refused naming the file and
+//! the input.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use edgefleet_bundle::payload::{DType, GoldenVectors, TensorData};
+use edgefleet_compiler::{calib::write_npy_data, onnx, onnx::pb, CompileOptions, Error};
+
+fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<pb::AttributeProto>) -> pb::NodeProto {
+    pb::NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: format!("{op}_{output}"),
+        op_type: op.into(),
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, v: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+fn ints_attr(name: &str, v: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn hashed(n: usize, salt: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let h = ((i + salt * 7919) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            (h as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
+        })
+        .collect()
+}
+
+/// ONNX element types (`TensorProto.DataType`).
+const INT32: i32 = 6;
+const DOUBLE: i32 = 11;
+
+/// A bag-of-tokens classifier: ids int32 [1, 8] -> Gather(E [vocab, 32]) ->
+/// ReduceMean over tokens -> MatMul W [32, 5] -> Softmax -> y [1, 5].
+fn token_classifier(vocab: usize) -> pb::ModelProto {
+    let mut m = common::model(
+        vec![
+            node("Gather", &["E", "ids"], "emb", vec![int_attr("axis", 0)]),
+            node(
+                "ReduceMean",
+                &["emb"],
+                "pooled",
+                vec![ints_attr("axes", &[1]), int_attr("keepdims", 0)],
+            ),
+            node("MatMul", &["pooled", "W"], "logits", vec![]),
+            node("Softmax", &["logits"], "y", vec![int_attr("axis", -1)]),
+        ],
+        vec![
+            onnx::f32_tensor("E", &[vocab as i64, 32], &hashed(vocab * 32, 1)),
+            onnx::f32_tensor("W", &[32, 5], &hashed(160, 2)),
+        ],
+        ("ids", &[1, 8]),
+        &[("y", &[1, 5])],
+        vec![],
+    );
+    m.graph.as_mut().unwrap().input = vec![onnx::fixed_value_info("ids", INT32, &[1, 8])];
+    m
+}
+
+/// x float64 [1, 16] -> Cast to float -> MatMul W [16, 16] -> Relu -> y.
+fn f64_model() -> pb::ModelProto {
+    let mut m = common::model(
+        vec![
+            node("Cast", &["x"], "xf", vec![int_attr("to", 1)]),
+            node("MatMul", &["xf", "W"], "h", vec![]),
+            node("Relu", &["h"], "y", vec![]),
+        ],
+        vec![onnx::f32_tensor("W", &[16, 16], &hashed(256, 3))],
+        ("x", &[1, 16]),
+        &[("y", &[1, 16])],
+        vec![],
+    );
+    m.graph.as_mut().unwrap().input = vec![onnx::fixed_value_info("x", DOUBLE, &[1, 16])];
+    m
+}
+
+fn opts(p: &std::path::Path) -> CompileOptions {
+    CompileOptions::new(p, semver::Version::new(1, 0, 0), 1)
+}
+
+fn golden(c: &edgefleet_compiler::Compiled) -> GoldenVectors {
+    let (_, b) = c.files.iter().find(|(n, _)| n == "golden.json").unwrap();
+    GoldenVectors::from_json(b).unwrap()
+}
+
+#[test]
+fn an_int32_input_classifier_compiles_with_typed_ranged_calibration() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_model(dir.path(), "tokens.onnx", &token_classifier(100));
+    let t = common::profile("x86-avx2-gateway");
+
+    // Generated: integers of the input's type, 0..9 without a declared range.
+    let c = edgefleet_compiler::build(&opts(&p), &t).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.spec.inputs[0].dtype, DType::I32);
+    assert_eq!(c.report.candidates[c.report.chosen].gate, "pass");
+    let ids = |c: &edgefleet_compiler::Compiled| -> Vec<i32> {
+        golden(c)
+            .cases
+            .iter()
+            .flat_map(|k| match &k.inputs[0].data {
+                TensorData::I32(v) => v.clone(),
+                other => panic!("golden ids are {}", other.dtype()),
+            })
+            .collect()
+    };
+    let v = ids(&c);
+    assert!(v.iter().all(|x| (0..=9).contains(x)), "{v:?}");
+    assert!(
+        c.report.calibration.contains("i32 in 0..9"),
+        "{}",
+        c.report.calibration
+    );
+
+    // A declared range reaches the whole vocabulary.
+    let mut o = opts(&p);
+    o.ranges.insert("ids".into(), [0.0, 99.0]);
+    let c = edgefleet_compiler::build(&o, &t).unwrap_or_else(|e| panic!("{e}"));
+    let v = ids(&c);
+    assert!(v.iter().all(|x| (0..=99).contains(x)), "{v:?}");
+    assert!(v.iter().any(|&x| x > 9), "{v:?}");
+
+    // A range that does not fit the type, and one naming no input, are refused.
+    for (name, r, want) in [
+        ("ids", [0.0, 1e12], "does not fit its type i32"),
+        ("tokens", [0.0, 9.0], "names no data input"),
+        ("ids", [5.0, 2.0], "lo <= hi"),
+    ] {
+        let mut o = opts(&p);
+        o.ranges.insert(name.into(), r);
+        let e = edgefleet_compiler::build(&o, &t).err().expect("refused");
+        assert!(
+            matches!(&e, Error::Shape { input, .. } if input == name),
+            "{e}"
+        );
+        assert!(e.to_string().contains(want), "{e}");
+    }
+
+    // .npy calibration of the input's own type.
+    let cal = dir.path().join("cal");
+    std::fs::create_dir(&cal).unwrap();
+    for k in 0..6 {
+        let v: Vec<i32> = (0..8).map(|i| (k * 13 + i * 7) % 100).collect();
+        std::fs::write(
+            cal.join(format!("{k:02}.npy")),
+            write_npy_data(&[1, 8], &TensorData::I32(v)),
+        )
+        .unwrap();
+    }
+    let mut o = opts(&p);
+    o.calibration = Some(cal.clone());
+    let c = edgefleet_compiler::build(&o, &t).unwrap_or_else(|e| panic!("{e}"));
+    assert!(ids(&c).iter().any(|&x| x > 9));
+
+    // A float32 file for the int32 input names the file and the input.
+    std::fs::write(
+        cal.join("99.npy"),
+        write_npy_data(&[1, 8], &TensorData::F32(vec![1.0; 8])),
+    )
+    .unwrap();
+    let e = edgefleet_compiler::build(&o, &t).err().expect("wrong type");
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Calibration { .. }), "{msg}");
+    assert!(
+        msg.contains("99.npy") && msg.contains("holds f32 data, input `ids` is i32"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_float64_input_model_compiles_with_generated_and_npy_calibration() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = common::write_model(dir.path(), "f64.onnx", &f64_model());
+    let t = common::profile("x86-avx2-gateway");
+    let c = edgefleet_compiler::build(&opts(&p), &t).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.spec.inputs[0].dtype, DType::F64);
+    let g = golden(&c);
+    assert!(matches!(g.cases[0].inputs[0].data, TensorData::F64(_)));
+
+    let cal = dir.path().join("cal");
+    std::fs::create_dir(&cal).unwrap();
+    for k in 0..4 {
+        let v: Vec<f64> = (0..16)
+            .map(|i| f64::from(k * 16 + i) / 64.0 - 0.5)
+            .collect();
+        std::fs::write(
+            cal.join(format!("{k}.npy")),
+            write_npy_data(&[1, 16], &TensorData::F64(v)),
+        )
+        .unwrap();
+    }
+    let mut o = opts(&p);
+    o.calibration = Some(cal.clone());
+    let c = edgefleet_compiler::build(&o, &t).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.report.candidates[c.report.chosen].gate, "pass");
+
+    // A raw .f32 file cannot feed a float64 input.
+    std::fs::write(cal.join("9.f32"), [0u8; 64]).unwrap();
+    let e = edgefleet_compiler::build(&o, &t).err().expect("raw f32");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("9.f32") && msg.contains("input `x` is f64"),
+        "{msg}"
+    );
+}
