@@ -141,7 +141,17 @@ pub fn golden(spec: &ModelSpec, cases: &[Vec<TensorData>], outs: &[Outputs]) -> 
         .chain(&spec.inputs)
         .map(|o| o.len())
         .sum();
-    let n = if elems > 20_000 { 1 } else { 3 }.min(cases.len());
+    golden_cases(spec, cases, outs, if elems > 20_000 { 1 } else { 3 })
+}
+
+/// Golden vectors of the first `n` cases.
+pub fn golden_cases(
+    spec: &ModelSpec,
+    cases: &[Vec<TensorData>],
+    outs: &[Outputs],
+    n: usize,
+) -> GoldenVectors {
+    let n = n.max(1).min(cases.len());
     let cases = cases
         .iter()
         .zip(outs)
@@ -331,6 +341,20 @@ pub fn report_txt(r: &Report) -> String {
     if let Some(n) = &d.note {
         let _ = writeln!(s, "drift note        {n}");
     }
+    let total: usize = r.composition.iter().map(|p| p.zstd_bytes).sum();
+    let parts: Vec<String> = r
+        .composition
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {} B ({:.1}%)",
+                p.file,
+                p.zstd_bytes,
+                100.0 * p.zstd_bytes as f64 / total.max(1) as f64
+            )
+        })
+        .collect();
+    let _ = writeln!(s, "payload (zstd)    {}", parts.join(", "));
     let q = &r.search;
     let _ = writeln!(
         s,

@@ -212,6 +212,20 @@ pub struct Report {
     pub drift_reference: DriftReferenceReport,
     /// What the candidate search spent against its budget.
     pub search: SearchReport,
+    /// The payload files the device needs, with their sizes (the reports
+    /// themselves are not counted).
+    pub composition: Vec<PayloadPart>,
+}
+
+/// One payload file in the report's `composition`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PayloadPart {
+    /// File name in the bundle.
+    pub file: String,
+    /// Raw size, bytes.
+    pub bytes: usize,
+    /// zstd (level 19) size, bytes: its share of the bundle body.
+    pub zstd_bytes: usize,
 }
 
 /// The candidate search's spending (`compile_report.json`, `search`).

@@ -56,7 +56,7 @@ pub(super) fn emit(
     )?;
     timings.record("emit_format", t);
     let spec = model_spec(&name, format.format, &model_file, &reference, &judging);
-    let golden = emit::golden(&spec, &reference.cases, &searched.outputs);
+    let golden = sized_golden(&spec, &reference, &searched.outputs, &model_bytes);
     let (profile, drift_report) =
         drift_reference(&searched.model, &spec, &reference, &judging, path)?;
     let report = Report {
@@ -77,8 +77,23 @@ pub(super) fn emit(
         judged: judging.judged,
         drift_reference: drift_report,
         search: searched.report,
+        composition: Vec::new(),
     };
     let json = |v: &dyn erased::Json| v.to_vec();
+    let mut report = report;
+    report.composition = [
+        (bp::MODEL_SPEC, json(&spec)),
+        (model_file.as_str(), model_bytes.clone()),
+        (bp::GOLDEN, json(&golden)),
+        (bp::DRIFT_REFERENCE, profile.to_json()),
+    ]
+    .into_iter()
+    .map(|(file, b)| crate::PayloadPart {
+        file: file.into(),
+        bytes: b.len(),
+        zstd_bytes: crate::zstd_len(&b),
+    })
+    .collect();
     let files = vec![
         (bp::MODEL_SPEC.to_string(), json(&spec)),
         (model_file, model_bytes.clone()),
@@ -97,6 +112,39 @@ pub(super) fn emit(
         report,
         model_bytes,
     })
+}
+
+/// Golden vectors may take at most this share of the model file's compressed
+/// size (models over [`GOLDEN_SIZING_MIN_MODEL`]) while more than one case
+/// can go.
+const GOLDEN_MAX_SHARE: f64 = 0.25;
+
+/// Models smaller than this (bytes) keep their golden cases whatever the share:
+/// a few cases of a tiny model are still only kilobytes.
+const GOLDEN_SIZING_MIN_MODEL: usize = 4096;
+
+/// Golden vectors sized to the model (issue #18 point 4): [`emit::golden`]'s
+/// cases, cut to the first one when they would take more than
+/// [`GOLDEN_MAX_SHARE`] of the model's compressed size. One case is what the
+/// self-test needs to catch a wrong model; the rest only confirm it.
+fn sized_golden(
+    spec: &ModelSpec,
+    reference: &Reference,
+    outputs: &[Outputs],
+    model_bytes: &[u8],
+) -> bp::GoldenVectors {
+    let g = emit::golden(spec, &reference.cases, outputs);
+    if g.cases.len() <= 1 || model_bytes.len() < GOLDEN_SIZING_MIN_MODEL {
+        return g;
+    }
+    let share = |g: &bp::GoldenVectors| {
+        let json = serde_json::to_vec(g).unwrap_or_default();
+        crate::zstd_len(&json) as f64 / crate::zstd_len(model_bytes).max(1) as f64
+    };
+    if share(&g) <= GOLDEN_MAX_SHARE {
+        return g;
+    }
+    emit::golden_cases(spec, &reference.cases, outputs, 1)
 }
 
 /// The model spec the agent loads: tensor specs, recurrent state bindings, the task
