@@ -315,7 +315,16 @@ pub fn report_txt(r: &Report) -> String {
     let _ = writeln!(s, "original ONNX     {} bytes", r.original_bytes);
     let _ = writeln!(s, "specialised fp32  {} bytes", r.specialised_bytes);
     let _ = writeln!(s, "inputs            {:?}", r.specialise.inputs);
-    let _ = writeln!(s, "folded constants  {:?}", r.specialise.folded_consts);
+    let folded: Vec<String> = r
+        .specialise
+        .folded_consts
+        .iter()
+        .map(|(k, v)| match v {
+            crate::onnx::specialise::ConstValue::Scalar(x) => format!("{k}={x}"),
+            crate::onnx::specialise::ConstValue::Tensor(xs) => format!("{k}={xs:?}"),
+        })
+        .collect();
+    let _ = writeln!(s, "folded constants  {}", folded.join(", "));
     let _ = writeln!(s, "resolved If       {}", r.specialise.resolved_ifs.len());
     let _ = writeln!(s, "calibration       {}", r.calibration);
     let d = &r.drift_reference;

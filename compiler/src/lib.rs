@@ -45,7 +45,7 @@ pub struct CompileOptions {
     /// `--input NAME=SHAPE`: fixed input shapes (override the profile).
     pub inputs: BTreeMap<String, Vec<usize>>,
     /// `--const NAME=VALUE`: inputs folded into constants (override the profile).
-    pub consts: BTreeMap<String, f64>,
+    pub consts: BTreeMap<String, onnx::specialise::ConstValue>,
     /// `--range NAME=LO..HI`: declared value ranges of inputs (over the
     /// profile's); generated calibration is shaped to them
     /// ([`calib::generate`]).

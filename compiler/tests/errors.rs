@@ -577,7 +577,10 @@ fn a_const_that_does_not_fit_the_inputs_type_is_refused() {
     let p = common::write_model(dir.path(), "k.onnx", &m);
     for bad in [2.5, 1e40, f64::NAN] {
         let mut o = opts(&p);
-        o.consts.insert("k".into(), bad);
+        o.consts.insert(
+            "k".into(),
+            edgefleet_compiler::onnx::specialise::ConstValue::Scalar(bad),
+        );
         let e = edgefleet_compiler::build(&o, &common::profile("rpi4"))
             .err()
             .unwrap_or_else(|| panic!("k={bad} refused"));
@@ -588,7 +591,10 @@ fn a_const_that_does_not_fit_the_inputs_type_is_refused() {
         );
     }
     let mut o = opts(&p);
-    o.consts.insert("k".into(), 2.0);
+    o.consts.insert(
+        "k".into(),
+        edgefleet_compiler::onnx::specialise::ConstValue::Scalar(2.0),
+    );
     edgefleet_compiler::build(&o, &common::profile("rpi4")).expect("k=2 folds");
 }
 

@@ -224,3 +224,58 @@ fn a_float64_input_model_compiles_with_generated_and_npy_calibration() {
         "{msg}"
     );
 }
+
+/// `--const NAME=V1,V2,...` folds a non-scalar input (a shape tensor) into a
+/// constant; a count that does not fit the input's shape, or a scalar for a
+/// two-element input, is refused naming the input.
+#[test]
+fn a_shape_tensor_input_folds_from_a_list_const() {
+    use edgefleet_compiler::onnx::specialise::ConstValue;
+    let dir = tempfile::tempdir().unwrap();
+    // y = Relu(Reshape(x [1, 12] @ W [12, 12], shape)), shape int64 [2].
+    let mut m = common::model(
+        vec![
+            node("MatMul", &["x", "W"], "h", vec![]),
+            node("Reshape", &["h", "shape"], "r", vec![]),
+            node("Relu", &["r"], "y", vec![]),
+        ],
+        vec![onnx::f32_tensor("W", &[12, 12], &hashed(144, 4))],
+        ("x", &[1, 12]),
+        &[("y", &[3, 4])],
+        vec![],
+    );
+    m.graph
+        .as_mut()
+        .unwrap()
+        .input
+        .push(onnx::fixed_value_info("shape", 7, &[2]));
+    let p = common::write_model(dir.path(), "reshape.onnx", &m);
+    let t = common::profile("x86-avx2-gateway");
+    let mut o = opts(&p);
+    o.consts
+        .insert("shape".into(), ConstValue::Tensor(vec![3.0, 4.0]));
+    let c = edgefleet_compiler::build(&o, &t).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.spec.inputs.len(), 1, "only x is left");
+    assert_eq!(c.spec.outputs[0].shape, [3, 4]);
+    assert_eq!(
+        c.report.specialise.folded_consts.get("shape"),
+        Some(&ConstValue::Tensor(vec![3.0, 4.0]))
+    );
+    for (v, want) in [
+        (
+            ConstValue::Tensor(vec![3.0, 4.0, 1.0]),
+            "has 3 values, the input's shape [2] holds 2",
+        ),
+        (ConstValue::Scalar(12.0), "give its 2 values as a list"),
+        (ConstValue::Tensor(vec![3.0, 4.5]), "does not fit"),
+    ] {
+        let mut o = opts(&p);
+        o.consts.insert("shape".into(), v);
+        let e = edgefleet_compiler::build(&o, &t).err().expect("refused");
+        assert!(
+            matches!(&e, Error::Shape { input, .. } if input == "shape"),
+            "{e}"
+        );
+        assert!(e.to_string().contains(want), "{e}");
+    }
+}

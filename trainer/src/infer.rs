@@ -128,7 +128,11 @@ fn silero_16k(bytes: &[u8], what: &str) -> Result<Vec<u8>, Error> {
     let shapes = [("input", vec![1, 576]), ("state", vec![2, 1, 128])]
         .map(|(k, v)| (k.to_string(), v))
         .into();
-    let consts = [("sr".to_string(), 16_000.0)].into();
+    let consts = [(
+        "sr".to_string(),
+        edgefleet_compiler::onnx::specialise::ConstValue::Scalar(16_000.0),
+    )]
+    .into();
     specialise(
         &mut m,
         std::path::Path::new(what),

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context};
+use edgefleet_compiler::onnx::specialise::ConstValue;
 use edgefleet_compiler::CompileOptions;
 use edgefleet_targets::{PruneScope, Quantize};
 
@@ -40,7 +41,9 @@ pub struct Args {
     /// Fix an input shape: NAME=D0,D1,... (repeatable; overrides the profile).
     #[arg(long = "input", value_name = "NAME=SHAPE")]
     pub inputs: Vec<String>,
-    /// Fold a scalar input into a constant: NAME=VALUE (repeatable; e.g. sr=16000).
+    /// Fold an input into a constant: NAME=VALUE for a scalar (e.g. sr=16000), or
+    /// NAME=V1,V2,... for a tensor of that many elements, row-major (a shape
+    /// tensor: shape=1,3,224,224; a one-element list: `x=5,`). Repeatable.
     #[arg(long = "const", value_name = "NAME=VALUE")]
     pub consts: Vec<String>,
     /// Declare the values an input takes: NAME=LO..HI (repeatable; e.g.
@@ -171,10 +174,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut consts = BTreeMap::new();
     for s in &args.consts {
         let (k, v) = split_kv(s)?;
+        let values = v
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<f64>()
+                    .with_context(|| format!("--const {s}: `{x}` is not a number"))
+            })
+            .collect::<anyhow::Result<Vec<f64>>>()?;
         consts.insert(
             k,
-            v.parse::<f64>()
-                .with_context(|| format!("--const {s}: `{v}` is not a number"))?,
+            match values.as_slice() {
+                [one] if !v.contains(',') => ConstValue::Scalar(*one),
+                _ => ConstValue::Tensor(values),
+            },
         );
     }
     let mut ranges = BTreeMap::new();

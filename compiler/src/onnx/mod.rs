@@ -181,14 +181,27 @@ pub fn scalar_tensor(
     dims: &[i64],
     value: f64,
 ) -> Option<pb::TensorProto> {
-    let raw: Vec<u8> = match DataType::try_from(data_type).ok()? {
-        DataType::Float => (value as f32).to_le_bytes().to_vec(),
-        DataType::Double => value.to_le_bytes().to_vec(),
-        DataType::Int64 => (value as i64).to_le_bytes().to_vec(),
-        DataType::Int32 => (value as i32).to_le_bytes().to_vec(),
-        DataType::Bool => vec![u8::from(value != 0.0)],
+    const_tensor(name, data_type, dims, &[value])
+}
+
+/// A constant tensor of `values` (row-major) with the given ONNX element
+/// type and dims; `None` for an element type it cannot encode (float,
+/// double, int64, int32, bool are supported).
+pub fn const_tensor(
+    name: &str,
+    data_type: i32,
+    dims: &[i64],
+    values: &[f64],
+) -> Option<pb::TensorProto> {
+    let enc: fn(f64) -> Vec<u8> = match DataType::try_from(data_type).ok()? {
+        DataType::Float => |v| (v as f32).to_le_bytes().to_vec(),
+        DataType::Double => |v| v.to_le_bytes().to_vec(),
+        DataType::Int64 => |v| (v as i64).to_le_bytes().to_vec(),
+        DataType::Int32 => |v| (v as i32).to_le_bytes().to_vec(),
+        DataType::Bool => |v| vec![u8::from(v != 0.0)],
         _ => return None,
     };
+    let raw: Vec<u8> = values.iter().flat_map(|&v| enc(v)).collect();
     Some(pb::TensorProto {
         name: name.into(),
         dims: dims.to_vec(),

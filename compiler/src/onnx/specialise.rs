@@ -9,7 +9,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 use super::{
-    attr, check_ops, fixed_value_info, graph, graph_mut, node_name, real_inputs, scalar_tensor,
+    attr, check_ops, const_tensor, fixed_value_info, graph, graph_mut, node_name, real_inputs,
     value_type,
 };
 use crate::Error;
@@ -23,7 +23,7 @@ pub struct SpecialiseReport {
     /// `--input` nor the profile gave a shape.
     pub batch_defaulted: Vec<String>,
     /// Inputs folded into constants.
-    pub folded_consts: BTreeMap<String, f64>,
+    pub folded_consts: BTreeMap<String, ConstValue>,
     /// `If` nodes resolved (node name -> branch taken).
     pub resolved_ifs: Vec<(String, String)>,
     /// Constant nodes turned into initializers.
@@ -51,7 +51,7 @@ pub fn specialise(
     m: &mut pb::ModelProto,
     path: &Path,
     shapes: &BTreeMap<String, Vec<usize>>,
-    consts: &BTreeMap<String, f64>,
+    consts: &BTreeMap<String, ConstValue>,
     strict_names: &HashSet<String>,
 ) -> Result<SpecialiseReport, Error> {
     let mut rep = SpecialiseReport {
@@ -144,34 +144,94 @@ fn strip_metadata(m: &mut pb::ModelProto) -> usize {
 fn fold_consts(
     m: &mut pb::ModelProto,
     path: &Path,
-    consts: &BTreeMap<String, f64>,
+    consts: &BTreeMap<String, ConstValue>,
     strict: &HashSet<String>,
     rep: &mut SpecialiseReport,
 ) -> Result<(), Error> {
     let g = graph_mut(m);
-    for (name, &value) in consts {
+    for (name, value) in consts {
+        let bad = |reason: String| Error::Shape {
+            path: path.into(),
+            input: name.clone(),
+            reason,
+        };
         let Some(pos) = g.input.iter().position(|i| &i.name == name) else {
             if strict.contains(name) {
-                return Err(Error::Shape {
-                    path: path.into(),
-                    input: name.clone(),
-                    reason: "--const names no model input".into(),
-                });
+                return Err(bad("--const names no model input".into()));
             }
             continue;
         };
         let (elem, dims) = value_type(&g.input[pos]);
-        if dims.iter().any(|d| d.is_some_and(|d| d != 1)) {
-            return Err(Error::Shape {
-                path: path.into(),
-                input: name.clone(),
-                reason: format!(
-                    "only scalar inputs can be folded into constants, this one has dims {dims:?}"
-                ),
-            });
+        let (values, dims) = const_dims(value, &dims).map_err(bad)?;
+        check_const_fits(elem, &values).map_err(bad)?;
+        let t = const_tensor(name, elem, &dims, &values).ok_or_else(|| {
+            bad(format!(
+                "cannot fold a constant of ONNX element type {elem}"
+            ))
+        })?;
+        g.input.remove(pos);
+        g.initializer.retain(|i| &i.name != name);
+        g.initializer.push(t);
+        rep.folded_consts.insert(name.clone(), value.clone());
+    }
+    Ok(())
+}
+
+/// A `--const` value: a scalar (`sr=16000`) or a tensor's elements in
+/// row-major order (`shape=1,3,224,224`, for shape tensors and other small
+/// constant inputs).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ConstValue {
+    /// One value, for an input whose every dimension is 1 (or a scalar).
+    Scalar(f64),
+    /// The elements, for an input with as many elements (a rank-1 input
+    /// with an unknown length takes the list's).
+    Tensor(Vec<f64>),
+}
+
+/// The values of a constant and the dims of its initializer, from the
+/// input's declared dims.
+///
+/// # Errors
+/// A message when the count does not match the input's shape.
+fn const_dims(value: &ConstValue, dims: &[Option<i64>]) -> Result<(Vec<f64>, Vec<i64>), String> {
+    match value {
+        ConstValue::Scalar(v) => {
+            if dims.iter().any(|d| d.is_some_and(|d| d != 1)) {
+                return Err(format!(
+                    "a scalar folds only into an input of one element, this one has dims {dims:?}: give its {} values as a list",
+                    dims.iter().flatten().product::<i64>()
+                ));
+            }
+            Ok((vec![*v], dims.iter().map(|_| 1).collect()))
         }
-        use pb::tensor_proto::DataType;
-        // Integers (2^53: exact in an f64) in their type's range; floats finite in f32.
+        ConstValue::Tensor(vs) => {
+            let n = vs.len() as i64;
+            let dims: Vec<i64> = match dims {
+                [None] => vec![n],
+                d if d.iter().all(Option::is_some) => d.iter().flatten().copied().collect(),
+                d => return Err(format!("a list folds only into an input of fixed shape (or rank 1), this one has dims {d:?}")),
+            };
+            let want: i64 = dims.iter().product();
+            if want != n {
+                return Err(format!(
+                    "--const has {n} values, the input's shape {dims:?} holds {want}"
+                ));
+            }
+            Ok((vs.clone(), dims))
+        }
+    }
+}
+
+/// Checks that every value fits the ONNX element type: integers (exact up
+/// to 2^53 in an f64) in their type's range, bool 0 or 1, floats finite in f32.
+///
+/// # Errors
+/// A message naming the first value that does not fit.
+fn check_const_fits(elem: i32, values: &[f64]) -> Result<(), String> {
+    use pb::tensor_proto::DataType;
+    for &value in values {
         let int_in = |lo: f64, hi: f64| value.fract() == 0.0 && (lo..=hi).contains(&value);
         let fits = value.is_finite()
             && match DataType::try_from(elem) {
@@ -182,25 +242,11 @@ fn fold_consts(
                 _ => true,
             };
         if !fits {
-            return Err(Error::Shape {
-                path: path.into(),
-                input: name.clone(),
-                reason: format!(
-                    "--const value {value} does not fit the input's ONNX element type {elem} ({})",
-                    DataType::try_from(elem).map_or("unknown".into(), |t| format!("{t:?}"))
-                ),
-            });
+            return Err(format!(
+                "--const value {value} does not fit the input's ONNX element type {elem} ({})",
+                DataType::try_from(elem).map_or("unknown".into(), |t| format!("{t:?}"))
+            ));
         }
-        let dims: Vec<i64> = dims.iter().map(|_| 1).collect();
-        let t = scalar_tensor(name, elem, &dims, value).ok_or_else(|| Error::Shape {
-            path: path.into(),
-            input: name.clone(),
-            reason: format!("cannot fold a constant of ONNX element type {elem}"),
-        })?;
-        g.input.remove(pos);
-        g.initializer.retain(|i| &i.name != name);
-        g.initializer.push(t);
-        rep.folded_consts.insert(name.clone(), value);
     }
     Ok(())
 }

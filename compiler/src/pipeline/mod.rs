@@ -195,7 +195,12 @@ fn specialise(
     let Loaded { source, mut model } = loaded;
     let mut shapes = source.overrides.inputs.clone();
     shapes.extend(opts.inputs.clone());
-    let mut consts = source.overrides.consts.clone();
+    let mut consts: BTreeMap<String, onnx::specialise::ConstValue> = source
+        .overrides
+        .consts
+        .iter()
+        .map(|(k, &v)| (k.clone(), onnx::specialise::ConstValue::Scalar(v)))
+        .collect();
     consts.extend(opts.consts.clone());
     let strict: HashSet<String> = opts
         .inputs
