@@ -188,6 +188,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if cand.gate != "pass" {
                     println!("    gate: {}", cand.gate);
                 }
+                println!(
+                    "    search: {} model runs in {} builds, {:.1} s; {}{}",
+                    r.search.model_runs,
+                    r.search.builds,
+                    r.search.seconds,
+                    r.search.sensitivity,
+                    r.search
+                        .exhausted
+                        .as_deref()
+                        .map_or(String::new(), |x| format!("; {x}"))
+                );
                 // Where the bundle bytes go (each file alone at the bundle's zstd level).
                 let parts: Vec<String> = c
                     .files
