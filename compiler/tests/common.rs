@@ -97,3 +97,56 @@ pub fn profile(id: &str) -> edgefleet_targets::TargetProfile {
     edgefleet_targets::load(edgefleet_targets::builtin_dir().join(format!("{id}.toml")))
         .expect("profile")
 }
+
+/// Default compile options for `p` (version 1.0.0, release 1).
+pub fn opts(p: &Path) -> edgefleet_compiler::CompileOptions {
+    edgefleet_compiler::CompileOptions::new(p, semver::Version::new(1, 0, 0), 1)
+}
+
+/// The golden vectors a compile produced.
+pub fn golden(c: &edgefleet_compiler::Compiled) -> edgefleet_bundle::payload::GoldenVectors {
+    let (_, b) = c
+        .files
+        .iter()
+        .find(|(n, _)| n == "golden.json")
+        .expect("golden.json");
+    edgefleet_bundle::payload::GoldenVectors::from_json(b).expect("golden vectors")
+}
+
+/// A node of `op` named `name`.
+pub fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    output: &str,
+    attribute: Vec<pb::AttributeProto>,
+) -> pb::NodeProto {
+    pb::NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: name.into(),
+        op_type: op.into(),
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// An integer attribute.
+pub fn int_attr(name: &str, v: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+/// An integer-list attribute.
+pub fn ints_attr(name: &str, v: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}

@@ -5,17 +5,12 @@
 
 mod common;
 
-use edgefleet_bundle::payload::GoldenVectors;
-use edgefleet_compiler::{onnx, CompileOptions, Compiled};
-
-fn golden(c: &Compiled) -> GoldenVectors {
-    let (_, b) = c.files.iter().find(|(n, _)| n == "golden.json").unwrap();
-    GoldenVectors::from_json(b).unwrap()
-}
+use common::golden;
+use edgefleet_compiler::{onnx, Compiled};
 
 fn build(m: &onnx::pb::ModelProto, dir: &std::path::Path, name: &str) -> Compiled {
     let p = common::write_model(dir, name, m);
-    let o = CompileOptions::new(&p, semver::Version::new(1, 0, 0), 1);
+    let o = common::opts(&p);
     edgefleet_compiler::build(&o, &common::profile("x86-avx2-gateway")).unwrap()
 }
 

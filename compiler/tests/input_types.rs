@@ -7,37 +7,9 @@
 
 mod common;
 
-use edgefleet_bundle::payload::{DType, GoldenVectors, TensorData};
-use edgefleet_compiler::{calib::write_npy_data, onnx, onnx::pb, CompileOptions, Error};
-
-fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<pb::AttributeProto>) -> pb::NodeProto {
-    pb::NodeProto {
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: format!("{op}_{output}"),
-        op_type: op.into(),
-        attribute: attrs,
-        ..Default::default()
-    }
-}
-
-fn int_attr(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        i: v,
-        ..Default::default()
-    }
-}
-
-fn ints_attr(name: &str, v: &[i64]) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Ints as i32,
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
+use common::{golden, int_attr, ints_attr, node, opts};
+use edgefleet_bundle::payload::{DType, TensorData};
+use edgefleet_compiler::{calib::write_npy_data, onnx, onnx::pb, Error};
 
 fn hashed(n: usize, salt: usize) -> Vec<f32> {
     (0..n)
@@ -57,15 +29,34 @@ const DOUBLE: i32 = 11;
 fn token_classifier(vocab: usize) -> pb::ModelProto {
     let mut m = common::model(
         vec![
-            node("Gather", &["E", "ids"], "emb", vec![int_attr("axis", 0)]),
+            node(
+                "Gather",
+                "Gather_emb",
+                &["E", "ids"],
+                "emb",
+                vec![int_attr("axis", 0)],
+            ),
             node(
                 "ReduceMean",
+                "ReduceMean_pooled",
                 &["emb"],
                 "pooled",
                 vec![ints_attr("axes", &[1]), int_attr("keepdims", 0)],
             ),
-            node("MatMul", &["pooled", "W"], "logits", vec![]),
-            node("Softmax", &["logits"], "y", vec![int_attr("axis", -1)]),
+            node(
+                "MatMul",
+                "MatMul_logits",
+                &["pooled", "W"],
+                "logits",
+                vec![],
+            ),
+            node(
+                "Softmax",
+                "Softmax_y",
+                &["logits"],
+                "y",
+                vec![int_attr("axis", -1)],
+            ),
         ],
         vec![
             onnx::f32_tensor("E", &[vocab as i64, 32], &hashed(vocab * 32, 1)),
@@ -83,9 +74,9 @@ fn token_classifier(vocab: usize) -> pb::ModelProto {
 fn f64_model() -> pb::ModelProto {
     let mut m = common::model(
         vec![
-            node("Cast", &["x"], "xf", vec![int_attr("to", 1)]),
-            node("MatMul", &["xf", "W"], "h", vec![]),
-            node("Relu", &["h"], "y", vec![]),
+            node("Cast", "Cast_xf", &["x"], "xf", vec![int_attr("to", 1)]),
+            node("MatMul", "MatMul_h", &["xf", "W"], "h", vec![]),
+            node("Relu", "Relu_y", &["h"], "y", vec![]),
         ],
         vec![onnx::f32_tensor("W", &[16, 16], &hashed(256, 3))],
         ("x", &[1, 16]),
@@ -94,15 +85,6 @@ fn f64_model() -> pb::ModelProto {
     );
     m.graph.as_mut().unwrap().input = vec![onnx::fixed_value_info("x", DOUBLE, &[1, 16])];
     m
-}
-
-fn opts(p: &std::path::Path) -> CompileOptions {
-    CompileOptions::new(p, semver::Version::new(1, 0, 0), 1)
-}
-
-fn golden(c: &edgefleet_compiler::Compiled) -> GoldenVectors {
-    let (_, b) = c.files.iter().find(|(n, _)| n == "golden.json").unwrap();
-    GoldenVectors::from_json(b).unwrap()
 }
 
 #[test]
@@ -235,9 +217,9 @@ fn a_shape_tensor_input_folds_from_a_list_const() {
     // y = Relu(Reshape(x [1, 12] @ W [12, 12], shape)), shape int64 [2].
     let mut m = common::model(
         vec![
-            node("MatMul", &["x", "W"], "h", vec![]),
-            node("Reshape", &["h", "shape"], "r", vec![]),
-            node("Relu", &["r"], "y", vec![]),
+            node("MatMul", "MatMul_h", &["x", "W"], "h", vec![]),
+            node("Reshape", "Reshape_r", &["h", "shape"], "r", vec![]),
+            node("Relu", "Relu_y", &["r"], "y", vec![]),
         ],
         vec![onnx::f32_tensor("W", &[12, 12], &hashed(144, 4))],
         ("x", &[1, 12]),

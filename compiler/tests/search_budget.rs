@@ -6,7 +6,8 @@
 
 mod common;
 
-use edgefleet_compiler::{onnx, onnx::pb, CompileOptions};
+use common::opts;
+use edgefleet_compiler::{onnx, onnx::pb};
 use edgefleet_targets::Quantize;
 
 /// y = Relu(...Relu(x @ W0)... @ W{n-1}), x [1, 64], every W [64, 64] with
@@ -56,10 +57,6 @@ fn chain(layers: usize) -> pb::ModelProto {
         prev = out;
     }
     common::model(nodes, inits, ("x", &[1, 64]), &[("y", &[1, 64])], vec![])
-}
-
-fn opts(p: &std::path::Path) -> CompileOptions {
-    CompileOptions::new(p, semver::Version::new(1, 0, 0), 1)
 }
 
 /// A gate int8 storage fails: the fallback runs.

@@ -4,21 +4,8 @@
 
 mod common;
 
-use edgefleet_compiler::{onnx, onnx::pb, CompileOptions, Error};
-
-fn opts(p: &std::path::Path) -> CompileOptions {
-    CompileOptions::new(p, semver::Version::new(1, 0, 0), 1)
-}
-
-fn node(op: &str, name: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
-    pb::NodeProto {
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: name.into(),
-        op_type: op.into(),
-        ..Default::default()
-    }
-}
+use common::{node, opts};
+use edgefleet_compiler::{onnx, onnx::pb, Error};
 
 /// Hashed bell-shaped weights (as trained weights are).
 fn w(i: usize) -> f32 {
@@ -39,7 +26,8 @@ fn a_max_with_a_minus_infinity_start_value_compiles() {
     let mut m = common::tiny_matmul(w);
     let g = m.graph.as_mut().unwrap();
     g.node.last_mut().unwrap().output = vec!["r".into()];
-    g.node.push(node("Max", "running_max", &["r", "M"], "y"));
+    g.node
+        .push(node("Max", "running_max", &["r", "M"], "y", vec![]));
     g.initializer
         .push(onnx::f32_tensor("M", &[1, 64], &[f32::NEG_INFINITY; 64]));
     let p = common::write_model(dir.path(), "max_neg_inf.onnx", &m);
