@@ -17,3 +17,12 @@
 //!   `CARGO_BIN_EXE_<name>` exists only for a package's own binaries.
 //! - Test bundles (good, golden-mismatch, NaN, slow, batched):
 //!   `edgefleet_agent::testkit` (feature `testkit`).
+//! - Power cuts: `tests/power_cut.rs` (module [`powercut`]). A real agent
+//!   runs its first install, an update with a trial and commit, and a
+//!   refused downgrade on a recording FUSE filesystem; then, for every cut
+//!   point of the write log and three assumptions about unsynced writes, an
+//!   agent starts on the directory a power cut there leaves and must serve a
+//!   verified model, never one older than the last release it reported
+//!   committed.
+
+pub mod powercut;

@@ -45,6 +45,12 @@ pub fn free_port() -> u16 {
 /// rumqttd in-process on a free port (it cannot be stopped: the thread lives
 /// until the test binary exits).
 pub fn start_rumqttd() -> u16 {
+    start_rumqttd_at("127.0.0.1")
+}
+
+/// rumqttd in-process on a free port of `ip` (`0.0.0.0`: every address, so
+/// that an agent in a network namespace reaches it over a veth link).
+pub fn start_rumqttd_at(ip: &str) -> u16 {
     let port = free_port();
     let text = format!(
         r#"id = 0
@@ -56,7 +62,7 @@ max_segment_size = 104857600
 max_segment_count = 10
 [v4.1]
 name = "v4-1"
-listen = "127.0.0.1:{port}"
+listen = "{ip}:{port}"
 next_connection_delay_ms = 1
 [v4.1.connections]
 connection_timeout_ms = 60000
@@ -434,12 +440,26 @@ request_timeout_ms = 5000
         }
     }
     pub fn spawn(&mut self) {
+        self.spawn_under(&[]);
+    }
+
+    /// Starts the agent as the last arguments of `prefix` (for example
+    /// `ip netns exec NS`: a program that execs it, so the child's pid is
+    /// the agent's).
+    pub fn spawn_under(&mut self, prefix: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path().join("agent.log"))
             .unwrap();
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         cmd.arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -548,16 +568,14 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn start(http: u16, x: [f32; 4]) -> Self {
+        let url = format!("http://127.0.0.1:{http}/v1/infer");
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
         let handle = std::thread::spawn(move || {
             let c = reqwest::blocking::Client::new();
             let body = serde_json::json!({"inputs": [Tensor::f32("x", vec![1, 4], x.to_vec())]});
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = c
-                    .post(format!("http://127.0.0.1:{http}/v1/infer"))
-                    .json(&body)
-                    .send();
+                let _ = c.post(&url).json(&body).send();
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
