@@ -103,6 +103,10 @@ pub enum Error {
         /// tract's error chain.
         reason: String,
     },
+    /// tract failed on one node of the model: which, what it depends on, and
+    /// what to do (from [`Error::Runtime`] where tract's chain names a node).
+    #[error("{0}")]
+    Node(Box<crate::explain::NodeFailure>),
     /// A requested option cannot be honoured for this model or target.
     #[error("{what}: {reason}")]
     Unsupported {

@@ -17,6 +17,7 @@
 pub mod calib;
 pub mod emit;
 mod error;
+pub mod explain;
 pub mod gate;
 pub mod onnx;
 pub mod passes;

@@ -94,3 +94,69 @@ fn an_ir3_model_with_initializers_as_inputs_compiles_to_int8() {
     );
     assert_eq!(c.report.candidates[c.report.chosen].gate, "pass");
 }
+
+/// A tract failure names the node, the graph input behind it and what to
+/// do, and doing it works: a Reshape whose shape is a graph input is
+/// refused with `--const s=...` as the advice, and compiles with it.
+#[test]
+fn a_tract_failure_names_the_node_its_input_and_a_fix_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = common::tiny_matmul(w);
+    let g = m.graph.as_mut().unwrap();
+    g.node.last_mut().unwrap().output = vec!["r".into()];
+    g.node
+        .push(node("Reshape", "reshape_out", &["r", "s"], "y", vec![]));
+    g.input.push(onnx::value_info(
+        "s",
+        pb::tensor_proto::DataType::Int64 as i32,
+        &[Some(2)],
+    ));
+    g.output = vec![onnx::value_info("y", 1, &[None, None])];
+    let p = common::write_model(dir.path(), "reshape_input.onnx", &m);
+    let e = edgefleet_compiler::build(&opts(&p), &common::profile("rpi4"))
+        .err()
+        .expect("tract cannot load a Reshape with a run-time shape");
+    let Error::Node(f) = &e else {
+        panic!("not located on a node: {e:?}")
+    };
+    assert_eq!(
+        (f.node.as_str(), f.op.as_str()),
+        ("reshape_out", "Reshape"),
+        "{e}"
+    );
+    assert_eq!(f.inputs, ["s", "x"], "{e}");
+    assert!(f.hint.contains("--const s="), "{e}");
+
+    let mut o = opts(&p);
+    o.consts.insert(
+        "s".into(),
+        onnx::specialise::ConstValue::Tensor(vec![8.0, 8.0]),
+    );
+    let c = edgefleet_compiler::build(&o, &common::profile("rpi4"))
+        .unwrap_or_else(|e| panic!("the advice did not work: {e}"));
+    assert_eq!(c.report.candidates[c.report.chosen].gate, "pass");
+}
+
+/// A node whose operands disagree (weights that do not fit the input) is
+/// named with the input and a shape hint, not a bare tract chain.
+#[test]
+fn inconsistent_shapes_name_the_node_and_the_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = common::tiny_matmul(w);
+    let g = m.graph.as_mut().unwrap();
+    let wi = g.initializer.iter_mut().find(|t| t.name == "W").unwrap();
+    *wi = onnx::f32_tensor("W", &[32, 128], &[0.01; 32 * 128]);
+    let p = common::write_model(dir.path(), "inconsistent.onnx", &m);
+    let e = edgefleet_compiler::build(&opts(&p), &common::profile("rpi4"))
+        .err()
+        .expect("inconsistent shapes are refused");
+    let Error::Node(f) = &e else {
+        panic!("not located on a node: {e:?}")
+    };
+    assert_eq!(
+        (f.node.as_str(), f.inputs.as_slice()),
+        ("mm", &["x".to_string()][..]),
+        "{e}"
+    );
+    assert!(f.hint.contains("shapes reaching it disagree"), "{e}");
+}

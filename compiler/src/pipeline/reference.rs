@@ -46,7 +46,8 @@ pub(crate) struct Reference {
 /// Runs stage 3.
 ///
 /// # Errors
-/// [`Error::Runtime`] when the specialised model does not load or run in tract;
+/// [`Error::Node`] (or [`Error::Runtime`] where tract names no node) when the
+/// specialised model does not load or run in tract;
 /// [`Error::Budget`] (`ram_budget_bytes`) when its weights and one set of inputs and
 /// outputs exceed the target's RAM; [`Error::Calibration`] for a bad calibration
 /// directory.
@@ -59,7 +60,8 @@ pub(super) fn run(
     let runner = Runner::onnx(
         &spec.bytes,
         &format!("{} (specialised fp32)", path.display()),
-    )?;
+    )
+    .map_err(|e| crate::explain::locate(e, &spec.model))?;
     check_resident_budget(onnx::graph(&spec.model), &runner, target)?;
     let state = state_bindings(&runner.inputs, &runner.outputs);
     let loaded = calibration_cases(&runner, &state, spec, opts)?;
@@ -74,7 +76,8 @@ pub(super) fn run(
         split.calibration.len() as u64,
         &format!("{}: reference run", spec.source.name),
     );
-    let (cases, outputs) = run_threaded(&runner, &state, &split.calibration, &pb)?;
+    let (cases, outputs) = run_threaded(&runner, &state, &split.calibration, &pb)
+        .map_err(|e| crate::explain::locate(e, &spec.model))?;
     pb.finish_and_clear();
     let latency = runner.median_latency(&cases[0], 5)?;
     let original_tract = original_under_tract(&spec.source.original, &runner, &cases[0]);
