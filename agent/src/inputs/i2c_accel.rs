@@ -14,6 +14,13 @@
 //! device (it may have been power-cycled); then [`InputError::Exhausted`] is
 //! returned and the next call starts over. A wrong `DEVID` is reported as
 //! [`InputError::WrongDevice`] (also retried: a loose connector can read garbage).
+//!
+//! Every window is checked before it leaves ([`implausible`]): a value
+//! beyond the configured range (garbage on the bus: full resolution never
+//! reports more than the range) or a window in which no axis moves by a
+//! single LSB (a frozen sensor or a bus that returns the same bytes: real
+//! sensor noise is about 1 LSB RMS, data sheet "noise") is refused as
+//! [`InputError::Implausible`] instead of reaching the model.
 
 use std::time::Duration;
 
@@ -42,6 +49,33 @@ pub const DATA_FORMAT_FULL_RES: u8 = 0x08;
 pub const G_PER_LSB: f32 = 0.0039;
 /// Default 7-bit address (ALT ADDRESS pin low); 0x1D with it high.
 pub const DEFAULT_ADDRESS: u8 = 0x53;
+/// Windows at least this long are refused when no axis moves (shorter
+/// ones can be still by chance).
+pub const FROZEN_MIN_SAMPLES: usize = 16;
+
+/// Why a channel-major window `[3 * n]` (g) cannot come from a working
+/// ADXL345 at `range_g`, or `None`: a value beyond the range (with one LSB
+/// of slack), or, for `n >= FROZEN_MIN_SAMPLES`, all three axes constant.
+pub fn implausible(data: &[f32], n: usize, range_g: u8) -> Option<String> {
+    let limit = f32::from(range_g) + G_PER_LSB;
+    for (axis, ch) in ["x", "y", "z"].iter().zip(data.chunks(n.max(1))) {
+        if let Some((i, v)) = ch.iter().enumerate().find(|(_, v)| v.abs() > limit) {
+            return Some(format!(
+                "{axis} sample {i} reads {v} g, outside the ±{range_g} g range"
+            ));
+        }
+    }
+    let still = |ch: &[f32]| ch.iter().all(|v| *v == ch[0]);
+    if n >= FROZEN_MIN_SAMPLES && data.chunks(n).all(still) {
+        return Some(format!(
+            "no axis moved in {n} samples (x {} g, y {} g, z {} g): a frozen sensor or a stuck bus",
+            data[0],
+            data[n],
+            data[2 * n]
+        ));
+    }
+    None
+}
 
 /// Settings of the accelerometer source.
 #[derive(Debug, Clone, PartialEq)]
@@ -244,6 +278,12 @@ impl<I: I2c + Send> InputSource for Adxl345<I> {
             data[i] = x;
             data[n + i] = y;
             data[2 * n + i] = z;
+        }
+        if let Some(reason) = implausible(&data, n, self.cfg.range_g) {
+            return Err(InputError::Implausible {
+                addr: self.cfg.address,
+                reason,
+            });
         }
         Ok(vec![Tensor::f32(
             self.cfg.tensor.clone(),

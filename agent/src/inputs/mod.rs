@@ -51,6 +51,16 @@ pub enum InputError {
         #[source]
         last: Box<InputError>,
     },
+    /// A window holds values the sensor cannot measure: a frozen sensor, a
+    /// stuck bus or garbage on the wires. The window is dropped, never fed to
+    /// the model; the source stays usable.
+    #[error("i2c device 0x{addr:02x}: implausible window: {reason}")]
+    Implausible {
+        /// 7-bit device address.
+        addr: u8,
+        /// What is implausible (axis, sample, value).
+        reason: String,
+    },
     /// A file could not be read.
     #[error("input file {path}: {source}")]
     Io {

@@ -1,5 +1,6 @@
-//! The crash-injection table (the firmware-tests suite; it lives here because
-//! only this package's tests get `CARGO_BIN_EXE_edgefleet-agent`).
+//! The crash-injection table. The agent runs as `fw-agent`, this package's
+//! build of the agent's own `main.rs` (cargo defines `CARGO_BIN_EXE_<name>`
+//! only for a package's own binaries).
 //!
 //! For every update state the agent runs with `EDGEFLEET_FAULT_PAUSE_IN=<state>`,
 //! which makes it sleep right after persisting that state and before its side
@@ -8,6 +9,7 @@
 //! expected outcome and ends Idle with no download left behind.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
