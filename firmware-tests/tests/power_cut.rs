@@ -410,3 +410,47 @@ fn print_summary(trials: &[Trial], report: &std::path::Path) {
     }
     eprintln!("report: {}", report.display());
 }
+
+/// The harness can fail: real system calls through the kernel's FUSE
+/// client reach the recorder, and the crash model loses exactly what was
+/// not synced. `a` is written and renamed without an fsync (the classic
+/// bug), `b` with fsync of the file and of the directory.
+#[test]
+fn a_missing_fsync_is_lost_at_a_cut_and_a_synced_write_is_not() {
+    use edgefleet_firmware_tests::powercut::model::{Fs, ImageEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::mount(dir.path())
+        .unwrap_or_else(|e| panic!("power-cut trials need FUSE (root and /dev/fuse): {e}"));
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("a.tmp"), b"unsynced").unwrap();
+    std::fs::rename(p("a.tmp"), p("a")).unwrap();
+    {
+        let mut f = std::fs::File::create(p("b.tmp")).unwrap();
+        f.write_all(b"synced").unwrap();
+        f.sync_all().unwrap();
+    }
+    std::fs::rename(p("b.tmp"), p("b")).unwrap();
+    std::fs::File::open(dir.path()).unwrap().sync_all().unwrap();
+    let log = rec.finish().unwrap();
+    assert!(
+        log.iter().any(|o| matches!(o, Op::FsyncDir { .. })),
+        "{log:?}"
+    );
+    let mut fs = Fs::new();
+    for op in &log {
+        fs.apply(op).unwrap();
+    }
+    let file = |u: Unsynced, n: &str| match fs.image(u).get(&PathBuf::from(n)) {
+        Some(ImageEntry::File(_, d)) => Some(d.clone()),
+        _ => None,
+    };
+    assert_eq!(file(Unsynced::Lost, "b"), Some(b"synced".to_vec()));
+    assert_eq!(file(Unsynced::Kept, "a"), Some(b"unsynced".to_vec()));
+    // The directory fsync made the name `a` durable, not its data.
+    assert_eq!(file(Unsynced::Lost, "a"), Some(Vec::new()));
+    assert_eq!(file(Unsynced::NamesOnly, "a"), Some(Vec::new()));
+    assert_eq!(
+        fs.image(Unsynced::Lost).keys().collect::<Vec<_>>(),
+        [&PathBuf::from("a"), &PathBuf::from("b")]
+    );
+}
