@@ -160,24 +160,7 @@ fn sigkill_mid_download_resumes_missing_chunks_only() {
     a.spawn();
     a.wait_healthy(T);
     // ~160 KiB of incompressible payload in 4 KiB chunks: ~40 chunks.
-    let noise: Vec<u8> = (0..160 * 1024).map(|_| rand::random::<u8>()).collect();
-    let mut b = edgefleet_bundle::BundleBuilder::new(MODEL, semver::Version::new(1, 0, 2), 2)
-        .target(TARGET)
-        .chunk_size(4096);
-    for (p, d) in testkit::files(Kind::Good, MODEL, 2.0) {
-        b = b.file(p, d);
-    }
-    let b = b.file("notes.bin", noise).build(&a.key).unwrap();
-    let mut trust = edgefleet_bundle::TrustStore::new();
-    trust.add(a.key.public_key());
-    let chunks = edgefleet_bundle::UnverifiedBundle::parse(&b)
-        .unwrap()
-        .verify(&trust, &edgefleet_bundle::Policy::publisher())
-        .unwrap()
-        .manifest()
-        .body
-        .chunks
-        .len() as u64;
+    let (b, chunks) = chunked_bundle(&a.key, 2, 160);
     assert!(chunks >= 30, "{chunks} chunks");
     let half = chunks / 2;
     server.chunk_budget.store(half, Ordering::SeqCst);

@@ -14,7 +14,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use edgefleet_agent::testkit::{self, Kind};
@@ -90,41 +90,6 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn wait_idle(a: &Agent) {
-    let t = Instant::now();
-    while a.update_state() != "idle" {
-        assert!(
-            t.elapsed() < T,
-            "not idle: {}\n{}",
-            a.update_state(),
-            a.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Offers `bundle` (release `release`) to `a` until one of `kinds` comes
-/// back: every 10 s, up to 6 tries.
-///
-/// Design: the test server publishes an offer once; an agent that has
-/// connected but whose SUBSCRIBE is not yet through (a loaded CI machine)
-/// never sees it, and a fresh-clone CI run lost exactly that offer. The real
-/// server re-sends on hello; here the offer is repeated (offers are
-/// idempotent: a repeat during the job is ignored, a repeat of the active
-/// release is answered `committed`).
-fn offer_until_answered(
-    server: &Server,
-    a: &Agent,
-    bundle: &[u8],
-    release: u64,
-    kinds: &[EventKind],
-) -> Option<edgefleet_protocol::messages::UpdateEvent> {
-    (0..6).find_map(|_| {
-        server.offer(&a.id, bundle, &a.key, trial(1, 5));
-        server.try_wait_event(&a.id, release, kinds, Duration::from_secs(10))
-    })
-}
-
 /// Starts `a`, offers release 3 and waits until it is committed and idle.
 fn commit_release_3(server: &Server, a: &mut Agent) {
     let seen = server.hellos_from(&a.id);
@@ -143,7 +108,7 @@ fn commit_release_3(server: &Server, a: &mut Agent) {
     .unwrap_or_else(|| panic!("no answer to the offer of release 3\n{}", a.log()));
     assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
     drop(traffic);
-    wait_idle(a);
+    wait_idle(a, T);
     assert_eq!(a.infer(X).unwrap().0, 3);
 }
 
@@ -166,7 +131,7 @@ fn check_device(server: &Server, a: &mut Agent, want_serving: u64) -> Result<Str
     a.spawn();
     a.wait_healthy(T);
     server.wait_hello(&a.id, seen, T);
-    wait_idle(a);
+    wait_idle(a, T);
     let (rel, y) = a.infer(X)?;
     let k = rel as f32;
     if rel != want_serving || y != X.map(|x| k * x) {
@@ -225,7 +190,7 @@ fn store_with_older_contents_keeps_floor_and_serving_release() {
     let mut a = Agent::new("stale-store", port, "");
     a.spawn();
     a.wait_healthy(T);
-    wait_idle(&a);
+    wait_idle(&a, T);
     assert_eq!(a.sigterm().code(), Some(0), "{}", a.log());
     let old = a.path().join("store-at-release-1");
     copy_dir(&a.path().join("data/store"), &old);

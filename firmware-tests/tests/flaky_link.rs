@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use edgefleet_agent::testkit::{self, Kind};
 use edgefleet_protocol::messages::EventKind;
 use rand::Rng;
 
@@ -217,30 +216,6 @@ fn outbox(sock: &Path) -> (Option<u64>, Option<u64>) {
     )
 }
 
-/// A good release with 160 KiB of incompressible payload in 4 KiB chunks.
-fn chunked_bundle(a: &Agent, release: u64) -> (Vec<u8>, u64) {
-    let noise: Vec<u8> = (0..160 * 1024).map(|_| rand::random::<u8>()).collect();
-    let mut b =
-        edgefleet_bundle::BundleBuilder::new(MODEL, semver::Version::new(1, 0, release), release)
-            .target(TARGET)
-            .chunk_size(4096);
-    for (p, d) in testkit::files(Kind::Good, MODEL, release as f32) {
-        b = b.file(p, d);
-    }
-    let b = b.file("notes.bin", noise).build(&a.key).unwrap();
-    let mut trust = edgefleet_bundle::TrustStore::new();
-    trust.add(a.key.public_key());
-    let chunks = edgefleet_bundle::UnverifiedBundle::parse(&b)
-        .unwrap()
-        .verify(&trust, &edgefleet_bundle::Policy::publisher())
-        .unwrap()
-        .manifest()
-        .body
-        .chunks
-        .len() as u64;
-    (b, chunks)
-}
-
 #[test]
 fn update_and_telemetry_survive_a_flapping_shaped_link() {
     let mut link = Link::new().unwrap_or_else(|e| {
@@ -272,7 +247,7 @@ fn update_and_telemetry_survive_a_flapping_shaped_link() {
     }
     server.wait_hello(&a.id, seen, Duration::from_secs(60));
 
-    let (bundle, chunks) = chunked_bundle(&a, 2);
+    let (bundle, chunks) = chunked_bundle(&a.key, 2, 160);
     let stop = AtomicBool::new(false);
     let stop_traffic = AtomicBool::new(false);
     let started = Instant::now();

@@ -75,33 +75,16 @@ impl Marks {
     }
 }
 
-/// Offers `bundle` until one of `kinds` comes back (see data_dir_damage.rs).
-fn offer_until_answered(
+/// [`offer_until_answered`], or a panic with the agent's log.
+fn answered(
     server: &Server,
     a: &Agent,
     bundle: &[u8],
     release: u64,
     kinds: &[EventKind],
 ) -> edgefleet_protocol::messages::UpdateEvent {
-    (0..6)
-        .find_map(|_| {
-            server.offer(&a.id, bundle, &a.key, trial(1, 5));
-            server.try_wait_event(&a.id, release, kinds, Duration::from_secs(10))
-        })
+    offer_until_answered(server, a, bundle, release, kinds)
         .unwrap_or_else(|| panic!("no answer to the offer of release {release}\n{}", a.log()))
-}
-
-fn wait_idle(a: &Agent) {
-    let t = Instant::now();
-    while a.update_state() != "idle" {
-        assert!(
-            t.elapsed() < T,
-            "not idle: {}\n{}",
-            a.update_state(),
-            a.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The recording: the agent's life on the FUSE filesystem, with marks.
@@ -165,39 +148,23 @@ fn drive_updates(server: &Server, a: &mut Agent, rec: &Recorder, marks: &Mutex<M
         EventKind::Failed,
     ];
     let commit = |release: u64| {
-        let b = chunked_bundle(a, release, NOISE_KIB);
-        let e = offer_until_answered(server, a, &b, release, &done);
+        let (b, _) = chunked_bundle(&a.key, release, NOISE_KIB);
+        let e = answered(server, a, &b, release, &done);
         marks.lock().unwrap().committed.push((rec.ops(), release));
         assert_eq!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
-        wait_idle(a);
+        wait_idle(a, T);
     };
     commit(3);
     let b4 = testkit::bundle(Kind::GoldenMismatch, &a.key, MODEL, 4, TARGET, 4.0);
-    let e = offer_until_answered(server, a, &b4, 4, &done);
+    let e = answered(server, a, &b4, 4, &done);
     assert_ne!(e.kind, EventKind::Committed, "{e:?}\n{}", a.log());
-    wait_idle(a);
+    wait_idle(a, T);
     commit(5);
     let b2 = testkit::bundle(Kind::Good, &a.key, MODEL, 2, TARGET, 2.0);
-    let e = offer_until_answered(server, a, &b2, 2, &[EventKind::Rejected]);
+    let e = answered(server, a, &b2, 2, &[EventKind::Rejected]);
     assert_eq!(e.reason.as_deref(), Some("downgrade"), "{e:?}");
     drop(traffic);
     assert_eq!(a.infer(X).unwrap().0, 5);
-}
-
-/// A good release (`y = release * x`) with `noise_kib` KiB of incompressible
-/// payload in 4 KiB chunks: a download of many chunks, each persisted.
-fn chunked_bundle(a: &Agent, release: u64, noise_kib: usize) -> Vec<u8> {
-    let noise: Vec<u8> = (0..noise_kib * 1024)
-        .map(|_| rand::random::<u8>())
-        .collect();
-    let mut b =
-        edgefleet_bundle::BundleBuilder::new(MODEL, semver::Version::new(1, 0, release), release)
-            .target(TARGET)
-            .chunk_size(4096);
-    for (p, d) in testkit::files(Kind::Good, MODEL, release as f32) {
-        b = b.file(p, d);
-    }
-    b.file("notes.bin", noise).build(&a.key).unwrap()
 }
 
 /// One agent started on `img`: the release it serves once its outputs are

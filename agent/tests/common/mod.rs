@@ -609,3 +609,67 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A good release (`y = release * x`) carrying `noise_kib` KiB of
+/// incompressible payload in 4 KiB chunks (a download of many chunks, each
+/// persisted), and its chunk count.
+pub fn chunked_bundle(key: &SigningKey, release: u64, noise_kib: usize) -> (Vec<u8>, u64) {
+    let noise: Vec<u8> = (0..noise_kib * 1024)
+        .map(|_| rand::random::<u8>())
+        .collect();
+    let mut b =
+        edgefleet_bundle::BundleBuilder::new(MODEL, semver::Version::new(1, 0, release), release)
+            .target(TARGET)
+            .chunk_size(4096);
+    for (p, d) in testkit::files(Kind::Good, MODEL, release as f32) {
+        b = b.file(p, d);
+    }
+    let b = b.file("notes.bin", noise).build(key).unwrap();
+    let mut trust = TrustStore::new();
+    trust.add(key.public_key());
+    let chunks = UnverifiedBundle::parse(&b)
+        .unwrap()
+        .verify(&trust, &Policy::publisher())
+        .unwrap()
+        .manifest()
+        .body
+        .chunks
+        .len() as u64;
+    (b, chunks)
+}
+
+/// Waits until `a` reports update state `idle`; panics with its log after `timeout`.
+pub fn wait_idle(a: &Agent, timeout: Duration) {
+    let t = Instant::now();
+    while a.update_state() != "idle" {
+        assert!(
+            t.elapsed() < timeout,
+            "not idle: {}\n{}",
+            a.update_state(),
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Offers `bundle` (release `release`) to `a` until one of `kinds` comes
+/// back: every 10 s, up to 6 tries.
+///
+/// Design: the test server publishes an offer once; an agent that has
+/// connected but whose SUBSCRIBE is not yet through (a loaded CI machine)
+/// never sees it, and a fresh-clone CI run lost exactly that offer. The real
+/// server re-sends on hello; here the offer is repeated (offers are
+/// idempotent: a repeat during the job is ignored, a repeat of the active
+/// release is answered `committed`).
+pub fn offer_until_answered(
+    server: &Server,
+    a: &Agent,
+    bundle: &[u8],
+    release: u64,
+    kinds: &[EventKind],
+) -> Option<UpdateEvent> {
+    (0..6).find_map(|_| {
+        server.offer(&a.id, bundle, &a.key, trial(1, 5));
+        server.try_wait_event(&a.id, release, kinds, Duration::from_secs(10))
+    })
+}

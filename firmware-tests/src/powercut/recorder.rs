@@ -193,22 +193,20 @@ impl RecorderFs {
         Ok(self.file_attr(a))
     }
 
-    fn unlink_any(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let op = Op::Unlink {
-            parent: parent.0,
-            name: name.to_os_string(),
-        };
+    /// Records `op` and answers the request that carried it.
+    fn record_reply(&self, op: Op, reply: ReplyEmpty) {
         match Self::record(&mut self.lock(), op) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
-    fn sync(&self, op: Op, reply: ReplyEmpty) {
-        match Self::record(&mut self.lock(), op) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+    fn unlink_any(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let op = Op::Unlink {
+            parent: parent.0,
+            name: name.to_os_string(),
+        };
+        self.record_reply(op, reply);
     }
 }
 
@@ -376,7 +374,7 @@ impl Filesystem for RecorderFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.sync(Op::Fsync { ino: ino.0 }, reply);
+        self.record_reply(Op::Fsync { ino: ino.0 }, reply);
     }
 
     fn readdir(
@@ -417,7 +415,7 @@ impl Filesystem for RecorderFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.sync(Op::FsyncDir { ino: ino.0 }, reply);
+        self.record_reply(Op::FsyncDir { ino: ino.0 }, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
