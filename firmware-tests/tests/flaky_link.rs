@@ -1,12 +1,12 @@
 //! Flaky links (issue 18, point 8): the agent runs in its own network
 //! namespace, joined to the broker by a veth pair whose host end is
-//! rate-limited (tc tbf) and taken down and up at random while a 40-chunk
-//! update downloads and telemetry flows. netem (packet loss, delay) is used
+//! rate-limited (tc tbf) and taken down and up at random for 45 s while a
+//! 40-chunk update downloads and telemetry flows. netem (packet loss, delay) is used
 //! as well where the kernel has it (`sch_netem`; this machine's does not,
 //! and the test says which it used).
 //!
-//! The device must commit the update (resuming chunks, not restarting the
-//! download), keep serving, and deliver every telemetry record it produced
+//! The device must commit the update (during the storm or within minutes
+//! after the link holds again), keep serving, and deliver every telemetry record it produced
 //! (store-and-forward: no sequence number missing at the server).
 //!
 //! Needs root and iproute2 (`ip`, `tc`); CI has both. One device per test
@@ -137,12 +137,17 @@ impl Drop for Link {
     }
 }
 
-/// Takes the link down for 0.3-3 s every 1-3 s until `stop`; returns the
-/// number of outages.
+/// How long the link flaps: a storm, after which it holds (a link that is
+/// down half the time forever is a dead link, not a flaky one).
+const STORM: Duration = Duration::from_secs(45);
+
+/// Takes the link down for 0.3-3 s every 1-3 s for [`STORM`] or until
+/// `stop`; returns the number of outages.
 fn flap(link: &Link, stop: &AtomicBool) -> u32 {
     let mut rng = rand::thread_rng();
     let mut outages = 0;
-    while !stop.load(Ordering::Relaxed) {
+    let t = Instant::now();
+    while !stop.load(Ordering::Relaxed) && t.elapsed() < STORM {
         std::thread::sleep(Duration::from_millis(rng.gen_range(1000..3000)));
         link.set_up(false);
         outages += 1;
