@@ -30,7 +30,17 @@ pub async fn run(cfg: Config, shutdown: tokio::sync::watch::Receiver<bool>) -> a
         .latency_budget_ms()
         .map_err(anyhow::Error::msg)
         .context("target_profile")?;
-    let engine = Engine::start(cfg.api.workers, cfg.api.queue_len, cfg.api.max_batch);
+    let threads = cfg
+        .compute_threads()
+        .map_err(anyhow::Error::msg)
+        .context("target_profile")?;
+    let engine = Engine::start_on(
+        cfg.api.workers,
+        cfg.api.queue_len,
+        cfg.api.max_batch,
+        crate::runtime::Compute::threads(threads),
+    );
+    tracing::info!(threads, "inference threads per request");
     let status = Arc::new(Mutex::new(StatusInfo {
         update_state: "idle".into(),
         ..Default::default()
@@ -296,7 +306,10 @@ fn load_active(
         let r = slots
             .check(slot, trust, &cfg.target)
             .map_err(|e| e.to_string())
-            .and_then(|c| Model::load(&c.files_dir, c.info.release).map_err(|e| e.to_string()))
+            .and_then(|c| {
+                Model::load_on(&c.files_dir, c.info.release, engine.compute())
+                    .map_err(|e| e.to_string())
+            })
             .and_then(|m| m.self_test().map(|_| m).map_err(|e| e.detail().to_string()));
         match r {
             Ok(m) => {

@@ -101,6 +101,11 @@ pub struct ApiConfig {
     /// Largest micro-batch for models with a batch axis (default 8).
     #[serde(default = "default_batch")]
     pub max_batch: usize,
+    /// Threads one inference's matrix products run on (a pool shared by the
+    /// workers; 1..=1024). Default: the target profile's `cores` when
+    /// `target_profile` is given, else 1.
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 fn default_workers() -> usize {
@@ -391,6 +396,12 @@ impl Config {
                 "workers, queue_len and max_batch must be at least 1".into(),
             ));
         }
+        if c.api.threads.is_some_and(|t| t == 0 || t > 1024) {
+            return Err(invalid(
+                "api.threads",
+                format!("{} is impossible (1..=1024)", c.api.threads.unwrap_or(0)),
+            ));
+        }
         if c.trusted_keys.is_empty() {
             return Err(invalid(
                 "trusted_keys",
@@ -477,6 +488,22 @@ impl Config {
             t.merge(TrustStore::load(p)?);
         }
         Ok(t)
+    }
+
+    /// Threads per inference: `api.threads`, else the target profile's `cores`,
+    /// else 1.
+    ///
+    /// # Errors
+    /// The target profile does not load (its error).
+    pub fn compute_threads(&self) -> Result<usize, String> {
+        if let Some(t) = self.api.threads {
+            return Ok(t);
+        }
+        if let Some(p) = &self.target_profile {
+            let t = edgefleet_targets::load(p).map_err(|e| e.to_string())?;
+            return Ok(t.cores as usize);
+        }
+        Ok(1)
     }
 
     /// The trial latency budget (ms): the config's, else the target profile's, else 100.
@@ -616,5 +643,40 @@ dir = "replay"
         let e = Config::parse(&GOOD.replace("dev-1", "dev/1"), Path::new("a.toml"))
             .expect_err("bad id");
         assert!(e.to_string().contains("device_id"), "{e}");
+    }
+
+    /// Threads per inference: the explicit `api.threads`, else the target
+    /// profile's `cores` (the builtin 4-core x86 gateway here), else 1; 0 and
+    /// absurd counts are refused naming the key.
+    #[test]
+    fn compute_threads_follow_config_then_profile() {
+        let c = Config::parse(GOOD, Path::new("a.toml")).expect("parses");
+        assert_eq!(c.compute_threads(), Ok(1));
+        let profile = edgefleet_targets::builtin_dir().join("x86-avx2-gateway.toml");
+        let cores = edgefleet_targets::load(&profile).expect("profile").cores as usize;
+        assert!(cores > 1, "the test needs a multi-core profile");
+        let with_profile = GOOD.replace(
+            "tags = [",
+            &format!(
+                "target_profile = {:?}\ntags = [",
+                profile.display().to_string()
+            ),
+        );
+        let c = Config::parse(&with_profile, Path::new("a.toml")).expect("parses");
+        assert_eq!(c.compute_threads(), Ok(cores));
+        let c = Config::parse(
+            &with_profile.replace("[api]\n", "[api]\nthreads = 3\n"),
+            Path::new("a.toml"),
+        )
+        .expect("parses");
+        assert_eq!(c.compute_threads(), Ok(3));
+        for bad in ["0", "5000"] {
+            let e = Config::parse(
+                &GOOD.replace("[api]\n", &format!("[api]\nthreads = {bad}\n")),
+                Path::new("a.toml"),
+            )
+            .expect_err(bad);
+            assert!(e.to_string().contains("api.threads"), "{bad}: {e}");
+        }
     }
 }

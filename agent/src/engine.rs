@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use edgefleet_bundle::payload::{Tensor, TensorData};
 use edgefleet_protocol::messages::{ReleaseRef, TrialEnd, TrialMode};
 
-use crate::runtime::{check_finite, Model, RunError};
+use crate::runtime::{check_finite, Compute, Model, RunError};
 use crate::telemetry::{MetricsExtras, Outbox, Stats};
 
 /// A completed inference.
@@ -225,6 +225,7 @@ pub struct Counters {
 
 /// The engine (shared as `Arc<Engine>`).
 pub struct Engine {
+    compute: Compute,
     active: RwLock<Option<Arc<Model>>>,
     trial: RwLock<Option<Arc<Trial>>>,
     tx: SyncSender<Job>,
@@ -253,10 +254,23 @@ pub fn label(r: &ReleaseRef) -> String {
 }
 
 impl Engine {
-    /// Starts `workers` inference threads over a queue of `queue_len`.
+    /// Starts `workers` inference threads over a queue of `queue_len`; models
+    /// run on the calling worker thread.
     pub fn start(workers: usize, queue_len: usize, max_batch: usize) -> Arc<Self> {
+        Self::start_on(workers, queue_len, max_batch, Compute::default())
+    }
+
+    /// [`Engine::start`] with models loaded for this engine (active, trial)
+    /// running their matrix products on `compute`.
+    pub fn start_on(
+        workers: usize,
+        queue_len: usize,
+        max_batch: usize,
+        compute: Compute,
+    ) -> Arc<Self> {
         let (tx, rx) = sync_channel::<Job>(queue_len);
         let e = Arc::new(Engine {
+            compute,
             active: RwLock::new(None),
             trial: RwLock::new(None),
             tx,
@@ -276,6 +290,11 @@ impl Engine {
                 .spawn(move || worker(weak, rx, max_batch.max(1)));
         }
         e
+    }
+
+    /// Where models loaded for this engine run their matrix products.
+    pub fn compute(&self) -> &Compute {
+        &self.compute
     }
 
     /// Seconds since start.

@@ -15,7 +15,7 @@ use edgefleet_bundle::payload::{
 };
 use edgefleet_protocol::messages::ReleaseRef;
 use tract_nnef::internal as tp;
-use tract_nnef::internal::{Framework as _, IntoRunnable as _, TractResult};
+use tract_nnef::internal::{Framework as _, TractResult};
 
 /// Runtime errors.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,43 @@ impl SelfTestError {
     }
 }
 
+/// How a model's matrix products run: on the calling inference thread, or on
+/// a pool of `threads` threads shared by every loaded model (tract-linalg's
+/// `multithread-mm` executor, a rayon pool). A target with several cores
+/// (profile `cores`) answers one request faster on several; the pool is made
+/// once at start so that loads and trials do not each spawn threads.
+#[derive(Clone, Default)]
+pub struct Compute {
+    executor: Option<tract_linalg::multithread::Executor>,
+    threads: usize,
+}
+
+impl Compute {
+    /// `threads` threads per inference; 0 or 1 = the calling thread only.
+    pub fn threads(threads: usize) -> Self {
+        if threads <= 1 {
+            return Self::default();
+        }
+        Compute {
+            executor: Some(tract_linalg::multithread::Executor::multithread_with_name(
+                threads, "infer-mm",
+            )),
+            threads,
+        }
+    }
+
+    /// Threads one inference uses (1 without a pool).
+    pub fn thread_count(&self) -> usize {
+        self.threads.max(1)
+    }
+}
+
+impl std::fmt::Debug for Compute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Compute({} threads)", self.thread_count())
+    }
+}
+
 /// A loaded, optimised model of one release.
 pub struct Model {
     /// The release.
@@ -97,11 +134,20 @@ pub fn nnef_framework() -> tract_nnef::internal::Nnef {
 }
 
 impl Model {
-    /// Loads the payload files in `dir` (a slot's `files/`).
+    /// Loads the payload files in `dir` (a slot's `files/`), to run on the
+    /// calling thread.
     ///
     /// # Errors
     /// [`RunError::Load`] naming the release and file.
     pub fn load(dir: &Path, release: ReleaseRef) -> Result<Self, RunError> {
+        Self::load_on(dir, release, &Compute::default())
+    }
+
+    /// [`Model::load`] with its matrix products on `compute`.
+    ///
+    /// # Errors
+    /// [`RunError::Load`] naming the release and file.
+    pub fn load_on(dir: &Path, release: ReleaseRef, compute: &Compute) -> Result<Self, RunError> {
         let rel = format!("{}@{}", release.model, release.release);
         let fail = |reason: String| RunError::Load {
             release: rel.clone(),
@@ -132,7 +178,12 @@ impl Model {
         };
         let plan = typed
             .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
+            .and_then(|m| {
+                m.into_runnable_with_options(&tp::RunOptions {
+                    executor: compute.executor.clone(),
+                    ..Default::default()
+                })
+            })
             .map_err(|e| fail(format!("{}: {e:#}", model_path.display())))?;
         Ok(Model {
             release,

@@ -26,6 +26,10 @@ pub enum Kind {
     Slow,
     /// `y = k * x` with a batch dimension of 4 (`x: f32[4,4]`, `batch_axis = 0`).
     Batched,
+    /// `y = k * x` through two matrix products (`x @ W1 @ W2`, `W1: [4, 4096]`
+    /// repeats `x`, `W2: [4096, 4]` averages it back, exactly in f32): a model
+    /// whose cost is matrix products, for [`crate::runtime::Compute`] tests.
+    Dense,
     /// `y = k * x` declared a 4-class classifier (`Task::Classifier`, labels
     /// `c0..c3`): for positive `k` the answer is the index of the largest `x`.
     Classifier,
@@ -43,6 +47,28 @@ fn build_model(kind: Kind, k: f32) -> tp::TractResult<tp::TypedModel> {
     let y = match kind {
         Kind::Good | Kind::GoldenMismatch | Kind::Batched | Kind::Classifier => {
             m.wire_node("y", ops::math::mul(), &[x, kc])?
+        }
+        Kind::Dense => {
+            const H: usize = 4096;
+            let w1: Vec<f32> = (0..4 * H)
+                .map(|ij| f32::from(u8::from(ij % H % 4 == ij / H)))
+                .collect();
+            let w2: Vec<f32> = (0..H * 4)
+                .map(|ji| {
+                    if ji / 4 % 4 == ji % 4 {
+                        4.0 / H as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let w1 = m.add_const("w1", tp::Tensor::from_shape(&[4, H], &w1)?)?;
+            let w2 = m.add_const("w2", tp::Tensor::from_shape(&[H, 4], &w2)?)?;
+            let axes: tp::AxesMapping = "ik,kj->ij".parse()?;
+            let mm = || ops::einsum::EinSum::new(axes.clone(), tp::DatumType::F32);
+            let h = m.wire_node("h", mm(), &[x, w1])?;
+            let r = m.wire_node("r", mm(), &[h[0], w2])?;
+            m.wire_node("y", ops::math::mul(), &[r[0], kc])?
         }
         Kind::Nan => {
             let s = m.wire_node("sqrt", ops::math::sqrt(), &[x])?;
@@ -257,6 +283,36 @@ mod tests {
                 o[0].data,
                 edgefleet_bundle::payload::TensorData::F32(vec![3.0 * i as f32; 4])
             );
+        }
+    }
+
+    /// A model of matrix products gives the same answer on a pool of 2 and of
+    /// 3 threads as on the calling thread (tract splits output tiles across
+    /// threads, never a sum), passes its golden vectors on each, and answers
+    /// k * x: a pool that lost or repeated a tile would change `y`.
+    #[test]
+    fn dense_model_answers_the_same_on_a_thread_pool() {
+        use crate::runtime::Compute;
+        let d = tempfile::tempdir().expect("tmp");
+        for (p, b) in files(Kind::Dense, "m", 2.0) {
+            std::fs::write(d.path().join(p), b).expect("write");
+        }
+        let r = ReleaseRef {
+            model: "m".into(),
+            release: 1,
+            version: "1.0.1".into(),
+        };
+        let x = [Tensor::f32("x", vec![1, 4], vec![1.0, -1.0, 0.5, 3.0])];
+        let want = edgefleet_bundle::payload::TensorData::F32(vec![2.0, -2.0, 1.0, 6.0]);
+        for threads in [1, 2, 3] {
+            let compute = Compute::threads(threads);
+            assert_eq!(compute.thread_count(), threads);
+            let m = Model::load_on(d.path(), r.clone(), &compute).expect("loads");
+            m.self_test().expect("golden passes");
+            for _ in 0..3 {
+                let out = m.run(&x, None).expect("runs");
+                assert_eq!(out[0].data, want, "{threads} threads");
+            }
         }
     }
 }

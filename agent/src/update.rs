@@ -1036,7 +1036,8 @@ impl Updater {
             .slots
             .check(slot, &self.trust, &self.cfg.target)
             .map_err(|e| e.to_string())?;
-        Model::load(&c.files_dir, c.info.release).map_err(|e| e.to_string())
+        Model::load_on(&c.files_dir, c.info.release, self.engine.compute())
+            .map_err(|e| e.to_string())
     }
 
     /// Loads the candidate in `slot`, runs its golden vectors, measures its

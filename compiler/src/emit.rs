@@ -400,8 +400,8 @@ pub fn report_txt(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "reference (tract, specialised fp32) {:.3} ms; original under tract: {}",
-        r.reference_latency_ms, r.original_tract
+        "reference (tract, specialised fp32) {:.3} ms on {} thread(s) (the target's cores, capped at this machine's); original under tract: {}",
+        r.reference_latency_ms, r.latency_threads.0, r.original_tract
     );
     let _ = writeln!(s);
     let _ = writeln!(

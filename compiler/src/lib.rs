@@ -127,7 +127,8 @@ pub struct Candidate {
     pub onnx_zstd_bytes: usize,
     /// Accuracy vs the reference.
     pub accuracy: Accuracy,
-    /// Median tract latency, ms; NaN (null in JSON) for a candidate outside the gate (never timed).
+    /// Median tract latency, ms, on [`Report::latency_threads`] threads (a
+    /// candidate outside the gate too: it is timed, never shipped).
     pub latency_ms: f64,
     /// Gate verdict (`pass` or the error).
     pub gate: String,
@@ -198,8 +199,12 @@ pub struct Report {
     pub chosen: usize,
     /// Artifact format and why.
     pub format: emit::FormatChoice,
-    /// Reference (specialised fp32, tract) median latency, ms.
+    /// Reference (specialised fp32, tract) median latency, ms, on
+    /// [`Report::latency_threads`] threads.
     pub reference_latency_ms: f64,
+    /// Threads every latency in this report was measured on: the target's
+    /// `cores`, capped at the compiling machine's available parallelism.
+    pub latency_threads: runtime::Threads,
     /// Original model under tract: median latency, or why it does not load.
     pub original_tract: String,
     /// Step timings, ms.

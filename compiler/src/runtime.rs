@@ -154,19 +154,10 @@ impl Runner {
     /// # Errors
     /// [`Error::Runtime`] when tract fails or the data does not fit the inputs.
     pub fn run(&self, inputs: &[TensorData]) -> Result<Outputs, Error> {
-        let mut tv: TVec<TValue> = tvec![];
-        for (spec, d) in self.inputs.iter().zip(inputs) {
-            if d.dtype() != spec.dtype {
-                return Err(Error::runtime(
-                    format!("input `{}`", spec.name),
-                    format!("{} data for a {} input", d.dtype(), spec.dtype),
-                ));
-            }
-            let t = conv::to_tract(d, &spec.shape)
-                .map_err(|e| Error::runtime(format!("input `{}`", spec.name), e))?;
-            tv.push(t.into());
-        }
-        let out = self.plan.run(tv).map_err(|e| Error::runtime("run", e))?;
+        let out = self
+            .plan
+            .run(self.feed(inputs)?)
+            .map_err(|e| Error::runtime("run", e))?;
         out.iter()
             .map(|t| {
                 let t = t
@@ -181,7 +172,29 @@ impl Runner {
             .collect()
     }
 
-    /// Median wall time of `runs` calls (after one warm-up).
+    /// Median wall time of `runs` calls (after one warm-up) with `threads`
+    /// threads for tract's matrix products (tract-linalg's `multithread-mm`
+    /// executor, a rayon pool; 1 = the calling thread only), the way the agent
+    /// runs on a target with that many cores.
+    ///
+    /// # Errors
+    /// As [`Runner::run`].
+    pub fn median_latency_on(
+        &self,
+        inputs: &[TensorData],
+        runs: usize,
+        threads: Threads,
+    ) -> Result<Duration, Error> {
+        if threads.0 <= 1 {
+            return self.median_latency(inputs, runs);
+        }
+        tract_linalg::multithread::multithread_tract_scope(
+            tract_linalg::multithread::Executor::multithread(threads.0),
+            || self.median_latency(inputs, runs),
+        )
+    }
+
+    /// Median wall time of `runs` calls (after one warm-up), on the calling thread.
     ///
     /// # Errors
     /// As [`Runner::run`].
@@ -195,6 +208,93 @@ impl Runner {
         }
         ts.sort();
         Ok(ts[ts.len() / 2])
+    }
+}
+
+/// Threads the compiler times a model with: the target profile's `cores`, capped
+/// at this machine's available parallelism (a 4-core profile timed on a 2-core
+/// build machine runs on 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Threads(pub usize);
+
+impl Threads {
+    /// `cores` capped at [`std::thread::available_parallelism`] (1 when unknown).
+    pub fn for_cores(cores: u32) -> Self {
+        let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Threads((cores as usize).clamp(1, machine))
+    }
+}
+
+/// Time spent in one node of the optimised plan, summed over the profiled calls.
+#[derive(Debug, Clone)]
+pub struct NodeTime {
+    /// The node's name in the optimised graph: the ONNX node it came from, with a
+    /// `.suffix` when tract's optimiser split or rewrote it.
+    pub name: String,
+    /// tract's operator (kernel) name, for example `OptMatMul`, `Conv`, `Add`.
+    pub op: String,
+    /// Wall time in this node, summed over the profiled calls.
+    pub total: Duration,
+}
+
+impl Runner {
+    /// Checks the data against the inputs and converts it for tract.
+    fn feed(&self, inputs: &[TensorData]) -> Result<TVec<TValue>, Error> {
+        let mut tv: TVec<TValue> = tvec![];
+        for (spec, d) in self.inputs.iter().zip(inputs) {
+            if d.dtype() != spec.dtype {
+                return Err(Error::runtime(
+                    format!("input `{}`", spec.name),
+                    format!("{} data for a {} input", d.dtype(), spec.dtype),
+                ));
+            }
+            let t = conv::to_tract(d, &spec.shape)
+                .map_err(|e| Error::runtime(format!("input `{}`", spec.name), e))?;
+            tv.push(t.into());
+        }
+        Ok(tv)
+    }
+
+    /// Per-node wall time over `runs` calls (after one unprofiled warm-up), in
+    /// plan order, for the per-op account of docs/performance.md (issue #19
+    /// point 2). Each node is timed around its own evaluation, the way tract's
+    /// own `--profile` does, so the sum is slightly below a call's wall time
+    /// (the plan's bookkeeping between nodes is not in any node).
+    ///
+    /// # Errors
+    /// As [`Runner::run`].
+    pub fn profile(&self, inputs: &[TensorData], runs: usize) -> Result<Vec<NodeTime>, Error> {
+        self.run(inputs)?;
+        let model = self.plan.model();
+        let mut totals = vec![Duration::ZERO; model.nodes().len()];
+        let mut state = self
+            .plan
+            .spawn()
+            .map_err(|e| Error::runtime("profile", e))?;
+        for _ in 0..runs.max(1) {
+            state
+                .run_plan_with_eval(self.feed(inputs)?, |ctx, op_state, node, input| {
+                    let t = Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                    totals[node.id] += t.elapsed();
+                    r
+                })
+                .map_err(|e| Error::runtime("profile", e))?;
+        }
+        Ok(self
+            .plan
+            .order_without_consts()
+            .iter()
+            .map(|&id| {
+                let n = model.node(id);
+                NodeTime {
+                    name: n.name.clone(),
+                    op: n.op().name().to_string(),
+                    total: totals[id],
+                }
+            })
+            .collect())
     }
 }
 

@@ -71,6 +71,7 @@ pub(super) fn emit(
         chosen: searched.chosen,
         format,
         reference_latency_ms: searched.reference_ms,
+        latency_threads: reference.threads,
         original_tract: reference.original_tract,
         timings_ms: timings.finish(),
         gate: target.gate,

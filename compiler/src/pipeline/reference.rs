@@ -10,7 +10,7 @@ use edgefleet_targets::TargetProfile;
 
 use super::{progress, Specialised};
 use crate::onnx::{self, pb};
-use crate::runtime::{Outputs, Runner};
+use crate::runtime::{Outputs, Runner, Threads};
 use crate::{
     calib, generated_reference_cases, split_cases, state_bindings, CompileOptions,
     DriftReferenceReport, Error, MIN_CASES_TO_SPLIT, SPLIT_BLOCK, SPLIT_SEED,
@@ -37,8 +37,11 @@ pub(crate) struct Reference {
     pub drift_report: DriftReferenceReport,
     /// `generated: <kinds>` or the calibration directory.
     pub calibration: String,
-    /// Median latency of the reference on the first case.
+    /// Median latency of the reference on the first case, on `threads`.
     pub latency: Duration,
+    /// Threads every latency of this compile is measured on (the profile's `cores`,
+    /// capped at this machine's).
+    pub threads: Threads,
     /// The original model under tract: median latency, or why it does not load or run.
     pub original_tract: String,
 }
@@ -79,7 +82,8 @@ pub(super) fn run(
     let (cases, outputs) = run_threaded(&runner, &state, &split.calibration, &pb)
         .map_err(|e| crate::explain::locate(e, &spec.model))?;
     pb.finish_and_clear();
-    let latency = runner.median_latency(&cases[0], 5)?;
+    let threads = Threads::for_cores(target.cores);
+    let latency = runner.median_latency_on(&cases[0], 5, threads)?;
     let original_tract = original_under_tract(&spec.source.original, &runner, &cases[0]);
     Ok(Reference {
         runner,
@@ -90,6 +94,7 @@ pub(super) fn run(
         drift_report: split.report,
         calibration: loaded.description,
         latency,
+        threads,
         original_tract,
     })
 }
