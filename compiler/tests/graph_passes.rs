@@ -4,6 +4,12 @@
 //! are gone, and tract's outputs stay within f32 rounding; graphs it must not
 //! fold (a Conv output read twice, a shared weight) are left alone.
 //!
+//! HardSwish fusion: Paddle's `x * Clip(x + 3, 0, 6) / 6` becomes one HardSwish
+//! with the opset moved to 14 (Squeeze's axes attribute turned into an input),
+//! outputs within f32 rounding under tract and onnxruntime; graphs where the
+//! move would change a node's meaning (a softmax over a non-last axis at opset
+//! 12) or where the pattern is not exactly h-swish are left byte-for-byte alone.
+//!
 //! Structured pruning: channels and neurons really disappear from the
 //! weights, the pruned graph loads and runs under tract (and onnxruntime when
 //! python3 has it), removing dead (all-zero) channels changes no output, and
@@ -19,7 +25,7 @@ use std::path::Path;
 
 use edgefleet_bundle::payload::TensorData;
 use edgefleet_compiler::onnx::{self, pb};
-use edgefleet_compiler::passes::{FoldBatchNorm, Pass, PassStats, StructuredPrune};
+use edgefleet_compiler::passes::{FoldBatchNorm, FuseHardSwish, Pass, PassStats, StructuredPrune};
 use edgefleet_compiler::runtime::Runner;
 use edgefleet_compiler::CompileOptions;
 
@@ -721,4 +727,139 @@ fn batchnorm_is_not_folded_where_the_graph_forbids_it() {
     let before = m.clone();
     assert_eq!(fold(&mut m).tensors, 0);
     assert_eq!(m, before);
+}
+
+/// x[1,3,6,6] -Conv(W[8,3,3,3], pads 1) -> c - h-swish as Paddle writes it -> h
+/// - GlobalAveragePool - Squeeze(axes [2,3], an attribute before opset 13) -
+/// Softmax(axis `softmax_axis` of a rank-2 input) -> y[1,8]. `three` and `six`
+/// are the constants of `c + three` and `/ six`; the model is at `opset`.
+fn paddle_hswish(opset: i64, three: f32, six: f32, softmax_axis: i64) -> pb::ModelProto {
+    let mut r = Rng(0x5eed_0f_4a2d);
+    let mut m = model(
+        vec![
+            node(
+                "Conv",
+                &["x", "W"],
+                &["c"],
+                vec![ints("pads", &[1, 1, 1, 1])],
+            ),
+            node("Add", &["c", "three"], &["a"], vec![]),
+            node("Clip", &["a", "zero", "six"], &["k"], vec![]),
+            node("Mul", &["c", "k"], &["p"], vec![]),
+            node("Div", &["p", "six_div"], &["h"], vec![]),
+            node("GlobalAveragePool", &["h"], &["g"], vec![]),
+            node("Squeeze", &["g"], &["s"], vec![ints("axes", &[2, 3])]),
+            node("Softmax", &["s"], &["y"], vec![int("axis", softmax_axis)]),
+        ],
+        vec![
+            // Weights large enough that c spans both saturations (c < -3, c > 3).
+            init("W", &[8, 3, 3, 3], &r.vec(8 * 27, 1.5)),
+            init("three", &[], &[three]),
+            init("zero", &[], &[0.0]),
+            init("six", &[], &[6.0]),
+            init("six_div", &[], &[six]),
+        ],
+        ("x", &[1, 3, 6, 6]),
+        &[("y", &[1, 8])],
+        vec![],
+    );
+    m.opset_import[0].version = opset;
+    m
+}
+
+fn fuse(m: &mut pb::ModelProto) -> PassStats {
+    FuseHardSwish
+        .run(m, Path::new("test.onnx"))
+        .expect("fuse hardswish")
+}
+
+#[test]
+fn paddle_hswish_becomes_one_hardswish_at_opset_14() {
+    let m = paddle_hswish(12, 3.0, 6.0, 1);
+    let mut f = m.clone();
+    let st = fuse(&mut f);
+    assert_eq!(st.tensors, 1, "{}", st.detail);
+    assert!(st.detail.contains("opset 12 -> 14"), "{}", st.detail);
+    assert_eq!(
+        ops(&f),
+        [
+            "Conv",
+            "HardSwish",
+            "GlobalAveragePool",
+            "Squeeze",
+            "Softmax"
+        ]
+    );
+    assert_eq!(f.opset_import[0].version, 14);
+    let g = f.graph.as_ref().unwrap();
+    let squeeze = g.node.iter().find(|n| n.op_type == "Squeeze").unwrap();
+    assert!(squeeze.attribute.is_empty() && squeeze.input.len() == 2);
+    assert_eq!(dims(&f, &squeeze.input[1]), [2]);
+    let mut r = Rng(77);
+    let mut saturated = (0, 0);
+    for _ in 0..4 {
+        let x = r.vec(3 * 36, 2.0);
+        let (a, b) = (run(&m, &x), run(&f, &x));
+        let d = max_diff(&a, &b);
+        assert!(d < 1e-5, "fusion moved the outputs by {d}");
+        ort_agrees(&f, "x", &[1, 3, 6, 6], &x, &b);
+        // The test must reach both flat parts of h-swish to mean anything.
+        let mut probe = m.clone();
+        probe.graph.as_mut().unwrap().output[0] = vi("c", &[1, 8, 6, 6]);
+        let c = run(&probe, &x);
+        saturated.0 += c[0].iter().filter(|v| **v < -3.0).count();
+        saturated.1 += c[0].iter().filter(|v| **v > 3.0).count();
+    }
+    assert!(
+        saturated.0 > 0 && saturated.1 > 0,
+        "inputs never saturated h-swish: {saturated:?}"
+    );
+}
+
+#[test]
+fn operands_in_either_order_and_times_a_sixth_fuse_too() {
+    let mut m = paddle_hswish(14, 3.0, 6.0, 1);
+    let g = m.graph.as_mut().unwrap();
+    g.node[1].input.swap(0, 1);
+    g.node[3].input.swap(0, 1);
+    g.node[4].op_type = "Mul".into();
+    g.node[4].input = vec!["sixth".into(), "p".into()];
+    g.initializer.push(init("sixth", &[], &[1.0 / 6.0]));
+    let mut f = m.clone();
+    let st = fuse(&mut f);
+    assert_eq!(st.tensors, 1, "{}", st.detail);
+    assert!(!st.detail.contains("opset"), "{}", st.detail);
+    assert_eq!(ops(&f)[..2], ["Conv", "HardSwish"]);
+    let x = Rng(5).vec(3 * 36, 2.0);
+    let d = max_diff(&run(&m, &x), &run(&f, &x));
+    assert!(d < 1e-5, "{d}");
+}
+
+#[test]
+fn hardswish_is_not_fused_where_meaning_would_change() {
+    let cases: Vec<(&str, pb::ModelProto)> = vec![
+        // Softmax over axis 0 of a rank-2 input at opset 12 means the whole
+        // tensor; at 13+ one axis: the move to 14 would change the answer.
+        ("softmax", paddle_hswish(12, 3.0, 6.0, 0)),
+        ("no x * Clip", paddle_hswish(12, 2.5, 6.0, 1)),
+        ("no x * Clip", paddle_hswish(14, 3.0, 5.0, 1)),
+        ("opset 10", paddle_hswish(10, 3.0, 6.0, 1)),
+        ("no x * Clip", {
+            // The Clip output is also a graph output: not an intermediate.
+            let mut m = paddle_hswish(14, 3.0, 6.0, 1);
+            m.graph
+                .as_mut()
+                .unwrap()
+                .output
+                .push(vi("k", &[1, 8, 6, 6]));
+            m
+        }),
+    ];
+    for (why, m) in cases {
+        let mut f = m.clone();
+        let st = fuse(&mut f);
+        assert_eq!(st.tensors, 0, "{why}: {}", st.detail);
+        assert!(st.detail.contains(why), "{why}: {}", st.detail);
+        assert!(f == m, "{why}: the graph changed");
+    }
 }

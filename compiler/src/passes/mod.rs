@@ -2,11 +2,13 @@
 //! contract ([`Pass::contract`]) that the compile report repeats.
 
 mod fold_bn;
+mod hardswish;
 mod prune;
 mod quantize;
 mod structured;
 
 pub use fold_bn::FoldBatchNorm;
+pub use hardswish::FuseHardSwish;
 pub use prune::MagnitudePrune;
 pub use quantize::{int8_sensitivity, F16Weights, Int8Weights, Restore};
 pub(crate) use quantize::{narrowed_labels, MIN_ELEMS};

@@ -331,7 +331,8 @@ impl Search<'_> {
     /// channels on the original weights, and the later passes then see (and store)
     /// the smaller tensors. Folding after pruning (which ranks by BN scale and zeroes
     /// weights that stay zero when scaled), before storage quantization (whose
-    /// per-channel scales then absorb the BN scale).
+    /// per-channel scales then absorb the BN scale). HardSwish fusion touches no
+    /// weight, so its place among them does not matter.
     fn passes(&self, mode: Quantize, st: &Storage) -> Vec<Box<dyn Pass>> {
         let p = self.policy;
         let mut ps: Vec<Box<dyn Pass>> = Vec::new();
@@ -347,6 +348,7 @@ impl Search<'_> {
             }));
         }
         ps.push(Box::new(passes::FoldBatchNorm));
+        ps.push(Box::new(passes::FuseHardSwish));
         match mode {
             Quantize::Int8Weights => ps.push(Box::new(passes::Int8Weights {
                 keep_f32: st.restored.clone(),
