@@ -1437,8 +1437,17 @@ fn print_loop(v: &Value) {
     println!("  job {} ({}): {}", j["id"], j["spec"]["group"], j["state"]);
     let l = &j["lineage"];
     println!(
-        "    dataset {} (sha256 {}), run {}, bundles {}, experiments {}",
-        l["dataset"], l["dataset_sha256"], l["run"]["run_id"], l["bundles"], l["experiments"]
+        "    dataset {} (sha256 {}), run {} (best epoch {}, {:.1} s{}), bundles {}, experiments {}",
+        l["dataset"],
+        l["dataset_sha256"],
+        l["run"]["kind"],
+        l["run"]["best_epoch"],
+        l["run"]["wall_time_s"].as_f64().unwrap_or(f64::NAN),
+        l["run"]["mlflow"]["run_id"]
+            .as_str()
+            .map_or(String::new(), |id| format!(", MLflow run {id}")),
+        l["bundles"],
+        l["experiments"]
     );
     if let Some(g) = j["gate"].as_object() {
         println!("    gate {}", Value::Object(g.clone()));
