@@ -843,7 +843,49 @@ fn hardswish_is_not_fused_where_meaning_would_change() {
         ("softmax", paddle_hswish(12, 3.0, 6.0, 0)),
         ("no x * Clip", paddle_hswish(12, 2.5, 6.0, 1)),
         ("no x * Clip", paddle_hswish(14, 3.0, 5.0, 1)),
-        ("opset 10", paddle_hswish(10, 3.0, 6.0, 1)),
+        ("opset 10", {
+            // An opset-10 h-swish (Clip's bounds as attributes) matches, but
+            // the move from 10 to 14 is not one this pass makes.
+            let mut m = paddle_hswish(10, 3.0, 6.0, 1);
+            let g = m.graph.as_mut().unwrap();
+            g.node[2].input.truncate(1);
+            for (name, f) in [("min", 0.0), ("max", 6.0)] {
+                g.node[2].attribute.push(pb::AttributeProto {
+                    name: name.into(),
+                    r#type: pb::attribute_proto::AttributeType::Float as i32,
+                    f,
+                    ..Default::default()
+                });
+            }
+            m
+        }),
+        ("no x * Clip", {
+            // `+ 3` through a [1, 1, 1, 1, 1] constant broadcasts x to rank 5:
+            // not what HardSwish(x) computes.
+            let mut m = paddle_hswish(14, 3.0, 6.0, 1);
+            let g = m.graph.as_mut().unwrap();
+            g.initializer
+                .iter_mut()
+                .find(|t| t.name == "three")
+                .unwrap()
+                .dims = vec![1; 5];
+            m
+        }),
+        ("no x * Clip", {
+            // A one-input Clip with min/max attributes clamps nothing from opset 11 on.
+            let mut m = paddle_hswish(12, 3.0, 6.0, 1);
+            let g = m.graph.as_mut().unwrap();
+            g.node[2].input.truncate(1);
+            for (name, f) in [("min", 0.0), ("max", 6.0)] {
+                g.node[2].attribute.push(pb::AttributeProto {
+                    name: name.into(),
+                    r#type: pb::attribute_proto::AttributeType::Float as i32,
+                    f,
+                    ..Default::default()
+                });
+            }
+            m
+        }),
         ("no x * Clip", {
             // The Clip output is also a graph output: not an intermediate.
             let mut m = paddle_hswish(14, 3.0, 6.0, 1);

@@ -198,6 +198,9 @@ pub fn config_from(
     if let Some(v) = int("seed", 0)? {
         c.seed = v;
     }
+    if let Some(v) = int("patience", 1)? {
+        c.patience = v as usize;
+    }
     if let Some(v) = params.get("lr") {
         c.lr = v
             .as_f64()

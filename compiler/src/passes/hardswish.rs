@@ -16,7 +16,7 @@
 //! every node means the same there ([`upgrade_to_14`]); otherwise it is left as
 //! it is and the pass's detail names the op that stopped it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use tract_onnx::pb;
@@ -56,7 +56,7 @@ impl Pass for FuseHardSwish {
             contract: self.contract().into(),
             ..Default::default()
         };
-        let found = find(graph(m), path)?;
+        let found = find(graph(m), default_opset(m), path)?;
         if found.is_empty() {
             stats.detail = "no x * Clip(x + 3, 0, 6) / 6 in the graph".into();
             return Ok(stats);
@@ -127,6 +127,11 @@ fn scalar(
             _ => return Ok(None),
         },
     };
+    // Rank 0 or [1] only: a [1, 1, 1] constant would broadcast x to a higher rank,
+    // which HardSwish(x) does not.
+    if t.dims.len() > 1 {
+        return Ok(None);
+    }
     Ok(tensor_f32(t, path)?.filter(|v| v.len() == 1).map(|v| v[0]))
 }
 
@@ -149,14 +154,16 @@ fn other_than_const(
     Ok(None)
 }
 
-/// Clip bounds: inputs 1 and 2 (opset 11+) or attributes `min`/`max` (6-10).
+/// Clip bounds: inputs 1 and 2 (opset 11+) or attributes `min`/`max` (6-10; from 11
+/// on they mean nothing and a one-input Clip does not clamp).
 fn clip_bounds(
     g: &pb::GraphProto,
     producer: &HashMap<&str, usize>,
     n: &pb::NodeProto,
+    opset: i64,
     path: &Path,
 ) -> Result<Option<(f32, f32)>, Error> {
-    if n.input.len() == 1 {
+    if opset <= 10 {
         let (lo, hi) = (attr(n, "min").map(|a| a.f), attr(n, "max").map(|a| a.f));
         return Ok(lo.zip(hi));
     }
@@ -170,7 +177,7 @@ fn clip_bounds(
 }
 
 /// Every match, each node in at most one.
-fn find(g: &pb::GraphProto, path: &Path) -> Result<Vec<Found>, Error> {
+fn find(g: &pb::GraphProto, opset: i64, path: &Path) -> Result<Vec<Found>, Error> {
     let producer = crate::onnx::producers(g);
     let uses = uses(g);
     let consumers = {
@@ -192,7 +199,7 @@ fn find(g: &pb::GraphProto, path: &Path) -> Result<Vec<Found>, Error> {
         if clip.op_type != "Clip" || clip.output.len() != 1 {
             continue;
         }
-        if clip_bounds(g, &producer, clip, path)? != Some((0.0, 6.0)) {
+        if clip_bounds(g, &producer, clip, opset, path)? != Some((0.0, 6.0)) {
             continue;
         }
         let Some(&ai) = producer.get(clip.input[0].as_str()) else {
@@ -270,7 +277,9 @@ fn rewrite(g: &mut pb::GraphProto, found: Vec<Found>) {
 /// Ops whose every attribute and input means the same from opset 11 to 14
 /// (changes in those versions only widened the types they accept, or added an
 /// attribute whose default is the old behaviour: BatchNormalization-14
-/// `training_mode`, Reshape-14 `allowzero`, LSTM/GRU/RNN-14 `layout`).
+/// `training_mode` (with one output only: 14 allows no statistics outputs in
+/// inference), Reshape-14 `allowzero`, LSTM/GRU/RNN-14 `layout`). Dropout is not
+/// here: opset 12 moved its `ratio` attribute to an input.
 /// Source: the ONNX operator changelog (onnx/docs/Changelog.md), versions 12-14.
 const SAME_11_TO_14: &[&str] = &[
     "Abs",
@@ -291,7 +300,6 @@ const SAME_11_TO_14: &[&str] = &[
     "CumSum",
     "DepthToSpace",
     "Div",
-    "Dropout",
     "Einsum",
     "Elu",
     "Equal",
@@ -400,6 +408,21 @@ fn upgrade_to_14(m: &mut pb::ModelProto) -> Result<(), String> {
         {
             return Err(format!("{op} `{}` has a subgraph", n.name));
         }
+        if op == "BatchNormalization" && n.output.iter().filter(|o| !o.is_empty()).count() > 1 {
+            return Err(format!(
+                "BatchNormalization `{}` has statistics outputs (not allowed at 14)",
+                n.name
+            ));
+        }
+        if AXES_TO_INPUT_13
+            .iter()
+            .any(|(o, key, _)| *o == op && attr(n, key).is_some_and(|a| a.ints.is_empty()))
+        {
+            return Err(format!(
+                "{op} `{}` has an empty axes/split list (opset 13 reads it differently)",
+                n.name
+            ));
+        }
         if SAME_11_TO_14.contains(&op) || AXES_TO_INPUT_13.iter().any(|(o, ..)| *o == op) {
             continue;
         }
@@ -430,17 +453,36 @@ fn upgrade_to_14(m: &mut pb::ModelProto) -> Result<(), String> {
             }
         }
     }
-    let g = graph_mut(m);
-    let mut new_inits = Vec::new();
-    for n in &mut g.node {
+    if (1..4).contains(&m.ir_version) {
+        return Err(format!(
+            "IR version {} would need new initializers listed as graph inputs",
+            m.ir_version
+        ));
+    }
+    // Every new input is built before anything changes, named apart from every
+    // value already in the graph.
+    let g = graph(m);
+    let mut taken: HashSet<String> = g
+        .initializer
+        .iter()
+        .map(|t| t.name.clone())
+        .chain(g.input.iter().map(|v| v.name.clone()))
+        .chain(g.node.iter().flat_map(|n| n.output.iter().cloned()))
+        .collect();
+    let mut moves = Vec::new();
+    for (i, n) in g.node.iter().enumerate() {
         let Some(&(_, key, slot)) = AXES_TO_INPUT_13.iter().find(|(o, ..)| *o == n.op_type) else {
             continue;
         };
-        let Some(pos) = n.attribute.iter().position(|a| a.name == key) else {
-            continue;
-        };
-        let a = n.attribute.remove(pos);
-        let name = format!("{}.{key}", crate::onnx::node_name(n));
+        let Some(a) = attr(n, key) else { continue };
+        let base = format!("{}.{key}", crate::onnx::node_name(n));
+        let mut name = base.clone();
+        let mut k = 1;
+        while taken.contains(&name) {
+            name = format!("{base}.{k}");
+            k += 1;
+        }
+        taken.insert(name.clone());
         let t = crate::onnx::const_tensor(
             &name,
             pb::tensor_proto::DataType::Int64 as i32,
@@ -448,10 +490,20 @@ fn upgrade_to_14(m: &mut pb::ModelProto) -> Result<(), String> {
             &a.ints.iter().map(|&v| v as f64).collect::<Vec<_>>(),
         )
         .ok_or("int64 tensors encode")?;
+        moves.push((i, key, slot, t));
+    }
+    if m.ir_version < 7 {
+        m.ir_version = 7;
+    }
+    let g = graph_mut(m);
+    let mut new_inits = Vec::new();
+    for (i, key, slot, t) in moves {
+        let n = &mut g.node[i];
+        n.attribute.retain(|a| a.name != key);
         while n.input.len() < slot {
             n.input.push(String::new());
         }
-        n.input.insert(slot, name);
+        n.input.insert(slot, t.name.clone());
         new_inits.push(t);
     }
     g.initializer.extend(new_inits);
@@ -481,7 +533,14 @@ fn ranks<'a>(
                 .nodes()
                 .iter()
                 .flat_map(|n| (0..n.outputs.len()).map(move |i| OutletId::new(n.id, i)))
-                .find(|o| model.outlet_label(*o) == Some(v) || model.node(o.node).name == v)
+                .find(|o| model.outlet_label(*o) == Some(v))
+                .or_else(|| {
+                    model
+                        .nodes()
+                        .iter()
+                        .find(|n| n.name == v && n.outputs.len() == 1)
+                        .map(|n| OutletId::new(n.id, 0))
+                })
                 .ok_or_else(|| format!("tract has no value `{v}` to read a softmax's rank"))?;
             model
                 .outlet_fact(outlet)
