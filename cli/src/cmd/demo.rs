@@ -641,7 +641,7 @@ fn server_config(
         // share lets it fit the new data, within the gate's margin.
         "replay_fraction": 0.3,
         "gate": {"max_regression": closed_loop::MAX_REGRESSION},
-        "params": {"epochs": 15, "lr": 3e-3},
+        "params": {"epochs": 15, "lr": 1e-3, "patience": 4},
         // The candidates answer in about 0.05 ms: on a machine shared by
         // every agent a scheduler stall is most of any p99, so the canary's
         // latency ratio is as wide as the demo's own rollouts'.
