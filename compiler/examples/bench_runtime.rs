@@ -24,7 +24,8 @@ use std::path::Path;
 
 use common::{golden_inputs, runner, Args, Ort, Res, MODELS};
 use edgefleet_bundle::payload::{ModelFormat, TensorData};
-use edgefleet_compiler::{calib::write_npy_data, runtime::Runner, CompileOptions};
+use edgefleet_compiler::runtime::{Runner, Threads};
+use edgefleet_compiler::{calib::write_npy_data, CompileOptions};
 use edgefleet_targets::{Quantize, TargetProfile};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 
@@ -79,16 +80,11 @@ fn main() -> Res<()> {
     let args = Args::from_env();
     let dir = args.models_dir();
     let filter = args.get("--model").unwrap_or_default();
-    let target_id = args
-        .get("--target")
-        .unwrap_or_else(|| "x86-avx2-gateway".into());
     let rounds: usize = args.parse("--rounds", 7)?;
     let runs: usize = args.parse("--runs", 5)?;
-    let target = edgefleet_targets::load(
-        edgefleet_targets::builtin_dir().join(format!("{target_id}.toml")),
-    )?;
+    let (target_id, target) = args.target()?;
     let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (target.cores as usize).min(machine);
+    let threads = Threads::for_cores(target.cores).0;
     let tmp = tempfile::tempdir()?;
     let mut ort = Ort::start()?;
     let pool = Executor::multithread(threads);

@@ -197,14 +197,9 @@ fn main() -> Res<()> {
     let args = Args::from_env();
     let dir = args.models_dir();
     let filter = args.get("--model").unwrap_or_default();
-    let target_id = args
-        .get("--target")
-        .unwrap_or_else(|| "x86-avx2-gateway".into());
     let runs: usize = args.parse("--runs", 20)?;
     let top: usize = args.parse("--top", 8)?;
-    let target = edgefleet_targets::load(
-        edgefleet_targets::builtin_dir().join(format!("{target_id}.toml")),
-    )?;
+    let (target_id, target) = args.target()?;
     let tmp = tempfile::tempdir()?;
     let mut ort = Ort::start()?;
     println!(

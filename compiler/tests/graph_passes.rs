@@ -767,6 +767,21 @@ fn paddle_hswish(opset: i64, three: f32, six: f32, softmax_axis: i64) -> pb::Mod
     m
 }
 
+/// The h-swish's Clip with its bounds as `min`/`max` attributes (the opset 6-10 form).
+fn clip_bounds_as_attributes(mut m: pb::ModelProto) -> pb::ModelProto {
+    let g = m.graph.as_mut().unwrap();
+    g.node[2].input.truncate(1);
+    for (name, f) in [("min", 0.0), ("max", 6.0)] {
+        g.node[2].attribute.push(pb::AttributeProto {
+            name: name.into(),
+            r#type: pb::attribute_proto::AttributeType::Float as i32,
+            f,
+            ..Default::default()
+        });
+    }
+    m
+}
+
 fn fuse(m: &mut pb::ModelProto) -> PassStats {
     FuseHardSwish
         .run(m, Path::new("test.onnx"))
@@ -846,18 +861,7 @@ fn hardswish_is_not_fused_where_meaning_would_change() {
         ("opset 10", {
             // An opset-10 h-swish (Clip's bounds as attributes) matches, but
             // the move from 10 to 14 is not one this pass makes.
-            let mut m = paddle_hswish(10, 3.0, 6.0, 1);
-            let g = m.graph.as_mut().unwrap();
-            g.node[2].input.truncate(1);
-            for (name, f) in [("min", 0.0), ("max", 6.0)] {
-                g.node[2].attribute.push(pb::AttributeProto {
-                    name: name.into(),
-                    r#type: pb::attribute_proto::AttributeType::Float as i32,
-                    f,
-                    ..Default::default()
-                });
-            }
-            m
+            clip_bounds_as_attributes(paddle_hswish(10, 3.0, 6.0, 1))
         }),
         ("no x * Clip", {
             // `+ 3` through a [1, 1, 1, 1, 1] constant broadcasts x to rank 5:
@@ -873,18 +877,7 @@ fn hardswish_is_not_fused_where_meaning_would_change() {
         }),
         ("no x * Clip", {
             // A one-input Clip with min/max attributes clamps nothing from opset 11 on.
-            let mut m = paddle_hswish(12, 3.0, 6.0, 1);
-            let g = m.graph.as_mut().unwrap();
-            g.node[2].input.truncate(1);
-            for (name, f) in [("min", 0.0), ("max", 6.0)] {
-                g.node[2].attribute.push(pb::AttributeProto {
-                    name: name.into(),
-                    r#type: pb::attribute_proto::AttributeType::Float as i32,
-                    f,
-                    ..Default::default()
-                });
-            }
-            m
+            clip_bounds_as_attributes(paddle_hswish(12, 3.0, 6.0, 1))
         }),
         ("no x * Clip", {
             // The Clip output is also a graph output: not an intermediate.

@@ -41,6 +41,16 @@ impl Args {
         }
     }
 
+    /// `--target ID` (default `x86-avx2-gateway`) and its builtin profile.
+    pub fn target(&self) -> Res<(String, edgefleet_targets::TargetProfile)> {
+        let id = self
+            .get("--target")
+            .unwrap_or_else(|| "x86-avx2-gateway".into());
+        let t =
+            edgefleet_targets::load(edgefleet_targets::builtin_dir().join(format!("{id}.toml")))?;
+        Ok((id, t))
+    }
+
     /// `--models DIR`, else `$EDGEFLEET_MODELS`, else `.cache/models`
     /// (where `scripts/fetch-models` puts them).
     pub fn models_dir(&self) -> PathBuf {
